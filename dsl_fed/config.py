@@ -1,0 +1,377 @@
+"""Typed, frozen configuration loaded from YAML and validated once.
+
+Every other module receives a `Config` and trusts it: all checks live here, and every error names the
+key (``section.key``) and, for a typo, the nearest valid key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from dsl_fed.errors import DslFedError
+
+COLORMAPS = ("viridis", "magma", "plasma", "inferno", "cividis", "gray")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the audio is and how it is cut into fixed-length chunks."""
+
+    manifest: str = ""  # CSV manifest or a folder-per-class directory; relative paths resolve against the YAML file
+    sample_rate: int = 16000
+    chunk_seconds: float = 3.0
+    hop_seconds: float = 1.5  # the paper does not give the chunk hop; 50 % overlap is our default
+    shards: int = 0  # federated partitioning: 0 = one shard per training speaker, N = N groups of speakers
+    seed: int = 0
+
+    def _validate(self) -> None:
+        _require(self.manifest != "", "data.manifest", "is required (a manifest CSV or a folder-per-class directory)")
+        _require(8000 <= self.sample_rate <= 96000, "data.sample_rate", f"must be in [8000, 96000], got {self.sample_rate}")
+        _require(self.chunk_seconds > 0, "data.chunk_seconds", f"must be > 0, got {self.chunk_seconds}")
+        _require(0 < self.hop_seconds, "data.hop_seconds", f"must be > 0, got {self.hop_seconds}")
+        _require(self.shards >= 0, "data.shards", f"must be >= 0, got {self.shards}")
+
+    @property
+    def chunk_samples(self) -> int:
+        return int(round(self.chunk_seconds * self.sample_rate))
+
+    @property
+    def hop_samples(self) -> int:
+        return int(round(self.hop_seconds * self.sample_rate))
+
+
+@dataclass(frozen=True)
+class SpectrogramConfig:
+    """The paper's spectrogram-image recipe; see `dsl_fed.spectrogram.SpectrogramImage`."""
+
+    window_ms: float = 32.0
+    hop_fraction: float = 0.5
+    n_mels: int = 128
+    fmin: float = 0.0
+    fmax: float | None = None  # None = sample_rate / 2
+    db_ref: float = 1.0
+    db_amin: float = 1e-16
+    top_db: float | None = None  # per-chunk clip below the chunk's own max; None = no clip (the paper)
+    colormap: str = "viridis"
+    image_size: int = 224
+
+    def _validate(self) -> None:
+        _require(1.0 <= self.window_ms <= 1000.0, "spectrogram.window_ms", f"must be in [1, 1000], got {self.window_ms}")
+        _require(0 < self.hop_fraction <= 1, "spectrogram.hop_fraction", f"must be in (0, 1], got {self.hop_fraction}")
+        _require(1 <= self.n_mels <= 512, "spectrogram.n_mels", f"must be in [1, 512], got {self.n_mels}")
+        _require(self.fmin >= 0, "spectrogram.fmin", f"must be >= 0, got {self.fmin}")
+        _require(self.fmax is None or self.fmax > self.fmin, "spectrogram.fmax", "must be greater than spectrogram.fmin")
+        _require(self.db_ref > 0, "spectrogram.db_ref", f"must be > 0, got {self.db_ref}")
+        _require(self.db_amin > 0, "spectrogram.db_amin", f"must be > 0, got {self.db_amin}")
+        _require(self.top_db is None or self.top_db > 0, "spectrogram.top_db", "must be > 0 or null")
+        _choice(self.colormap, COLORMAPS, "spectrogram.colormap")
+        _require(16 <= self.image_size <= 1024, "spectrogram.image_size", f"must be in [16, 1024], got {self.image_size}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Backbone + MLP head (Dense -> ARELU -> Dropout -> Dense softmax)."""
+
+    backbone: str = "densenet121"
+    weights: str | None = "imagenet"  # "imagenet", None (random init) or a path to a .h5/.weights.h5 file
+    units: int = 512
+    dropout: float = 0.25
+    arelu_alpha: float = 0.90
+    arelu_beta: float = 2.0
+
+    def _validate(self) -> None:
+        _require(self.backbone != "", "model.backbone", "must name a registered backbone")
+        _require(self.units >= 1, "model.units", f"must be >= 1, got {self.units}")
+        _require(0 <= self.dropout < 1, "model.dropout", f"must be in [0, 1), got {self.dropout}")
+        _require(0.01 <= self.arelu_alpha <= 0.99, "model.arelu_alpha", f"must be in [0.01, 0.99], got {self.arelu_alpha}")
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """SapAugment policy driving CutMix and SpecAugment (the paper's four settings: none/cutmix/specaugment/both)."""
+
+    cutmix: bool = False
+    specaugment: bool = False
+    sap_a: float = 0.5
+    sap_s: float = 10.0
+    cutmix_min: float = 0.0  # patch side as a fraction of the image side: [0, 56] px of 224
+    cutmix_max: float = 0.25
+    specaugment_max: float = 0.3  # mask width as a fraction of the image side: [0, 67] px of 224
+    p_min: float = 0.10  # execution probability range, set per sample by its loss rank
+    p_max: float = 0.25
+
+    def _validate(self) -> None:
+        _require(0 < self.sap_a < 1, "augment.sap_a", f"must be in (0, 1), got {self.sap_a}")
+        _require(self.sap_s > 0, "augment.sap_s", f"must be > 0, got {self.sap_s}")
+        _require(0 <= self.cutmix_min <= self.cutmix_max <= 1, "augment.cutmix_max", "need 0 <= cutmix_min <= cutmix_max <= 1")
+        _require(0 <= self.specaugment_max <= 1, "augment.specaugment_max", f"must be in [0, 1], got {self.specaugment_max}")
+        _require(0 <= self.p_min <= self.p_max <= 1, "augment.p_max", "need 0 <= p_min <= p_max <= 1")
+
+    @property
+    def enabled(self) -> bool:
+        return self.cutmix or self.specaugment
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """Local two-phase training, used by central mode and by every Flower client."""
+
+    optimizer: Literal["adadelta", "adam", "sgd"] = "adadelta"
+    learning_rate: float = 0.001
+    phase2_lr_factor: float = 0.1  # phase 2 = learning_rate * factor (the paper: / 10)
+    batch_size: int = 32
+    phase1_epochs: int = 40
+    phase2_epochs: int = 200
+    unfrozen_layers: int | Literal["all"] = 298  # top backbone layers unfrozen in phase 2 (0 = head only)
+    class_balance: Literal["none", "class_weight"] = "class_weight"
+    early_stopping: int = 0  # patience in epochs on devel UAR; 0 = off
+    tensorboard: bool = False
+    seed: int = 0
+
+    def _validate(self) -> None:
+        _require(self.learning_rate > 0, "training.learning_rate", f"must be > 0, got {self.learning_rate}")
+        _require(0 < self.phase2_lr_factor <= 1, "training.phase2_lr_factor", f"must be in (0, 1], got {self.phase2_lr_factor}")
+        _require(1 <= self.batch_size <= 4096, "training.batch_size", f"must be in [1, 4096], got {self.batch_size}")
+        _require(self.phase1_epochs >= 0, "training.phase1_epochs", f"must be >= 0, got {self.phase1_epochs}")
+        _require(self.phase2_epochs >= 0, "training.phase2_epochs", f"must be >= 0, got {self.phase2_epochs}")
+        _require(self.unfrozen_layers == "all" or self.unfrozen_layers >= 0, "training.unfrozen_layers", "must be >= 0 or 'all'")
+        _require(self.early_stopping >= 0, "training.early_stopping", f"must be >= 0, got {self.early_stopping}")
+
+    @property
+    def phase2_learning_rate(self) -> float:
+        return self.learning_rate * self.phase2_lr_factor
+
+
+@dataclass(frozen=True)
+class FederatedConfig:
+    """Flower rounds, phase schedule, strategy and what travels over the wire."""
+
+    phase1_rounds: int = 10
+    phase2_rounds: int = 10
+    local_epochs: int = 1
+    strategy: Literal["fedavg", "fedprox", "fedadam", "fedyogi"] = "fedavg"
+    proximal_mu: float = 0.01  # FedProx
+    server_learning_rate: float = 0.01  # FedAdam / FedYogi eta
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
+    min_train_nodes: int = 2
+    min_available_nodes: int = 2
+    transfer_dtype: Literal["float32", "float16"] = "float32"
+    evaluate_test: bool = False  # also evaluate the held-out test speakers on the server every round
+    client_cpus: float = 1.0  # Ray resources per client actor; TF threads follow this
+
+    def _validate(self) -> None:
+        _require(self.phase1_rounds >= 0, "federated.phase1_rounds", f"must be >= 0, got {self.phase1_rounds}")
+        _require(self.phase2_rounds >= 0, "federated.phase2_rounds", f"must be >= 0, got {self.phase2_rounds}")
+        _require(self.phase1_rounds + self.phase2_rounds >= 1, "federated.phase1_rounds", "phase1_rounds + phase2_rounds must be >= 1")
+        _require(self.local_epochs >= 1, "federated.local_epochs", f"must be >= 1, got {self.local_epochs}")
+        _require(self.proximal_mu >= 0, "federated.proximal_mu", f"must be >= 0, got {self.proximal_mu}")
+        _require(self.server_learning_rate > 0, "federated.server_learning_rate", "must be > 0")
+        _require(0 < self.fraction_train <= 1, "federated.fraction_train", f"must be in (0, 1], got {self.fraction_train}")
+        _require(0 <= self.fraction_evaluate <= 1, "federated.fraction_evaluate", f"must be in [0, 1], got {self.fraction_evaluate}")
+        _require(self.min_train_nodes >= 1, "federated.min_train_nodes", f"must be >= 1, got {self.min_train_nodes}")
+        _require(self.min_available_nodes >= self.min_train_nodes, "federated.min_available_nodes", "must be >= federated.min_train_nodes")
+        _require(0 < self.client_cpus <= 64, "federated.client_cpus", f"must be in (0, 64], got {self.client_cpus}")
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    directory: str = "runs"  # relative paths resolve against the current directory
+    name: str = "run"
+
+    def _validate(self) -> None:
+        _require(self.name != "" and "/" not in self.name, "output.name", "must be a non-empty name without '/'")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.directory) / self.name
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    spectrogram: SpectrogramConfig = field(default_factory=SpectrogramConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    federated: FederatedConfig = field(default_factory=FederatedConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def hash(self) -> str:
+        """Short stable hash of the resolved config, recorded in manifests to tie artefacts to settings."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def replace(self, **overrides: str) -> "Config":
+        """Return a validated copy with ``section.key=value``-style overrides applied."""
+        return from_dict(apply_overrides(self.to_dict(), [f"{k}={v}" for k, v in overrides.items()]))
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read YAML, apply ``section.key=value`` overrides, validate once.
+
+    A relative ``data.manifest`` resolves against the YAML file's folder, so configs are portable.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DslFedError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise DslFedError(f"{path}: not valid YAML ({exc.__class__.__name__}: {str(exc).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise DslFedError(f"{path}: expected a mapping of sections at the top level")
+    raw = apply_overrides(raw, overrides)
+    manifest = (raw.get("data") or {}).get("manifest") if isinstance(raw.get("data"), dict) else None
+    if isinstance(manifest, str) and manifest and not Path(manifest).is_absolute():
+        raw["data"]["manifest"] = str((path.parent / manifest).resolve())
+    try:
+        return from_dict(raw)
+    except DslFedError as exc:
+        raise DslFedError(f"{path}: {exc}") from None
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Apply ``section.key=value`` strings; values are parsed as YAML scalars (``1e-3``, ``true``, ``null``)."""
+    raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or len(parts) != 2 or not all(parts):
+            raise DslFedError(f"override {item!r}: expected section.key=value, e.g. training.batch_size=16")
+        section, name = parts
+        _check_name(section, [f.name for f in dataclasses.fields(Config)], "")
+        _check_name(name, [f.name for f in dataclasses.fields(_SECTIONS[section])], f"{section}.")
+        try:
+            parsed = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError:
+            parsed = value
+        if not isinstance(raw.get(section), dict):
+            raw[section] = {}
+        raw[section][name] = parsed
+    return raw
+
+
+def from_dict(raw: dict[str, Any]) -> Config:
+    """Build and validate a `Config` from plain data (YAML, JSON or Flower run config)."""
+    sections = {}
+    for section, value in raw.items():
+        _check_name(section, list(_SECTIONS), "")
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise DslFedError(f"{section}: expected a mapping of keys, got {type(value).__name__}")
+        sections[section] = _build_section(section, value)
+    cfg = Config(**sections)
+    for f in dataclasses.fields(cfg):
+        getattr(cfg, f.name)._validate()
+    return cfg
+
+
+_SECTIONS: dict[str, type] = typing.get_type_hints(Config)
+
+
+def _build_section(section: str, values: dict[str, Any]):
+    cls = _SECTIONS[section]
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in values.items():
+        _check_name(key, list(hints), f"{section}.")
+        kwargs[key] = _coerce(value, hints[key], f"{section}.{key}")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against a type hint; ints are accepted for floats, nothing else is converted."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if type(None) in options and _is_null(value):  # YAML reads `None` as a string; users mean null
+            return None
+        for option in options:
+            try:
+                return _coerce(value, option, key)
+            except DslFedError:
+                pass
+        raise DslFedError(f"{key}: expected {_describe(tp)}, got {value!r}")
+    if origin is Literal:
+        options = typing.get_args(tp)
+        if value in options and type(value) is type(options[options.index(value)]):
+            return value
+        raise DslFedError(f"{key}: expected one of {', '.join(map(repr, options))}, got {value!r}")
+    if tp is type(None):
+        if _is_null(value):
+            return None
+        raise DslFedError(f"{key}: expected null, got {value!r}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # PyYAML reads `1e-3` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise DslFedError(f"{key}: expected {_describe(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _is_null(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", "~"))
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(t) for t in typing.get_args(tp))
+    if origin is Literal:
+        return " or ".join(repr(v) for v in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+
+
+def _check_name(name: str, valid: list[str], prefix: str) -> None:
+    if name in valid:
+        return
+    near = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
+    hint = f"; did you mean {prefix}{near[0]}?" if near else f"; valid keys: {', '.join(prefix + v for v in valid)}"
+    raise DslFedError(f"unknown config key {prefix}{name}{hint}")
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise DslFedError(f"{key}: {message}")
+
+
+def _choice(value: str, options: tuple[str, ...], key: str) -> None:
+    if value not in options:
+        near = difflib.get_close_matches(value, options, n=1, cutoff=0.5)
+        hint = f"; did you mean {near[0]!r}?" if near else ""
+        raise DslFedError(f"{key}: unknown value {value!r} (choose from {', '.join(options)}){hint}")
