@@ -1,0 +1,123 @@
+"""Config: YAML round trip, overrides, and one clear error per kind of mistake."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dsl_fed.config import Config, apply_overrides, from_dict, load_config
+from dsl_fed.errors import DslFedError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_yaml_round_trip(tmp_path):
+    cfg = load_config(write(tmp_path, "data: {manifest: m.csv, chunk_seconds: 4.0}\ntraining: {unfrozen_layers: all}\n"))
+    again = load_config(write(tmp_path, cfg.to_yaml()))
+    assert again == cfg
+    assert again.hash() == cfg.hash()
+    assert cfg.data.chunk_samples == 64000
+    assert cfg.training.unfrozen_layers == "all"
+
+
+def test_relative_manifest_resolves_against_yaml_folder(tmp_path):
+    cfg = load_config(write(tmp_path, "data: {manifest: sub/m.csv}\n"))
+    assert cfg.data.manifest == str((tmp_path / "sub/m.csv").resolve())
+
+
+def test_paper_defaults():
+    cfg = from_dict({"data": {"manifest": "x"}})
+    assert (cfg.spectrogram.window_ms, cfg.spectrogram.hop_fraction, cfg.spectrogram.n_mels) == (32.0, 0.5, 128)
+    assert (cfg.model.backbone, cfg.model.weights, cfg.training.optimizer) == ("densenet121", "imagenet", "adadelta")
+    assert cfg.training.batch_size == 32
+    assert cfg.training.phase2_learning_rate == pytest.approx(cfg.training.learning_rate / 10)
+
+
+def test_overrides_parse_yaml_scalars(tmp_path):
+    path = write(tmp_path, "data: {manifest: m.csv}\n")
+    cfg = load_config(path, ["training.learning_rate=1e-2", "model.weights=None", "augment.cutmix=true",
+                             "spectrogram.fmax=null", "output.name=exp1"])
+    assert cfg.training.learning_rate == 0.01
+    assert cfg.model.weights is None
+    assert cfg.augment.cutmix is True and cfg.augment.enabled
+    assert cfg.output.run_dir == Path("runs/exp1")
+
+
+def test_replace_returns_validated_copy():
+    cfg = from_dict({"data": {"manifest": "x"}})
+    assert cfg.replace(**{"training.batch_size": "8"}).training.batch_size == 8
+    with pytest.raises(DslFedError, match="training.batch_size"):
+        cfg.replace(**{"training.batch_size": "0"})
+
+
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        ({"data": {"manifest": "x", "chunk_second": 3}}, r"unknown config key data.chunk_second; did you mean data.chunk_seconds\?"),
+        ({"data": {"manifest": "x"}, "trainng": {}}, r"unknown config key trainng; did you mean training\?"),
+        ({"data": {"manifest": "x"}, "training": {"batch_size": "big"}}, r"training.batch_size: expected an integer, got 'big'"),
+        ({"data": {"manifest": "x"}, "training": {"batch_size": 0}}, r"training.batch_size: must be in \[1, 4096\]"),
+        ({"data": {"manifest": "x"}, "training": {"batch_size": 3.5}}, r"training.batch_size: expected an integer"),
+        ({"data": {"manifest": "x"}, "augment": {"cutmix": "yes"}}, r"augment.cutmix: expected a boolean"),
+        ({"data": {"manifest": "x"}, "training": {"unfrozen_layers": "most"}}, r"training.unfrozen_layers: expected an integer or 'all'"),
+        ({"data": {"manifest": "x"}, "training": {"optimizer": "adamw"}}, r"training.optimizer: expected one of 'adadelta', 'adam', 'sgd'"),
+        ({"data": {"manifest": "x"}, "spectrogram": {"colormap": "virdis"}}, r"spectrogram.colormap: .*did you mean 'viridis'\?"),
+        ({"data": {"manifest": "x"}, "model": {"dropout": 1.0}}, r"model.dropout: must be in \[0, 1\)"),
+        ({"data": {"manifest": "x"}, "augment": {"p_min": 0.5, "p_max": 0.2}}, r"augment.p_max: need 0 <= p_min <= p_max <= 1"),
+        ({"data": {"manifest": "x"}, "federated": {"phase1_rounds": 0, "phase2_rounds": 0}}, r"federated.phase1_rounds"),
+        ({"data": {"manifest": "x"}, "federated": {"strategy": "fedsgd"}}, r"federated.strategy: expected one of"),
+        ({"data": {"manifest": "x"}, "model": "densenet"}, r"model: expected a mapping"),
+        ({"data": {}}, r"data.manifest: is required"),
+    ],
+)
+def test_validation_errors_name_the_key(raw, message):
+    with pytest.raises(DslFedError, match=message):
+        from_dict(raw)
+
+
+def test_bad_override_syntax():
+    with pytest.raises(DslFedError, match=r"expected section.key=value"):
+        apply_overrides({}, ["batch_size=3"])
+    with pytest.raises(DslFedError, match=r"unknown config key training.bach_size; did you mean training.batch_size\?"):
+        apply_overrides({}, ["training.bach_size=3"])
+
+
+def test_load_errors_name_the_file(tmp_path):
+    with pytest.raises(DslFedError, match=r"nope.yaml: config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(DslFedError, match=r"c.yaml: not valid YAML"):
+        load_config(write(tmp_path, "data: [unclosed\n"))
+    with pytest.raises(DslFedError, match=r"c.yaml: unknown config key data.manfest; did you mean data.manifest\?"):
+        load_config(write(tmp_path, "data: {manfest: m.csv}\n"))
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").rglob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
+    header = path.read_text().splitlines()[0]
+    assert header.startswith("#"), "each shipped config starts with a comment saying what it is for"
+    assert "dsl_fed" in path.read_text().split("\n\n")[0], "the header names the command that runs it"
+
+
+def test_paper_table2_values():
+    table2 = {  # corpus: (units, dropout, lr, epochs1, epochs2, fine-tuned layers, chunk s)
+        "ccs": (512, 0.25, 0.001, 40, 200, 298, 3.0),
+        "css": (700, 0.4, 0.01, 20, 0, 0, None),
+        "ess": (512, 0.25, 0.001, 40, 200, 298, 3.0),
+        "iemocap": (512, 0.25, 0.001, 40, 200, 128, 4.0),
+    }
+    for name, (units, dropout, lr, e1, e2, layers, chunk) in table2.items():
+        cfg = load_config(REPO / "configs" / "paper" / f"{name}.yaml")
+        got = (cfg.model.units, cfg.model.dropout, cfg.training.learning_rate, cfg.training.phase1_epochs,
+               cfg.training.phase2_epochs, cfg.training.unfrozen_layers)
+        assert got == (units, dropout, lr, e1, e2, layers), name
+        if chunk is not None:
+            assert cfg.data.chunk_seconds == chunk, name
+        assert yaml.safe_load((REPO / "configs" / "paper" / f"{name}.yaml").read_text())["model"]["backbone"] == "densenet121"
