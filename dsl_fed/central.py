@@ -1,0 +1,121 @@
+"""The paper's centralised protocol, end to end, writing one run folder.
+
+1. Train phase 1 (head) and phase 2 (head + top backbone layers) on ``train``; after every epoch score the
+   ``devel`` clips and keep the best epoch (model selection on devel).
+2. Report devel and test UAR with 95 % bootstrap CI and per-speaker UAR of the selected model.
+3. With ``fuse_dev``: build a fresh model and retrain it on train + devel with the selected setting - the
+   same config and, per phase, the number of epochs that was best on devel (phase 2 is skipped if it never
+   beat phase 1) - then report test for it, as in the paper. The devel-selected model stays in
+   ``checkpoints/best.keras``; ``model.keras`` is always the model whose test result is reported.
+
+Run folder ``cfg.output.run_dir``: ``config.yaml``, ``history.csv`` (+ ``fused/history.csv``),
+``checkpoints/best.keras``, ``model.keras``, ``metrics.json``, ``report.md``, ``plots/*.png``.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from dsl_fed.config import Config
+from dsl_fed.data.manifest import read_manifest
+from dsl_fed.data.pipeline import ChunkSet, load_chunks
+from dsl_fed.io import atomic_path, atomic_write
+from dsl_fed.metrics import evaluate_chunks
+from dsl_fed.models import build_model
+from dsl_fed.report import plot_confusion, plot_history, render_report, write_metrics_json
+from dsl_fed.train import HISTORY_FILE, read_history, train_local
+
+
+def run_central(cfg: Config, fuse_dev: bool = False, verbose: int = 1, command: str = "") -> dict[str, Any]:
+    """Run the central protocol and write the run folder; returns the content of ``metrics.json``.
+
+    Args:
+        cfg: Validated config (``output.directory`` / ``output.name`` name the run folder).
+        fuse_dev: Also retrain on train + devel and report test for that model.
+        verbose: Keras progress output (0, 1 or 2).
+        command: Command line recorded in ``report.md``.
+    """
+    start = time.perf_counter()
+    run_dir = cfg.output.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for stale in (run_dir / HISTORY_FILE, run_dir / "fused" / HISTORY_FILE):
+        stale.unlink(missing_ok=True)
+    atomic_write(run_dir / "config.yaml", cfg.to_yaml())
+
+    manifest = read_manifest(cfg.data.manifest, seed=cfg.data.seed)
+    classes = manifest.classes
+    progress = verbose > 0
+    train = load_chunks(manifest.partition("train", required=True), cfg.data, classes, progress=progress)
+    devel = load_chunks(manifest.partition("devel", required=True), cfg.data, classes, progress=progress)
+    test_clips = manifest.partition("test")
+    test = load_chunks(test_clips, cfg.data, classes, progress=progress) if test_clips else None
+
+    model = build_model(cfg, len(classes))
+    phase1 = train_local(model, train, devel, cfg, phase=1, run_dir=run_dir, verbose=verbose)
+    phase2 = None
+    if cfg.training.phase2_epochs > 0:
+        phase2 = train_local(
+            model, train, devel, cfg, phase=2, run_dir=run_dir, verbose=verbose, initial_best=phase1.val_metrics["uar"]
+        )
+
+    seed = cfg.training.seed
+    metrics: dict[str, Any] = {"run": cfg.output.name, "config_hash": cfg.hash(), "classes": classes}
+    metrics["devel"] = evaluate_chunks(model, devel, classes, cfg.training.batch_size, seed=seed)
+    if test is not None:
+        metrics["test"] = evaluate_chunks(model, test, classes, cfg.training.batch_size, seed=seed)
+    training: dict[str, Any] = {
+        "train_chunks": len(train),
+        "devel_chunks": len(devel),
+        "phase1_epochs": phase1.epochs,
+        "phase1_best_epoch": phase1.best_epoch,
+        "phase2_epochs": phase2.epochs if phase2 else 0,
+        "phase2_best_epoch": phase2.best_epoch if phase2 else 0,
+    }
+
+    if fuse_dev:
+        epochs = (phase1.best_epoch or 0, (phase2.best_epoch or 0) if phase2 else 0)
+        model = _train_fused(cfg, ChunkSet.concat([train, devel]), len(classes), epochs, run_dir / "fused", verbose)
+        training["fused_epochs"] = list(epochs)
+        if test is not None:
+            metrics["test_train_only"] = metrics.pop("test")
+            metrics["test"] = evaluate_chunks(model, test, classes, cfg.training.batch_size, seed=seed)
+    with atomic_path(run_dir / "model.keras") as tmp:
+        model.save(tmp)
+
+    training["seconds"] = round(time.perf_counter() - start, 1)
+    metrics["training"] = training
+    write_metrics_json(run_dir / "metrics.json", metrics)
+    plots = _write_plots(run_dir, metrics, fuse_dev)
+    atomic_write(run_dir / "report.md", render_report(cfg.output.name, metrics, plots, command))
+    return metrics
+
+
+def _train_fused(cfg: Config, chunks: ChunkSet, num_classes: int, epochs: tuple[int, int], out: Path, verbose: int):
+    model = build_model(cfg, num_classes)
+    train_local(model, chunks, None, cfg, phase=1, epochs=epochs[0], run_dir=out, verbose=verbose)
+    if epochs[1] > 0:
+        train_local(model, chunks, None, cfg, phase=2, epochs=epochs[1], run_dir=out, verbose=verbose)
+    return model
+
+
+def _write_plots(run_dir: Path, metrics: dict[str, Any], fuse_dev: bool) -> dict[str, str]:
+    plots: dict[str, str] = {}
+    history = run_dir / HISTORY_FILE
+    if history.is_file():
+        plot_history(read_history(history), run_dir / "plots" / "training.png", "training on train, selection on devel")
+        plots["training curves"] = "plots/training.png"
+    fused = run_dir / "fused" / HISTORY_FILE
+    if fuse_dev and fused.is_file():
+        plot_history(read_history(fused), run_dir / "plots" / "training_fused.png", "retraining on train + devel")
+        plots["training curves (train + devel)"] = "plots/training_fused.png"
+    for part in ("devel", "test", "test_train_only"):
+        if part in metrics:
+            m = metrics[part]
+            plot_confusion(m["confusion"], m["classes"], run_dir / "plots" / f"confusion_{part}.png", f"{part}: UAR {m['uar']:.3f}")
+            plots[f"confusion matrix ({part})"] = f"plots/confusion_{part}.png"
+    return plots
+
+
+__all__ = ["run_central"]

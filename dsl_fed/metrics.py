@@ -1,0 +1,147 @@
+"""Clip-level evaluation: UAR, confusion matrix, bootstrap confidence interval, per-speaker UAR.
+
+UAR (unweighted average recall, the ComParE measure) is the mean recall over the classes that occur in
+``y_true``. A class that is absent from the ground truth has no recall and is left out - otherwise every
+speaker or bootstrap resample missing one class would be penalised for a class it cannot contain.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from dsl_fed.errors import DslFedError
+
+if TYPE_CHECKING:
+    import keras
+
+    from dsl_fed.data.pipeline import ChunkSet
+
+
+def uar(y_true: Sequence[int] | np.ndarray, y_pred: Sequence[int] | np.ndarray) -> float:
+    """Unweighted average recall over the classes present in `y_true` (in [0, 1])."""
+    y_true, y_pred = _check_pair(y_true, y_pred)
+    classes = np.unique(y_true)
+    return float(np.mean([np.mean(y_pred[y_true == c] == c) for c in classes]))
+
+
+def confusion(y_true: Sequence[int] | np.ndarray, y_pred: Sequence[int] | np.ndarray, n: int) -> np.ndarray:
+    """``(n, n)`` int64 counts, rows = true class, columns = predicted class."""
+    y_true, y_pred = _check_pair(y_true, y_pred)
+    if y_true.max() >= n or y_pred.max() >= n or min(y_true.min(), y_pred.min()) < 0:
+        raise DslFedError(f"class indices must be in [0, {n}), got up to {max(y_true.max(), y_pred.max())}")
+    return np.bincount(y_true * n + y_pred, minlength=n * n).reshape(n, n).astype(np.int64)
+
+
+def bootstrap_ci(
+    y_true: Sequence[int] | np.ndarray,
+    y_pred: Sequence[int] | np.ndarray,
+    n: int = 1000,
+    seed: int = 0,
+    alpha: float = 0.05,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the UAR: resample clips with replacement `n` times.
+
+    Args:
+        y_true: True class per clip.
+        y_pred: Predicted class per clip.
+        n: Number of bootstrap resamples (the paper: 1000).
+        seed: Seed of the resampling (same inputs + seed = same interval).
+        alpha: 0.05 gives the 95 % interval.
+
+    Returns:
+        ``(low, high)``.
+    """
+    y_true, y_pred = _check_pair(y_true, y_pred)
+    if n < 1 or not 0 < alpha < 1:
+        raise DslFedError(f"bootstrap needs n >= 1 and 0 < alpha < 1, got n={n}, alpha={alpha}")
+    rng = np.random.default_rng(seed)
+    size = y_true.size
+    classes = np.unique(y_true)
+    scores = []
+    block = max(1, min(n, 2_000_000 // size))  # bound memory: block x size index matrix
+    for start in range(0, n, block):
+        idx = rng.integers(0, size, size=(min(block, n - start), size))
+        t, p = y_true[idx], y_pred[idx]
+        recalls = []
+        for c in classes:
+            support = (t == c).sum(axis=1)
+            hits = ((t == c) & (p == c)).sum(axis=1)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                recalls.append(np.where(support > 0, hits / np.maximum(support, 1), np.nan))
+        scores.append(np.nanmean(np.stack(recalls, axis=1), axis=1))
+    scores = np.concatenate(scores)
+    low, high = np.quantile(scores, [alpha / 2, 1 - alpha / 2])
+    return float(low), float(high)
+
+
+def per_speaker_uar(
+    y_true: Sequence[int] | np.ndarray,
+    y_pred: Sequence[int] | np.ndarray,
+    speakers: Sequence[str] | np.ndarray,
+) -> dict[str, float]:
+    """UAR of each speaker's clips, ``{speaker: uar}`` sorted by speaker."""
+    y_true, y_pred = _check_pair(y_true, y_pred)
+    speakers = np.asarray(speakers).astype(str)
+    if speakers.shape != y_true.shape:
+        raise DslFedError(f"speakers has {speakers.size} entries for {y_true.size} clips")
+    return {str(s): uar(y_true[speakers == s], y_pred[speakers == s]) for s in sorted(set(speakers.tolist()))}
+
+
+def clip_metrics(
+    clip_labels: np.ndarray,
+    clip_probs: np.ndarray,
+    clip_speakers: np.ndarray,
+    classes: Sequence[str],
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """All reported numbers for clip-level predictions, as JSON-ready Python types.
+
+    Returns:
+        ``{"uar", "ci": [low, high], "accuracy", "confusion": [[...]], "per_speaker": {spk: uar},
+        "num_clips", "classes"}``.
+    """
+    y_pred = np.argmax(clip_probs, axis=1)
+    low, high = bootstrap_ci(clip_labels, y_pred, n=n_boot, seed=seed)
+    return {
+        "uar": uar(clip_labels, y_pred),
+        "ci": [low, high],
+        "accuracy": float(np.mean(y_pred == np.asarray(clip_labels))),
+        "confusion": confusion(clip_labels, y_pred, len(classes)).tolist(),
+        "per_speaker": per_speaker_uar(clip_labels, y_pred, clip_speakers),
+        "num_clips": int(len(clip_labels)),
+        "classes": list(classes),
+    }
+
+
+def evaluate_chunks(
+    model: "keras.Model",
+    chunks: "ChunkSet",
+    classes: Sequence[str],
+    batch_size: int = 32,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Predict every chunk, average chunk probabilities per clip, and score the clips (`clip_metrics`).
+
+    The result also holds ``"num_chunks"``.
+    """
+    from dsl_fed.predict import predict_clips
+
+    _, probs, labels, speakers = predict_clips(model, chunks, batch_size=batch_size)
+    result = clip_metrics(labels, probs, speakers, classes, n_boot=n_boot, seed=seed)
+    result["num_chunks"] = len(chunks)
+    return result
+
+
+def _check_pair(y_true: Any, y_pred: Any) -> tuple[np.ndarray, np.ndarray]:
+    y_true = np.asarray(y_true).astype(np.int64).reshape(-1)
+    y_pred = np.asarray(y_pred).astype(np.int64).reshape(-1)
+    if y_true.size == 0:
+        raise DslFedError("cannot score zero clips")
+    if y_true.shape != y_pred.shape:
+        raise DslFedError(f"y_true has {y_true.size} entries but y_pred has {y_pred.size}")
+    return y_true, y_pred

@@ -1,0 +1,239 @@
+"""The DeepSpectrumLite model, its two training phases and named weight slices.
+
+Structure (every layer explicitly named, so weight names are identical in every process)::
+
+    waveform (B, chunk_samples)
+      -> "spectrogram"  SpectrogramImage            (no trainable weights)
+      -> "classifier"   keras.Model, input "image" (B, S, S, 3):
+            "backbone" (called with training=False) -> "hidden" Dense(units) -> "arelu" ARELU
+            -> "dropout" Dropout -> "predictions" Dense(C, softmax)
+
+The seam between ``"spectrogram"`` and ``"classifier"`` is where `DslModel.train_step` applies SapAugment;
+inference (``model(x)``, ``predict``, TFLite export of the Functional graph) never sees augmentation.
+The backbone always runs with ``training=False``: BatchNorm keeps its ImageNet statistics even when its
+layers are unfrozen (the usual Keras fine-tuning practice), so moving statistics never need federated
+averaging.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from dsl_fed.arelu import ARELU
+from dsl_fed.augment import SapAugment
+from dsl_fed.backbones import BACKBONE_LAYER_NAME, create_backbone, get_spec
+from dsl_fed.config import Config
+from dsl_fed.errors import DslFedError
+from dsl_fed.spectrogram import spectrogram_layer
+
+SPECTROGRAM_LAYER = "spectrogram"
+CLASSIFIER_LAYER = "classifier"
+
+
+@keras.saving.register_keras_serializable(package="dsl_fed")
+class DslModel(keras.Model):
+    """A Functional model whose ``train_step`` can apply SapAugment between spectrogram and classifier.
+
+    Built like any Functional model (``DslModel(inputs, outputs, name=...)``) and saved/loaded as one.
+    Without an augmentation policy, `train_step` is numerically the standard Keras step.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._augmentation: SapAugment | None = None
+        self._augmentation_seed = 0
+
+    @property
+    def spectrogram(self) -> keras.layers.Layer:
+        """The ``SpectrogramImage`` layer (waveform -> normalised image)."""
+        return self.get_layer(SPECTROGRAM_LAYER)
+
+    @property
+    def classifier(self) -> keras.Model:
+        """The image classifier (backbone + head): normalised image -> class probabilities."""
+        return self.get_layer(CLASSIFIER_LAYER)
+
+    @property
+    def backbone(self) -> keras.Model:
+        return self.classifier.get_layer(BACKBONE_LAYER_NAME)
+
+    def set_augmentation(self, augmentation: SapAugment | None, seed: int = 0) -> None:
+        """Attach (or with None remove) the training-time augmentation policy; forces a re-trace of ``fit``."""
+        self._augmentation = augmentation
+        self._augmentation_seed = int(seed)
+        self.train_function = None
+
+    def train_step(self, data: Any) -> dict[str, Any]:
+        """One step: clean forward pass, SapAugment on the images, gradient on the augmented batch.
+
+        The clean pass runs under the gradient tape: its predictions give the per-sample losses for the
+        SapAugment ranking *and* serve as the augmented pass for every sample the policy leaves untouched
+        (their input is identical). Only the changed samples go through the classifier a second time, so
+        the augmentation costs an extra forward/backward pass over the augmented fraction of the batch
+        (about 30 % at the paper's probabilities) instead of a second pass over all of it.
+        """
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        images = self.spectrogram(x)
+        with tf.GradientTape() as tape:
+            y_pred = self.classifier(images, training=True)
+            if self._augmentation is not None:
+                clean_losses = keras.losses.categorical_crossentropy(y, tf.stop_gradient(y_pred))
+                seed = tf.stack([tf.constant(self._augmentation_seed, tf.int64), tf.cast(self.optimizer.iterations, tf.int64)])
+                aug_images, y, changed = self._augmentation(images, y, clean_losses, seed)
+                y_pred = self._repredict(y_pred, aug_images, changed)
+            loss = self.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True)
+            for metric in self.metrics:
+                if metric.name == "loss":
+                    metric.update_state(loss, sample_weight=tf.shape(y_pred)[0])
+            scaled_loss = self.optimizer.scale_loss(loss)
+        trainable = self.trainable_weights
+        if trainable:
+            gradients = tape.gradient(scaled_loss, trainable)
+            self.optimizer.apply_gradients(zip(gradients, trainable))
+        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+    def _repredict(self, y_pred: tf.Tensor, images: tf.Tensor, changed: tf.Tensor) -> tf.Tensor:
+        """Replace the predictions of the `changed` samples by the classifier's output on their new images.
+
+        Skipped when nothing changed: TF's CPU convolutions fail on an empty batch. The images carry no
+        gradient (the spectrogram layer has no weights), which also keeps both branches' gradients alike.
+        """
+        index = tf.cast(tf.where(changed)[:, 0], tf.int32)
+
+        def repredict() -> tf.Tensor:
+            subset = tf.gather(tf.stop_gradient(images), index)
+            return tf.tensor_scatter_nd_update(y_pred, index[:, None], self.classifier(subset, training=True))
+
+        return tf.cond(tf.size(index) > 0, repredict, lambda: tf.identity(y_pred))
+
+
+def build_model(cfg: Config, num_classes: int) -> DslModel:
+    """Build the full model (raw waveform chunks -> class probabilities) from a config.
+
+    Seeds Keras from ``cfg.training.seed`` first, so every process building the same config gets the same
+    initial weights.
+
+    Args:
+        cfg: Validated config; uses ``data``, ``spectrogram``, ``model`` and ``training.seed``.
+        num_classes: Number of output classes (>= 2).
+
+    Returns:
+        An uncompiled `DslModel` named ``"dsl_fed"``, input ``(B, cfg.data.chunk_samples)``, output ``(B, C)``.
+    """
+    if num_classes < 2:
+        raise DslFedError(f"need at least 2 classes to train a classifier, got {num_classes}")
+    keras.utils.set_random_seed(cfg.training.seed)
+    spec = get_spec(cfg.model.backbone)
+    size = cfg.spectrogram.image_size
+    backbone = create_backbone(cfg.model.backbone, cfg.model.weights, size)
+
+    image = keras.Input((size, size, 3), name="image")
+    features = backbone(image, training=False)
+    x = keras.layers.Dense(cfg.model.units, name="hidden")(features)
+    x = ARELU(cfg.model.arelu_alpha, cfg.model.arelu_beta, name="arelu")(x)
+    x = keras.layers.Dropout(cfg.model.dropout, name="dropout")(x)
+    probabilities = keras.layers.Dense(num_classes, activation="softmax", name="predictions")(x)
+    classifier = keras.Model(image, probabilities, name=CLASSIFIER_LAYER)
+
+    waveform = keras.Input((cfg.data.chunk_samples,), name="waveform")
+    images = spectrogram_layer(cfg.spectrogram, cfg.data.sample_rate, spec.preprocess)(waveform)
+    model = DslModel(waveform, classifier(images), name="dsl_fed")
+    set_phase(model, 1)
+    return model
+
+
+def set_phase(model: keras.Model, phase: int, unfrozen: int | Literal["all"] = 0) -> None:
+    """Freeze the model for a training phase.
+
+    Phase 1 trains the head only (whole backbone frozen). Phase 2 additionally unfreezes the top `unfrozen`
+    layers of the backbone (counted in ``backbone.layers`` order, input layer included, like the paper's
+    298 of DenseNet121's 428); 0 = head only, ``"all"`` = the whole backbone. The spectrogram layer is
+    never trainable. Recompile after changing the phase.
+
+    Raises:
+        DslFedError: unknown phase, or `unfrozen` larger than the backbone.
+    """
+    model.get_layer(SPECTROGRAM_LAYER).trainable = False
+    classifier = model.get_layer(CLASSIFIER_LAYER)
+    classifier.trainable = True
+    backbone = classifier.get_layer(BACKBONE_LAYER_NAME)
+    if phase == 1:
+        backbone.trainable = False
+        return
+    if phase != 2:
+        raise DslFedError(f"training phase must be 1 or 2, got {phase!r}")
+    layers = backbone.layers
+    if unfrozen == "all":
+        count = len(layers)
+    elif isinstance(unfrozen, int) and not isinstance(unfrozen, bool) and 0 <= unfrozen <= len(layers):
+        count = unfrozen
+    else:
+        raise DslFedError(
+            f"training.unfrozen_layers: must be 'all' or an integer in [0, {len(layers)}] "
+            f"(the backbone has {len(layers)} layers), got {unfrozen!r}"
+        )
+    backbone.trainable = count > 0
+    first = len(layers) - count
+    for i, layer in enumerate(layers):
+        layer.trainable = i >= first
+
+
+def trainable_weight_names(model: keras.Model) -> list[str]:
+    """Names (``variable.path``) of the weights trained in the current phase, in a deterministic order.
+
+    This is exactly the slice a federated client sends and the server aggregates.
+    """
+    return _unique_paths(model.trainable_weights)
+
+
+def weight_names(model: keras.Model) -> list[str]:
+    """Names of all weights (trainable and frozen), e.g. for sending the full initial model once."""
+    return _unique_paths(model.weights)
+
+
+def get_weights_by_name(model: keras.Model, names: list[str] | None = None) -> dict[str, np.ndarray]:
+    """Copy weights out of `model` as ``{name: array}``; ``names=None`` = the current trainable slice."""
+    variables = _variables_by_path(model)
+    names = trainable_weight_names(model) if names is None else list(names)
+    out = {}
+    for name in names:
+        if name not in variables:
+            raise DslFedError(f"unknown weight name {name!r} for model {model.name!r}")
+        out[name] = np.array(variables[name].numpy())
+    return out
+
+
+def set_weights_by_name(model: keras.Model, weights: dict[str, Any]) -> None:
+    """Assign ``{name: array}`` into `model` (any subset of its weights; values cast to the variable's dtype).
+
+    Raises:
+        DslFedError: an unknown name or a shape mismatch (checked for all entries before anything is assigned).
+    """
+    variables = _variables_by_path(model)
+    arrays = {}
+    for name, value in weights.items():
+        if name not in variables:
+            raise DslFedError(f"unknown weight name {name!r} for model {model.name!r}")
+        array = np.asarray(value)
+        expected = tuple(variables[name].shape)
+        if array.shape != expected:
+            raise DslFedError(f"weight {name!r}: expected shape {expected}, got {array.shape}")
+        arrays[name] = array
+    for name, array in arrays.items():
+        variables[name].assign(array.astype(variables[name].dtype))
+
+
+def _unique_paths(variables: list) -> list[str]:
+    names = [v.path for v in variables]
+    if len(set(names)) != len(names):
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        raise ValueError(f"weight names are not unique: {duplicates[:5]}")
+    return names
+
+
+def _variables_by_path(model: keras.Model) -> dict[str, Any]:
+    return dict(zip(_unique_paths(model.weights), model.weights))

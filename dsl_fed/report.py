@@ -1,0 +1,130 @@
+"""Run artefacts a person reads: ``metrics.json``, ``report.md`` and PNG plots (all written atomically).
+
+Plots use matplotlib's object API with the Agg canvas directly (no pyplot), so nothing touches global
+backend state and it works on headless machines.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from dsl_fed.io import atomic_path, atomic_write
+
+
+def write_metrics_json(path: Path, metrics: dict[str, Any]) -> Path:
+    """Write `metrics` as indented JSON (numpy scalars/arrays converted)."""
+    return atomic_write(path, json.dumps(_jsonable(metrics), indent=2) + "\n")
+
+
+def plot_history(rows: Sequence[dict[str, Any]], path: Path, title: str = "training") -> Path:
+    """Loss curves (train / devel) and devel UAR per epoch; a dashed line marks the start of phase 2."""
+    fig = Figure(figsize=(9, 3.6), dpi=100)
+    FigureCanvasAgg(fig)
+    ax_loss, ax_uar = fig.subplots(1, 2)
+    epochs = [r["epoch"] for r in rows]
+    for key, label in (("loss", "train loss"), ("val_loss", "devel loss (chunks)")):
+        pts = [(r["epoch"], r[key]) for r in rows if key in r]
+        if pts:
+            ax_loss.plot(*zip(*pts), marker=".", label=label)
+    for key, label in (("accuracy", "train accuracy (chunks)"), ("val_uar", "devel UAR (clips)")):
+        pts = [(r["epoch"], r[key]) for r in rows if key in r]
+        if pts:
+            ax_uar.plot(*zip(*pts), marker=".", label=label)
+    phase2 = [r["epoch"] for r in rows if r.get("phase") == 2]
+    for ax in (ax_loss, ax_uar):
+        if phase2 and len(phase2) < len(rows):
+            ax.axvline(phase2[0] - 0.5, color="grey", linestyle="--", linewidth=1, label="phase 2 starts")
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        if epochs:
+            ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
+        ax.legend(fontsize=8)
+    ax_loss.set_ylabel("cross-entropy")
+    ax_uar.set_ylabel("score")
+    ax_uar.set_ylim(0, 1)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_confusion(matrix: Sequence[Sequence[int]], classes: Sequence[str], path: Path, title: str = "confusion") -> Path:
+    """Row-normalised confusion matrix (colour = recall share) annotated with the counts."""
+    cm = np.asarray(matrix, dtype=np.float64)
+    share = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    n = len(classes)
+    fig = Figure(figsize=(1.2 * n + 2.5, 1.1 * n + 1.8), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, f"{int(cm[i, j])}", ha="center", va="center", color="white" if share[i, j] > 0.5 else "black")
+    ax.set_xticks(range(n), labels=list(classes), rotation=45, ha="right")
+    ax.set_yticks(range(n), labels=list(classes))
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, label="share of true class")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def render_report(name: str, metrics: dict[str, Any], plots: dict[str, str], command: str = "") -> str:
+    """Markdown summary: UAR with 95 % CI per partition, confusion matrices, per-speaker UAR, plot links.
+
+    Args:
+        name: Run name (the title).
+        metrics: ``{partition_label: clip_metrics_dict}`` plus optional ``"training"`` info.
+        plots: ``{caption: relative path}``.
+        command: The command line that produced the run (shown for reproducibility).
+    """
+    lines = [f"# Run `{name}`", ""]
+    if command:
+        lines += ["```", command, "```", ""]
+    results = {k: v for k, v in metrics.items() if isinstance(v, dict) and "uar" in v}
+    lines += ["| partition | clips | UAR | 95 % CI (1000x bootstrap) | accuracy |", "|---|---|---|---|---|"]
+    for part, m in results.items():
+        lo, hi = m["ci"]
+        lines.append(f"| {part} | {m['num_clips']} | {m['uar']:.3f} | [{lo:.3f}, {hi:.3f}] | {m['accuracy']:.3f} |")
+    lines.append("")
+    training = metrics.get("training")
+    if isinstance(training, dict):
+        lines += ["## Training", ""] + [f"- {k}: {v}" for k, v in training.items()] + [""]
+    for part, m in results.items():
+        classes = m["classes"]
+        lines += [f"## {part}", "", "Confusion matrix (rows = true, columns = predicted):", ""]
+        lines.append("| true \\ predicted | " + " | ".join(classes) + " |")
+        lines.append("|---" * (len(classes) + 1) + "|")
+        for label, row in zip(classes, m["confusion"]):
+            lines.append(f"| {label} | " + " | ".join(str(v) for v in row) + " |")
+        lines += ["", "Per-speaker UAR: " + ", ".join(f"{s} {u:.3f}" for s, u in m["per_speaker"].items()), ""]
+    if plots:
+        lines += ["## Plots", ""] + [f"![{caption}]({rel})" for caption, rel in plots.items()] + [""]
+    return "\n".join(lines)
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    return path
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    return value
