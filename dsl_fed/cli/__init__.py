@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from dsl_fed.errors import DslFedError
 
+# Before any sub-command imports TensorFlow: keep its C++ start-up chatter off the user's terminal.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
 # Sub-command modules, in the order `dsl_fed --help` lists them.
-COMMAND_MODULES: list[str] = []
+COMMAND_MODULES: list[str] = ["data", "deploy", "train", "federated", "plot"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,131 @@
+"""`dsl_fed simulate CONFIG [section.key=value ...] [--resume]`: federated training on a local Flower simulation.
+
+It runs exactly what ``flwr run . <connection> --stream`` runs (the ServerApp and ClientApp of this repo,
+reading the same YAML and overrides through the run config) with one virtual SuperNode per training shard,
+on a private SuperLink it starts and stops itself (`simulations.runtime`). Flower's own output goes to
+``runs/<name>/logs/flower.log``; the terminal gets one line per round.
+
+This module does not import Flower: it drives the ``flwr`` and ``flower-superlink`` executables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from dsl_fed.config import Config, load_config
+from dsl_fed.errors import DslFedError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "simulate",
+        help="federated training with Flower: one client per speaker shard, local simulation",
+        description="Federated two-phase training: the Flower ServerApp and one ClientApp per training shard "
+        "(data.shards; 0 = one per speaker) on a local simulation. Only the trainable slice of the model "
+        "travels; audio never leaves a client. Writes runs/<name>/round_<k>/{model.keras,model.tflite,"
+        "manifest.json}, history.csv and plots/federated_uar.png.",
+    )
+    p.add_argument("config", type=Path, help="YAML config (see configs/quickstart.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE", help="config overrides, e.g. federated.strategy=fedprox")
+    p.add_argument("--resume", action="store_true", help="continue from runs/<name>/latest (same config required)")
+    p.add_argument("--transfer-dtype", choices=["float32", "float16"], default=None,
+                   help="precision of the weights on the wire (float16 halves the bytes); = federated.transfer_dtype")
+    p.set_defaults(func=run_simulate)
+
+
+def run_simulate(args: argparse.Namespace) -> int:
+    overrides = list(args.overrides)
+    if args.transfer_dtype:
+        overrides.append(f"federated.transfer_dtype={args.transfer_dtype}")
+    run_dir = simulate(args.config, overrides, resume=args.resume)
+    print(summary(run_dir))
+    return 0
+
+
+def simulate(
+    config_path: str | Path,
+    overrides: Sequence[str] = (),
+    resume: bool = False,
+    echo: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True),
+) -> Path:
+    """Run the federated training of `config_path` through `flwr run` on a private local simulation.
+
+    Args:
+        config_path: YAML config.
+        overrides: ``section.key=value`` overrides.
+        resume: Continue from ``runs/<name>/latest``.
+        echo: Receives the ServerApp's user-facing lines (one per round, warnings, errors).
+
+    Returns:
+        The run folder ``<output.directory>/<output.name>`` (absolute).
+
+    Raises:
+        DslFedError: invalid config or data, a failed run (with the ServerApp's error message when it gave one).
+    """
+    from server.run_config import APP_DIR, check_federation_size, count_shards, run_config_toml
+    from simulations.runtime import flwr_run, local_superlink, private_flwr_home, progress_message, write_connection
+
+    config_path = Path(config_path).resolve()
+    cfg = load_config(config_path, overrides)
+    if not (APP_DIR / "pyproject.toml").is_file():
+        raise DslFedError(f"{APP_DIR}: no pyproject.toml; `dsl_fed simulate` needs the project folder (pip install -e .)")
+    output_dir = Path(cfg.output.directory).resolve()  # relative to the current folder, like central runs
+    run_dir = output_dir / cfg.output.name
+    num_shards = count_shards(cfg)
+    check_federation_size(cfg, num_shards)  # fail before Flower starts, not 20 s later in the ServerApp
+    federation = {"num-supernodes": num_shards, "client-resources-num-cpus": _client_cpus(cfg)}
+    errors: list[str] = []
+
+    def on_line(line: str) -> None:
+        message = progress_message(line)
+        if message is not None and message.startswith("error: "):
+            errors.append(message.removeprefix("error: "))  # raised (and printed once) after the run
+        elif message is not None:
+            echo(message)
+
+    logs = run_dir / "logs"
+    with private_flwr_home() as home:
+        run_config = home / "run_config.toml"
+        run_config.write_text(run_config_toml(config_path, list(overrides), output_dir, resume))
+        with local_superlink(home, logs / "superlink.log") as address:
+            write_connection(home, address)
+            echo(f"flower: {federation['num-supernodes']} clients, {federation['client-resources-num-cpus']} CPU each; "
+                 f"log {logs / 'flower.log'}")
+            code = flwr_run(APP_DIR, home, run_config, federation, logs / "flower.log", on_line)
+    check_complete(run_dir, cfg, errors, code, logs / "flower.log")
+    return run_dir
+
+
+def check_complete(run_dir: Path, cfg: Config, errors: list[str], code: int, log: Path) -> None:
+    """Raise unless ``runs/<name>/latest`` reached the last round of the schedule."""
+    from server.checkpoint import RunDirectory
+
+    total = cfg.federated.phase1_rounds + cfg.federated.phase2_rounds
+    done = RunDirectory(run_dir).latest_round() if run_dir.is_dir() else None
+    if done == total and not errors:
+        return
+    if errors:
+        raise DslFedError(errors[-1])
+    raise DslFedError(f"federated run stopped after round {done or 0} of {total} (flwr run exit code {code}); see {log}")
+
+
+def summary(run_dir: Path) -> str:
+    """Last round's scores and where its TFLite model is."""
+    from server.checkpoint import RunDirectory
+
+    run = RunDirectory(run_dir)
+    k = run.latest_round()
+    extra = run.manifest(k)["extra"]
+    scores = ", ".join(f"{part} UAR {extra[part]['uar']:.3f} [{extra[part]['ci'][0]:.3f}, {extra[part]['ci'][1]:.3f}]"
+                       for part in ("devel", "test") if part in extra)
+    return f"{run_dir}: round {k}/{extra['num_rounds']}, {scores}; model {run_dir / 'latest' / 'model.tflite'}"
+
+
+def _client_cpus(cfg: Config) -> int:
+    cpus = cfg.federated.client_cpus
+    if cpus < 1 or not float(cpus).is_integer():
+        raise DslFedError(f"federated.client_cpus: Flower's simulation needs a whole number >= 1, got {cpus}")
+    return int(cpus)

@@ -1,0 +1,179 @@
+"""Per-round outputs of a federated run, written so that a crash never leaves a half-written round.
+
+Layout of ``runs/<name>/``::
+
+    config.yaml                 resolved config of the run
+    round_<k>/model.keras       full global model after round k (what `--resume` restarts from)
+    round_<k>/model.tflite      the same model for devices (raw audio in, probabilities out)
+    round_<k>/manifest.json     export manifest + ``extra``: round, phase, devel/test UAR with CI,
+                                per-speaker UAR, clients, bytes up/down of the round
+    round_<k>/strategy_state.npz  server optimiser moments (FedAdam/FedYogi only)
+    latest -> round_<k>         symlink to the last complete round
+    history.csv                 one row per round
+    plots/federated_uar.png     devel (and test) UAR per round
+
+A round is assembled in a hidden temporary folder and renamed into place in one step; ``latest`` moves only
+afterwards, so it always names a complete round.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dsl_fed.errors import DslFedError
+from dsl_fed.io import atomic_path, atomic_write
+
+LATEST = "latest"
+HISTORY = "history.csv"
+PLOT = "plots/federated_uar.png"
+STRATEGY_STATE = "strategy_state.npz"
+
+
+def round_name(k: int) -> str:
+    return f"round_{k}"
+
+
+class RunDirectory:
+    """Reads and writes the per-round outputs of one federated run (``cfg.output.run_dir``)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def round_dir(self, k: int) -> Path:
+        return self.path / round_name(k)
+
+    def latest_round(self) -> int | None:
+        """The last complete round, or None if the run has none."""
+        link = self.path / LATEST
+        if not link.is_symlink():
+            return None
+        target = os.readlink(link)
+        try:
+            k = int(Path(target).name.removeprefix("round_"))
+        except ValueError:
+            raise DslFedError(f"{link}: points to {target!r}, not to a round_<k> folder") from None
+        if not (self.round_dir(k) / "model.keras").is_file():
+            raise DslFedError(f"{link}: points to {target!r}, which has no model.keras")
+        return k
+
+    def manifest(self, k: int) -> dict[str, Any]:
+        path = self.round_dir(k) / "manifest.json"
+        try:
+            return json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise DslFedError(f"{path}: cannot read the round manifest ({exc})") from None
+
+    def strategy_state(self, k: int) -> dict[str, np.ndarray]:
+        path = self.round_dir(k) / STRATEGY_STATE
+        if not path.is_file():
+            return {}
+        with np.load(path) as data:
+            return {name: data[name] for name in data.files}
+
+    def start_over(self) -> None:
+        """Remove the round folders, ``latest``, history and plot of an earlier run of the same name."""
+        (self.path / LATEST).unlink(missing_ok=True)
+        for item in self.path.glob("round_*"):
+            shutil.rmtree(item)
+        for name in (HISTORY, PLOT):
+            (self.path / name).unlink(missing_ok=True)
+
+    def write_round(
+        self,
+        k: int,
+        write_files: Callable[[Path], None],
+        strategy_state: Mapping[str, np.ndarray] | None = None,
+    ) -> Path:
+        """Assemble round `k` in a temporary folder, move it into place, then point ``latest`` at it.
+
+        Args:
+            k: Round number.
+            write_files: Writes ``model.keras``, ``model.tflite`` and ``manifest.json`` into the folder it gets.
+            strategy_state: Server optimiser arrays to keep for resuming (skipped when empty).
+        """
+        final = self.round_dir(k)
+        tmp = self.path / f".{round_name(k)}.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            write_files(tmp)
+            if strategy_state:
+                np.savez(tmp / STRATEGY_STATE, **dict(strategy_state))
+            if final.exists():  # left by a run that died between this rename and moving `latest`
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        link_tmp = self.path / f".{LATEST}.tmp"
+        link_tmp.unlink(missing_ok=True)
+        os.symlink(round_name(k), link_tmp)
+        os.replace(link_tmp, self.path / LATEST)
+        return final
+
+    # ------------------------------------------------------------------------------------------- history
+
+    def read_history(self) -> list[dict[str, str]]:
+        path = self.path / HISTORY
+        if not path.is_file():
+            return []
+        with path.open(newline="") as f:
+            return list(csv.DictReader(f))
+
+    def append_history(self, row: Mapping[str, Any]) -> list[dict[str, str]]:
+        """Add the row of round ``row["round"]`` (dropping rows of that round or later: a resumed run redoes
+        them) and rewrite ``history.csv`` atomically. Returns all rows."""
+        k = int(row["round"])
+        rows: list[dict[str, Any]] = [r for r in self.read_history() if int(r["round"]) < k]
+        rows.append(dict(row))
+        columns: list[str] = []
+        for r in rows:
+            columns += [c for c in r if c not in columns]
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n", restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write(self.path / HISTORY, buf.getvalue())
+        return [{c: str(v) for c, v in r.items()} for r in rows]
+
+    def plot_history(self, rows: list[Mapping[str, Any]]) -> Path:
+        """Devel (and test) UAR with 95 % CI per round, phase 2 shaded; written atomically as PNG."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        rounds = [int(r["round"]) for r in rows]
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        try:
+            for part, colour in (("devel", "tab:blue"), ("test", "tab:orange")):
+                if not all(r.get(f"{part}_uar") not in (None, "") for r in rows):
+                    continue
+                uar = np.array([float(r[f"{part}_uar"]) for r in rows])
+                low = np.array([float(r[f"{part}_ci_low"]) for r in rows])
+                high = np.array([float(r[f"{part}_ci_high"]) for r in rows])
+                ax.plot(rounds, uar, marker="o", color=colour, label=f"{part} UAR")
+                ax.fill_between(rounds, low, high, color=colour, alpha=0.15)
+            phase2 = [k for k, r in zip(rounds, rows) if int(r["phase"]) == 2]
+            if phase2:
+                ax.axvspan(min(phase2) - 0.5, max(phase2) + 0.5, color="grey", alpha=0.1, label="phase 2")
+            ax.set_xlabel("round")
+            ax.set_ylabel("UAR (clip level, 95 % CI)")
+            ax.set_ylim(0, 1)
+            ax.set_xticks(rounds)
+            ax.grid(alpha=0.3)
+            ax.legend(loc="lower right")
+            fig.tight_layout()
+            with atomic_path(self.path / PLOT) as tmp:
+                fig.savefig(tmp, dpi=100)
+        finally:
+            plt.close(fig)
+        return self.path / PLOT

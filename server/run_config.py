@@ -1,0 +1,127 @@
+"""Flower's flat kebab-case run config <-> dsl_fed `Config`, in exactly one place.
+
+Flower hands every ServerApp and ClientApp the same ``context.run_config``: the ``[tool.flwr.app.config]``
+defaults of pyproject.toml plus ``flwr run --run-config`` overrides. Only keys declared there can be set, and
+the apps run from an installed bundle (FAB) in ``$FLWR_HOME/apps/...``, so anything on disk (data, outputs)
+must be an absolute path. The keys:
+
+=================== =============================================================================
+``config``          the YAML preset; a relative path is looked up inside the app bundle (``configs/``
+                    ships with it), an absolute one is read in place
+``data-manifest``   absolute manifest path, overriding ``data.manifest`` ("" = keep the YAML's)
+``output-directory`` absolute folder for ``runs/``, overriding ``output.directory`` ("" = keep the YAML's,
+                    which must then be absolute)
+``overrides``       further ``section.key=value`` settings, space-separated (shell-style quoting)
+``resume``          continue from the last complete round of ``runs/<name>/``
+=================== =============================================================================
+
+This module imports neither Flower nor TensorFlow: the CLI uses it to build ``--run-config``.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from dsl_fed.config import Config, load_config
+from dsl_fed.errors import DslFedError
+
+if TYPE_CHECKING:
+    from dsl_fed.data import Manifest
+
+APP_DIR = Path(__file__).resolve().parents[1]  # the folder holding pyproject.toml (repo root or installed FAB)
+KEYS = ("config", "data-manifest", "output-directory", "overrides", "resume")
+PROGRESS_MARK = "[dsl_fed]"  # starts the ServerApp's log lines meant for users; `dsl_fed simulate` shows only those
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """What a federated run needs besides the model/data `Config`."""
+
+    config: Config
+    resume: bool
+
+
+def settings_from_run_config(run_config: Mapping[str, object], app_dir: Path = APP_DIR) -> RunSettings:
+    """Translate Flower's ``context.run_config`` into a validated `Config` (+ the resume flag).
+
+    Every ServerApp and ClientApp calls this with the same run config, so all participants build the same
+    model from the same settings.
+
+    Raises:
+        DslFedError: a missing key, an unreadable YAML or override, a relative output directory.
+    """
+    missing = [k for k in KEYS if k not in run_config]
+    if missing:
+        raise DslFedError(
+            f"Flower run config lacks {', '.join(missing)}; declare them in [tool.flwr.app.config] of pyproject.toml"
+        )
+    path = Path(str(run_config["config"])).expanduser()
+    if not path.is_absolute():
+        path = app_dir / path
+    overrides = _split(str(run_config["overrides"]))
+    if run_config["data-manifest"]:
+        overrides.append(f"data.manifest={_absolute(run_config['data-manifest'], 'data-manifest')}")
+    if run_config["output-directory"]:
+        overrides.append(f"output.directory={_absolute(run_config['output-directory'], 'output-directory')}")
+    cfg = load_config(path, overrides)
+    if not Path(cfg.output.directory).is_absolute():
+        raise DslFedError(
+            f"output.directory {cfg.output.directory!r} is relative, but Flower runs the app from its installed "
+            "bundle; pass an absolute folder: --run-config 'output-directory=\"/abs/runs\"'"
+        )
+    return RunSettings(config=cfg, resume=bool(run_config["resume"]))
+
+
+def count_shards(cfg: Config, manifest: Manifest | None = None) -> int:
+    """Training shards of the config's corpus (`data.shards` groups of speakers) = SuperNodes needed."""
+    from dsl_fed.data import read_manifest, shard_clips
+
+    manifest = manifest or read_manifest(cfg.data.manifest, seed=cfg.data.seed)
+    return len(shard_clips(manifest.partition("train", required=True), cfg.data.shards, cfg.data.seed))
+
+
+def check_federation_size(cfg: Config, num_shards: int) -> None:
+    """Node minimums above the number of shards would make the server wait forever."""
+    fed = cfg.federated
+    for key, value in (("min_available_nodes", fed.min_available_nodes), ("min_train_nodes", fed.min_train_nodes)):
+        if value > num_shards:
+            raise DslFedError(
+                f"federated.{key}={value} but {cfg.data.manifest} gives only {num_shards} training shard(s) "
+                f"(data.shards={cfg.data.shards}); lower it or add speakers"
+            )
+
+
+def run_config_toml(config_path: str | Path, overrides: list[str], output_directory: str | Path, resume: bool) -> str:
+    """The ``flwr run --run-config FILE.toml`` text that makes the apps load ``config_path`` + ``overrides``.
+
+    Used by ``dsl_fed simulate``: the apps then read the very YAML the user named, with the same overrides,
+    so the CLI and ``flwr run .`` share one code path.
+    """
+    values = {
+        "config": str(Path(config_path).resolve()),
+        "data-manifest": "",
+        "output-directory": str(Path(output_directory).resolve()),
+        "overrides": shlex.join(overrides),
+        "resume": resume,
+    }
+    # TOML basic strings accept JSON's escapes, so json.dumps quotes paths and overrides safely.
+    return "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items())
+
+
+def _split(text: str) -> list[str]:
+    try:
+        return shlex.split(text)
+    except ValueError as exc:
+        raise DslFedError(f"run config 'overrides': cannot split {text!r} ({exc})") from None
+
+
+def _absolute(value: object, key: str) -> str:
+    path = Path(str(value)).expanduser()
+    if not path.is_absolute():
+        raise DslFedError(f"run config {key!r} must be an absolute path (the app runs from its bundle), got {value!r}")
+    return str(path)

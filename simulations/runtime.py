@@ -1,0 +1,215 @@
+"""Run the Flower apps of this repo with `flwr run` on a local simulation SuperLink we start and stop ourselves.
+
+Why not the managed ``:local:`` SuperLink that `flwr run` starts on demand: it keeps running after the run,
+installs the app's dependencies (TensorFlow) into ``$FLWR_HOME/runtime-envs`` on every new app version, and
+listens on fixed ports. Here the SuperLink is started with ``--disable-runtime-dependency-installation`` on
+free ports under a private ``FLWR_HOME``, and stopped (with every process it spawned: SuperExec, the
+simulation, Ray) when the run ends, fails or is interrupted. The apps themselves run exactly as under
+``flwr run . <connection> --stream``.
+
+Nothing here imports Flower: it drives the ``flwr`` / ``flower-superlink`` executables.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from dsl_fed.errors import DslFedError
+from server.run_config import PROGRESS_MARK
+
+CONNECTION = "dsl-fed"  # the SuperLink connection name written into the private FLWR_HOME
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_FLOWER_RECORD = re.compile(r"^[A-Z]+\s+:\s+" + re.escape(PROGRESS_MARK) + r"(.*)$")  # "INFO :      [dsl_fed] ..."
+
+# Child processes inherit these: quiet TensorFlow, no dependency installs, no update checks.
+QUIET_ENV = {
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "TF_CPP_MIN_LOG_LEVEL": "2",
+    "RAY_DEDUP_LOGS": "0",
+}
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def descendants(pid: int) -> list[int]:
+    """All live descendants of `pid` (Linux /proc; empty elsewhere)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def terminate_tree(pid: int, timeout: float = 20.0) -> None:
+    """SIGTERM `pid` and all its descendants, wait for them, SIGKILL whatever is left.
+
+    The descendants are collected first because SuperExec leaves its parent's session and process group, and
+    becomes unreachable through the tree once its parent is gone.
+    """
+    pids = [pid, *descendants(pid)]
+    for p in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for p in pids:
+        if _alive(p):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p, signal.SIGKILL)
+
+
+def stop_process_tree(proc: subprocess.Popen, timeout: float = 20.0) -> None:
+    """`terminate_tree` for a child of ours, then reap it."""
+    terminate_tree(proc.pid, timeout)
+    proc.wait()
+
+
+def find_processes(needle: str) -> list[int]:
+    """PIDs whose command line contains `needle` (e.g. a private FLWR_HOME path or a port)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if needle in text and int(cmdline.parent.name) != os.getpid():
+            found.append(int(cmdline.parent.name))
+    return [pid for pid in found if _alive(pid)]
+
+
+@contextlib.contextmanager
+def local_superlink(flwr_home: Path, log_file: Path, startup_timeout: float = 60.0) -> Iterator[str]:
+    """Start a simulation SuperLink owned by this process; yield its address; stop it and its children."""
+    exe = _executable("flower-superlink")
+    port, control = free_port(), free_port()
+    cmd = [
+        exe, "--insecure", "--simulation", "--isolation", "subprocess",
+        "--host", "127.0.0.1", "--port", str(port), "--control-api-address", f"127.0.0.1:{control}",
+        "--disable-runtime-dependency-installation", "--log-file", str(log_file),
+    ]
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, **QUIET_ENV, "FLWR_HOME": str(flwr_home)}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        _wait_healthy(proc, port, log_file, startup_timeout)
+        yield f"127.0.0.1:{port}"
+    finally:
+        stop_process_tree(proc)
+
+
+def write_connection(flwr_home: Path, address: str) -> None:
+    """Write ``$FLWR_HOME/config.toml`` with one insecure SuperLink connection named `CONNECTION`."""
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    (flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "{address}"\ninsecure = true\n'
+    )
+
+
+def flwr_run(
+    app_dir: Path,
+    flwr_home: Path,
+    run_config: Path,
+    federation_config: dict[str, int],
+    log_file: Path,
+    on_line: Callable[[str], None] = lambda line: None,
+    connection: str = CONNECTION,
+) -> int:
+    """``flwr run APP CONNECTION --stream`` with a run-config TOML file; every output line goes to `log_file`.
+
+    Returns:
+        The exit code of `flwr run` (0 also when the ServerApp failed: check the run's outputs).
+    """
+    fed = " ".join(f"{k}={v}" for k, v in federation_config.items())
+    cmd = [_executable("flwr"), "run", str(app_dir), connection, "--stream", "--run-config", str(run_config)]
+    if fed:
+        cmd += ["--federation-config", fed]
+    env = {**os.environ, **QUIET_ENV, "FLWR_HOME": str(flwr_home)}
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with log_file.open("a") as log, subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace", bufsize=1
+    ) as proc:
+        try:
+            for line in proc.stdout:
+                log.write(line)
+                log.flush()
+                on_line(_ANSI.sub("", line.rstrip("\n")))
+            return proc.wait()
+        except BaseException:
+            stop_process_tree(proc)
+            raise
+
+
+def progress_message(line: str) -> str | None:
+    """The user-facing part of a streamed ServerApp line, or None for Flower's own chatter.
+
+    Only lines in Flower's log format count: once some library has called `logging.basicConfig`, every record
+    is printed a second time as ``INFO:flwr.dsl_fed:...`` by the root logger.
+    """
+    match = _FLOWER_RECORD.match(line)
+    return match.group(1).strip() if match else None
+
+
+@contextlib.contextmanager
+def private_flwr_home() -> Iterator[Path]:
+    """A throw-away ``FLWR_HOME`` so runs neither read nor change the user's ``~/.flwr``."""
+    path = Path(tempfile.mkdtemp(prefix="dsl_fed-flwr-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _executable(name: str) -> str:
+    found = shutil.which(name)
+    if found is None:
+        raise DslFedError(f"{name!r} not found on PATH; install Flower with `pip install 'flwr[simulation]==1.42.*'`")
+    return found
+
+
+def _wait_healthy(proc: subprocess.Popen, port: int, log_file: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise DslFedError(f"flower-superlink exited with code {proc.returncode} at start-up; see {log_file}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise DslFedError(f"flower-superlink did not answer on 127.0.0.1:{port} within {timeout:.0f} s; see {log_file}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"  # a zombie has exited; only its parent can reap it

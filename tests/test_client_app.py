@@ -1,0 +1,127 @@
+"""The ClientApp's reply carries exactly the phase's trainable slice and scalar metrics - never any data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flower_helpers import run_config, task_identity, write_config  # noqa: F401 (task_identity: autouse fixture)
+
+from clients.client_app import app, evaluate, train
+from dsl_fed.errors import DslFedError
+from dsl_fed.spectrogram import frame_geometry, num_frames
+from server.run_config import settings_from_run_config
+
+HEAD = ["hidden/kernel", "hidden/bias", "arelu/alpha", "arelu/beta", "predictions/kernel", "predictions/bias"]
+TOP_4 = ["tiny_bn2/gamma", "tiny_bn2/beta", "tiny_conv3/kernel", "tiny_conv3/bias"]  # 4 top layers: bn2 relu2 conv3 pool
+
+
+@pytest.fixture(scope="module")
+def setup(demo_manifest, tmp_path_factory):
+    """Run config + the server's initial full model (what round 1 sends) for the tiny test model."""
+    from dsl_fed.data import read_manifest
+    from dsl_fed.models import build_model, get_weights_by_name, weight_names
+
+    # SapAugment on, and 4 unfrozen layers so phase 2 includes a BatchNorm layer
+    rc = run_config(write_config(tmp_path_factory.mktemp("client"), demo_manifest,
+                                 augment={"cutmix": True, "specaugment": True}, training={"unfrozen_layers": 4}))
+    cfg = settings_from_run_config(rc).config
+    model = build_model(cfg, len(read_manifest(cfg.data.manifest).classes))
+    full = get_weights_by_name(model, weight_names(model))
+    return rc, cfg, full
+
+
+def message(arrays: dict[str, np.ndarray], kind: str = "train", **config) -> Message:
+    config = {"server-round": 1, "phase": 1, "full-model": False, "transfer-dtype": "float32", **config}
+    content = RecordDict({"arrays": ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()}),
+                          "config": ConfigRecord(config)})
+    return Message(content, dst_node_id=100, message_type=kind)
+
+
+def node(rc, partition: int = 0, num_partitions: int = 3) -> Context:
+    return Context(run_id=1, node_id=100 + partition, node_config={"partition-id": partition, "num-partitions": num_partitions},
+                   state=RecordDict(), run_config=dict(rc))
+
+
+def check_reply_is_only_slice_and_scalars(reply: Message, names: list[str], full: dict, cfg, dtype=np.float32) -> int:
+    """Assert the reply holds the named weights (right shapes/dtype) + scalar metrics; return payload bytes."""
+    assert not reply.has_error()
+    content = reply.content
+    assert list(content.keys()) == ["arrays", "metrics"] and not content.config_records
+    arrays = content["arrays"]
+    assert sorted(arrays.keys()) == sorted(names)
+    side = cfg.spectrogram.image_size
+    frames = num_frames(cfg.data.chunk_samples, *frame_geometry(cfg.data.sample_rate, cfg.spectrogram.window_ms,
+                                                                cfg.spectrogram.hop_fraction))
+    for name, array in arrays.items():
+        value = array.numpy()
+        assert value.shape == full[name].shape and value.dtype == dtype  # a weight of the model, nothing else
+        # nothing shaped like an audio chunk, a Mel spectrogram or a spectrogram image
+        assert value.size < cfg.data.chunk_samples and frames not in value.shape, (name, value.shape)
+        assert value.shape[-3:] != (side, side, 3), (name, value.shape)
+    metrics = content["metrics"]
+    assert set(metrics.keys()) == {"num-examples", "train-loss", "train-uar", "train-seconds", "work-seconds",
+                                   "partition-id"}
+    assert all(isinstance(v, (int, float)) for v in metrics.values())
+    return sum(a.numpy().nbytes for a in arrays.values())
+
+
+def test_phase1_reply_is_exactly_the_head_then_phase2_head_plus_top_layers(setup):
+    rc, cfg, full = setup
+    ctx = node(rc, partition=1)
+    reply = train(message(full, **{"full-model": True}), ctx)
+    head_bytes = check_reply_is_only_slice_and_scalars(reply, HEAD, full, cfg)
+    # hidden 32x32 + 32, ARELU alpha + beta (scalars), predictions 32x3 + 3 = 1157 float32
+    assert head_bytes == 4 * (32 * 32 + 32 + 1 + 1 + 32 * 3 + 3) == 4628
+    assert reply.content["metrics"]["partition-id"] == 1 and reply.content["metrics"]["num-examples"] > 0
+    assert "dsl_fed-model" in ctx.state.array_records  # the full model stays on the node
+    assert not np.allclose(reply.content["arrays"]["hidden/kernel"].numpy(), full["hidden/kernel"])  # it trained
+
+    phase2 = HEAD + TOP_4
+    slice_only = {n: full[n] for n in phase2}
+    reply = train(message(slice_only, **{"server-round": 2, "phase": 2, "transfer-dtype": "float16"}), ctx)
+    bytes16 = check_reply_is_only_slice_and_scalars(reply, phase2, full, cfg, dtype=np.float16)
+    # + bn2 gamma/beta 2x16, conv3 3x3x16x32 + 32 = 1157 + 4672 float16
+    assert bytes16 == 2 * (1157 + 16 + 16 + 3 * 3 * 16 * 32 + 32) == 11658
+    assert "tiny_bn2/moving_mean" not in reply.content["arrays"]  # BatchNorm statistics never travel
+
+
+def test_slice_without_a_stored_model_is_an_error(setup):
+    rc, _, full = setup
+    with pytest.raises(DslFedError, match="holds no model"):
+        train(message({n: full[n] for n in HEAD}), node(rc))
+
+
+def test_same_round_and_node_give_the_same_update_other_rounds_differ(setup):
+    rc, _, full = setup
+    first = train(message(full, **{"full-model": True}), node(rc))
+    again = train(message(full, **{"full-model": True}), node(rc))
+    later = train(message(full, **{"full-model": True, "server-round": 2}), node(rc))
+    a, b, c = (r.content["arrays"]["predictions/kernel"].numpy() for r in (first, again, later))
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_fedprox_proximal_term_keeps_the_update_near_the_global_weights(setup):
+    rc, _, full = setup
+    drift = {}
+    for mu in (0.0, 50.0):
+        reply = train(message(full, **{"full-model": True, "proximal-mu": mu}), node(rc))
+        drift[mu] = sum(float(np.sum((reply.content["arrays"][n].numpy() - full[n]) ** 2)) for n in HEAD)
+    assert drift[50.0] < 0.5 * drift[0.0]
+
+
+def test_evaluate_without_held_out_clips_reports_zero_examples_and_keeps_the_model(setup):
+    rc, _, full = setup
+    ctx = node(rc, partition=2)
+    reply = evaluate(message(full, kind="evaluate", **{"full-model": True}), ctx)
+    assert dict(reply.content["metrics"]) == {"num-examples": 0, "local-uar": 0.0}
+    assert "dsl_fed-model" in ctx.state.array_records  # a later slice-only train message can build on it
+
+
+def test_routing_through_the_client_app_and_a_wrong_federation_size(setup):
+    rc, _, full = setup
+    reply = app(message(full, **{"full-model": True}), node(rc))
+    assert sorted(reply.content["arrays"].keys()) == sorted(HEAD)
+    with pytest.raises(DslFedError, match="num-supernodes=3"):
+        train(message(full, **{"full-model": True}), node(rc, partition=0, num_partitions=4))

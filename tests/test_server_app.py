@@ -1,0 +1,163 @@
+"""ServerApp end to end in one process: real ClientApps behind an in-process Grid (no Ray), tiny model.
+
+Covers the per-round outputs (round folders, manifests with sha256, `latest`, history, plot), what changes
+in which phase, resume reproducing an uninterrupted run, failing / NaN clients, and the run-config mapping.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, Message
+from flower_helpers import InProcessGrid, run_config, saved_weights, write_config
+from flower_helpers import task_identity  # noqa: F401 (autouse fixture)
+
+from dsl_fed.config import load_config
+from dsl_fed.errors import DslFedError
+from dsl_fed.export import read_export_manifest, sha256_file
+from server.checkpoint import RunDirectory
+from server.run_config import run_config_toml, settings_from_run_config
+from server.server_app import run_server
+
+HEAD = {"hidden/kernel", "hidden/bias", "arelu/alpha", "arelu/beta", "predictions/kernel", "predictions/bias"}
+
+
+@pytest.fixture(scope="module")
+def full_run(demo_manifest, tmp_path_factory):
+    """An uninterrupted 2+1-round run of 3 nodes; returns (run config, run directory)."""
+    rc = run_config(write_config(tmp_path_factory.mktemp("server"), demo_manifest))
+    run_server(InProcessGrid(rc, 3), rc)
+    return rc, RunDirectory(settings_from_run_config(rc).config.output.run_dir)
+
+
+@pytest.mark.slow  # a federated run of the tiny model in-process: 10-40 s on 2 cores
+def test_every_round_is_published_with_manifest_tflite_and_history(full_run):
+    rc, run = full_run
+    assert run.latest_round() == 3 and os.readlink(run.path / "latest") == "round_3"
+    head_bytes = ArrayRecord({n: Array(a) for n, a in saved_weights(run.round_dir(1)).items() if n in HEAD}).count_bytes()
+    for k, phase in ((1, 1), (2, 1), (3, 2)):
+        folder = run.round_dir(k)
+        assert {p.name for p in folder.iterdir()} == {"model.keras", "model.tflite", "manifest.json"}
+        manifest = read_export_manifest(folder / "model.tflite")  # raises if the sha256 does not match
+        assert manifest.sha256 == sha256_file(folder / "model.tflite")
+        extra = manifest.extra
+        assert (extra["round"], extra["phase"], extra["num_rounds"]) == (k, phase, 3)
+        devel = extra["devel"]
+        assert 0 <= devel["ci"][0] <= devel["uar"] <= devel["ci"][1] <= 1 and devel["per_speaker"]
+        assert extra["clients"]["aggregated"] == 3 and extra["bytes_up"] > 0
+    # after round 1 only the slice travels: 3 train messages down, 3 replies up (phase 1 = head); no evaluate
+    # messages, because no training speaker of the demo corpus has held-out clips
+    assert run.manifest(2)["extra"]["bytes_down"] == 3 * head_bytes
+    assert run.manifest(2)["extra"]["bytes_up"] == 3 * head_bytes
+    assert run.manifest(1)["extra"]["bytes_down"] > run.manifest(2)["extra"]["bytes_down"]  # full model once
+    rows = run.read_history()
+    assert [(int(r["round"]), int(r["phase"])) for r in rows] == [(1, 1), (2, 1), (3, 2)]
+    assert all(0 <= float(r["devel_uar"]) <= 1 and int(r["clients_aggregated"]) == 3 for r in rows)
+    assert (run.path / "plots" / "federated_uar.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert load_config(run.path / "config.yaml") == settings_from_run_config(rc).config
+
+
+@pytest.mark.slow  # a federated run of the tiny model in-process: 10-40 s on 2 cores
+def test_phase1_changes_only_the_head_phase2_also_the_top_layers(full_run):
+    _, run = full_run
+    w = [saved_weights(run.round_dir(k)) for k in (1, 2, 3)]
+    changed_in_phase1 = {n for n in w[0] if not np.array_equal(w[0][n], w[1][n])}
+    changed_in_phase2 = {n for n in w[1] if not np.array_equal(w[1][n], w[2][n])}
+    assert changed_in_phase1 <= HEAD
+    assert {"hidden/kernel", "predictions/kernel"} <= changed_in_phase1
+    # phase 2 unfreezes the top 2 backbone layers (tiny_pool, tiny_conv3): everything below stays put
+    assert "tiny_conv3/kernel" in changed_in_phase2 and changed_in_phase2 <= HEAD | {"tiny_conv3/kernel", "tiny_conv3/bias"}
+
+
+@pytest.mark.slow  # a federated run of the tiny model in-process: 10-40 s on 2 cores
+def test_resume_after_round_2_reproduces_the_uninterrupted_round_3(full_run, tmp_path):
+    rc, run = full_run
+    stopped = tmp_path / "stopped"
+    shutil.copytree(run.path, stopped / "fed", symlinks=True)
+    shutil.rmtree(stopped / "fed" / "round_3")  # what a run stopped after round 2 leaves behind
+    (stopped / "fed" / "latest").unlink()
+    os.symlink("round_2", stopped / "fed" / "latest")
+    resumed = {**rc, "output-directory": str(stopped), "resume": True}
+    run_server(InProcessGrid(resumed, 3), resumed)
+    again = RunDirectory(stopped / "fed")
+    assert again.latest_round() == 3
+    expected, got = saved_weights(run.round_dir(3)), saved_weights(again.round_dir(3))
+    for name in expected:
+        np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
+    assert [int(r["round"]) for r in again.read_history()] == [1, 2, 3]
+
+
+@pytest.mark.slow  # a federated run of the tiny model in-process: 10-40 s on 2 cores
+def test_a_raising_client_and_a_nan_client_do_not_stop_the_run(demo_manifest, tmp_path, caplog, monkeypatch):
+    import clients.client_app as client_app
+
+    real_train_local = client_app.train_local
+
+    def train_local(*args, **kwargs):  # node 0's training crashes (its seed is client_seed(..., partition=0))
+        if kwargs["seed"] % 1000 == 0:
+            raise RuntimeError("disk full on node 0")
+        return real_train_local(*args, **kwargs)
+
+    def nan_weights(partition: int, msg: Message, reply: Message) -> Message:  # node 1 returns NaN weights
+        if msg.metadata.message_type == "train" and partition == 1:
+            arrays = reply.content["arrays"]
+            reply.content["arrays"] = ArrayRecord({n: Array(np.full_like(a.numpy(), np.nan)) for n, a in arrays.items()})
+        return reply
+
+    monkeypatch.setattr(client_app, "train_local", train_local)
+    rc = run_config(write_config(tmp_path, demo_manifest, federated={"phase1_rounds": 1, "phase2_rounds": 0,
+                                                                      "min_train_nodes": 1, "local_epochs": 1}))
+    with caplog.at_level(logging.INFO, logger="flwr.dsl_fed"):
+        run_server(InProcessGrid(rc, 3, sabotage=nan_weights), rc)
+    run = RunDirectory(tmp_path / "runs" / "fed")
+    assert run.latest_round() == 1
+    clients = run.manifest(1)["extra"]["clients"]
+    assert clients["aggregated"] == 1 and clients["updated"]
+    assert clients["failed"] == ["node 100: disk full on node 0"]
+    assert len(clients["rejected"]) == 1 and "non-finite values" in clients["rejected"][0]
+    assert "disk full on node 0" in caplog.text and "rejected the update of node 101" in caplog.text
+    assert "clients 1/3 (1 failed, 1 rejected)" in caplog.text  # the per-round progress line
+    assert all(np.all(np.isfinite(a)) for a in saved_weights(run.round_dir(1)).values())
+
+
+@pytest.mark.slow  # a federated run of the tiny model in-process: 10-40 s on 2 cores
+def test_resume_refuses_a_changed_config_or_a_missing_round(full_run, tmp_path, demo_manifest):
+    rc, run = full_run
+    changed = {**rc, "overrides": "training.learning_rate=0.5", "resume": True}
+    with pytest.raises(DslFedError, match="training.learning_rate changed"):
+        run_server(InProcessGrid(changed, 3), changed)
+    empty = run_config(write_config(tmp_path, demo_manifest), resume=True)
+    with pytest.raises(DslFedError, match="no complete round to resume"):
+        run_server(InProcessGrid(empty, 3), empty)
+
+
+def test_node_minimums_above_the_shard_count_are_an_error(tmp_path, demo_manifest):
+    rc = run_config(write_config(tmp_path, demo_manifest, federated={"min_available_nodes": 4, "min_train_nodes": 2}))
+    with pytest.raises(DslFedError, match="min_available_nodes=4 but .* 3 training shard"):
+        run_server(InProcessGrid(rc, 3), rc)
+
+
+def test_run_config_translation(tmp_path, demo_manifest):
+    yaml_path = write_config(tmp_path, demo_manifest)
+    overrides = ["federated.strategy=fedprox", "training.batch_size=16"]
+    text = run_config_toml(yaml_path, overrides, tmp_path / "out", resume=True)
+    settings = settings_from_run_config(tomllib.loads(text))
+    assert settings.resume
+    assert settings.config == load_config(yaml_path, overrides + [f"output.directory={tmp_path / 'out'}"])
+    # the pyproject default: a preset inside the app bundle, data and outputs given as absolute paths
+    bundled = {"config": "configs/quickstart.yaml", "data-manifest": str(demo_manifest),
+               "output-directory": str(tmp_path / "o"), "overrides": "", "resume": False}
+    cfg = settings_from_run_config(bundled).config
+    assert cfg.model.backbone == "tiny" and cfg.data.manifest == str(demo_manifest)
+    with pytest.raises(DslFedError, match="is relative.*output-directory="):
+        settings_from_run_config({**bundled, "output-directory": ""})
+    with pytest.raises(DslFedError, match="'data-manifest' must be an absolute path"):
+        settings_from_run_config({**bundled, "data-manifest": "demo_data/manifest.csv"})
+    with pytest.raises(DslFedError, match="lacks resume"):
+        settings_from_run_config({k: v for k, v in bundled.items() if k != "resume"})

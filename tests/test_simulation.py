@@ -1,0 +1,103 @@
+"""Through Flower's simulation engine (SuperLink, SuperExec, Ray): `dsl_fed simulate`, `--resume`, `flwr run .`.
+
+Slow (a Flower run costs ~20 s of start-up on 2 cores before any training). Every test checks that the
+processes it started (SuperLink, SuperExec, simulation, Ray) are gone afterwards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flower_helpers import saved_weights, write_config
+
+from dsl_fed.cli.federated import simulate
+from dsl_fed.export import read_export_manifest
+from server.checkpoint import RunDirectory
+from simulations.runtime import descendants, find_processes, free_port, terminate_tree
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def simulated(demo_manifest, tmp_path_factory):
+    """`dsl_fed simulate`: 3 clients (speaker shards), 2 + 1 rounds, tiny backbone, demo corpus."""
+    folder = tmp_path_factory.mktemp("simulate")
+    config = write_config(folder, demo_manifest, federated={"local_epochs": 12})
+    lines: list[str] = []
+    run_dir = simulate(config, echo=lines.append)
+    leftovers = descendants(os.getpid())
+    return config, run_dir, lines, leftovers
+
+
+def test_three_clients_two_plus_one_rounds_beat_chance_and_publish_every_round(simulated):
+    _, run_dir, lines, leftovers = simulated
+    assert leftovers == []  # SuperLink, SuperExec, simulation and Ray are all gone
+    run = RunDirectory(run_dir)
+    assert run.latest_round() == 3
+    for k, phase in ((1, 1), (2, 1), (3, 2)):
+        manifest = read_export_manifest(run.round_dir(k) / "model.tflite")  # checks the file's sha256
+        assert (manifest.extra["round"], manifest.extra["phase"]) == (k, phase)
+        assert manifest.extra["clients"]["aggregated"] == 3 and manifest.extra["bytes_up"] > 0
+    devel = run.manifest(3)["extra"]["devel"]
+    assert devel["uar"] > 1 / 3 + 0.1, devel  # 3 classes: chance is 1/3
+    rounds = [line for line in lines if line.startswith("round ")]
+    assert [line.split(" |")[0] for line in rounds] == ["round 1/3 phase 1", "round 2/3 phase 1", "round 3/3 phase 2"]
+    assert (run_dir / "logs" / "flower.log").stat().st_size > 0
+
+
+def test_resume_through_flower_gives_the_uninterrupted_round_3(simulated, tmp_path):
+    config, run_dir, _, _ = simulated
+    copy = tmp_path / "runs"
+    shutil.copytree(run_dir, copy / run_dir.name, symlinks=True, ignore=shutil.ignore_patterns("logs"))
+    shutil.rmtree(copy / run_dir.name / "round_3")  # the state of a run stopped after round 2
+    (copy / run_dir.name / "latest").unlink()
+    os.symlink("round_2", copy / run_dir.name / "latest")
+    lines: list[str] = []
+    resumed = simulate(config, [f"output.directory={copy}"], resume=True, echo=lines.append)
+    assert descendants(os.getpid()) == []
+    assert [line.split(" |")[0] for line in lines if line.startswith("round ")] == ["round 3/3 phase 2"]
+    expected, got = saved_weights(run_dir / "round_3"), saved_weights(resumed / "round_3")
+    for name in expected:
+        np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
+
+
+def test_flwr_run_dot_on_the_quickstart_config_leaves_nothing_behind(demo_manifest, tmp_path):
+    """The README's `flwr run . local --stream` with a project FLWR_HOME and the managed local SuperLink."""
+    home = tmp_path / "flwr_home"
+    home.mkdir()
+    (home / "config.toml").write_text('[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n')
+    env = {
+        **os.environ,
+        "FLWR_HOME": str(home),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",  # inherited by the SuperLink `flwr run` starts
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),  # private ports: never reuse someone's SuperLink
+        "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
+    }
+    run_config = (f'data-manifest="{demo_manifest}" output-directory="{tmp_path / "runs"}" '
+                  'overrides="federated.phase1_rounds=1 federated.phase2_rounds=0 federated.local_epochs=1 data.shards=2"')
+    pyproject = hashlib.sha256((REPO / "pyproject.toml").read_bytes()).hexdigest()
+    try:
+        proc = subprocess.run(
+            ["flwr", "run", ".", "local", "--stream", "--run-config", run_config,
+             "--federation-config", "num-supernodes=2 client-resources-num-cpus=1"],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+        )
+    finally:
+        for pid in find_processes(str(home)):  # the managed SuperLink outlives `flwr run`: stop it by PID
+            terminate_tree(pid)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "[dsl_fed] round 1/1 phase 1" in proc.stdout
+    run = RunDirectory(tmp_path / "runs" / "quickstart")
+    assert run.latest_round() == 1
+    assert read_export_manifest(run.round_dir(1) / "model.tflite").extra["clients"]["aggregated"] == 2
+    assert find_processes(str(home)) == [] and descendants(os.getpid()) == []
+    assert not (home / "runtime-envs").exists()  # TensorFlow was not installed for the run
+    assert hashlib.sha256((REPO / "pyproject.toml").read_bytes()).hexdigest() == pyproject  # not rewritten
