@@ -17,6 +17,7 @@ averaging.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
 import keras
@@ -225,6 +226,20 @@ def set_weights_by_name(model: keras.Model, weights: dict[str, Any]) -> None:
         arrays[name] = array
     for name, array in arrays.items():
         variables[name].assign(array.astype(variables[name].dtype))
+
+
+def load_model(path: str | Path) -> keras.Model:
+    """Load a dsl_fed ``.keras`` model (custom layers registered), with a one-line error for a bad file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DslFedError(f"{path}: model file not found")
+    if path.suffix != ".keras":
+        raise DslFedError(f"{path}: expected a Keras model file (.keras)")
+    try:
+        return keras.saving.load_model(path, compile=False)
+    except Exception as exc:  # noqa: BLE001 - Keras raises many types for a bad archive
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DslFedError(f"{path}: cannot load Keras model ({first[:200]})") from None
 
 
 def _unique_paths(variables: list) -> list[str]:

@@ -2,12 +2,30 @@
 
 import os
 
+import pytest
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 
-# --------------------------------------------------------------------------------------- model engineer
-import pytest  # noqa: E402
+def tiny_settings(manifest, runs_dir, name: str) -> dict:
+    """The raw settings behind `tiny_config` (shared with session fixtures, which cannot use it)."""
+    return {
+        "data": {"manifest": str(manifest), "chunk_seconds": 1.0, "hop_seconds": 0.25},
+        "spectrogram": {"image_size": 32, "n_mels": 32},
+        "model": {"backbone": "tiny", "weights": None, "units": 32, "dropout": 0.1},
+        "training": {
+            "optimizer": "adam",
+            "learning_rate": 0.003,
+            "phase2_lr_factor": 1.0,
+            "batch_size": 16,
+            "phase1_epochs": 1,
+            "phase2_epochs": 15,
+            "unfrozen_layers": 6,
+        },
+        "federated": {"phase1_rounds": 1, "phase2_rounds": 1, "min_train_nodes": 2, "min_available_nodes": 2},
+        "output": {"directory": str(runs_dir), "name": name},
+    }
 
 
 @pytest.fixture
@@ -22,27 +40,9 @@ def tiny_config(demo_manifest, tmp_path):
     """
     from dsl_fed.config import from_dict
 
-    return from_dict(
-        {
-            "data": {"manifest": str(demo_manifest), "chunk_seconds": 1.0, "hop_seconds": 0.25},
-            "spectrogram": {"image_size": 32, "n_mels": 32},
-            "model": {"backbone": "tiny", "weights": None, "units": 32, "dropout": 0.1},
-            "training": {
-                "optimizer": "adam",
-                "learning_rate": 0.003,
-                "phase2_lr_factor": 1.0,
-                "batch_size": 16,
-                "phase1_epochs": 1,
-                "phase2_epochs": 15,
-                "unfrozen_layers": 6,
-            },
-            "federated": {"phase1_rounds": 1, "phase2_rounds": 1, "min_train_nodes": 2, "min_available_nodes": 2},
-            "output": {"directory": str(tmp_path / "runs"), "name": "tiny"},
-        }
-    )
+    return from_dict(tiny_settings(demo_manifest, tmp_path / "runs", "tiny"))
 
 
-# --------------------------------------------------------------------------------------- data engineer
 @pytest.fixture(scope="session")
 def demo_manifest(tmp_path_factory):
     """A small demo corpus shared by the whole session; returns the manifest path.
@@ -55,7 +55,6 @@ def demo_manifest(tmp_path_factory):
     return make_demo_corpus(tmp_path_factory.mktemp("demo_corpus"), speakers=8, clips=3, seed=0, progress=False)
 
 
-# ----------------------------------------------------------------------------------- deployment engineer
 @pytest.fixture(scope="session")
 def deployed_tiny(demo_manifest, tmp_path_factory):
     """A trained tiny model in a run folder plus its float32 TFLite export, shared by the deployment tests.
@@ -75,16 +74,7 @@ def deployed_tiny(demo_manifest, tmp_path_factory):
     from dsl_fed.train import train_local
 
     run_dir = tmp_path_factory.mktemp("deploy_run")
-    cfg = from_dict(
-        {
-            "data": {"manifest": str(demo_manifest), "chunk_seconds": 1.0, "hop_seconds": 0.25},
-            "spectrogram": {"image_size": 32, "n_mels": 32},
-            "model": {"backbone": "tiny", "weights": None, "units": 32, "dropout": 0.1},
-            "training": {"optimizer": "adam", "learning_rate": 0.003, "phase2_lr_factor": 1.0, "batch_size": 16,
-                         "phase1_epochs": 1, "phase2_epochs": 15, "unfrozen_layers": 6},
-            "output": {"directory": str(run_dir.parent), "name": run_dir.name},
-        }
-    )
+    cfg = from_dict(tiny_settings(demo_manifest, run_dir.parent, run_dir.name))
     manifest = read_manifest(demo_manifest)
     train = load_chunks(manifest.partition("train"), cfg.data, manifest.classes, progress=False)
     test = load_chunks(manifest.partition("test"), cfg.data, manifest.classes, progress=False)

@@ -94,7 +94,7 @@ def _context_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from dsl_fed.cli.train import load_model
+    from dsl_fed.models import load_model
     from dsl_fed.export import export_tflite, verify_tflite
 
     model = load_model(args.model)
@@ -351,7 +351,7 @@ def run_stats(args: argparse.Namespace) -> int:
     if args.model.suffix == ".tflite":
         rows = [tflite_row(args.model, args.threads, args.runs)]
     else:
-        from dsl_fed.cli.train import load_model
+        from dsl_fed.models import load_model
 
         model = load_model(args.model)
         cfg, classes = _model_context(args.model, args.config, args.classes, args.overrides, model)

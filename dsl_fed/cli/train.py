@@ -65,6 +65,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from dsl_fed.metrics import evaluate_chunks
     from dsl_fed.report import write_metrics_json
 
+    from dsl_fed.models import load_model
+
     cfg = load_config(args.config, args.overrides)
     model = load_model(args.model)
     manifest = read_manifest(cfg.data.manifest, seed=cfg.data.seed)
@@ -85,23 +87,6 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if args.json is not None:
         write_metrics_json(args.json, metrics)
     return 0
-
-
-def load_model(path: Path):
-    """Load a dsl_fed ``.keras`` model (custom layers registered), with a one-line error for a bad file."""
-    import keras
-
-    import dsl_fed.models  # noqa: F401 - registers DslModel, ARELU and SpectrogramImage
-
-    if not path.is_file():
-        raise DslFedError(f"{path}: model file not found")
-    if path.suffix != ".keras":
-        raise DslFedError(f"{path}: expected a Keras model file (.keras)")
-    try:
-        return keras.saving.load_model(path, compile=False)
-    except Exception as exc:  # noqa: BLE001 - Keras raises many types for a bad archive
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DslFedError(f"{path}: cannot load Keras model ({first[:200]})") from None
 
 
 def _summary(part: str, m: dict) -> str:
