@@ -4,11 +4,13 @@ PIP ?= $(PYTHON) -m pip
 
 .PHONY: install quickstart test test-fast
 
+# pyenv only sees new console scripts (dsl_fed, flwr) after a rehash.
 install:
 	$(PIP) install -q -e ".[dev]"
+	@if command -v pyenv >/dev/null 2>&1; then pyenv rehash; fi
 
 quickstart: install
-	bash scripts/quickstart.sh
+	PATH="$$($(PYTHON) -c 'import sys, os; print(os.path.dirname(sys.executable))'):$$PATH" bash scripts/quickstart.sh
 
 # pytest exits 5 when it collects no test; make fails on any non-zero exit, so "no tests" fails CI too.
 test: install

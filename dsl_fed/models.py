@@ -47,6 +47,7 @@ class DslModel(keras.Model):
         super().__init__(*args, **kwargs)
         self._augmentation: SapAugment | None = None
         self._augmentation_seed = 0
+        _pin_backbone_inference(self)
 
     @property
     def spectrogram(self) -> keras.layers.Layer:
@@ -110,6 +111,23 @@ class DslModel(keras.Model):
             return tf.tensor_scatter_nd_update(y_pred, index[:, None], self.classifier(subset, training=True))
 
         return tf.cond(tf.size(index) > 0, repredict, lambda: tf.identity(y_pred))
+
+
+def _pin_backbone_inference(model: keras.Model) -> None:
+    """Make the backbone's ``training=False`` stick, as in tf.keras (and as the module docstring promises).
+
+    A Keras 3 Functional model passes its own ``training`` value on to every layer that takes one, overriding
+    the ``training=False`` recorded when the backbone was called: ``fit`` would run unfrozen BatchNorm layers
+    on batch statistics and update their moving statistics. Those are not trainable weights, so federated
+    clients never sent them and the server's model kept the initial ones (evaluating at chance). Emptying the
+    backbone's call-context arguments makes the graph call it with the recorded ``training=False``. Run in
+    ``__init__`` so loaded models get it too; a no-op for models without a backbone.
+    """
+    try:
+        backbone = model.get_layer(CLASSIFIER_LAYER).get_layer(BACKBONE_LAYER_NAME)
+    except (ValueError, AttributeError):
+        return
+    backbone._call_context_args = set()
 
 
 def build_model(cfg: Config, num_classes: int) -> DslModel:

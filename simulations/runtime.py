@@ -19,6 +19,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.request
@@ -106,7 +107,7 @@ def find_processes(needle: str) -> list[int]:
 @contextlib.contextmanager
 def local_superlink(flwr_home: Path, log_file: Path, startup_timeout: float = 60.0) -> Iterator[str]:
     """Start a simulation SuperLink owned by this process; yield its address; stop it and its children."""
-    exe = _executable("flower-superlink")
+    exe = executable("flower-superlink")
     port, control = free_port(), free_port()
     cmd = [
         exe, "--insecure", "--simulation", "--isolation", "subprocess",
@@ -146,7 +147,7 @@ def flwr_run(
         The exit code of `flwr run` (0 also when the ServerApp failed: check the run's outputs).
     """
     fed = " ".join(f"{k}={v}" for k, v in federation_config.items())
-    cmd = [_executable("flwr"), "run", str(app_dir), connection, "--stream", "--run-config", str(run_config)]
+    cmd = [executable("flwr"), "run", str(app_dir), connection, "--stream", "--run-config", str(run_config)]
     if fed:
         cmd += ["--federation-config", fed]
     env = {**os.environ, **QUIET_ENV, "FLWR_HOME": str(flwr_home)}
@@ -185,7 +186,11 @@ def private_flwr_home() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _executable(name: str) -> str:
+def executable(name: str) -> str:
+    """Flower's command `name`, preferring the one installed beside this Python (venvs, pyenv before a rehash)."""
+    beside = Path(sys.executable).parent / name
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
     found = shutil.which(name)
     if found is None:
         raise DslFedError(f"{name!r} not found on PATH; install Flower with `pip install 'flwr[simulation]==1.42.*'`")

@@ -125,3 +125,29 @@ def test_routing_through_the_client_app_and_a_wrong_federation_size(setup):
     assert sorted(reply.content["arrays"].keys()) == sorted(HEAD)
     with pytest.raises(DslFedError, match="num-supernodes=3"):
         train(message(full, **{"full-model": True}), node(rc, partition=0, num_partitions=4))
+
+
+def test_unfrozen_batchnorm_keeps_its_statistics_so_the_slice_is_the_whole_update(setup, tmp_path):
+    """Keras 3 passes fit's training=True into the backbone unless it is pinned: BatchNorm would then update
+    moving statistics that never travel, and the server's model (initial statistics) scored at chance."""
+    import keras
+
+    from clients.client_app import shard
+    from dsl_fed.models import build_model, get_weights_by_name, set_phase, trainable_weight_names, weight_names
+    from dsl_fed.train import train_local
+
+    _, cfg, full = setup
+    chunks, classes = shard(cfg, {"partition-id": 0, "num-partitions": 3})
+    model = build_model(cfg, len(classes))
+    set_phase(model, 2, cfg.training.unfrozen_layers)
+    assert "tiny_bn2/gamma" in trainable_weight_names(model)
+    train_local(model, chunks, None, cfg, 2, epochs=1, verbose=0)
+    after = get_weights_by_name(model, weight_names(model))
+    changed = {n for n in after if not np.array_equal(after[n], full[n])}
+    assert "tiny_bn2/gamma" in changed and changed <= set(trainable_weight_names(model))
+    model.save(tmp_path / "m.keras")  # a loaded model keeps the backbone in inference mode too
+    loaded = keras.saving.load_model(tmp_path / "m.keras")
+    set_phase(loaded, 2, cfg.training.unfrozen_layers)
+    train_local(loaded, chunks, None, cfg, 2, epochs=1, verbose=0)
+    assert np.array_equal(loaded.get_layer("classifier").get_layer("backbone").get_layer("tiny_bn2").moving_mean.numpy(),
+                          full["tiny_bn2/moving_mean"])

@@ -19,7 +19,7 @@ from flower_helpers import saved_weights, write_config
 from dsl_fed.cli.federated import simulate
 from dsl_fed.export import read_export_manifest
 from server.checkpoint import RunDirectory
-from simulations.runtime import descendants, find_processes, free_port, terminate_tree
+from simulations.runtime import descendants, executable, find_processes, free_port, terminate_tree
 
 pytestmark = pytest.mark.slow
 
@@ -86,7 +86,7 @@ def test_flwr_run_dot_on_the_quickstart_config_leaves_nothing_behind(demo_manife
     pyproject = hashlib.sha256((REPO / "pyproject.toml").read_bytes()).hexdigest()
     try:
         proc = subprocess.run(
-            ["flwr", "run", ".", "local", "--stream", "--run-config", run_config,
+            [executable("flwr"), "run", ".", "local", "--stream", "--run-config", run_config,
              "--federation-config", "num-supernodes=2 client-resources-num-cpus=1"],
             cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
         )
