@@ -40,6 +40,8 @@ class DataConfig:
         _require(self.chunk_seconds > 0, "data.chunk_seconds", f"must be > 0, got {self.chunk_seconds}")
         _require(0 < self.hop_seconds, "data.hop_seconds", f"must be > 0, got {self.hop_seconds}")
         _require(self.shards >= 0, "data.shards", f"must be >= 0, got {self.shards}")
+        _require(self.chunk_samples >= 1, "data.chunk_seconds", f"is shorter than one sample at {self.sample_rate} Hz")
+        _require(self.hop_samples >= 1, "data.hop_seconds", f"is shorter than one sample at {self.sample_rate} Hz")
 
     @property
     def chunk_samples(self) -> int:
@@ -168,7 +170,7 @@ class FederatedConfig:
     min_available_nodes: int = 2
     transfer_dtype: Literal["float32", "float16"] = "float32"
     evaluate_test: bool = False  # also evaluate the held-out test speakers on the server every round
-    client_cpus: float = 1.0  # Ray resources per client actor; TF threads follow this
+    client_cpus: float = 1.0  # Ray CPUs per client actor (whole number); TF threads follow this
 
     def _validate(self) -> None:
         _require(self.phase1_rounds >= 0, "federated.phase1_rounds", f"must be >= 0, got {self.phase1_rounds}")
@@ -181,7 +183,8 @@ class FederatedConfig:
         _require(0 <= self.fraction_evaluate <= 1, "federated.fraction_evaluate", f"must be in [0, 1], got {self.fraction_evaluate}")
         _require(self.min_train_nodes >= 1, "federated.min_train_nodes", f"must be >= 1, got {self.min_train_nodes}")
         _require(self.min_available_nodes >= self.min_train_nodes, "federated.min_available_nodes", "must be >= federated.min_train_nodes")
-        _require(0 < self.client_cpus <= 64, "federated.client_cpus", f"must be in (0, 64], got {self.client_cpus}")
+        _require(float(self.client_cpus).is_integer() and 1 <= self.client_cpus <= 64, "federated.client_cpus",
+                 f"must be a whole number in [1, 64] (Flower's simulation takes whole CPUs), got {self.client_cpus}")
 
 
 @dataclass(frozen=True)
@@ -284,6 +287,10 @@ def from_dict(raw: dict[str, Any]) -> Config:
     cfg = Config(**sections)
     for f in dataclasses.fields(cfg):
         getattr(cfg, f.name)._validate()
+    nyquist = cfg.data.sample_rate / 2
+    _require(cfg.spectrogram.fmin < nyquist, "spectrogram.fmin", f"must be below data.sample_rate / 2 = {nyquist:g} Hz")
+    _require(cfg.spectrogram.fmax is None or cfg.spectrogram.fmax <= nyquist, "spectrogram.fmax",
+             f"must be at most data.sample_rate / 2 = {nyquist:g} Hz, got {cfg.spectrogram.fmax}")
     return cfg
 
 

@@ -136,18 +136,21 @@ class ExportManifest:
         unknown = sorted(set(data) - known)
         if unknown:
             raise DslFedError(f"{source}: unknown key(s) {', '.join(unknown)}")
-        if data.get("format_version", MANIFEST_VERSION) > MANIFEST_VERSION:
-            raise DslFedError(f"{source}: format_version {data['format_version']} is newer than this dsl_fed understands")
-        data["classes"] = tuple(str(c) for c in data["classes"])
-        data["input_shape"] = tuple(int(d) for d in data["input_shape"])
-        manifest = cls(**data)
-        checks = [
-            (manifest.input in INPUT_KINDS, "input", f"must be one of {', '.join(INPUT_KINDS)}"),
-            (manifest.quantization in QUANTIZATIONS, "quantization", f"must be one of {', '.join(QUANTIZATIONS)}"),
-            (len(manifest.classes) >= 1, "classes", "must list at least one class"),
-            (manifest.sample_rate > 0, "sample_rate", "must be > 0"),
-            (manifest.window_seconds > 0 and manifest.hop_seconds > 0, "window_seconds", "window and hop must be > 0"),
-        ]
+        try:
+            if data.get("format_version", MANIFEST_VERSION) > MANIFEST_VERSION:
+                raise DslFedError(f"{source}: format_version {data['format_version']} is newer than this dsl_fed understands")
+            data["classes"] = tuple(str(c) for c in data["classes"])
+            data["input_shape"] = tuple(int(d) for d in data["input_shape"])
+            manifest = cls(**data)
+            checks = [
+                (manifest.input in INPUT_KINDS, "input", f"must be one of {', '.join(INPUT_KINDS)}"),
+                (manifest.quantization in QUANTIZATIONS, "quantization", f"must be one of {', '.join(QUANTIZATIONS)}"),
+                (len(manifest.classes) >= 1, "classes", "must list at least one class"),
+                (manifest.sample_rate > 0, "sample_rate", "must be > 0"),
+                (manifest.window_seconds > 0 and manifest.hop_seconds > 0, "window_seconds", "window and hop must be > 0"),
+            ]
+        except (TypeError, ValueError) as exc:  # e.g. "classes": 3 or "sample_rate": "x"
+            raise DslFedError(f"{source}: a value has the wrong type ({exc})") from None
         for ok, key, message in checks:
             if not ok:
                 raise DslFedError(f"{source}: {key} {message}")

@@ -18,7 +18,7 @@ dsl_fed plot demo_data/audio/spk01/falling_00.wav --config configs/quickstart.ya
 step "4/7 Central training (the paper's protocol on the tiny preset)"
 dsl_fed train --central configs/quickstart.yaml --verbose 2
 
-step "5/7 Federated training: one Flower client per training speaker"
+step "5/7 Federated training: 3 Flower clients, 2 speakers each; no audio leaves a client"
 dsl_fed simulate configs/quickstart.yaml output.name=quickstart-fed
 
 step "6/7 Export the central model to int8 TFLite (raw audio in)"

@@ -210,7 +210,12 @@ def _resume(run: RunDirectory, cfg: Config, model: keras.Model) -> int:
     if k is None:
         raise DslFedError(f"{run.path}: no complete round to resume from; start without resume")
     saved_path = run.path / "config.yaml"
-    saved = yaml.safe_load(saved_path.read_text()) if saved_path.is_file() else {}
+    if not saved_path.is_file():
+        raise DslFedError(f"{saved_path}: missing, so the run's config cannot be compared; start without resume")
+    try:
+        saved = yaml.safe_load(saved_path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise DslFedError(f"{saved_path}: not valid YAML ({str(exc).splitlines()[0]}); start without resume") from None
     changed = _changed_keys(saved, cfg.to_dict())
     if changed:
         raise DslFedError(f"{saved_path}: resuming needs the same config, but {', '.join(changed)} changed")

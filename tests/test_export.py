@@ -130,6 +130,11 @@ def test_manifest_problems_are_named(deployed_tiny, exports, tmp_path):
     manifest_path(copy).write_text("{not json")
     with pytest.raises(DslFedError, match="not valid JSON"):
         read_export_manifest(copy)
+    data = json.loads(text)
+    for key, value in [("classes", 3), ("sample_rate", "x"), ("input_shape", ["a"])]:
+        manifest_path(copy).write_text(json.dumps({**data, key: value}))
+        with pytest.raises(DslFedError, match="manifest.json: (a value has the wrong type|sample_rate)"):
+            read_export_manifest(copy)
 
 
 def test_export_refusals(deployed_tiny, tmp_path):

@@ -76,7 +76,7 @@ def simulate(
     run_dir = output_dir / cfg.output.name
     num_shards = count_shards(cfg)
     check_federation_size(cfg, num_shards)  # fail before Flower starts, not 20 s later in the ServerApp
-    federation = {"num-supernodes": num_shards, "client-resources-num-cpus": _client_cpus(cfg)}
+    federation = {"num-supernodes": num_shards, "client-resources-num-cpus": int(cfg.federated.client_cpus)}
     errors: list[str] = []
 
     def on_line(line: str) -> None:
@@ -122,10 +122,3 @@ def summary(run_dir: Path) -> str:
     scores = ", ".join(f"{part} UAR {extra[part]['uar']:.3f} [{extra[part]['ci'][0]:.3f}, {extra[part]['ci'][1]:.3f}]"
                        for part in ("devel", "test") if part in extra)
     return f"{run_dir}: round {k}/{extra['num_rounds']}, {scores}; model {run_dir / 'latest' / 'model.tflite'}"
-
-
-def _client_cpus(cfg: Config) -> int:
-    cpus = cfg.federated.client_cpus
-    if cpus < 1 or not float(cpus).is_integer():
-        raise DslFedError(f"federated.client_cpus: Flower's simulation needs a whole number >= 1, got {cpus}")
-    return int(cpus)
