@@ -22,7 +22,7 @@ from pathlib import Path
 
 import keras
 
-from dsl_fed.errors import DslFedError
+from dsl_fed.errors import DslFedError, first_line
 
 BACKBONE_LAYER_NAME = "backbone"
 
@@ -109,7 +109,7 @@ def create_backbone(name: str, weights: str | Path | None = "imagenet", input_si
     except (ValueError, OSError, KeyError) as exc:
         if weights_path is None:
             raise
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise DslFedError(f"model.weights: {weights_path} does not fit backbone {name!r} without its top ({first})") from None
     return _with_stable_names(model)
 
@@ -180,7 +180,7 @@ def _imagenet_weights(spec: BackboneSpec, size: int) -> Path:
     try:
         return Path(keras.utils.get_file(fname, spec.weights_url + fname, cache_subdir="models", cache_dir=str(cache)))
     except Exception as exc:  # keras wraps every urllib failure in a bare Exception
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc)
         raise DslFedError(
             f"model.weights: cannot download the ImageNet weights of {spec.name!r} ({reason}). "
             f"Offline? Copy {fname} from {spec.weights_url + fname} to {target} (the Keras cache, "

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dsl_fed.errors import DslFedError
+from dsl_fed.errors import DslFedError, first_line
 
 __all__ = [
     "TFLiteRunner",
@@ -53,7 +53,7 @@ class TFLiteRunner:
                 self._interpreter = Interpreter(model_path=str(self.path), num_threads=threads)
             self._interpreter.allocate_tensors()
         except (ValueError, RuntimeError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+            first = first_line(exc)
             raise DslFedError(f"{self.path}: not a loadable TFLite model ({first})") from None
         inputs = self._interpreter.get_input_details()
         outputs = self._interpreter.get_output_details()

@@ -28,7 +28,7 @@ from dsl_fed.arelu import ARELU
 from dsl_fed.augment import SapAugment
 from dsl_fed.backbones import BACKBONE_LAYER_NAME, create_backbone, get_spec
 from dsl_fed.config import Config
-from dsl_fed.errors import DslFedError
+from dsl_fed.errors import DslFedError, first_line
 from dsl_fed.spectrogram import spectrogram_layer
 
 SPECTROGRAM_LAYER = "spectrogram"
@@ -256,7 +256,7 @@ def load_model(path: str | Path) -> keras.Model:
     try:
         return keras.saving.load_model(path, compile=False)
     except Exception as exc:  # noqa: BLE001 - Keras raises many types for a bad archive
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise DslFedError(f"{path}: cannot load Keras model ({first[:200]})") from None
 
 

@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 
 from dsl_fed.errors import DslFedError
+from dsl_fed.stats import QUANT_LABELS
 
-PRECISION_LABELS = {"none": "fp32", "float16": "fp16", "dynamic": "dynamic", "int8": "int8"}
 VERIFY_CHUNKS = 64
 
 
@@ -36,7 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "chunk, write manifest.json beside it and check it against the Keras model.",
     )
     p.add_argument("model", type=Path, help="trained model (.keras)")
-    p.add_argument("--quantization", choices=list(PRECISION_LABELS), default="none",
+    p.add_argument("--quantization", choices=list(QUANT_LABELS), default="none",
                    help="none = float32; float16 weights; dynamic-range int8 weights; int8 = full-integer classifier "
                    "calibrated on training chunks (default: none)")
     p.add_argument("--input", choices=["audio", "image"], default="audio",
@@ -99,7 +99,7 @@ def run_export(args: argparse.Namespace) -> int:
 
     model = load_model(args.model)
     cfg, classes = _model_context(args.model, args.config, args.classes, args.overrides, model)
-    out = args.out or args.model.parent / f"tflite_{PRECISION_LABELS[args.quantization]}" / "model.tflite"
+    out = args.out or args.model.parent / f"tflite_{QUANT_LABELS[args.quantization]}" / "model.tflite"
     representative = None
     if args.quantization == "int8":
         representative = _chunks(cfg, classes, "train", required=True, purpose="int8 calibration")

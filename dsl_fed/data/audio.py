@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from dsl_fed.errors import DslFedError
+from dsl_fed.errors import DslFedError, first_line
 
 SUPPORTED_EXTENSIONS: tuple[str, ...] = (".wav", ".flac", ".ogg", ".mp3")
 """File types accepted everywhere (manifests, folder layouts, `load_audio`), lower case with the dot."""
@@ -66,7 +66,7 @@ def _decode(path: Path, ext: str) -> tuple[np.ndarray, int]:
         data, rate = sf.read(str(path), dtype="float32", always_2d=True)
         return data, int(rate)
     except (sf.LibsndfileError, RuntimeError, ValueError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+        reason = first_line(exc)
         if ext in _FALLBACK_EXTENSIONS:
             fallback = _decode_audioread(path)
             if fallback is not None:
