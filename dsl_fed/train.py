@@ -19,7 +19,6 @@ checkpointed atomically to ``run_dir/checkpoints/best.keras`` and restored at th
 from __future__ import annotations
 
 import csv
-import io
 import math
 import time
 from dataclasses import dataclass, field
@@ -33,7 +32,7 @@ from dsl_fed.augment import SapAugment, spec_fill
 from dsl_fed.config import Config, TrainingConfig
 from dsl_fed.data.pipeline import ChunkSet, make_dataset
 from dsl_fed.errors import DslFedError
-from dsl_fed.io import atomic_path, atomic_write
+from dsl_fed.io import atomic_path, atomic_write_csv
 from dsl_fed.metrics import uar
 from dsl_fed.models import DslModel, set_phase
 from dsl_fed.predict import average_by_clip, predict_clips
@@ -312,14 +311,7 @@ class _HistoryCSV(keras.callbacks.Callback):
         row.update({k: float(v) for k, v in (logs or {}).items()})
         row["phase"] = int(row.get("phase", 0))
         self.rows.append(row)
-        columns: list[str] = []
-        for r in self.rows:
-            columns += [k for k in r if k not in columns]
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n", restval="")
-        writer.writeheader()
-        writer.writerows(self.rows)
-        atomic_write(self.path, buf.getvalue())
+        atomic_write_csv(self.path, self.rows)
 
 
 def read_history(path: Path) -> list[dict[str, Any]]:

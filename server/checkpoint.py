@@ -19,7 +19,6 @@ afterwards, so it always names a complete round.
 from __future__ import annotations
 
 import csv
-import io
 import json
 import os
 import shutil
@@ -30,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from dsl_fed.errors import DslFedError
-from dsl_fed.io import atomic_path, atomic_write
+from dsl_fed.io import atomic_path, atomic_write_csv
 
 LATEST = "latest"
 HISTORY = "history.csv"
@@ -134,14 +133,7 @@ class RunDirectory:
         k = int(row["round"])
         rows: list[dict[str, Any]] = [r for r in self.read_history() if int(r["round"]) < k]
         rows.append(dict(row))
-        columns: list[str] = []
-        for r in rows:
-            columns += [c for c in r if c not in columns]
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n", restval="")
-        writer.writeheader()
-        writer.writerows(rows)
-        atomic_write(self.path / HISTORY, buf.getvalue())
+        atomic_write_csv(self.path / HISTORY, rows)
         return [{c: str(v) for c, v in r.items()} for r in rows]
 
     def plot_history(self, rows: list[Mapping[str, Any]]) -> Path:
