@@ -10,7 +10,6 @@ import logging
 import os
 import shutil
 import tomllib
-from pathlib import Path
 
 import numpy as np
 import pytest
