@@ -51,7 +51,7 @@ def plot_history(rows: Sequence[dict[str, Any]], path: Path, title: str = "train
     ax_uar.set_ylim(0, 1)
     fig.suptitle(title)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_confusion(matrix: Sequence[Sequence[int]], classes: Sequence[str], path: Path, title: str = "confusion") -> Path:
@@ -73,7 +73,7 @@ def plot_confusion(matrix: Sequence[Sequence[int]], classes: Sequence[str], path
     ax.set_title(title)
     fig.colorbar(image, ax=ax, label="share of true class")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def render_report(name: str, metrics: dict[str, Any], plots: dict[str, str], command: str = "") -> str:
@@ -110,7 +110,8 @@ def render_report(name: str, metrics: dict[str, Any], plots: dict[str, str], com
     return "\n".join(lines)
 
 
-def _save(fig: Figure, path: Path) -> Path:
+def save_figure(fig: Figure, path: Path) -> Path:
+    """Write a figure as PNG atomically (figures here are built without pyplot, so nothing to close)."""
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
     return path

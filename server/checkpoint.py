@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from dsl_fed.errors import DslFedError
-from dsl_fed.io import atomic_path, atomic_write_csv
+from dsl_fed.io import atomic_write_csv
 
 LATEST = "latest"
 HISTORY = "history.csv"
@@ -138,34 +138,31 @@ class RunDirectory:
 
     def plot_history(self, rows: list[Mapping[str, Any]]) -> Path:
         """Devel (and test) UAR with 95 % CI per round, phase 2 shaded; written atomically as PNG."""
-        import matplotlib
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from dsl_fed.report import save_figure
 
         rounds = [int(r["round"]) for r in rows]
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        try:
-            for part, colour in (("devel", "tab:blue"), ("test", "tab:orange")):
-                if not all(r.get(f"{part}_uar") not in (None, "") for r in rows):
-                    continue
-                uar = np.array([float(r[f"{part}_uar"]) for r in rows])
-                low = np.array([float(r[f"{part}_ci_low"]) for r in rows])
-                high = np.array([float(r[f"{part}_ci_high"]) for r in rows])
-                ax.plot(rounds, uar, marker="o", color=colour, label=f"{part} UAR")
-                ax.fill_between(rounds, low, high, color=colour, alpha=0.15)
-            phase2 = [k for k, r in zip(rounds, rows) if int(r["phase"]) == 2]
-            if phase2:
-                ax.axvspan(min(phase2) - 0.5, max(phase2) + 0.5, color="grey", alpha=0.1, label="phase 2")
-            ax.set_xlabel("round")
-            ax.set_ylabel("UAR (clip level, 95 % CI)")
-            ax.set_ylim(0, 1)
-            ax.set_xticks(rounds)
-            ax.grid(alpha=0.3)
-            ax.legend(loc="lower right")
-            fig.tight_layout()
-            with atomic_path(self.path / PLOT) as tmp:
-                fig.savefig(tmp, dpi=100)
-        finally:
-            plt.close(fig)
-        return self.path / PLOT
+        fig = Figure(figsize=(6, 3.5), dpi=100)  # no pyplot: no global backend state in the ServerApp
+        FigureCanvasAgg(fig)
+        ax = fig.subplots()
+        for part, colour in (("devel", "tab:blue"), ("test", "tab:orange")):
+            if not all(r.get(f"{part}_uar") not in (None, "") for r in rows):
+                continue
+            uar = np.array([float(r[f"{part}_uar"]) for r in rows])
+            low = np.array([float(r[f"{part}_ci_low"]) for r in rows])
+            high = np.array([float(r[f"{part}_ci_high"]) for r in rows])
+            ax.plot(rounds, uar, marker="o", color=colour, label=f"{part} UAR")
+            ax.fill_between(rounds, low, high, color=colour, alpha=0.15)
+        phase2 = [k for k, r in zip(rounds, rows) if int(r["phase"]) == 2]
+        if phase2:
+            ax.axvspan(min(phase2) - 0.5, max(phase2) + 0.5, color="grey", alpha=0.1, label="phase 2")
+        ax.set_xlabel("round")
+        ax.set_ylabel("UAR (clip level, 95 % CI)")
+        ax.set_ylim(0, 1)
+        ax.set_xticks(rounds)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right")
+        fig.tight_layout()
+        return save_figure(fig, self.path / PLOT)
