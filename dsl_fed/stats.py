@@ -199,6 +199,7 @@ def model_stats(
     work_dir: str | Path | None = None,
     repeats: int = 1,
     progress: bool = True,
+    model: Any = None,
 ) -> list[StatsRow]:
     """Measure a saved Keras model and its TFLite exports (Table 4).
 
@@ -217,21 +218,21 @@ def model_stats(
         work_dir: Where the exports go (kept); None = a temporary folder, deleted afterwards.
         repeats: Interleaved measurement rounds (>= 1).
         progress: Print progress lines to stderr.
+        model: The model already loaded from `model_path`, if the caller has it (saves loading it twice).
 
     Returns:
         Rows in table order.
     """
     import keras
 
-    import dsl_fed.models  # noqa: F401 - registers custom layers
     from dsl_fed.export import convert_keras, export_tflite, split_model
+    from dsl_fed.models import load_model
 
     model_path = Path(model_path)
-    if not model_path.is_file():
-        raise DslFedError(f"{model_path}: model file not found")
     if repeats < 1:
         raise DslFedError(f"repeats must be >= 1, got {repeats}")
-    model = keras.saving.load_model(model_path, compile=False)
+    if model is None:
+        model = load_model(model_path)
     samples = int(model.input_shape[-1])
     params = int(model.count_params())
     flops = count_flops(model, (samples,))

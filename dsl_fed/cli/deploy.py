@@ -355,10 +355,9 @@ def run_stats(args: argparse.Namespace) -> int:
 
         model = load_model(args.model)
         cfg, classes = _model_context(args.model, args.config, args.classes, args.overrides, model)
-        del model
         representative = _chunks(cfg, classes, "train", required=False, purpose="int8 calibration")
         rows = model_stats(args.model, cfg, classes, threads=args.threads, runs=args.runs,
-                           representative=representative, work_dir=args.keep_exports, repeats=args.repeats)
+                           representative=representative, work_dir=args.keep_exports, repeats=args.repeats, model=model)
     table = stats_table(rows, args.threads, args.runs, title=f"{args.model.name}: Table 4 analogue", repeats=args.repeats)
     target = atomic_write(stats_path(args.model), table)
     print(table)
