@@ -81,7 +81,7 @@ def header(args: argparse.Namespace, speakers: int, clips: int, started: float) 
 def overhead_table(outcome) -> str:
     """Per-round wall time split into local training, other client work, server work and Flower/Ray overhead."""
     from dsl_fed.config import load_config
-    from server.checkpoint import RunDirectory
+    from dsl_fed.federated.checkpoint import RunDirectory
 
     run = RunDirectory(outcome.run_dir)
     cfg = load_config(outcome.run_dir / "config.yaml")
@@ -130,8 +130,8 @@ def bytes_table(config: Path, overrides: list[str], fp32, fp16) -> str:
     from dsl_fed.config import load_config
     from dsl_fed.data import read_manifest
     from dsl_fed.models import build_model, get_weights_by_name, weight_names
-    from server.checkpoint import RunDirectory
-    from server.server_app import slice_names
+    from dsl_fed.federated.checkpoint import RunDirectory
+    from dsl_fed.federated.server_app import slice_names
 
     cfg = load_config(config, overrides)
     model = build_model(cfg, len(read_manifest(cfg.data.manifest).classes))

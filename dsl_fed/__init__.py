@@ -1,6 +1,7 @@
 """dsl_fed: federated DeepSpectrumLite for speech and audio recognition.
 
-The core library never imports Flower; Flower adapters live in `clients/` and `server/`.
+The core library never imports Flower; the Flower edge is `dsl_fed.federated`, loaded only by the Flower apps
+(`server/`, `clients/`) and `dsl_fed simulate`.
 """
 
 from dsl_fed.errors import DslFedError

@@ -48,7 +48,7 @@ def run_central(cfg: Config) -> Outcome:
 
 def run_federated(config_path: Path, overrides: list[str]) -> Outcome:
     from dsl_fed.cli.federated import simulate
-    from server.checkpoint import RunDirectory
+    from dsl_fed.federated.checkpoint import RunDirectory
 
     start = time.perf_counter()
     run_dir = simulate(config_path, overrides)

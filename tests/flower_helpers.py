@@ -1,6 +1,6 @@
 """Test helpers for the Flower apps: a config writer and an in-process Grid that runs the real ClientApp.
 
-`InProcessGrid` delivers each message to ``clients.client_app.app`` with one persistent `Context` per node,
+`InProcessGrid` delivers each message to ``dsl_fed.federated.client_app.app`` with one persistent `Context` per node,
 the way Flower's simulation engine does (minus Ray), so server and client logic run end to end in seconds.
 """
 
@@ -85,7 +85,7 @@ class InProcessGrid:
 
     def __init__(self, run_config: dict[str, Any], num_nodes: int,
                  sabotage: Callable[[int, Message, Message], Message] | None = None) -> None:
-        from clients.client_app import app
+        from dsl_fed.federated.client_app import app
 
         self.app = app
         self.sabotage = sabotage

@@ -7,10 +7,10 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flower_helpers import run_config, task_identity, write_config  # noqa: F401 (task_identity: autouse fixture)
 
-from clients.client_app import app, evaluate, train
+from dsl_fed.federated.client_app import app, evaluate, train
 from dsl_fed.errors import DslFedError
 from dsl_fed.spectrogram import frame_geometry, num_frames
-from server.run_config import settings_from_run_config
+from dsl_fed.federated.run_config import settings_from_run_config
 
 HEAD = ["hidden/kernel", "hidden/bias", "arelu/alpha", "arelu/beta", "predictions/kernel", "predictions/bias"]
 TOP_4 = ["tiny_bn2/gamma", "tiny_bn2/beta", "tiny_conv3/kernel", "tiny_conv3/bias"]  # 4 top layers: bn2 relu2 conv3 pool
@@ -132,7 +132,7 @@ def test_unfrozen_batchnorm_keeps_its_statistics_so_the_slice_is_the_whole_updat
     moving statistics that never travel, and the server's model (initial statistics) scored at chance."""
     import keras
 
-    from clients.client_app import shard
+    from dsl_fed.federated.client_app import shard
     from dsl_fed.models import build_model, get_weights_by_name, set_phase, trainable_weight_names, weight_names
     from dsl_fed.train import train_local
 

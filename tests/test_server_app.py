@@ -10,6 +10,7 @@ import logging
 import os
 import shutil
 import tomllib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,9 +21,11 @@ from flower_helpers import task_identity  # noqa: F401 (autouse fixture)
 from dsl_fed.config import load_config
 from dsl_fed.errors import DslFedError
 from dsl_fed.export import read_export_manifest, sha256_file
-from server.checkpoint import RunDirectory
-from server.run_config import run_config_toml, settings_from_run_config
-from server.server_app import run_server
+from dsl_fed.federated.checkpoint import RunDirectory
+from dsl_fed.federated.run_config import run_config_toml, settings_from_run_config
+from dsl_fed.federated.server_app import run_server
+
+REPO = Path(__file__).resolve().parents[1]
 
 HEAD = {"hidden/kernel", "hidden/bias", "arelu/alpha", "arelu/beta", "predictions/kernel", "predictions/bias"}
 
@@ -94,7 +97,7 @@ def test_resume_after_round_2_reproduces_the_uninterrupted_round_3(full_run, tmp
 
 @pytest.mark.slow  # a federated run of the tiny model in-process: 10-40 s on 2 cores
 def test_a_raising_client_and_a_nan_client_do_not_stop_the_run(demo_manifest, tmp_path, caplog, monkeypatch):
-    import clients.client_app as client_app
+    import dsl_fed.federated.client_app as client_app
 
     real_train_local = client_app.train_local
 
@@ -152,11 +155,20 @@ def test_run_config_translation(tmp_path, demo_manifest):
     # the pyproject default: a preset inside the app bundle, data and outputs given as absolute paths
     bundled = {"config": "configs/quickstart.yaml", "data-manifest": str(demo_manifest),
                "output-directory": str(tmp_path / "o"), "overrides": "", "resume": False}
-    cfg = settings_from_run_config(bundled).config
+    cfg = settings_from_run_config(bundled, REPO).config
     assert cfg.model.backbone == "tiny" and cfg.data.manifest == str(demo_manifest)
+    with pytest.raises(DslFedError, match="'config' must be an absolute path"):
+        settings_from_run_config(bundled)  # no bundle to look a relative preset up in
     with pytest.raises(DslFedError, match="is relative.*output-directory="):
-        settings_from_run_config({**bundled, "output-directory": ""})
+        settings_from_run_config({**bundled, "output-directory": ""}, REPO)
     with pytest.raises(DslFedError, match="'data-manifest' must be an absolute path"):
-        settings_from_run_config({**bundled, "data-manifest": "demo_data/manifest.csv"})
+        settings_from_run_config({**bundled, "data-manifest": "demo_data/manifest.csv"}, REPO)
     with pytest.raises(DslFedError, match="lacks resume"):
         settings_from_run_config({k: v for k, v in bundled.items() if k != "resume"})
+
+
+def test_pyproject_app_config_matches_the_run_config_defaults():
+    from dsl_fed.federated.run_config import DEFAULTS
+
+    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert declared == DEFAULTS

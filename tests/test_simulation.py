@@ -18,8 +18,8 @@ from flower_helpers import saved_weights, write_config
 
 from dsl_fed.cli.federated import simulate
 from dsl_fed.export import read_export_manifest
-from server.checkpoint import RunDirectory
-from simulations.runtime import descendants, executable, find_processes, free_port, terminate_tree
+from dsl_fed.federated.checkpoint import RunDirectory
+from dsl_fed.federated.runtime import descendants, executable, find_processes, free_port, terminate_tree
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,7 @@ from flower_helpers import task_identity  # noqa: F401 (autouse fixture)
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
 from dsl_fed.config import FederatedConfig
-from server.strategy import PhaseSchedule, SliceFedAdam, SliceFedAvg, SliceFedYogi, aggregate_client_metrics, make_strategy
+from dsl_fed.federated.strategy import PhaseSchedule, SliceFedAdam, SliceFedAvg, SliceFedYogi, aggregate_client_metrics, make_strategy
 
 HEAD = ["head/kernel", "head/bias"]
 TOP = ["top/kernel"]

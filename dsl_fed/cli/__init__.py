@@ -17,7 +17,7 @@ from dsl_fed.errors import DslFedError
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 # Sub-command modules, in the order `dsl_fed --help` lists them.
-COMMAND_MODULES: list[str] = ["data", "deploy", "train", "federated", "plot"]
+COMMAND_MODULES: list[str] = ["data", "device", "train", "federated", "plot"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -2,7 +2,8 @@
 
 It runs exactly what ``flwr run . <connection> --stream`` runs (the ServerApp and ClientApp of this repo,
 reading the same YAML and overrides through the run config) with one virtual SuperNode per training shard,
-on a private SuperLink it starts and stops itself (`simulations.runtime`). Flower's own output goes to
+on a private SuperLink it starts and stops itself (`dsl_fed.federated.runtime`), from an app folder it
+generates (`run_config.write_app`), so it needs no checkout of the repo. Flower's own output goes to
 ``runs/<name>/logs/flower.log``; the terminal gets one line per round.
 
 This module does not import Flower: it drives the ``flwr`` and ``flower-superlink`` executables.
@@ -65,13 +66,11 @@ def simulate(
     Raises:
         DslFedError: invalid config or data, a failed run (with the ServerApp's error message when it gave one).
     """
-    from server.run_config import APP_DIR, check_federation_size, count_shards, run_config_toml
-    from simulations.runtime import flwr_run, local_superlink, private_flwr_home, progress_message, write_connection
+    from dsl_fed.federated.run_config import check_federation_size, count_shards, run_config_toml, write_app
+    from dsl_fed.federated.runtime import flwr_run, local_superlink, private_flwr_home, progress_message, write_connection
 
     config_path = Path(config_path).resolve()
     cfg = load_config(config_path, overrides)
-    if not (APP_DIR / "pyproject.toml").is_file():
-        raise DslFedError(f"{APP_DIR}: no pyproject.toml; `dsl_fed simulate` needs the project folder (pip install -e .)")
     output_dir = Path(cfg.output.directory).resolve()  # relative to the current folder, like central runs
     run_dir = output_dir / cfg.output.name
     num_shards = count_shards(cfg)
@@ -94,14 +93,14 @@ def simulate(
             write_connection(home, address)
             echo(f"flower: {federation['num-supernodes']} clients, {federation['client-resources-num-cpus']} CPU each; "
                  f"log {logs / 'flower.log'}")
-            code = flwr_run(APP_DIR, home, run_config, federation, logs / "flower.log", on_line)
+            code = flwr_run(write_app(home / "app"), home, run_config, federation, logs / "flower.log", on_line)
     check_complete(run_dir, cfg, errors, code, logs / "flower.log")
     return run_dir
 
 
 def check_complete(run_dir: Path, cfg: Config, errors: list[str], code: int, log: Path) -> None:
     """Raise unless ``runs/<name>/latest`` reached the last round of the schedule."""
-    from server.checkpoint import RunDirectory
+    from dsl_fed.federated.checkpoint import RunDirectory
 
     total = cfg.federated.phase1_rounds + cfg.federated.phase2_rounds
     done = RunDirectory(run_dir).latest_round() if run_dir.is_dir() else None
@@ -114,7 +113,7 @@ def check_complete(run_dir: Path, cfg: Config, errors: list[str], code: int, log
 
 def summary(run_dir: Path) -> str:
     """Last round's scores and where its TFLite model is."""
-    from server.checkpoint import RunDirectory
+    from dsl_fed.federated.checkpoint import RunDirectory
 
     run = RunDirectory(run_dir)
     k = run.latest_round()

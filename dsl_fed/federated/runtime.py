@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from dsl_fed.errors import DslFedError
-from server.run_config import PROGRESS_MARK
+from dsl_fed.federated.run_config import PROGRESS_MARK
 
 CONNECTION = "dsl-fed"  # the SuperLink connection name written into the private FLWR_HOME
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")

@@ -33,8 +33,16 @@ from dsl_fed.errors import DslFedError
 if TYPE_CHECKING:
     from dsl_fed.data import Manifest
 
-APP_DIR = Path(__file__).resolve().parents[1]  # the folder holding pyproject.toml (repo root or installed FAB)
-KEYS = ("config", "data-manifest", "output-directory", "overrides", "resume")
+# The run-config keys with their defaults, as declared in ``[tool.flwr.app.config]`` of the repo's pyproject.toml
+# (a test keeps the two equal) and of the app folder `write_app` generates.
+DEFAULTS: dict[str, str | bool] = {
+    "config": "configs/quickstart.yaml",
+    "data-manifest": "",
+    "output-directory": "",
+    "overrides": "",
+    "resume": False,
+}
+KEYS = tuple(DEFAULTS)
 PROGRESS_MARK = "[dsl_fed]"  # starts the ServerApp's log lines meant for users; `dsl_fed simulate` shows only those
 
 
@@ -46,11 +54,12 @@ class RunSettings:
     resume: bool
 
 
-def settings_from_run_config(run_config: Mapping[str, object], app_dir: Path = APP_DIR) -> RunSettings:
+def settings_from_run_config(run_config: Mapping[str, object], app_dir: Path | None = None) -> RunSettings:
     """Translate Flower's ``context.run_config`` into a validated `Config` (+ the resume flag).
 
     Every ServerApp and ClientApp calls this with the same run config, so all participants build the same
-    model from the same settings.
+    model from the same settings. `app_dir` is the app bundle a relative ``config`` is looked up in (the
+    repo's entry modules pass theirs); without one, ``config`` must be absolute.
 
     Raises:
         DslFedError: a missing key, an unreadable YAML or override, a relative output directory.
@@ -62,6 +71,8 @@ def settings_from_run_config(run_config: Mapping[str, object], app_dir: Path = A
         )
     path = Path(str(run_config["config"])).expanduser()
     if not path.is_absolute():
+        if app_dir is None:
+            raise DslFedError(f"run config 'config' must be an absolute path here, got {str(path)!r}")
         path = app_dir / path
     overrides = _split(str(run_config["overrides"]))
     if run_config["data-manifest"]:
@@ -111,6 +122,27 @@ def run_config_toml(config_path: str | Path, overrides: list[str], output_direct
     }
     # TOML basic strings accept JSON's escapes, so json.dumps quotes paths and overrides safely.
     return "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items())
+
+
+def write_app(folder: Path) -> Path:
+    """Write a Flower app folder whose components are this package's apps; returns the folder.
+
+    `dsl_fed simulate` runs this instead of the repo's folder, so it works from an installed wheel too (no
+    checkout needed) and never bundles a user's data or runs that happen to lie in the current folder.
+    """
+    from dsl_fed import __version__
+
+    config = "".join(f"{key} = {json.dumps(value)}\n" for key, value in DEFAULTS.items())
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "pyproject.toml").write_text(
+        '[build-system]\nrequires = ["setuptools>=68"]\nbuild-backend = "setuptools.build_meta"\n\n'
+        f'[project]\nname = "dsl-fed"\nversion = "{__version__}"\ndependencies = []\n\n'
+        '[tool.flwr.app]\npublisher = "dsl-fed"\n\n'
+        '[tool.flwr.app.components]\nserverapp = "dsl_fed.federated.server_app:app"\n'
+        'clientapp = "dsl_fed.federated.client_app:app"\n\n'
+        f"[tool.flwr.app.config]\n{config}"
+    )
+    return folder
 
 
 def _split(text: str) -> list[str]:

@@ -23,7 +23,7 @@ from flwr.serverapp.strategy.fedadam import FedAdam
 from flwr.serverapp.strategy.fedyogi import FedYogi
 
 from dsl_fed.config import FederatedConfig
-from server.run_config import PROGRESS_MARK
+from dsl_fed.federated.run_config import PROGRESS_MARK
 
 LOG = logging.getLogger("flwr").getChild("dsl_fed")  # Flower's handler streams it to `flwr run --stream`
 

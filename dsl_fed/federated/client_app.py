@@ -1,0 +1,277 @@
+"""Flower ClientApp: one speaker shard per node, trained locally; only the trainable slice goes back.
+
+A node is told by the server which phase to train (``config["phase"]``). It receives the full model the first
+time it is addressed (kept in ``context.state``, i.e. on the node) and afterwards only the phase's trainable
+slice, which it loads on top. It trains that slice with `dsl_fed.train.train_local` on its own chunks and
+replies with exactly those weights (an ArrayRecord keyed by weight name) and scalar metrics. Audio,
+spectrograms and any other weights never leave the node.
+
+The model is rebuilt for every message after ``keras.backend.clear_session()``: Ray reuses one actor for
+many nodes and rounds, and a fresh model seeded per (round, node) makes every update independent of what the
+actor ran before - a resumed run reproduces an uninterrupted one bit for bit. Building costs milliseconds for
+the tiny backbone and a few seconds for DenseNet121 (no ImageNet file is read: the server's weights arrive
+anyway), small next to local training. The decoded shard is cached per process (`_shard_chunks`).
+"""
+
+from __future__ import annotations
+
+import os
+
+# Before TensorFlow is imported by dsl_fed (Flower's Ray actor may already have imported it; then the
+# launcher's environment, which sets the same variables, has taken effect).
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
+
+import contextlib  # noqa: E402
+import dataclasses  # noqa: E402
+import functools  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Iterator, Mapping  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict  # noqa: E402
+from flwr.clientapp import ClientApp  # noqa: E402
+
+from dsl_fed.config import Config, DataConfig  # noqa: E402
+from dsl_fed.data import ChunkSet, Manifest, load_chunks, read_manifest, shard_clips  # noqa: E402
+from dsl_fed.errors import DslFedError  # noqa: E402
+from dsl_fed.metrics import uar  # noqa: E402
+from dsl_fed.models import build_model, get_weights_by_name, set_phase, set_weights_by_name  # noqa: E402
+from dsl_fed.models import trainable_weight_names, weight_names  # noqa: E402
+from dsl_fed.predict import predict_clips  # noqa: E402
+from dsl_fed.train import train_local  # noqa: E402
+from dsl_fed.federated.run_config import settings_from_run_config  # noqa: E402
+
+MODEL_STATE_KEY = "dsl_fed-model"  # context.state entry holding the full model this node received
+
+
+def create_app(app_dir: Path | None = None) -> ClientApp:
+    """The ClientApp; `app_dir` is the app bundle a relative ``config`` in the run config is looked up in."""
+    app = ClientApp()
+
+    @app.train()
+    def _train(msg: Message, context: Context) -> Message:
+        return train(msg, context, app_dir)
+
+    @app.evaluate()
+    def _evaluate(msg: Message, context: Context) -> Message:
+        return evaluate(msg, context, app_dir)
+
+    return app
+
+
+def train(msg: Message, context: Context, app_dir: Path | None = None) -> Message:
+    """Train the requested phase on this node's shard; reply with the trained slice and metrics."""
+    began = time.perf_counter()
+    cfg = settings_from_run_config(context.run_config, app_dir).config
+    limit_threads(cfg.federated.client_cpus)
+    config = msg.content["config"]
+    server_round, phase = int(config["server-round"]), int(config["phase"])
+    partition = int(context.node_config["partition-id"])
+    chunks, classes = shard(cfg, context.node_config)
+    seed = client_seed(cfg.training.seed, server_round, partition)
+
+    remember_full_model(msg, context)
+    model = global_model(cfg, len(classes), msg, context, seed)
+    set_phase(model, phase, cfg.training.unfrozen_layers)
+    names = trainable_weight_names(model)
+    missing = sorted(set(names) - set(msg.content["arrays"].keys()))
+    if missing:
+        raise DslFedError(
+            f"phase {phase} trains {len(names)} weights but the server sent none for {missing[:3]}; "
+            "server and clients must run the same config"
+        )
+    anchor = get_weights_by_name(model, names)
+    start = time.perf_counter()
+    with proximal_term(model, anchor, float(config.get("proximal-mu", 0.0))):
+        result = train_local(model, chunks, None, cfg, phase, epochs=cfg.federated.local_epochs, verbose=0, seed=seed)
+    seconds = time.perf_counter() - start
+    _, probs, labels, _ = predict_clips(model, chunks, batch_size=cfg.training.batch_size)
+    dtype = str(config.get("transfer-dtype", "float32"))
+    update = get_weights_by_name(model, names)
+    keras.backend.clear_session()
+    return Message(
+        RecordDict({
+            "arrays": ArrayRecord({n: Array(w.astype(dtype)) for n, w in update.items()}),
+            "metrics": MetricRecord({
+                "num-examples": int(result.num_examples),
+                "train-loss": float(result.loss),
+                "train-uar": float(uar(labels, probs.argmax(axis=1))),
+                "train-seconds": float(seconds),  # train_local alone
+                "work-seconds": float(time.perf_counter() - began),  # + model build, loading, local UAR
+                "partition-id": partition,
+            }),
+        }),
+        reply_to=msg,
+    )
+
+
+def evaluate(msg: Message, context: Context, app_dir: Path | None = None) -> Message:
+    """Clip UAR of the global model on this node's own held-out clips (devel/test clips of its speakers).
+
+    With the usual speaker-independent partitions a training speaker has none: the reply then carries
+    ``num-examples = 0`` and the server leaves it out of the average.
+    """
+    cfg = settings_from_run_config(context.run_config, app_dir).config
+    limit_threads(cfg.federated.client_cpus)
+    remember_full_model(msg, context)
+    held_out, classes = held_out_chunks(cfg, context.node_config)
+    metrics = {"num-examples": 0, "local-uar": 0.0}
+    if held_out is not None:
+        config = msg.content["config"]
+        seed = client_seed(cfg.training.seed, int(config["server-round"]), int(context.node_config["partition-id"]))
+        model = global_model(cfg, len(classes), msg, context, seed)
+        _, probs, labels, _ = predict_clips(model, held_out, batch_size=cfg.training.batch_size)
+        metrics = {"num-examples": int(len(labels)), "local-uar": float(uar(labels, probs.argmax(axis=1)))}
+        keras.backend.clear_session()
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+# ----------------------------------------------------------------------------------------------- model
+
+
+def global_model(cfg: Config, num_classes: int, msg: Message, context: Context, seed: int):
+    """A fresh model holding the server's current global weights (call `remember_full_model` first).
+
+    The node's stored full model supplies everything outside the slice: those weights are frozen in every
+    phase up to now, so they equal the server's (phase 1's slice is contained in phase 2's).
+    """
+    keras.backend.clear_session()
+    local = dataclasses.replace(
+        cfg,
+        model=dataclasses.replace(cfg.model, weights=None),  # every weight is overwritten below
+        training=dataclasses.replace(cfg.training, seed=seed),  # dropout stream differs per round and node
+    )
+    model = build_model(local, num_classes)
+    stored = context.state[MODEL_STATE_KEY]
+    expected = set(weight_names(model))
+    if set(stored.keys()) != expected:
+        raise DslFedError(
+            "the model this node received does not match the model it builds from the run config "
+            "(server and clients must run the same config)"
+        )
+    set_weights_by_name(model, _numpy(stored))
+    if not msg.content["config"].get("full-model", False):
+        set_weights_by_name(model, _numpy(msg.content["arrays"]))
+    return model
+
+
+def remember_full_model(msg: Message, context: Context) -> None:
+    """Keep the full model on the node when the server sends it (once per node, flagged ``full-model``)."""
+    if bool(msg.content["config"].get("full-model", False)):
+        received = msg.content["arrays"]
+        context.state[MODEL_STATE_KEY] = ArrayRecord({n: Array(a.numpy().astype(np.float32)) for n, a in received.items()})
+    elif MODEL_STATE_KEY not in context.state.array_records:
+        raise DslFedError(
+            "received only the weight slice but this node holds no model (its state was lost); "
+            "the server re-sends the full model after a failed reply"
+        )
+
+
+@contextlib.contextmanager
+def proximal_term(model, anchor: Mapping[str, np.ndarray], mu: float) -> Iterator[None]:
+    """FedProx: add (mu/2)·||w - w_global||² over the trained slice to the training loss.
+
+    Implemented as Keras variable regularisers (Keras adds every trainable variable's regulariser to the
+    loss in `compute_loss`, which `DslModel.train_step` calls), removed again afterwards.
+    """
+    if mu <= 0:
+        yield
+        return
+    variables = {v.path: v for v in model.trainable_weights if v.path in anchor}
+    previous = {name: v.regularizer for name, v in variables.items()}
+    for name, variable in variables.items():
+        variable.regularizer = _Proximal(keras.ops.convert_to_tensor(anchor[name]), mu)
+    try:
+        yield
+    finally:
+        for name, variable in variables.items():
+            variable.regularizer = previous[name]
+
+
+class _Proximal:
+    """Regulariser ``(mu/2)·||w - anchor||²`` for one variable (the FedProx proximal term)."""
+
+    def __init__(self, anchor, mu: float) -> None:
+        self.anchor = anchor
+        self.mu = mu
+
+    def __call__(self, weight):
+        return 0.5 * self.mu * keras.ops.sum(keras.ops.square(weight - self.anchor))
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+def shard(cfg: Config, node_config: Mapping[str, object]) -> tuple[ChunkSet, list[str]]:
+    """This node's training chunks (its speaker shard) and the class list."""
+    partition, num_partitions = _partition(node_config)
+    return _shard_chunks(cfg.data, partition, num_partitions)
+
+
+def held_out_chunks(cfg: Config, node_config: Mapping[str, object]) -> tuple[ChunkSet | None, list[str]]:
+    """Devel/test chunks of this node's speakers, or None if it has no such clips."""
+    partition, num_partitions = _partition(node_config)
+    return _held_out_chunks(cfg.data, partition, num_partitions)
+
+
+def shard_speakers(data: DataConfig, partition: int, num_partitions: int) -> tuple[list[str], Manifest]:
+    """Speakers of shard `partition` (natural-id partitioning by speaker, `data.shards` groups) + manifest."""
+    manifest = read_manifest(data.manifest, seed=data.seed)
+    shards = shard_clips(manifest.partition("train", required=True), data.shards, data.seed)
+    if len(shards) != num_partitions:
+        raise DslFedError(
+            f"the federation has {num_partitions} supernodes but {data.manifest} gives {len(shards)} training "
+            f"shards (data.shards={data.shards}); run with num-supernodes={len(shards)}"
+        )
+    if not 0 <= partition < num_partitions:
+        raise DslFedError(f"partition-id {partition} outside 0..{num_partitions - 1}")
+    return sorted({c.speaker for c in shards[partition]}), manifest
+
+
+@functools.lru_cache(maxsize=8)  # a Ray actor serves several nodes; decode each shard once per process
+def _shard_chunks(data: DataConfig, partition: int, num_partitions: int) -> tuple[ChunkSet, list[str]]:
+    speakers, manifest = shard_speakers(data, partition, num_partitions)
+    clips = [c for c in manifest.partition("train") if c.speaker in speakers]
+    return load_chunks(clips, data, manifest.classes, progress=False), manifest.classes
+
+
+@functools.lru_cache(maxsize=8)
+def _held_out_chunks(data: DataConfig, partition: int, num_partitions: int) -> tuple[ChunkSet | None, list[str]]:
+    speakers, manifest = shard_speakers(data, partition, num_partitions)
+    clips = [c for c in manifest.clips if c.partition != "train" and c.speaker in speakers]
+    return (load_chunks(clips, data, manifest.classes, progress=False) if clips else None), manifest.classes
+
+
+def _partition(node_config: Mapping[str, object]) -> tuple[int, int]:
+    try:
+        return int(node_config["partition-id"]), int(node_config["num-partitions"])
+    except KeyError as exc:
+        raise DslFedError(f"node config lacks {exc.args[0]!r} (set partition-id and num-partitions per SuperNode)") from None
+
+
+# ------------------------------------------------------------------------------------------------ misc
+
+
+def client_seed(seed: int, server_round: int, partition: int) -> int:
+    """Seed of one node's training in one round: differs per round and node, identical on a re-run."""
+    return seed + 1000 * server_round + partition
+
+
+def limit_threads(cpus: float) -> None:
+    """Give TensorFlow as many threads as the node has CPUs (Ray runs several actors on the same cores)."""
+    n = max(1, int(cpus))
+    os.environ["OMP_NUM_THREADS"] = str(n)
+    with contextlib.suppress(RuntimeError):  # already set: TF's thread pools exist once an op has run
+        tf.config.threading.set_intra_op_parallelism_threads(n)
+        tf.config.threading.set_inter_op_parallelism_threads(n)
+
+
+def _numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {n: a.numpy().astype(np.float32) for n, a in record.items()}
+
+
+app = create_app()

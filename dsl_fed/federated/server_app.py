@@ -1,0 +1,265 @@
+"""Flower ServerApp: the paper's two-phase recipe as federated rounds, one checkpoint + TFLite per round.
+
+The server builds the same model as every client from the run config, sends the full initial weights once
+per node, then only the phase's trainable slice (`dsl_fed.federated.strategy`). After each round it merges the
+aggregated slice into its full model, scores it on the held-out devel speakers (and test, if
+``federated.evaluate_test``), and publishes ``runs/<name>/round_<k>/`` (`dsl_fed.federated.checkpoint`). ``resume``
+continues from ``runs/<name>/latest``.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before dsl_fed imports TensorFlow
+os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
+
+import dataclasses  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Mapping  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import keras  # noqa: E402
+import yaml  # noqa: E402
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord  # noqa: E402
+from flwr.serverapp import Grid, ServerApp  # noqa: E402
+from flwr.serverapp.strategy import Result  # noqa: E402
+
+from dsl_fed.config import Config  # noqa: E402
+from dsl_fed.data import ChunkSet, Manifest, load_chunks, read_manifest  # noqa: E402
+from dsl_fed.errors import DslFedError  # noqa: E402
+from dsl_fed.export import export_tflite  # noqa: E402
+from dsl_fed.io import atomic_write  # noqa: E402
+from dsl_fed.metrics import evaluate_chunks  # noqa: E402
+from dsl_fed.models import build_model, get_weights_by_name, set_phase, set_weights_by_name  # noqa: E402
+from dsl_fed.models import trainable_weight_names, weight_names  # noqa: E402
+from dsl_fed.federated.checkpoint import RunDirectory  # noqa: E402
+from dsl_fed.federated.run_config import PROGRESS_MARK, check_federation_size, count_shards, settings_from_run_config  # noqa: E402
+from dsl_fed.federated.strategy import LOG, PhaseSchedule, RoundStats, SliceAggregation, make_strategy  # noqa: E402
+
+def create_app(app_dir: Path | None = None) -> ServerApp:
+    """The ServerApp; `app_dir` is the app bundle a relative ``config`` in the run config is looked up in."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        """Entry point Flower calls; user errors are logged as one marked line before the run fails."""
+        try:
+            run_server(grid, context.run_config, app_dir=app_dir)
+        except DslFedError as exc:
+            LOG.error("%s error: %s", PROGRESS_MARK, exc)
+            raise
+
+    return app
+
+
+app = create_app()
+
+
+def run_server(grid: Grid, run_config: Mapping[str, Any], node_timeout: float = 120.0,
+               app_dir: Path | None = None) -> Result | None:
+    """Run (or resume) the whole federated training on `grid`; returns Flower's `Result` (None if nothing to do)."""
+    settings = settings_from_run_config(run_config, app_dir)
+    cfg = settings.config
+    manifest = read_manifest(cfg.data.manifest, seed=cfg.data.seed)
+    num_shards = count_shards(cfg, manifest)
+    check_federation_size(cfg, num_shards)
+    schedule = PhaseSchedule.from_config(cfg.federated)
+    run = RunDirectory(cfg.output.run_dir)
+
+    keras.backend.clear_session()
+    model = build_model(cfg, len(manifest.classes))
+    offset = _resume(run, cfg, model) if settings.resume else _start(run, cfg)
+    if offset >= schedule.num_rounds:
+        LOG.info("%s %s already has all %d rounds; nothing to resume", PROGRESS_MARK, run.path, schedule.num_rounds)
+        return None
+    fed = cfg.federated
+    if fed.fraction_evaluate > 0 and not _clients_have_held_out_clips(manifest):
+        LOG.info("%s no training speaker has devel/test clips: client-side evaluation is skipped", PROGRESS_MARK)
+        fed = dataclasses.replace(fed, fraction_evaluate=0.0)
+    strategy = make_strategy(fed, get_weights_by_name(model, weight_names(model)), slice_names(model, cfg),
+                             round_offset=offset, seed=cfg.training.seed)
+    if settings.resume:
+        strategy.load_state_arrays(run.strategy_state(offset))
+    evaluate_fn = RoundPublisher(cfg, manifest, model, strategy, run)
+    _wait_for_nodes(grid, num_shards, node_timeout)
+    LOG.info(
+        "%s %s rounds %d-%d (phase 1: %d, phase 2: %d), %s, %d shards -> %s",
+        PROGRESS_MARK, "resuming" if offset else "federated training:", offset + 1, schedule.num_rounds,
+        schedule.phase1_rounds, schedule.phase2_rounds, cfg.federated.strategy, num_shards, run.path,
+    )
+    return strategy.start(
+        grid=grid,
+        initial_arrays=strategy.full_record(),
+        num_rounds=schedule.num_rounds - offset,
+        train_config=ConfigRecord(),
+        evaluate_config=ConfigRecord(),
+        evaluate_fn=evaluate_fn,
+    )
+
+
+class RoundPublisher:
+    """`evaluate_fn` for `Strategy.start`: score the merged global model and publish the round's outputs."""
+
+    def __init__(self, cfg: Config, manifest: Manifest, model: keras.Model, strategy: SliceAggregation,
+                 run: RunDirectory) -> None:
+        self.cfg = cfg
+        self.classes = manifest.classes
+        self.model = model
+        self.strategy = strategy
+        self.run = run
+        self.sets: dict[str, ChunkSet] = {"devel": load_chunks(manifest.partition("devel", required=True), cfg.data,
+                                                               manifest.classes, progress=False)}
+        if cfg.federated.evaluate_test:
+            self.sets["test"] = load_chunks(manifest.partition("test", required=True), cfg.data, manifest.classes,
+                                            progress=False)
+        self._last = time.perf_counter()
+
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if server_round == 0:
+            return None  # the initial model: nothing trained yet, nothing to publish
+        start = time.perf_counter()
+        flower_seconds = start - self._last  # messages out, local training, replies in, client evaluation
+        rnd = server_round + self.strategy.round_offset
+        stats = self.strategy.rounds[rnd]
+        set_weights_by_name(self.model, {name: array.numpy() for name, array in arrays.items()})
+        scores = {part: evaluate_chunks(self.model, chunks, self.classes, batch_size=self.cfg.training.batch_size,
+                                        seed=self.cfg.training.seed)
+                  for part, chunks in self.sets.items()}
+        extra = {
+            "round": rnd,
+            "phase": stats.phase,
+            "num_rounds": self.strategy.schedule.num_rounds,
+            "strategy": self.cfg.federated.strategy,
+            "transfer_dtype": self.cfg.federated.transfer_dtype,
+            **scores,
+            "clients": dataclasses.asdict(stats),
+            "bytes_up": stats.bytes_up,
+            "bytes_down": stats.bytes_down,
+            "seconds": flower_seconds,
+        }
+        self.run.write_round(rnd, lambda folder: self._write_model(folder, extra), self.strategy.state_arrays())
+        server_seconds = time.perf_counter() - start
+        rows = self.run.append_history(_history_row(stats, scores, flower_seconds, server_seconds))
+        self.run.plot_history(rows)
+        self._last = time.perf_counter()
+        LOG.info("%s %s", PROGRESS_MARK,
+                 progress_line(stats, scores, self.strategy.schedule.num_rounds, self._last - start + flower_seconds))
+        return MetricRecord({f"{part}-{key}": float(value) for part, s in scores.items()
+                             for key, value in (("uar", s["uar"]), ("ci-low", s["ci"][0]), ("ci-high", s["ci"][1]))})
+
+    def _write_model(self, folder: Path, extra: dict[str, Any]) -> None:
+        self.model.save(folder / "model.keras")
+        export_tflite(self.model, folder / "model.tflite", classes=self.classes, cfg=self.cfg, extra=extra)
+
+
+def progress_line(stats: RoundStats, scores: Mapping[str, Mapping[str, Any]], num_rounds: int, seconds: float) -> str:
+    """One human line per round (``dsl_fed simulate`` prints exactly these)."""
+    parts = [f"round {stats.round}/{num_rounds} phase {stats.phase}"]
+    for part, s in scores.items():
+        parts.append(f"{part} UAR {s['uar']:.3f} [{s['ci'][0]:.3f}, {s['ci'][1]:.3f}]")
+    clients = f"clients {stats.aggregated}/{stats.sampled}"
+    if stats.failed or stats.rejected:
+        clients += f" ({len(stats.failed)} failed, {len(stats.rejected)} rejected)"
+    if not stats.updated:
+        clients += " - model unchanged"
+    parts += [clients, f"up {stats.bytes_up / 1e3:.1f} kB, down {stats.bytes_down / 1e3:.1f} kB", f"{seconds:.1f} s"]
+    return " | ".join(parts)
+
+
+def _history_row(stats: RoundStats, scores: Mapping[str, Mapping[str, Any]], flower_seconds: float,
+                 server_seconds: float) -> dict[str, Any]:
+    """``seconds``: the round in Flower (send, local training, replies); ``server_seconds``: scoring + publishing."""
+    row: dict[str, Any] = {"round": stats.round, "phase": stats.phase}
+    for part, s in scores.items():
+        row.update({f"{part}_uar": s["uar"], f"{part}_ci_low": s["ci"][0], f"{part}_ci_high": s["ci"][1]})
+    row.update({
+        "clients_sampled": stats.sampled,
+        "clients_aggregated": stats.aggregated,
+        "clients_failed": len(stats.failed),
+        "clients_rejected": len(stats.rejected),
+        "num_examples": stats.num_examples,
+        "train_loss": stats.train_metrics.get("train-loss", ""),
+        "train_uar": stats.train_metrics.get("train-uar", ""),
+        "bytes_up": stats.bytes_up,
+        "bytes_down": stats.bytes_down,
+        "client_seconds": round(stats.client_seconds, 3),
+        "client_work_seconds": round(stats.client_work_seconds, 3),
+        "seconds": round(flower_seconds, 3),
+        "server_seconds": round(server_seconds, 3),
+    })
+    return row
+
+
+def slice_names(model: keras.Model, cfg: Config) -> dict[int, list[str]]:
+    """Weight names trained in phase 1 (head) and phase 2 (head + top `unfrozen_layers` of the backbone)."""
+    slices = {}
+    for phase in (1, 2):
+        set_phase(model, phase, cfg.training.unfrozen_layers)
+        slices[phase] = trainable_weight_names(model)
+    set_phase(model, 1)
+    return slices
+
+
+def _start(run: RunDirectory, cfg: Config) -> int:
+    if run.latest_round() is not None:
+        LOG.warning("%s %s holds an earlier run of this name; starting over (pass resume to continue it)",
+                    PROGRESS_MARK, run.path)
+    run.start_over()
+    atomic_write(run.path / "config.yaml", cfg.to_yaml())
+    return 0
+
+
+def _resume(run: RunDirectory, cfg: Config, model: keras.Model) -> int:
+    """Load the last complete round into `model`; returns its number (the rounds to skip)."""
+    k = run.latest_round()
+    if k is None:
+        raise DslFedError(f"{run.path}: no complete round to resume from; start without resume")
+    saved_path = run.path / "config.yaml"
+    if not saved_path.is_file():
+        raise DslFedError(f"{saved_path}: missing, so the run's config cannot be compared; start without resume")
+    try:
+        saved = yaml.safe_load(saved_path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise DslFedError(f"{saved_path}: not valid YAML ({str(exc).splitlines()[0]}); start without resume") from None
+    changed = _changed_keys(saved, cfg.to_dict())
+    if changed:
+        raise DslFedError(f"{saved_path}: resuming needs the same config, but {', '.join(changed)} changed")
+    model.load_weights(run.round_dir(k) / "model.keras")
+    return k
+
+
+def _changed_keys(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """``section.key`` entries that differ (the output location may move)."""
+    return sorted(
+        f"{section}.{key}"
+        for section, values in current.items() if section != "output"
+        for key, value in values.items()
+        if (saved.get(section) or {}).get(key) != value
+    )
+
+
+def _clients_have_held_out_clips(manifest: Manifest) -> bool:
+    """Whether any training speaker also has devel/test clips (what a client's `evaluate` scores)."""
+    speakers = set(manifest.speakers("train"))
+    return any(c.partition != "train" and c.speaker in speakers for c in manifest.clips)
+
+
+def _wait_for_nodes(grid: Grid, expected: int, timeout: float) -> None:
+    """Wait until every shard's node is connected, so round 1 samples (and sends the model to) all of them.
+
+    Flower computes the sample size before it waits for `min_available_nodes`, so without this the first
+    round of a simulation can start with only the nodes that happened to register already.
+    """
+    deadline = time.monotonic() + timeout
+    while (connected := len(list(grid.get_node_ids()))) < expected and time.monotonic() < deadline:
+        time.sleep(0.5)
+    if connected > expected:
+        raise DslFedError(
+            f"{connected} SuperNodes are connected but the corpus gives {expected} training shards; "
+            f"run the simulation with num-supernodes={expected}"
+        )
+    if connected < expected:
+        LOG.warning("%s only %d of %d nodes connected after %.0f s; continuing", PROGRESS_MARK, connected, expected,
+                    timeout)
