@@ -44,8 +44,12 @@ __all__ = [
     "INPUT_KINDS",
     "MANIFEST_NAME",
     "ExportManifest",
+    "PARITY_THRESHOLDS",
+    "ParityCheck",
     "export_tflite",
     "verify_tflite",
+    "check_parity",
+    "synthetic_chunks",
     "manifest_path",
     "read_export_manifest",
     "sha256_file",
@@ -61,6 +65,34 @@ INPUT_KINDS: tuple[str, ...] = ("audio", "image")
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
 CALIBRATION_EXAMPLES = 200  # int8 calibration: enough for stable activation ranges, quick on 2 cores
+
+# How close each precision must stay to the Keras model: (minimum top-1 agreement, maximum |p_tflite - p_keras|
+# of any class probability). float32 differs only by kernel rounding; float16 weights move probabilities by
+# about 1e-3; the 8-bit precisions by a few hundredths on a trained model, which occasionally flips a chunk whose
+# two best classes are nearly tied.
+PARITY_THRESHOLDS: dict[str, tuple[float, float]] = {
+    "none": (0.99, 1e-3),
+    "float16": (0.98, 0.02),
+    "dynamic": (0.90, 0.15),
+    "int8": (0.90, 0.15),
+}
+
+
+@dataclass(frozen=True)
+class ParityCheck:
+    """Inputs and limits for the Keras-vs-TFLite check `export_tflite` runs before writing anything.
+
+    Attributes:
+        samples: Waveform chunks ``(N, samples)`` or a `ChunkSet` (see `verify_tflite`).
+        source: What the samples are, for messages and the manifest (e.g. ``"devel chunks"``).
+        min_agreement: Minimum top-1 agreement; None = the precision's `PARITY_THRESHOLDS` entry.
+        max_prob_diff: Maximum absolute probability difference; None = the precision's entry.
+    """
+
+    samples: Any
+    source: str
+    min_agreement: float | None = None
+    max_prob_diff: float | None = None
 
 
 # ------------------------------------------------------------------------------------------- manifest
@@ -223,6 +255,7 @@ def export_tflite(
     classes: Sequence[str],
     cfg: Config,
     extra: dict[str, Any] | None = None,
+    check: ParityCheck | None = None,
 ) -> Path:
     """Convert a Keras model to a builtins-only TFLite file with batch 1, and write its manifest.
 
@@ -237,13 +270,15 @@ def export_tflite(
         classes: Class names in output order (written to the manifest).
         cfg: The training configuration (sample rate, window/hop, config hash).
         extra: Additional JSON-serialisable manifest entries (e.g. ``{"round": 3, "phase": 1}``).
+        check: Compare the converted model with `model` first (`verify_tflite` + `check_parity`); the result
+            is recorded in the manifest as ``extra["parity"]``.
 
     Returns:
-        `path`. Both files are written atomically; nothing is written if conversion fails.
+        `path`. Both files are written atomically; nothing is written if conversion or the check fails.
 
     Raises:
         DslFedError: bad argument, missing representative data for int8, a folder that already holds another
-            model's manifest, or a conversion that would need non-builtin ops.
+            model's manifest, a conversion that would need non-builtin ops, or a failed parity check.
     """
     path = Path(path)
     _check_choice(quantization, QUANTIZATIONS, "quantization")
@@ -277,6 +312,15 @@ def export_tflite(
     if flex:  # the converter should have refused already; never ship a file the stock runtime cannot run
         raise DslFedError(f"{path}: conversion needs non-builtin ops {', '.join(flex)}")
 
+    extra = dict(extra or {})
+    if check is not None:
+        with tempfile.TemporaryDirectory(prefix="dsl_fed_verify_") as tmp:
+            candidate = Path(tmp) / path.name
+            candidate.write_bytes(content)
+            result = verify_tflite(model, candidate, check.samples)
+        limits = check_parity(result, quantization, check.min_agreement, check.max_prob_diff, check.source)
+        extra["parity"] = {**result, "source": check.source, "min_agreement": limits[0], "max_prob_diff": limits[1]}
+
     from dsl_fed import __version__
 
     atomic_write(path, content)
@@ -294,7 +338,7 @@ def export_tflite(
         image_size=int(spectrogram.image_size),
         preprocess=str(spectrogram.preprocess),
         dsl_fed_version=__version__,
-        extra=dict(extra or {}),
+        extra=extra,
     )
     atomic_write(manifest_path(path), manifest.to_json())
     return path
@@ -591,3 +635,49 @@ def verify_tflite(model: Any, path: str | Path, samples: Any, threads: int | Non
         "top1_agreement": float(np.mean(np.argmax(got, axis=1) == np.argmax(expected, axis=1))),
         "num_samples": int(len(x)),
     }
+
+
+def check_parity(result: dict[str, float], quantization: str, min_agreement: float | None = None,
+                 max_prob_diff: float | None = None, source: str = "chunks") -> tuple[float, float]:
+    """Raise if a `verify_tflite` result is worse than the precision's limits; return the limits applied.
+
+    Raises:
+        DslFedError: one line saying which measure missed its limit and by how much.
+    """
+    default_agreement, default_diff = PARITY_THRESHOLDS[quantization]
+    min_agreement = default_agreement if min_agreement is None else float(min_agreement)
+    max_prob_diff = default_diff if max_prob_diff is None else float(max_prob_diff)
+    agreement, diff = result["top1_agreement"], result["max_abs_diff"]
+    problems = []
+    if not agreement >= min_agreement:
+        problems.append(f"top-1 agreement {100 * agreement:.1f} % is {100 * (min_agreement - agreement):.1f} points "
+                        f"below the required {100 * min_agreement:.1f} %")
+    if not diff <= max_prob_diff:  # also catches NaN
+        problems.append(f"max |p_tflite - p_keras| = {diff:.3g} exceeds the allowed {max_prob_diff:.3g} "
+                        f"by {diff - max_prob_diff:.3g}")
+    if problems:
+        raise DslFedError(f"{quantization} export does not match the Keras model on {result['num_samples']} {source}: "
+                          f"{'; '.join(problems)} (nothing written; limits: --min-agreement, --max-prob-diff)")
+    return min_agreement, max_prob_diff
+
+
+def synthetic_chunks(n: int, samples: int, sample_rate: int, seed: int = 0) -> np.ndarray:
+    """`n` seeded test chunks for a parity check when no recorded audio is at hand.
+
+    Each is a few random tones and a pitch glide over background noise at a random level (-40 to 0 dBFS), so the
+    spectrogram images have structure and span the model's input range, unlike plain white noise (whose
+    per-chunk normalised image is nearly flat).
+    """
+    rng = np.random.default_rng(seed)
+    t = np.arange(samples) / sample_rate
+    duration = samples / sample_rate
+    chunks = np.empty((n, samples), np.float32)
+    nyquist = sample_rate / 2
+    for i in range(n):
+        x = rng.normal(0, 10 ** rng.uniform(-3, -1), samples)
+        for f in rng.uniform(80, 0.4 * nyquist, rng.integers(1, 4)):
+            x += rng.uniform(0.1, 1) * np.sin(2 * np.pi * f * t + rng.uniform(0, 2 * np.pi))
+        f0, f1 = rng.uniform(100, 0.2 * nyquist, 2)
+        x += 0.5 * np.sin(2 * np.pi * (f0 * t + (f1 - f0) * t**2 / (2 * duration)))
+        chunks[i] = 10 ** rng.uniform(-2, 0) * x / np.max(np.abs(x))
+    return chunks

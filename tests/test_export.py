@@ -11,7 +11,10 @@ import pytest
 
 from dsl_fed.errors import DslFedError
 from dsl_fed.export import (
+    PARITY_THRESHOLDS,
     ExportManifest,
+    ParityCheck,
+    check_parity,
     export_tflite,
     manifest_path,
     read_export_manifest,
@@ -160,3 +163,47 @@ def test_extra_manifest_entries_are_kept(deployed_tiny, tmp_path):
     path = export_tflite(d.model, tmp_path / "round_3" / "model.tflite", classes=d.classes, cfg=d.cfg,
                          extra={"round": 3, "phase": 2})
     assert read_export_manifest(path).extra == {"round": 3, "phase": 2}
+
+
+def test_parity_check_refuses_a_badly_calibrated_int8_export(deployed_tiny, tmp_path):
+    """Calibrated on silence, the int8 activation ranges miss real speech: the check must catch it before
+    anything is written, and say by how much."""
+    d = deployed_tiny
+    silence = np.zeros((40, d.cfg.data.chunk_samples), np.float32)
+    target = tmp_path / "bad" / "model.tflite"
+    with pytest.raises(DslFedError, match=r"int8 export does not match the Keras model on \d+ test chunks: top-1 "
+                                          r"agreement [\d.]+ % is [\d.]+ points below the required 90.0 %"):
+        export_tflite(d.model, target, "int8", representative=silence, classes=d.classes, cfg=d.cfg,
+                      check=ParityCheck(d.test, "test chunks"))
+    assert not target.parent.exists()
+
+
+def test_parity_check_passes_and_is_recorded_in_the_manifest(deployed_tiny, tmp_path):
+    d = deployed_tiny
+    path = export_tflite(d.model, tmp_path / "ok" / "model.tflite", "dynamic", classes=d.classes, cfg=d.cfg,
+                         check=ParityCheck(d.test, "test chunks"))
+    parity = read_export_manifest(path).extra["parity"]
+    assert parity["num_samples"] == len(d.test) and parity["source"] == "test chunks"
+    assert parity["top1_agreement"] >= PARITY_THRESHOLDS["dynamic"][0] == parity["min_agreement"]
+    assert parity["max_abs_diff"] <= PARITY_THRESHOLDS["dynamic"][1] == parity["max_prob_diff"]
+
+
+def test_check_parity_names_each_missed_limit():
+    result = {"top1_agreement": 0.75, "max_abs_diff": 0.3, "num_samples": 8}
+    with pytest.raises(DslFedError) as caught:
+        check_parity(result, "int8", source="synthetic chunks")
+    assert str(caught.value).startswith(
+        "int8 export does not match the Keras model on 8 synthetic chunks: top-1 agreement 75.0 % is 15.0 points "
+        "below the required 90.0 %; max |p_tflite - p_keras| = 0.3 exceeds the allowed 0.15 by 0.15")
+    assert check_parity(result, "int8", min_agreement=0.75, max_prob_diff=0.3) == (0.75, 0.3)
+    with pytest.raises(DslFedError, match="max .p_tflite - p_keras. = nan"):
+        check_parity({**result, "max_abs_diff": float("nan")}, "int8", 0.0, 1.0)
+
+
+def test_readme_states_the_parity_limits_the_code_applies():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    names = {"none": "none (float32)", "float16": "float16", "dynamic": "dynamic", "int8": "int8"}
+    for quant, (agreement, diff) in PARITY_THRESHOLDS.items():
+        assert f"| {names[quant]} | {agreement:.2f} | {diff:g} |" in readme, quant

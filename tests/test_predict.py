@@ -171,8 +171,38 @@ def test_export_cli_finds_the_run_config_and_verifies(deployed_tiny, capsys):
     assert code == 0
     target = d.run_dir / "tflite_fp16" / "model.tflite"
     assert f"exported {target}" in out
-    diff = float(out.split("max |p_tflite - p_keras| = ")[1].split(",")[0])
-    assert diff <= 1e-2 and "top-1 agreement" in out
-    assert json.loads((target.parent / "manifest.json").read_text())["quantization"] == "float16"
+    parity = json.loads((target.parent / "manifest.json").read_text())["extra"]["parity"]
+    assert f"verified on {parity['num_samples']} devel chunks" in out
+    assert parity["max_abs_diff"] <= 1e-2 and parity["top1_agreement"] >= 0.98
+    assert (parity["min_agreement"], parity["max_prob_diff"]) == (0.98, 0.02)  # the float16 defaults
     code, _, err = run(capsys, "export", d.model_path, "--classes", "a,b")
     assert code == 2 and "2 class names (a, b) for a model with 3 outputs" in err
+
+
+def test_export_cli_fails_when_the_export_misses_the_limit(deployed_tiny, tmp_path, capsys):
+    """float16 weights always move the probabilities a little (about 1e-3): a 1e-6 limit must fail, say by how
+    much, and leave nothing behind."""
+    out_path = tmp_path / "strict" / "model.tflite"
+    code, out, err = run(capsys, "export", deployed_tiny.model_path, "--quantization", "float16",
+                         "--max-prob-diff", "1e-6", "--out", out_path)
+    assert code == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1
+    assert "float16 export does not match the Keras model on" in err and "devel chunks" in err
+    allowed = err.split("exceeds the allowed 1e-06 by ")[1].split(" ")[0]
+    assert float(allowed) > 1e-5
+    assert not out_path.parent.exists()
+    code, _, err = run(capsys, "export", deployed_tiny.model_path, "--min-agreement", "1.5")
+    assert code == 2 and "--min-agreement must be between 0 and 1, got 1.5" in err
+
+
+def test_export_cli_without_audio_checks_on_synthetic_chunks(deployed_tiny, tmp_path, capsys):
+    d = deployed_tiny
+    config = tmp_path / "config.yaml"
+    config.write_text(d.config_path.read_text().replace(str(d.cfg.data.manifest), str(tmp_path / "gone.csv")))
+    out_path = tmp_path / "fp32" / "model.tflite"
+    code, out, err = run(capsys, "export", d.model_path, "--config", config, "--classes", ",".join(d.classes),
+                         "--out", out_path)
+    assert code == 0, err
+    assert "verified on 64 synthetic chunks (tones and noise; no devel or train audio found)" in out
+    parity = json.loads((out_path.parent / "manifest.json").read_text())["extra"]["parity"]
+    assert parity["top1_agreement"] == 1.0 and parity["max_abs_diff"] <= 1e-3

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from dsl_fed.errors import DslFedError
+from dsl_fed.export import PARITY_THRESHOLDS
 from dsl_fed.stats import QUANT_LABELS
 
 VERIFY_CHUNKS = 64
@@ -43,6 +44,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="audio: raw waveform in, spectrogram inside (default); image: backbone + head only")
     p.add_argument("--out", type=Path, default=None,
                    help="output .tflite (default: <model folder>/tflite_<precision>/model.tflite)")
+    p.add_argument("--min-agreement", type=float, default=None, metavar="FRACTION",
+                   help="minimum top-1 agreement with Keras on the check chunks, 0-1 (default per precision: "
+                   + ", ".join(f"{q} {a:g}" for q, (a, _) in PARITY_THRESHOLDS.items()) + ")")
+    p.add_argument("--max-prob-diff", type=float, default=None, metavar="P",
+                   help="maximum |p_tflite - p_keras| of any class probability (default per precision: "
+                   + ", ".join(f"{q} {d:g}" for q, (_, d) in PARITY_THRESHOLDS.items()) + ")")
     _context_arguments(p)
     p.set_defaults(func=run_export)
 
@@ -95,29 +102,35 @@ def _context_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_export(args: argparse.Namespace) -> int:
     from dsl_fed.models import load_model
-    from dsl_fed.export import export_tflite, verify_tflite
+    from dsl_fed.export import ParityCheck, export_tflite, read_export_manifest, synthetic_chunks
 
+    if args.min_agreement is not None and not 0.0 <= args.min_agreement <= 1.0:
+        raise DslFedError(f"--min-agreement must be between 0 and 1, got {args.min_agreement}")
+    if args.max_prob_diff is not None and not 0.0 <= args.max_prob_diff <= 1.0:
+        raise DslFedError(f"--max-prob-diff must be between 0 and 1, got {args.max_prob_diff}")
     model = load_model(args.model)
     cfg, classes = _model_context(args.model, args.config, args.classes, args.overrides, model)
     out = args.out or args.model.parent / f"tflite_{QUANT_LABELS[args.quantization]}" / "model.tflite"
     representative = None
     if args.quantization == "int8":
         representative = _chunks(cfg, classes, "train", required=True, purpose="int8 calibration")
-    path = export_tflite(model, out, args.quantization, args.input, representative=representative,
-                         classes=classes, cfg=cfg)
     devel = _chunks(cfg, classes, "devel", required=False, purpose="verification", max_clips=16)
     if devel is not None:
         samples, source = _spread(devel.waveforms, VERIFY_CHUNKS), "devel chunks"
     elif representative is not None:
         samples, source = _spread(representative.waveforms, VERIFY_CHUNKS), "train chunks"
-    else:  # no audio at hand: still a numerical parity check, just not on speech
-        rng = np.random.default_rng(0)
-        samples, source = rng.uniform(-1, 1, (8, int(model.input_shape[-1]))).astype(np.float32), "noise chunks (no data found)"
-    result = verify_tflite(model, path, samples)
+    else:  # no audio at hand: still a numerical parity check, just not on recorded sound
+        samples = synthetic_chunks(VERIFY_CHUNKS, int(model.input_shape[-1]), cfg.data.sample_rate)
+        source = "synthetic chunks (tones and noise; no devel or train audio found)"
+    check = ParityCheck(samples, source, args.min_agreement, args.max_prob_diff)
+    path = export_tflite(model, out, args.quantization, args.input, representative=representative,
+                         classes=classes, cfg=cfg, check=check)
+    parity = read_export_manifest(path).extra["parity"]
     size = path.stat().st_size
     print(f"exported {path} ({size / 1e6:.2f} MB, {args.quantization}, input {args.input}) + {path.parent / 'manifest.json'}")
-    print(f"verified on {result['num_samples']} {source}: max |p_tflite - p_keras| = {result['max_abs_diff']:.2e}, "
-          f"top-1 agreement {100 * result['top1_agreement']:.1f} %")
+    print(f"verified on {parity['num_samples']} {source}: max |p_tflite - p_keras| = {parity['max_abs_diff']:.2e} "
+          f"(allowed {parity['max_prob_diff']:g}), top-1 agreement {100 * parity['top1_agreement']:.1f} % "
+          f"(required {100 * parity['min_agreement']:.1f} %)")
     return 0
 
 
