@@ -20,6 +20,7 @@ __all__ = [
     "TFLiteRunner",
     "model_operators",
     "flex_operators",
+    "count_parameters",
     "ChunkPrediction",
     "FilePrediction",
     "predict_file",
@@ -147,6 +148,35 @@ def model_operators(model: str | Path | bytes) -> list[str]:
 def flex_operators(model: str | Path | bytes) -> list[str]:
     """The Select-TF ("Flex") operators a model would need; empty for a builtins-only model."""
     return [name for name in model_operators(model) if name.startswith("CUSTOM:Flex")]
+
+
+def count_parameters(model: str | Path | bytes) -> int:
+    """Number of stored values in a `.tflite` file: the elements of every constant tensor except integer
+    shape, axis and index operands.
+
+    That is weights, biases (int32 with a quantisation scale in integer models) and lookup tables, including
+    the spectrogram's DFT kernel, Mel matrix and colour map, which Keras does not count as parameters. A
+    float16-stored weight counts once (its float32 twin is computed at load time and has no buffer).
+    """
+    from ai_edge_litert import schema_py_generated as schema
+
+    content = model if isinstance(model, (bytes, bytearray)) else Path(model).read_bytes()
+    root = schema.Model.GetRootAsModel(content, 0)
+    integer_operands = (schema.TensorType.INT32, schema.TensorType.INT64)
+    total = 0
+    for g in range(root.SubgraphsLength()):
+        graph = root.Subgraphs(g)
+        for i in range(graph.TensorsLength()):
+            tensor = graph.Tensors(i)
+            buffer = root.Buffers(tensor.Buffer())
+            if buffer is None or (buffer.DataLength() == 0 and buffer.Size() == 0):
+                continue  # not a constant
+            quantization = tensor.Quantization()
+            is_bias = quantization is not None and quantization.ScaleLength() > 0
+            if tensor.Type() in integer_operands and not is_bias:
+                continue
+            total += int(np.prod(tensor.ShapeAsNumpy())) if tensor.ShapeLength() else 1
+    return total
 
 
 # ------------------------------------------------------------------------------------------ audio files

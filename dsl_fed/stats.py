@@ -5,7 +5,9 @@ separate preprocessor), (b) the Keras model (compiled call and ``model.predict``
 float32, float16, dynamic-range and int8 precision, all with raw-audio input.
 
 How each column is measured:
-- **params**: ``model.count_params()`` (quantisation changes bytes per weight, not the count);
+- **params**: Keras rows ``model.count_params()``; TFLite rows count the values stored in the file itself
+  (`dsl_fed.litert.count_parameters`: weights, biases and the spectrogram's DFT, Mel and colour tables, with
+  BatchNorm folded into a scale and an offset where the converter can);
 - **FLOPs**: ``tf.compat.v1.profiler`` float-operation count of the frozen inference graph at batch 1
   (multiply and add counted separately, so MACs = FLOPs / 2; ops without a registered count, e.g. an RFFT,
   count 0 - the STFT here is a convolution, so it is counted);
@@ -176,8 +178,10 @@ def count_flops(model: Any, input_shape: Sequence[int]) -> int:
 
 
 def tflite_row(path: str | Path, threads: int, runs: int = RUNS, name: str | None = None,
-               params: int | None = None, flops: int | None = None, note: str = "") -> StatsRow:
+               flops: int | None = None, note: str = "") -> StatsRow:
     """Measure one exported model (its quantisation is read from the manifest when present)."""
+    from dsl_fed.litert import count_parameters
+
     path = Path(path)
     if name is None:
         from dsl_fed.export import manifest_path, read_export_manifest
@@ -185,7 +189,8 @@ def tflite_row(path: str | Path, threads: int, runs: int = RUNS, name: str | Non
         quant = read_export_manifest(path).quantization if manifest_path(path).is_file() else None
         name = f"TFLite {QUANT_LABELS.get(quant, '')}".strip()
     m = measure("tflite", path, threads, runs)
-    return StatsRow(name, params, flops, path.stat().st_size, m["mean_ms"], m["median_ms"], m["peak_mb"], note)
+    return StatsRow(name, count_parameters(path), flops, path.stat().st_size, m["mean_ms"], m["median_ms"],
+                    m["peak_mb"], note)
 
 
 def model_stats(
@@ -226,6 +231,7 @@ def model_stats(
     import keras
 
     from dsl_fed.export import convert_keras, export_tflite, split_model
+    from dsl_fed.litert import count_parameters
     from dsl_fed.models import load_model
 
     model_path = Path(model_path)
@@ -250,18 +256,18 @@ def model_stats(
         waveform = keras.Input((samples,), name="waveform")
         pre_model = keras.Model(waveform, spectrogram(waveform), name="preprocessing")
         pre_path = atomic_write(out / "preprocessing" / "preprocessing.tflite", convert_keras(pre_model, (samples,)))
-        jobs.append(("preprocessing (TFLite fp32)", "tflite", pre_path, 0, count_flops(pre_model, (samples,)),
-                     "SpectrogramImage alone"))
+        jobs.append(("preprocessing (TFLite fp32)", "tflite", pre_path, count_parameters(pre_path),
+                     count_flops(pre_model, (samples,)), "SpectrogramImage alone"))
         jobs.append(("Keras model", "keras", model_path, params, flops, "compiled tf.function call, raw audio in"))
         for quant in quantizations:
             label = QUANT_LABELS[quant]
             if quant == "int8" and representative is None:
-                jobs.append((f"TFLite {label}", None, None, params, flops, "skipped: no training chunks to calibrate"))
+                jobs.append((f"TFLite {label}", None, None, None, flops, "skipped: no training chunks to calibrate"))
                 continue
             say(f"exporting TFLite {label}")
             path = export_tflite(model, out / label / "model.tflite", quant, "audio",
                                  representative=representative if quant == "int8" else None, classes=classes, cfg=cfg)
-            jobs.append((f"TFLite {label}", "tflite", path, params, flops, "raw audio in"))
+            jobs.append((f"TFLite {label}", "tflite", path, count_parameters(path), flops, "raw audio in"))
 
         best: dict[str, dict[str, float]] = {}
         for r in range(repeats):
@@ -314,6 +320,8 @@ def stats_table(rows: Sequence[StatsRow], threads: int, runs: int = RUNS, title:
         )
     lines += [
         "",
+        "Params: Keras rows count the model's weights; TFLite rows count the values stored in the file (weights, "
+        "biases, the spectrogram's DFT, Mel and colour tables; BatchNorm folded where possible). "
         "FLOPs: TF profiler float ops of the frozen graph (MACs = FLOPs / 2). Peak memory: "
         "peak resident set size (VmHWM) of a fresh process after loading and running the model, minus its "
         "resident size right after importing the runtime.",
