@@ -13,7 +13,7 @@ min-max, viridis LUT with linear interpolation, bilinear resize to 224 x 224, De
 
 Each batch size (1 and 32) times all three pipelines interleaved call by call, so load from other processes
 slows them alike; the median call time divided by the batch size is reported, with the speed-up over (c).
-Targets (issue 4, 2 cores): <= 1 ms per chunk batched and >= 2x faster than the reference (the paper: 7.1 ms
+Targets (2 cores): <= 1 ms per chunk batched and >= 2x faster than the reference (the paper: 7.1 ms
 on a 4-thread i5). The header records the load average (the machine may be shared). Writes
 ``benchmarks/results/preprocessing.md``.
 """

@@ -21,11 +21,11 @@ from typing import Any
 from dsl_fed.config import Config
 from dsl_fed.data.manifest import read_manifest
 from dsl_fed.data.pipeline import ChunkSet, load_chunks
-from dsl_fed.io import atomic_path, atomic_write
+from dsl_fed.io import atomic_path, atomic_write, read_history
 from dsl_fed.metrics import evaluate_chunks
 from dsl_fed.models import build_model
 from dsl_fed.report import plot_confusion, plot_history, render_report, write_metrics_json
-from dsl_fed.train import HISTORY_FILE, read_history, train_local
+from dsl_fed.train import HISTORY_FILE, train_local
 
 
 def run_central(cfg: Config, fuse_dev: bool = False, verbose: int = 1, command: str = "") -> dict[str, Any]:

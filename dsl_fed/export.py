@@ -38,6 +38,7 @@ from dsl_fed.config import Config
 from dsl_fed.errors import DslFedError
 from dsl_fed.io import atomic_write
 from dsl_fed.litert import TFLiteRunner, flex_operators
+from dsl_fed.stats import QUANT_LABELS
 
 __all__ = [
     "QUANTIZATIONS",
@@ -57,10 +58,9 @@ __all__ = [
     "convert_keras",
     "float_constants_to_fp16",
     "restore_float_scope",
-    "TFLiteRunner",  # re-exported: the contract lists it here; it lives in dsl_fed.litert (no TF import)
 ]
 
-QUANTIZATIONS: tuple[str, ...] = ("none", "float16", "dynamic", "int8")
+QUANTIZATIONS: tuple[str, ...] = tuple(QUANT_LABELS)
 INPUT_KINDS: tuple[str, ...] = ("audio", "image")
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
@@ -249,7 +249,7 @@ def export_tflite(
     model: Any,
     path: str | Path,
     quantization: str = "none",
-    input: str = "audio",  # noqa: A002 - the contract's name; shadowing the builtin is harmless here
+    input: str = "audio",  # noqa: A002 - named like the CLI's --input; shadowing the builtin is harmless here
     representative: Any = None,
     *,
     classes: Sequence[str],

@@ -1,4 +1,5 @@
-"""Atomic file writes: a reader (or a crash) never sees a half-written checkpoint, model or report."""
+"""Atomic file writes (a reader or a crash never sees a half-written checkpoint, model or report) and the
+history CSVs they produce."""
 
 from __future__ import annotations
 
@@ -52,3 +53,25 @@ def atomic_write_csv(path: str | Path, rows: Sequence[Mapping[str, Any]]) -> Pat
     writer.writeheader()
     writer.writerows(rows)
     return atomic_write(path, buf.getvalue())
+
+
+def read_history(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a ``history.csv`` (central epochs or federated rounds) with numbers parsed back.
+
+    Integers become int, other numbers float, anything else stays text; empty cells are dropped. A missing
+    file has no rows.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return []
+    with path.open(newline="") as f:
+        return [{key: _number(value) for key, value in raw.items() if value not in ("", None)} for raw in csv.DictReader(f)]
+
+
+def _number(text: str) -> int | float | str:
+    for parse in (int, float):
+        try:
+            return parse(text)
+        except ValueError:
+            pass
+    return text

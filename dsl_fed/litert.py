@@ -98,10 +98,6 @@ class TFLiteRunner:
             out[i] = self.predict_one(example).reshape(-1)
         return out
 
-    def operators(self) -> list[str]:
-        """Operator names in the flatbuffer (see `model_operators`)."""
-        return model_operators(self.path)
-
 
 def _quantize(x: np.ndarray, detail: dict) -> np.ndarray:
     dtype = np.dtype(detail["dtype"])

@@ -54,6 +54,31 @@ def plot_history(rows: Sequence[dict[str, Any]], path: Path, title: str = "train
     return save_figure(fig, path)
 
 
+def plot_rounds(rows: Sequence[dict[str, Any]], path: Path) -> Path:
+    """Federated devel (and test) UAR with 95 % CI per round; phase-2 rounds shaded."""
+    rounds = [int(r["round"]) for r in rows]
+    fig = Figure(figsize=(6, 3.5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    for part, colour in (("devel", "tab:blue"), ("test", "tab:orange")):
+        if not all(f"{part}_uar" in r for r in rows):
+            continue
+        uar, low, high = (np.array([float(r[f"{part}_{key}"]) for r in rows]) for key in ("uar", "ci_low", "ci_high"))
+        ax.plot(rounds, uar, marker="o", color=colour, label=f"{part} UAR")
+        ax.fill_between(rounds, low, high, color=colour, alpha=0.15)
+    phase2 = [k for k, r in zip(rounds, rows) if int(r["phase"]) == 2]
+    if phase2:
+        ax.axvspan(min(phase2) - 0.5, max(phase2) + 0.5, color="grey", alpha=0.1, label="phase 2")
+    ax.set_xlabel("round")
+    ax.set_ylabel("UAR (clip level, 95 % CI)")
+    ax.set_ylim(0, 1)
+    ax.set_xticks(rounds)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
 def plot_confusion(matrix: Sequence[Sequence[int]], classes: Sequence[str], path: Path, title: str = "confusion") -> Path:
     """Row-normalised confusion matrix (colour = recall share) annotated with the counts."""
     cm = np.asarray(matrix, dtype=np.float64)

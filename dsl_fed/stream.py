@@ -95,10 +95,6 @@ class StreamPredictor:
         self._next_end = window  # stream position at which the next window is complete
         self._count = 0
 
-    @property
-    def samples_seen(self) -> int:
-        return self._buffer.total
-
     def push(self, block: np.ndarray) -> list[StreamPrediction]:
         """Append a block of samples; return the predictions whose windows it completed (possibly none)."""
         block = np.asarray(block, dtype=np.float32).reshape(-1)

@@ -18,10 +18,9 @@ checkpointed atomically to ``run_dir/checkpoints/best.keras`` and restored at th
 
 from __future__ import annotations
 
-import csv
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,7 @@ from dsl_fed.augment import SapAugment, spec_fill
 from dsl_fed.config import Config, TrainingConfig
 from dsl_fed.data.pipeline import ChunkSet, make_dataset
 from dsl_fed.errors import DslFedError
-from dsl_fed.io import atomic_path, atomic_write_csv
+from dsl_fed.io import atomic_path, atomic_write_csv, read_history
 from dsl_fed.metrics import uar
 from dsl_fed.models import DslModel, set_phase
 from dsl_fed.predict import average_by_clip, predict_clips
@@ -64,7 +63,6 @@ class TrainResult:
     epochs: int
     val_metrics: dict[str, float] | None = None
     best_epoch: int | None = None
-    metadata: dict[str, Any] = field(default_factory=dict)
 
 
 def train_local(
@@ -119,7 +117,7 @@ def train_local(
     num_classes = int(model.output_shape[-1])
     keras.utils.set_random_seed(seed)
 
-    learning_rate = compile_for_phase(model, cfg, phase, seed)
+    compile_for_phase(model, cfg, phase, seed)
 
     run_dir = None if run_dir is None else Path(run_dir)
     validation = _ValidationMetrics(val_chunks, tcfg.batch_size) if val_chunks is not None else None
@@ -161,7 +159,6 @@ def train_local(
         epochs=ran,
         val_metrics=val_metrics,
         best_epoch=best_epoch,
-        metadata={"phase": phase, "learning_rate": learning_rate, "seed": seed},
     )
 
 
@@ -304,7 +301,7 @@ class _HistoryCSV(keras.callbacks.Callback):
         self.rows: list[dict[str, Any]] = []
 
     def on_train_begin(self, logs: dict | None = None) -> None:
-        self.rows = read_history(self.path) if self.path.is_file() else []
+        self.rows = read_history(self.path)
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         row: dict[str, Any] = {"epoch": len(self.rows) + 1}
@@ -312,17 +309,3 @@ class _HistoryCSV(keras.callbacks.Callback):
         row["phase"] = int(row.get("phase", 0))
         self.rows.append(row)
         atomic_write_csv(self.path, self.rows)
-
-
-def read_history(path: Path) -> list[dict[str, Any]]:
-    """Rows of a ``history.csv`` with numbers parsed (``epoch`` and ``phase`` as int, empty cells dropped)."""
-    rows = []
-    with open(path, newline="") as f:
-        for raw in csv.DictReader(f):
-            row: dict[str, Any] = {}
-            for key, value in raw.items():
-                if value in ("", None):
-                    continue
-                row[key] = int(float(value)) if key in ("epoch", "phase") else float(value)
-            rows.append(row)
-    return rows

@@ -6,6 +6,7 @@ the way Flower's simulation engine does (minus Ray), so server and client logic 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,6 +31,19 @@ def task_identity():
         for attr, value in (("_run_id", 1), ("_node_id", 1), ("_task_id", 1)):
             patch.setattr(TaskIdentity, attr, value)
         yield
+
+
+def processes_with(needle: str) -> list[int]:
+    """PIDs of live processes whose command line contains `needle` (e.g. a test's private FLWR_HOME path)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")  # empty for zombies
+        except OSError:
+            continue
+        if needle in text and int(cmdline.parent.name) != os.getpid():
+            found.append(int(cmdline.parent.name))
+    return found
 
 
 def write_config(folder: Path, manifest: Path, **sections: dict[str, Any]) -> Path:

@@ -7,7 +7,7 @@ import keras
 import pytest
 
 from dsl_fed.cli import main
-from dsl_fed.train import read_history
+from dsl_fed.io import read_history
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

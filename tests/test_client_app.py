@@ -10,7 +10,7 @@ from flower_helpers import run_config, task_identity, write_config  # noqa: F401
 from dsl_fed.federated.client_app import app, evaluate, train
 from dsl_fed.errors import DslFedError
 from dsl_fed.spectrogram import frame_geometry, num_frames
-from dsl_fed.federated.run_config import settings_from_run_config
+from dsl_fed.federated.run_config import config_from_run_config
 
 HEAD = ["hidden/kernel", "hidden/bias", "arelu/alpha", "arelu/beta", "predictions/kernel", "predictions/bias"]
 TOP_4 = ["tiny_bn2/gamma", "tiny_bn2/beta", "tiny_conv3/kernel", "tiny_conv3/bias"]  # 4 top layers: bn2 relu2 conv3 pool
@@ -25,7 +25,7 @@ def setup(demo_manifest, tmp_path_factory):
     # SapAugment on, and 4 unfrozen layers so phase 2 includes a BatchNorm layer
     rc = run_config(write_config(tmp_path_factory.mktemp("client"), demo_manifest,
                                  augment={"cutmix": True, "specaugment": True}, training={"unfrozen_layers": 4}))
-    cfg = settings_from_run_config(rc).config
+    cfg = config_from_run_config(rc)
     model = build_model(cfg, len(read_manifest(cfg.data.manifest).classes))
     full = get_weights_by_name(model, weight_names(model))
     return rc, cfg, full

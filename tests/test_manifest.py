@@ -38,7 +38,6 @@ def test_full_csv(tmp_path):
     assert m.clips[0] == Clip(0, tmp_path / "a/1.wav", "dog", "s1", "train")
     assert [c.clip_id for c in m.partition("train")] == [0, 1, 4]
     assert m.speakers("train") == ["s1", "s4"] and m.speakers() == ["s1", "s2", "s3", "s4"]
-    assert m.class_index("dog") == 2
     assert m.source == tmp_path / "manifest.csv"
 
 
@@ -137,8 +136,6 @@ def test_partition_required_and_unknown_names(tmp_path):
     assert "manifest.csv" in str(info.value)
     with pytest.raises(DslFedError, match="unknown partition 'dev'"):
         m.partition("dev")
-    with pytest.raises(DslFedError, match="'fish' is not a training class"):
-        m.class_index("fish")
 
 
 # ----------------------------------------------------------------------------------------------- bad input

@@ -22,7 +22,7 @@ from dsl_fed.config import load_config
 from dsl_fed.errors import DslFedError
 from dsl_fed.export import read_export_manifest, sha256_file
 from dsl_fed.federated.checkpoint import RunDirectory
-from dsl_fed.federated.run_config import run_config_toml, settings_from_run_config
+from dsl_fed.federated.run_config import config_from_run_config, resume_requested, run_config_toml
 from dsl_fed.federated.server_app import run_server
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,7 +35,7 @@ def full_run(demo_manifest, tmp_path_factory):
     """An uninterrupted 2+1-round run of 3 nodes; returns (run config, run directory)."""
     rc = run_config(write_config(tmp_path_factory.mktemp("server"), demo_manifest))
     run_server(InProcessGrid(rc, 3), rc)
-    return rc, RunDirectory(settings_from_run_config(rc).config.output.run_dir)
+    return rc, RunDirectory(config_from_run_config(rc).output.run_dir)
 
 
 @pytest.mark.slow  # a federated run of the tiny model in-process: 10-40 s on 2 cores
@@ -62,7 +62,7 @@ def test_every_round_is_published_with_manifest_tflite_and_history(full_run):
     assert [(int(r["round"]), int(r["phase"])) for r in rows] == [(1, 1), (2, 1), (3, 2)]
     assert all(0 <= float(r["devel_uar"]) <= 1 and int(r["clients_aggregated"]) == 3 for r in rows)
     assert (run.path / "plots" / "federated_uar.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert load_config(run.path / "config.yaml") == settings_from_run_config(rc).config
+    assert load_config(run.path / "config.yaml") == config_from_run_config(rc)
 
 
 @pytest.mark.slow  # a federated run of the tiny model in-process: 10-40 s on 2 cores
@@ -149,22 +149,22 @@ def test_run_config_translation(tmp_path, demo_manifest):
     yaml_path = write_config(tmp_path, demo_manifest)
     overrides = ["federated.strategy=fedprox", "training.batch_size=16"]
     text = run_config_toml(yaml_path, overrides, tmp_path / "out", resume=True)
-    settings = settings_from_run_config(tomllib.loads(text))
-    assert settings.resume
-    assert settings.config == load_config(yaml_path, overrides + [f"output.directory={tmp_path / 'out'}"])
+    translated = tomllib.loads(text)
+    assert resume_requested(translated) and not resume_requested({**translated, "resume": False})
+    assert config_from_run_config(translated) == load_config(yaml_path, overrides + [f"output.directory={tmp_path / 'out'}"])
     # the pyproject default: a preset inside the app bundle, data and outputs given as absolute paths
     bundled = {"config": "configs/quickstart.yaml", "data-manifest": str(demo_manifest),
                "output-directory": str(tmp_path / "o"), "overrides": "", "resume": False}
-    cfg = settings_from_run_config(bundled, REPO).config
+    cfg = config_from_run_config(bundled, REPO)
     assert cfg.model.backbone == "tiny" and cfg.data.manifest == str(demo_manifest)
     with pytest.raises(DslFedError, match="'config' must be an absolute path"):
-        settings_from_run_config(bundled)  # no bundle to look a relative preset up in
+        config_from_run_config(bundled)  # no bundle to look a relative preset up in
     with pytest.raises(DslFedError, match="is relative.*output-directory="):
-        settings_from_run_config({**bundled, "output-directory": ""}, REPO)
+        config_from_run_config({**bundled, "output-directory": ""}, REPO)
     with pytest.raises(DslFedError, match="'data-manifest' must be an absolute path"):
-        settings_from_run_config({**bundled, "data-manifest": "demo_data/manifest.csv"}, REPO)
+        config_from_run_config({**bundled, "data-manifest": "demo_data/manifest.csv"}, REPO)
     with pytest.raises(DslFedError, match="lacks resume"):
-        settings_from_run_config({k: v for k, v in bundled.items() if k != "resume"})
+        config_from_run_config({k: v for k, v in bundled.items() if k != "resume"})
 
 
 def test_pyproject_app_config_matches_the_run_config_defaults():

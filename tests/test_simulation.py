@@ -14,12 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flower_helpers import saved_weights, write_config
+from flower_helpers import processes_with, saved_weights, write_config
 
 from dsl_fed.cli.federated import simulate
 from dsl_fed.export import read_export_manifest
 from dsl_fed.federated.checkpoint import RunDirectory
-from dsl_fed.federated.runtime import descendants, executable, find_processes, free_port, terminate_tree
+from dsl_fed.federated.runtime import descendants, executable, free_port, terminate_tree
 
 pytestmark = pytest.mark.slow
 
@@ -91,13 +91,13 @@ def test_flwr_run_dot_on_the_quickstart_config_leaves_nothing_behind(demo_manife
             cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
         )
     finally:
-        for pid in find_processes(str(home)):  # the managed SuperLink outlives `flwr run`: stop it by PID
+        for pid in processes_with(str(home)):  # the managed SuperLink outlives `flwr run`: stop it by PID
             terminate_tree(pid)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "[dsl_fed] round 1/1 phase 1" in proc.stdout
     run = RunDirectory(tmp_path / "runs" / "quickstart")
     assert run.latest_round() == 1
     assert read_export_manifest(run.round_dir(1) / "model.tflite").extra["clients"]["aggregated"] == 2
-    assert find_processes(str(home)) == [] and descendants(os.getpid()) == []
+    assert processes_with(str(home)) == [] and descendants(os.getpid()) == []
     assert not (home / "runtime-envs").exists()  # TensorFlow was not installed for the run
     assert hashlib.sha256((REPO / "pyproject.toml").read_bytes()).hexdigest() == pyproject  # not rewritten

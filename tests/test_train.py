@@ -8,9 +8,10 @@ import pytest
 
 from dsl_fed.config import from_dict
 from dsl_fed.data.pipeline import ChunkSet, make_dataset
+from dsl_fed.io import read_history
 from dsl_fed.models import build_model, get_weights_by_name, set_phase
 from dsl_fed.predict import average_by_clip, predict_clips
-from dsl_fed.train import class_weights, make_optimizer, read_history, train_local
+from dsl_fed.train import class_weights, make_optimizer, train_local
 
 SAMPLES = 4000  # 0.25 s at 16 kHz
 

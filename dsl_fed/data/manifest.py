@@ -84,13 +84,6 @@ class Manifest:
         clips = self.clips if partition is None else self.partition(partition)
         return sorted({c.speaker for c in clips})
 
-    def class_index(self, label: str) -> int:
-        """Position of `label` in `classes`; unknown labels are an error."""
-        try:
-            return self.classes.index(label)
-        except ValueError:
-            raise DslFedError(f"label {label!r} is not a training class ({', '.join(self.classes)})") from None
-
 
 def read_manifest(path: str | Path, seed: int = 0) -> Manifest:
     """Read a manifest CSV or a folder-per-class directory and validate it completely.

@@ -56,14 +56,6 @@ class ChunkSet:
     def chunk_samples(self) -> int:
         return int(self.waveforms.shape[1])
 
-    @property
-    def num_clips(self) -> int:
-        return int(np.unique(self.clip_ids).size)
-
-    def subset(self, mask: np.ndarray) -> "ChunkSet":
-        """Chunks selected by a boolean mask or an index array (copies)."""
-        return ChunkSet(self.waveforms[mask], self.labels[mask], self.clip_ids[mask], self.speakers[mask])
-
     @staticmethod
     def concat(sets: Sequence["ChunkSet"]) -> "ChunkSet":
         """Join chunk sets (e.g. train + devel for the final model, as in the paper)."""
@@ -123,7 +115,6 @@ def make_dataset(
     batch_size: int,
     shuffle: bool = False,
     seed: int = 0,
-    with_ids: bool = False,
 ) -> "tf.data.Dataset":
     """Batch a `ChunkSet` for Keras.
 
@@ -133,8 +124,8 @@ def make_dataset(
         batch_size: Batch size; the last batch may be smaller.
         shuffle: Reshuffle chunks every epoch (deterministic sequence of orders for a given `seed`).
         seed: Shuffle seed.
-        with_ids: Yield ``(waveform, label int32, clip_id int32, speaker string)`` for evaluation instead of
-            ``(waveform float32 (B, chunk_samples), one_hot float32 (B, num_classes))``.
+
+    Yields ``(waveform float32 (B, chunk_samples), one_hot float32 (B, num_classes))``.
     """
     import tensorflow as tf  # lazily: the CLI's data commands and --help must not pay for TensorFlow
 
@@ -142,12 +133,8 @@ def make_dataset(
         raise DslFedError("cannot build a dataset from zero chunks")
     if chunks.labels.min() < 0 or chunks.labels.max() >= num_classes:
         raise DslFedError(f"label index {int(chunks.labels.max())} out of range for {num_classes} classes")
-    if with_ids:
-        tensors = (chunks.waveforms, chunks.labels, chunks.clip_ids, chunks.speakers.astype(object))
-    else:
-        one_hot = np.eye(num_classes, dtype=np.float32)[chunks.labels]
-        tensors = (chunks.waveforms, one_hot)
-    ds = tf.data.Dataset.from_tensor_slices(tensors)
+    one_hot = np.eye(num_classes, dtype=np.float32)[chunks.labels]
+    ds = tf.data.Dataset.from_tensor_slices((chunks.waveforms, one_hot))
     if shuffle:
         ds = ds.shuffle(len(chunks), seed=seed, reshuffle_each_iteration=True)
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)

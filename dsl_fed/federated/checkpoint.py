@@ -18,7 +18,6 @@ afterwards, so it always names a complete round.
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import shutil
@@ -29,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from dsl_fed.errors import DslFedError
-from dsl_fed.io import atomic_write_csv
+from dsl_fed.io import atomic_write_csv, read_history
 
 LATEST = "latest"
 HISTORY = "history.csv"
@@ -120,49 +119,14 @@ class RunDirectory:
 
     # ------------------------------------------------------------------------------------------- history
 
-    def read_history(self) -> list[dict[str, str]]:
-        path = self.path / HISTORY
-        if not path.is_file():
-            return []
-        with path.open(newline="") as f:
-            return list(csv.DictReader(f))
+    def read_history(self) -> list[dict[str, Any]]:
+        return read_history(self.path / HISTORY)
 
-    def append_history(self, row: Mapping[str, Any]) -> list[dict[str, str]]:
+    def append_history(self, row: Mapping[str, Any]) -> list[dict[str, Any]]:
         """Add the row of round ``row["round"]`` (dropping rows of that round or later: a resumed run redoes
         them) and rewrite ``history.csv`` atomically. Returns all rows."""
         k = int(row["round"])
         rows: list[dict[str, Any]] = [r for r in self.read_history() if int(r["round"]) < k]
         rows.append(dict(row))
         atomic_write_csv(self.path / HISTORY, rows)
-        return [{c: str(v) for c, v in r.items()} for r in rows]
-
-    def plot_history(self, rows: list[Mapping[str, Any]]) -> Path:
-        """Devel (and test) UAR with 95 % CI per round, phase 2 shaded; written atomically as PNG."""
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-
-        from dsl_fed.report import save_figure
-
-        rounds = [int(r["round"]) for r in rows]
-        fig = Figure(figsize=(6, 3.5), dpi=100)  # no pyplot: no global backend state in the ServerApp
-        FigureCanvasAgg(fig)
-        ax = fig.subplots()
-        for part, colour in (("devel", "tab:blue"), ("test", "tab:orange")):
-            if not all(r.get(f"{part}_uar") not in (None, "") for r in rows):
-                continue
-            uar = np.array([float(r[f"{part}_uar"]) for r in rows])
-            low = np.array([float(r[f"{part}_ci_low"]) for r in rows])
-            high = np.array([float(r[f"{part}_ci_high"]) for r in rows])
-            ax.plot(rounds, uar, marker="o", color=colour, label=f"{part} UAR")
-            ax.fill_between(rounds, low, high, color=colour, alpha=0.15)
-        phase2 = [k for k, r in zip(rounds, rows) if int(r["phase"]) == 2]
-        if phase2:
-            ax.axvspan(min(phase2) - 0.5, max(phase2) + 0.5, color="grey", alpha=0.1, label="phase 2")
-        ax.set_xlabel("round")
-        ax.set_ylabel("UAR (clip level, 95 % CI)")
-        ax.set_ylim(0, 1)
-        ax.set_xticks(rounds)
-        ax.grid(alpha=0.3)
-        ax.legend(loc="lower right")
-        fig.tight_layout()
-        return save_figure(fig, self.path / PLOT)
+        return rows

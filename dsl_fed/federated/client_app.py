@@ -43,7 +43,7 @@ from dsl_fed.models import build_model, get_weights_by_name, set_phase, set_weig
 from dsl_fed.models import trainable_weight_names, weight_names  # noqa: E402
 from dsl_fed.predict import predict_clips  # noqa: E402
 from dsl_fed.train import train_local  # noqa: E402
-from dsl_fed.federated.run_config import settings_from_run_config  # noqa: E402
+from dsl_fed.federated.run_config import config_from_run_config  # noqa: E402
 
 MODEL_STATE_KEY = "dsl_fed-model"  # context.state entry holding the full model this node received
 
@@ -66,7 +66,7 @@ def create_app(app_dir: Path | None = None) -> ClientApp:
 def train(msg: Message, context: Context, app_dir: Path | None = None) -> Message:
     """Train the requested phase on this node's shard; reply with the trained slice and metrics."""
     began = time.perf_counter()
-    cfg = settings_from_run_config(context.run_config, app_dir).config
+    cfg = config_from_run_config(context.run_config, app_dir)
     limit_threads(cfg.federated.client_cpus)
     config = msg.content["config"]
     server_round, phase = int(config["server-round"]), int(config["phase"])
@@ -115,7 +115,7 @@ def evaluate(msg: Message, context: Context, app_dir: Path | None = None) -> Mes
     With the usual speaker-independent partitions a training speaker has none: the reply then carries
     ``num-examples = 0`` and the server leaves it out of the average.
     """
-    cfg = settings_from_run_config(context.run_config, app_dir).config
+    cfg = config_from_run_config(context.run_config, app_dir)
     limit_threads(cfg.federated.client_cpus)
     remember_full_model(msg, context)
     held_out, classes = held_out_chunks(cfg, context.node_config)

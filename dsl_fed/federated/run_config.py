@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import shlex
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -46,16 +45,8 @@ KEYS = tuple(DEFAULTS)
 PROGRESS_MARK = "[dsl_fed]"  # starts the ServerApp's log lines meant for users; `dsl_fed simulate` shows only those
 
 
-@dataclass(frozen=True)
-class RunSettings:
-    """What a federated run needs besides the model/data `Config`."""
-
-    config: Config
-    resume: bool
-
-
-def settings_from_run_config(run_config: Mapping[str, object], app_dir: Path | None = None) -> RunSettings:
-    """Translate Flower's ``context.run_config`` into a validated `Config` (+ the resume flag).
+def config_from_run_config(run_config: Mapping[str, object], app_dir: Path | None = None) -> Config:
+    """Translate Flower's ``context.run_config`` into a validated `Config`.
 
     Every ServerApp and ClientApp calls this with the same run config, so all participants build the same
     model from the same settings. `app_dir` is the app bundle a relative ``config`` is looked up in (the
@@ -85,7 +76,12 @@ def settings_from_run_config(run_config: Mapping[str, object], app_dir: Path | N
             f"output.directory {cfg.output.directory!r} is relative, but Flower runs the app from its installed "
             "bundle; pass an absolute folder: --run-config 'output-directory=\"/abs/runs\"'"
         )
-    return RunSettings(config=cfg, resume=bool(run_config["resume"]))
+    return cfg
+
+
+def resume_requested(run_config: Mapping[str, object]) -> bool:
+    """The run config's ``resume`` flag: continue from ``runs/<name>/latest``."""
+    return bool(run_config.get("resume", False))
 
 
 def count_shards(cfg: Config, manifest: Manifest | None = None) -> int:

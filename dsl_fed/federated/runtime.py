@@ -91,19 +91,6 @@ def stop_process_tree(proc: subprocess.Popen, timeout: float = 20.0) -> None:
     proc.wait()
 
 
-def find_processes(needle: str) -> list[int]:
-    """PIDs whose command line contains `needle` (e.g. a private FLWR_HOME path or a port)."""
-    found = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if needle in text and int(cmdline.parent.name) != os.getpid():
-            found.append(int(cmdline.parent.name))
-    return [pid for pid in found if _alive(pid)]
-
-
 @contextlib.contextmanager
 def local_superlink(flwr_home: Path, log_file: Path, startup_timeout: float = 60.0) -> Iterator[str]:
     """Start a simulation SuperLink owned by this process; yield its address; stop it and its children."""

@@ -34,8 +34,9 @@ from dsl_fed.io import atomic_write  # noqa: E402
 from dsl_fed.metrics import evaluate_chunks  # noqa: E402
 from dsl_fed.models import build_model, get_weights_by_name, set_phase, set_weights_by_name  # noqa: E402
 from dsl_fed.models import trainable_weight_names, weight_names  # noqa: E402
-from dsl_fed.federated.checkpoint import RunDirectory  # noqa: E402
-from dsl_fed.federated.run_config import PROGRESS_MARK, check_federation_size, count_shards, settings_from_run_config  # noqa: E402
+from dsl_fed.report import plot_rounds  # noqa: E402
+from dsl_fed.federated.checkpoint import PLOT, RunDirectory  # noqa: E402
+from dsl_fed.federated.run_config import PROGRESS_MARK, check_federation_size, config_from_run_config, count_shards, resume_requested  # noqa: E402
 from dsl_fed.federated.strategy import LOG, PhaseSchedule, RoundStats, SliceAggregation, make_strategy  # noqa: E402
 
 def create_app(app_dir: Path | None = None) -> ServerApp:
@@ -60,8 +61,8 @@ app = create_app()
 def run_server(grid: Grid, run_config: Mapping[str, Any], node_timeout: float = 120.0,
                app_dir: Path | None = None) -> Result | None:
     """Run (or resume) the whole federated training on `grid`; returns Flower's `Result` (None if nothing to do)."""
-    settings = settings_from_run_config(run_config, app_dir)
-    cfg = settings.config
+    cfg = config_from_run_config(run_config, app_dir)
+    resume = resume_requested(run_config)
     manifest = read_manifest(cfg.data.manifest, seed=cfg.data.seed)
     num_shards = count_shards(cfg, manifest)
     check_federation_size(cfg, num_shards)
@@ -70,7 +71,7 @@ def run_server(grid: Grid, run_config: Mapping[str, Any], node_timeout: float = 
 
     keras.backend.clear_session()
     model = build_model(cfg, len(manifest.classes))
-    offset = _resume(run, cfg, model) if settings.resume else _start(run, cfg)
+    offset = _resume(run, cfg, model) if resume else _start(run, cfg)
     if offset >= schedule.num_rounds:
         LOG.info("%s %s already has all %d rounds; nothing to resume", PROGRESS_MARK, run.path, schedule.num_rounds)
         return None
@@ -80,7 +81,7 @@ def run_server(grid: Grid, run_config: Mapping[str, Any], node_timeout: float = 
         fed = dataclasses.replace(fed, fraction_evaluate=0.0)
     strategy = make_strategy(fed, get_weights_by_name(model, weight_names(model)), slice_names(model, cfg),
                              round_offset=offset, seed=cfg.training.seed)
-    if settings.resume:
+    if resume:
         strategy.load_state_arrays(run.strategy_state(offset))
     evaluate_fn = RoundPublisher(cfg, manifest, model, strategy, run)
     _wait_for_nodes(grid, num_shards, node_timeout)
@@ -142,7 +143,7 @@ class RoundPublisher:
         self.run.write_round(rnd, lambda folder: self._write_model(folder, extra), self.strategy.state_arrays())
         server_seconds = time.perf_counter() - start
         rows = self.run.append_history(_history_row(stats, scores, flower_seconds, server_seconds))
-        self.run.plot_history(rows)
+        plot_rounds(rows, self.run.path / PLOT)
         self._last = time.perf_counter()
         LOG.info("%s %s", PROGRESS_MARK,
                  progress_line(stats, scores, self.strategy.schedule.num_rounds, self._last - start + flower_seconds))
