@@ -14,44 +14,55 @@ Run folder ``cfg.output.run_dir``: ``config.yaml``, ``history.csv`` (+ ``fused/h
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from dsl_fed.config import Config
-from dsl_fed.data.manifest import read_manifest
+from dsl_fed.data.manifest import load_manifest
 from dsl_fed.data.pipeline import ChunkSet, load_chunks
-from dsl_fed.io import atomic_path, atomic_write, read_history
+from dsl_fed.io import atomic_path, atomic_write, read_history, refuse_existing, run_lock, staged_run
 from dsl_fed.metrics import evaluate_chunks
 from dsl_fed.models import build_model
 from dsl_fed.report import plot_confusion, plot_history, render_report, write_metrics_json
 from dsl_fed.train import HISTORY_FILE, train_local
 
 
-def run_central(cfg: Config, fuse_dev: bool = False, verbose: int = 1, command: str = "") -> dict[str, Any]:
+def run_central(cfg: Config, fuse_dev: bool = False, verbose: int = 1, command: str = "",
+                overwrite: bool = False) -> dict[str, Any]:
     """Run the central protocol and write the run folder; returns the content of ``metrics.json``.
+
+    All data are read before the run folder is touched; the run is written into a staging folder and replaces
+    an earlier run of the same name only when it has finished (`dsl_fed.io.staged_run`).
 
     Args:
         cfg: Validated config (``output.directory`` / ``output.name`` name the run folder).
         fuse_dev: Also retrain on train + devel and report test for that model.
         verbose: Keras progress output (0, 1 or 2).
         command: Command line recorded in ``report.md``.
+        overwrite: Replace an earlier run of the same name (else that is an error, raised before training).
     """
     start = time.perf_counter()
-    run_dir = cfg.output.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for stale in (run_dir / HISTORY_FILE, run_dir / "fused" / HISTORY_FILE):
-        stale.unlink(missing_ok=True)
-    atomic_write(run_dir / "config.yaml", cfg.to_yaml())
-
-    manifest = read_manifest(cfg.data.manifest, seed=cfg.data.seed)
+    refuse_existing(cfg.output.run_dir, overwrite)
+    manifest = load_manifest(cfg.data)
+    for warning in manifest.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     classes = manifest.classes
     progress = verbose > 0
     train = load_chunks(manifest.partition("train", required=True), cfg.data, classes, progress=progress)
     devel = load_chunks(manifest.partition("devel", required=True), cfg.data, classes, progress=progress)
     test_clips = manifest.partition("test")
     test = load_chunks(test_clips, cfg.data, classes, progress=progress) if test_clips else None
+    with run_lock(cfg.output.run_dir), staged_run(cfg.output.run_dir, overwrite) as run_dir:
+        atomic_write(run_dir / "config.yaml", cfg.to_yaml())
+        return _train_and_report(cfg, run_dir, train, devel, test, classes, manifest.warnings, fuse_dev, verbose,
+                                 command, start)
 
+
+def _train_and_report(cfg: Config, run_dir: Path, train: ChunkSet, devel: ChunkSet, test: ChunkSet | None,
+                      classes: list[str], warnings: list[str], fuse_dev: bool, verbose: int, command: str,
+                      start: float) -> dict[str, Any]:
     model = build_model(cfg, len(classes))
     phase1 = train_local(model, train, devel, cfg, phase=1, run_dir=run_dir, verbose=verbose)
     phase2 = None
@@ -61,7 +72,8 @@ def run_central(cfg: Config, fuse_dev: bool = False, verbose: int = 1, command: 
         )
 
     seed = cfg.training.seed
-    metrics: dict[str, Any] = {"run": cfg.output.name, "config_hash": cfg.hash(), "classes": classes}
+    metrics: dict[str, Any] = {"run": cfg.output.name, "config_hash": cfg.hash(), "classes": classes,
+                               "warnings": warnings}
     metrics["devel"] = evaluate_chunks(model, devel, classes, cfg.training.batch_size, seed=seed)
     if test is not None:
         metrics["test"] = evaluate_chunks(model, test, classes, cfg.training.batch_size, seed=seed)

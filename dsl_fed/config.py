@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,6 +22,8 @@ import yaml
 from dsl_fed.errors import DslFedError
 
 COLORMAPS = ("viridis", "magma", "plasma", "inferno", "cividis", "gray")
+MAX_SECONDS = 600.0  # longest chunk/hop: beyond this a chunk no longer fits a spectrogram image (or memory)
+MAX_COUNT = 100_000  # epochs, rounds, shards: larger is a typo, not a plan
 
 
 @dataclass(frozen=True)
@@ -33,13 +36,15 @@ class DataConfig:
     hop_seconds: float = 1.5  # the paper does not give the chunk hop; 50 % overlap is our default
     shards: int = 0  # federated partitioning: 0 = one shard per training speaker, N = N groups of speakers
     seed: int = 0
+    allow_speaker_overlap: bool = False  # a speaker in train and devel/test breaks speaker independence: opt in
 
     def _validate(self) -> None:
         _require(self.manifest != "", "data.manifest", "is required (a manifest CSV or a folder-per-class directory)")
         _require(8000 <= self.sample_rate <= 96000, "data.sample_rate", f"must be in [8000, 96000], got {self.sample_rate}")
-        _require(self.chunk_seconds > 0, "data.chunk_seconds", f"must be > 0, got {self.chunk_seconds}")
-        _require(0 < self.hop_seconds, "data.hop_seconds", f"must be > 0, got {self.hop_seconds}")
-        _require(self.shards >= 0, "data.shards", f"must be >= 0, got {self.shards}")
+        _require(0 < self.chunk_seconds <= MAX_SECONDS, "data.chunk_seconds",
+                 f"must be in (0, {MAX_SECONDS}], got {self.chunk_seconds}")
+        _require(0 < self.hop_seconds <= MAX_SECONDS, "data.hop_seconds", f"must be in (0, {MAX_SECONDS}], got {self.hop_seconds}")
+        _require(0 <= self.shards <= MAX_COUNT, "data.shards", f"must be in [0, {MAX_COUNT}], got {self.shards}")
         _require(self.chunk_samples >= 1, "data.chunk_seconds", f"is shorter than one sample at {self.sample_rate} Hz")
         _require(self.hop_samples >= 1, "data.hop_seconds", f"is shorter than one sample at {self.sample_rate} Hz")
 
@@ -73,9 +78,9 @@ class SpectrogramConfig:
         _require(1 <= self.n_mels <= 512, "spectrogram.n_mels", f"must be in [1, 512], got {self.n_mels}")
         _require(self.fmin >= 0, "spectrogram.fmin", f"must be >= 0, got {self.fmin}")
         _require(self.fmax is None or self.fmax > self.fmin, "spectrogram.fmax", "must be greater than spectrogram.fmin")
-        _require(self.db_ref > 0, "spectrogram.db_ref", f"must be > 0, got {self.db_ref}")
-        _require(self.db_amin > 0, "spectrogram.db_amin", f"must be > 0, got {self.db_amin}")
-        _require(self.top_db is None or self.top_db > 0, "spectrogram.top_db", "must be > 0 or null")
+        _require(0 < self.db_ref <= 1e6, "spectrogram.db_ref", f"must be in (0, 1e6], got {self.db_ref}")
+        _require(0 < self.db_amin < 1, "spectrogram.db_amin", f"must be in (0, 1), got {self.db_amin}")
+        _require(self.top_db is None or 0 < self.top_db <= 1000, "spectrogram.top_db", "must be in (0, 1000] or null")
         _choice(self.colormap, COLORMAPS, "spectrogram.colormap")
         _require(16 <= self.image_size <= 1024, "spectrogram.image_size", f"must be in [16, 1024], got {self.image_size}")
 
@@ -93,9 +98,10 @@ class ModelConfig:
 
     def _validate(self) -> None:
         _require(self.backbone != "", "model.backbone", "must name a registered backbone")
-        _require(self.units >= 1, "model.units", f"must be >= 1, got {self.units}")
+        _require(1 <= self.units <= 65536, "model.units", f"must be in [1, 65536], got {self.units}")
         _require(0 <= self.dropout < 1, "model.dropout", f"must be in [0, 1), got {self.dropout}")
         _require(0.01 <= self.arelu_alpha <= 0.99, "model.arelu_alpha", f"must be in [0.01, 0.99], got {self.arelu_alpha}")
+        _require(-100 <= self.arelu_beta <= 100, "model.arelu_beta", f"must be in [-100, 100], got {self.arelu_beta}")
 
 
 @dataclass(frozen=True)
@@ -114,7 +120,7 @@ class AugmentConfig:
 
     def _validate(self) -> None:
         _require(0 < self.sap_a < 1, "augment.sap_a", f"must be in (0, 1), got {self.sap_a}")
-        _require(self.sap_s > 0, "augment.sap_s", f"must be > 0, got {self.sap_s}")
+        _require(0 < self.sap_s <= 1000, "augment.sap_s", f"must be in (0, 1000], got {self.sap_s}")
         _require(0 <= self.cutmix_min <= self.cutmix_max <= 1, "augment.cutmix_max", "need 0 <= cutmix_min <= cutmix_max <= 1")
         _require(0 <= self.specaugment_max <= 1, "augment.specaugment_max", f"must be in [0, 1], got {self.specaugment_max}")
         _require(0 <= self.p_min <= self.p_max <= 1, "augment.p_max", "need 0 <= p_min <= p_max <= 1")
@@ -141,13 +147,13 @@ class TrainingConfig:
     seed: int = 0
 
     def _validate(self) -> None:
-        _require(self.learning_rate > 0, "training.learning_rate", f"must be > 0, got {self.learning_rate}")
+        _require(0 < self.learning_rate <= 100, "training.learning_rate", f"must be in (0, 100], got {self.learning_rate}")
         _require(0 < self.phase2_lr_factor <= 1, "training.phase2_lr_factor", f"must be in (0, 1], got {self.phase2_lr_factor}")
         _require(1 <= self.batch_size <= 4096, "training.batch_size", f"must be in [1, 4096], got {self.batch_size}")
-        _require(self.phase1_epochs >= 0, "training.phase1_epochs", f"must be >= 0, got {self.phase1_epochs}")
-        _require(self.phase2_epochs >= 0, "training.phase2_epochs", f"must be >= 0, got {self.phase2_epochs}")
+        for key in ("phase1_epochs", "phase2_epochs", "early_stopping"):
+            value = getattr(self, key)
+            _require(0 <= value <= MAX_COUNT, f"training.{key}", f"must be in [0, {MAX_COUNT}], got {value}")
         _require(self.unfrozen_layers == "all" or self.unfrozen_layers >= 0, "training.unfrozen_layers", "must be >= 0 or 'all'")
-        _require(self.early_stopping >= 0, "training.early_stopping", f"must be >= 0, got {self.early_stopping}")
 
     @property
     def phase2_learning_rate(self) -> float:
@@ -173,15 +179,16 @@ class FederatedConfig:
     client_cpus: float = 1.0  # Ray CPUs per client actor (whole number); TF threads follow this
 
     def _validate(self) -> None:
-        _require(self.phase1_rounds >= 0, "federated.phase1_rounds", f"must be >= 0, got {self.phase1_rounds}")
-        _require(self.phase2_rounds >= 0, "federated.phase2_rounds", f"must be >= 0, got {self.phase2_rounds}")
+        for key in ("phase1_rounds", "phase2_rounds"):
+            value = getattr(self, key)
+            _require(0 <= value <= MAX_COUNT, f"federated.{key}", f"must be in [0, {MAX_COUNT}], got {value}")
         _require(self.phase1_rounds + self.phase2_rounds >= 1, "federated.phase1_rounds", "phase1_rounds + phase2_rounds must be >= 1")
-        _require(self.local_epochs >= 1, "federated.local_epochs", f"must be >= 1, got {self.local_epochs}")
-        _require(self.proximal_mu >= 0, "federated.proximal_mu", f"must be >= 0, got {self.proximal_mu}")
-        _require(self.server_learning_rate > 0, "federated.server_learning_rate", "must be > 0")
+        _require(1 <= self.local_epochs <= MAX_COUNT, "federated.local_epochs", f"must be in [1, {MAX_COUNT}], got {self.local_epochs}")
+        _require(0 <= self.proximal_mu <= 1000, "federated.proximal_mu", f"must be in [0, 1000], got {self.proximal_mu}")
+        _require(0 < self.server_learning_rate <= 100, "federated.server_learning_rate", "must be in (0, 100]")
         _require(0 < self.fraction_train <= 1, "federated.fraction_train", f"must be in (0, 1], got {self.fraction_train}")
         _require(0 <= self.fraction_evaluate <= 1, "federated.fraction_evaluate", f"must be in [0, 1], got {self.fraction_evaluate}")
-        _require(self.min_train_nodes >= 1, "federated.min_train_nodes", f"must be >= 1, got {self.min_train_nodes}")
+        _require(1 <= self.min_train_nodes <= MAX_COUNT, "federated.min_train_nodes", f"must be in [1, {MAX_COUNT}], got {self.min_train_nodes}")
         _require(self.min_available_nodes >= self.min_train_nodes, "federated.min_available_nodes", "must be >= federated.min_train_nodes")
         _require(float(self.client_cpus).is_integer() and 1 <= self.client_cpus <= 64, "federated.client_cpus",
                  f"must be a whole number in [1, 64] (Flower's simulation takes whole CPUs), got {self.client_cpus}")
@@ -193,7 +200,10 @@ class OutputConfig:
     name: str = "run"
 
     def _validate(self) -> None:
-        _require(self.name != "" and "/" not in self.name, "output.name", "must be a non-empty name without '/'")
+        _require(
+            self.name != "" and not self.name.startswith(".") and not any(c in self.name for c in "/\\\0"),
+            "output.name", f"must be a plain folder name (no '/', not starting with '.'), got {self.name!r}",
+        )
 
     @property
     def run_dir(self) -> Path:
@@ -238,7 +248,11 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     if not path.is_file():
         raise DslFedError(f"{path}: config file not found")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.load(path.read_bytes().decode("utf-8"), Loader=_StrictLoader) or {}
+    except UnicodeDecodeError as exc:
+        raise DslFedError(f"{path}: not UTF-8 text (byte {exc.start}); save the config as UTF-8") from None
+    except OSError as exc:
+        raise DslFedError(f"{path}: cannot read config ({exc.strerror or exc})") from None
     except yaml.YAMLError as exc:
         raise DslFedError(f"{path}: not valid YAML ({exc.__class__.__name__}: {str(exc).splitlines()[0]})") from None
     if not isinstance(raw, dict):
@@ -297,6 +311,20 @@ def from_dict(raw: dict[str, Any]) -> Config:
 _SECTIONS: dict[str, type] = typing.get_type_hints(Config)
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that rejects a key given twice in one mapping (PyYAML silently keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, typing.Hashable) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (line {key_node.start_mark.line + 1})", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def _build_section(section: str, values: dict[str, Any]):
     cls = _SECTIONS[section]
     hints = typing.get_type_hints(cls)
@@ -336,13 +364,18 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # PyYAML reads `1e-3` (no dot) as a string
+            number = float(value) if abs(value) < 1e308 else math.inf
+        elif isinstance(value, str):  # PyYAML reads `1e-3` (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):
+                raise DslFedError(f"{key}: must be a finite number, got {value!r}")
+            return number
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -364,7 +397,9 @@ def _describe(tp: Any) -> str:
     return {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
 
 
-def _check_name(name: str, valid: list[str], prefix: str) -> None:
+def _check_name(name: Any, valid: list[str], prefix: str) -> None:
+    if not isinstance(name, str):  # YAML 1.1 reads unquoted on/off/yes/no as booleans, 1 as an int
+        raise DslFedError(f"config key {prefix}{name!r} ({type(name).__name__}) is not a name; quote it in the YAML")
     if name in valid:
         return
     near = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)

@@ -6,9 +6,13 @@ Kept apart from `export.py` so that device-side code (predict, stream, stats) ne
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,7 +56,8 @@ class TFLiteRunner:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 self._interpreter = Interpreter(model_path=str(self.path), num_threads=threads)
-            self._interpreter.allocate_tensors()
+            with _without_delegate_notice():
+                self._interpreter.allocate_tensors()
         except (ValueError, RuntimeError) as exc:
             first = first_line(exc)
             raise DslFedError(f"{self.path}: not a loadable TFLite model ({first})") from None
@@ -97,6 +102,25 @@ class TFLiteRunner:
         for i, example in enumerate(batch):
             out[i] = self.predict_one(example).reshape(-1)
         return out
+
+
+@contextlib.contextmanager
+def _without_delegate_notice() -> Iterator[None]:
+    """Drop LiteRT's "INFO: Created TensorFlow Lite XNNPACK delegate" line, which its C++ code writes to the
+    stderr file descriptor on every model load; anything else written there is passed on."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            for line in captured.read().decode(errors="replace").splitlines(keepends=True):
+                if "XNNPACK delegate" not in line:
+                    sys.stderr.write(line)
 
 
 def _quantize(x: np.ndarray, detail: dict) -> np.ndarray:

@@ -17,6 +17,7 @@ averaging.
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 from typing import Any, Literal
 
@@ -253,6 +254,8 @@ def load_model(path: str | Path) -> keras.Model:
         raise DslFedError(f"{path}: model file not found")
     if path.suffix != ".keras":
         raise DslFedError(f"{path}: expected a Keras model file (.keras)")
+    if not zipfile.is_zipfile(path):  # Keras would report "File not found" for a damaged archive
+        raise DslFedError(f"{path}: damaged or not a Keras model (a .keras file is a zip archive)")
     try:
         return keras.saving.load_model(path, compile=False)
     except Exception as exc:  # noqa: BLE001 - Keras raises many types for a bad archive

@@ -113,6 +113,7 @@ def render_report(name: str, metrics: dict[str, Any], plots: dict[str, str], com
     lines = [f"# Run `{name}`", ""]
     if command:
         lines += ["```", command, "```", ""]
+    lines += [f"> **Warning:** {w}" for w in metrics.get("warnings", [])] + ([""] if metrics.get("warnings") else [])
     results = {k: v for k, v in metrics.items() if isinstance(v, dict) and "uar" in v}
     lines += ["| partition | clips | UAR | 95 % CI (1000x bootstrap) | accuracy |", "|---|---|---|---|---|"]
     for part, m in results.items():

@@ -122,7 +122,7 @@ def train_local(
     run_dir = None if run_dir is None else Path(run_dir)
     validation = _ValidationMetrics(val_chunks, tcfg.batch_size) if val_chunks is not None else None
     best = _BestWeights(initial_best, run_dir / CHECKPOINT_FILE if run_dir else None) if validation else None
-    callbacks: list[keras.callbacks.Callback] = [_EpochInfo(phase)]
+    callbacks: list[keras.callbacks.Callback] = [_FiniteGuard(phase), _EpochInfo(phase)]
     callbacks += [c for c in (validation, best) if c is not None]
     if run_dir is not None:
         callbacks.append(_HistoryCSV(run_dir / HISTORY_FILE))
@@ -209,6 +209,34 @@ def _attach_augmentation(model: keras.Model, cfg: Config, seed: int) -> None:
         model.set_augmentation(None)
         return
     model.set_augmentation(SapAugment(cfg.augment, spec_fill(model.spectrogram.preprocess)), seed=seed)
+
+
+class _FiniteGuard(keras.callbacks.Callback):
+    """Stops training with an error as soon as the loss or the weights are no longer finite.
+
+    It runs before the checkpoint callback, so the last good checkpoint is never replaced by a broken model.
+    """
+
+    def __init__(self, phase: int) -> None:
+        super().__init__()
+        self.phase = phase
+        self.epoch = 0
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self.epoch = epoch + 1
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        loss = float((logs or {}).get("loss", 0.0))
+        if not math.isfinite(loss):
+            self._stop(f"the loss became {loss} at batch {batch + 1}")
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if not all(np.isfinite(w).all() for w in self.model.get_weights()):
+            self._stop("the weights are no longer finite")
+
+    def _stop(self, what: str) -> None:
+        raise DslFedError(f"training diverged in phase {self.phase}, epoch {self.epoch}: {what}; lower "
+                          "training.learning_rate or check the data (the last good checkpoint is kept)")
 
 
 class _EpochInfo(keras.callbacks.Callback):

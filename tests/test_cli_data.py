@@ -77,7 +77,7 @@ def test_data_stats_columns_are_aligned(demo_manifest, tmp_path, capsys):
 def test_silent_clip_is_fine(tmp_path, capsys):
     for i, label in enumerate("aabb"):
         sf.write(tmp_path / f"{i}.wav", np.zeros(4000) if i == 0 else 0.1 * np.ones(4000), 16000)
-    (tmp_path / "m.csv").write_text("filename,label,partition\n0.wav,a,train\n1.wav,a,train\n2.wav,b,train\n3.wav,b,test\n")
+    (tmp_path / "m.csv").write_text("filename,label,partition\n0.wav,a,train\n1.wav,a,train\n2.wav,b,train\n3.wav,b,devel\n")
     assert main(["data-stats", str(_config(tmp_path, tmp_path / "m.csv"))]) == 0
 
 

@@ -46,11 +46,12 @@ def test_plot_writes_one_png_per_chunk(tmp_path, capsys):
     assert not list(out.glob(".*"))  # no temporary files left behind
 
 
-def test_plot_defaults_and_overrides(tmp_path):
+def test_plot_defaults_and_overrides(tmp_path, capsys):
     audio = write_tone(tmp_path / "short.wav", seconds=1.0)
     out = tmp_path / "p"
-    assert main(["plot", str(audio), "--out", str(out), "--set", "spectrogram.colormap=gray",
-                 "--set", "spectrogram.image_size=32"]) == 0
+    # positional overrides like every other command, also after options; the old --set still works
+    assert main(["plot", str(audio), "--out", str(out), "spectrogram.colormap=gray", "--set", "spectrogram.image_size=32"]) == 0
+    assert "--set is deprecated" in capsys.readouterr().err
     (png,) = out.glob("*.png")  # shorter than one 3 s chunk: one zero-padded chunk
     image = np.asarray(Image.open(png))
     assert image.shape == (32, 32, 3)
@@ -62,6 +63,6 @@ def test_plot_errors_are_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "missing.wav: audio file not found" in err
     audio = write_tone(tmp_path / "a.wav", seconds=0.5)
-    assert main(["plot", str(audio), "--set", "spectrogram.colormap=jet", "--out", str(tmp_path)]) == 2
+    assert main(["plot", str(audio), "spectrogram.colormap=jet", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "spectrogram.colormap" in err and "jet" in err

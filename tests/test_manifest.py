@@ -165,7 +165,7 @@ def _bad(tmp_path: Path, header: str, rows: list[tuple[str, ...]]) -> Path:
         (
             "filename,label,partition",
             [("1.wav", "a", "train"), ("1.wav", "b", "test")],
-            "line 3: file '1.wav' is already listed on line 2",
+            "line 3: '1.wav' (test) is the same file as",
         ),
         ("filename,label,partition", [("1.wav", "a", "test"), ("2.wav", "b", "devel")], "partition 'train' is empty"),
         ("filename,label,partition", [("1.wav", "a", "train"), ("2.wav", "a", "test")], "only one label ('a')"),

@@ -1,7 +1,10 @@
 """The `dsl_fed` command: one sub-command per module in this package.
 
 Each module defines ``register(subparsers)``, which adds its parser(s) with ``set_defaults(func=...)``;
-``func(args)`` returns an exit code. Every user-facing problem is a `DslFedError`, printed as one line.
+``func(args)`` returns an exit code. Every user-facing problem is printed as one line and exits 2: a
+`DslFedError`, and also what the operating system reports at the edge (an unwritable or full output path, a
+closed pipe) or undecodable text. SIGTERM (``kill``, ``timeout``, CI cancellation) is handled like Ctrl-C, so
+cleanup (stopping child processes, releasing run locks) runs in both cases.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
 
 from dsl_fed.errors import DslFedError
@@ -18,6 +22,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 # Sub-command modules, in the order `dsl_fed --help` lists them.
 COMMAND_MODULES: list[str] = ["data", "device", "train", "federated", "plot"]
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program happens to be, so the same cleanup as for Ctrl-C runs."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,16 +39,72 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse, accepting ``section.key=value`` overrides anywhere on the line (also after options)."""
+    args, extra = parser.parse_known_args(argv)
+    late = [a for a in extra if "=" in a and not a.startswith("-")]
+    if late and hasattr(args, "overrides"):
+        args.overrides = [*args.overrides, *late]
+        extra = [a for a in extra if a not in late]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread (a library caller): leave signals alone
+        previous = None
+    try:
+        return _run(argv)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(argv: list[str] | None) -> int:
+    command = "dsl_fed"
+    try:
+        args = parse_args(build_parser(), argv)
+        command = f"dsl_fed {args.command}"
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handlers, not at interpreter exit
+        return code
     except DslFedError as exc:
-        print(f"dsl_fed {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"dsl_fed {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return _fail(command, str(exc))
+    except BrokenPipeError:
+        # The reader went away (`dsl_fed predict ... | head`): silence the final flush of stdout too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return _fail(command, "output pipe closed by the reader")
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        return _fail(command, f"{where}{exc.strerror or exc}")
+    except UnicodeError as exc:
+        return _fail(command, f"text that is not valid UTF-8 ({exc})")
+    except MemoryError:
+        return _fail(command, "out of memory; use smaller data.chunk_seconds, training.batch_size or images")
+    except KeyboardInterrupt as exc:
+        word = "terminated" if isinstance(exc, Terminated) else "interrupted"
+        _print_error(f"{command}: {word}")
+        return 143 if isinstance(exc, Terminated) else 130
+
+
+def _fail(command: str, message: str) -> int:
+    _print_error(f"{command}: error: {message}")
+    return 2
+
+
+def _print_error(line: str) -> None:
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except OSError:  # stderr itself is gone; the exit code still tells
+        pass
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once is enough; cleanup must not be interrupted again
+    raise Terminated()
 
 
 if __name__ == "__main__":

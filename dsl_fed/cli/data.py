@@ -15,10 +15,10 @@ from pathlib import Path
 from tqdm import tqdm
 
 from dsl_fed.config import load_config
-from dsl_fed.data.audio import load_audio
+from dsl_fed.data.audio import MIN_SECONDS, load_audio
 from dsl_fed.data.chunking import count_chunks
 from dsl_fed.data.demo import CLASSES, make_demo_corpus
-from dsl_fed.data.manifest import PARTITIONS, read_manifest
+from dsl_fed.data.manifest import PARTITIONS, load_manifest, read_manifest
 from dsl_fed.data.partition import partition_speakers
 
 MAX_ROWS = 50  # rows per table before the rest is summarised
@@ -65,15 +65,18 @@ def run_make_demo_data(args: argparse.Namespace) -> int:
 def run_data_stats(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     data = cfg.data
-    manifest = read_manifest(data.manifest, seed=data.seed)
+    manifest = load_manifest(data)
 
     # (clips, chunks, seconds) per key
     totals: dict[tuple[str, ...], list[float]] = defaultdict(lambda: [0, 0, 0.0])
+    short: list[str] = []
     with tqdm(manifest.clips, desc="reading audio", unit="file", disable=None, file=sys.stderr, leave=False) as bar:
         for clip in bar:
             samples = load_audio(clip.path, data.sample_rate).shape[0]
             chunks = count_chunks(samples, data.chunk_samples, data.hop_samples)
             seconds = samples / data.sample_rate
+            if seconds < MIN_SECONDS:
+                short.append(str(clip.path))
             for key in (
                 ("partition", clip.partition),
                 ("total",),
@@ -116,6 +119,12 @@ def run_data_stats(args: argparse.Namespace) -> int:
     title = f"federated shards (data.shards={data.shards}: {'one per speaker' if data.shards == 0 else 'speaker groups'})"
     print(title)
     print(format_table(["shard", "speakers", "clips", "chunks", "seconds", "members"], _cap(rows, "shards")))
+    warnings = list(manifest.warnings)
+    if short:
+        warnings.append(f"{len(short)} clip(s) shorter than {1000 * MIN_SECONDS:g} ms, probably broken (e.g. {short[0]})")
+    for warning in warnings:
+        print(f"\nWARNING: {warning}")
+    manifest.partition("devel", required=True)  # train and simulate select on devel: an error here too
     return 0
 
 

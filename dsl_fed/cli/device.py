@@ -122,6 +122,7 @@ def run_export(args: argparse.Namespace) -> int:
     else:  # no audio at hand: still a numerical parity check, just not on recorded sound
         samples = synthetic_chunks(VERIFY_CHUNKS, int(model.input_shape[-1]), cfg.data.sample_rate)
         source = "synthetic chunks (tones and noise; no devel or train audio found)"
+    _check_finite(args.model, "the Keras model", model.predict(samples, verbose=0))  # a diverged model: say so
     check = ParityCheck(samples, source, args.min_agreement, args.max_prob_diff)
     path = export_tflite(model, out, args.quantization, args.input, representative=representative,
                          classes=classes, cfg=cfg, check=check)
@@ -132,6 +133,13 @@ def run_export(args: argparse.Namespace) -> int:
           f"(allowed {parity['max_prob_diff']:g}), top-1 agreement {100 * parity['top1_agreement']:.1f} % "
           f"(required {100 * parity['min_agreement']:.1f} %)")
     return 0
+
+
+def _check_finite(model_path: Path, what: str, outputs: np.ndarray) -> None:
+    """A model that diverged (NaN/inf weights) gives non-finite probabilities: refuse to export or trust it."""
+    if not np.isfinite(outputs).all():
+        raise DslFedError(f"{model_path}: {what} gives non-finite outputs (NaN/inf), so its training diverged; "
+                          "use an earlier checkpoint")
 
 
 def _model_context(model_path: Path, config: Path | None, classes_arg: str | None, overrides: list[str],
@@ -174,10 +182,10 @@ def _run_classes(run_dirs: list[Path]) -> list[str] | None:
 
 
 def _manifest_classes(cfg: Any) -> list[str]:
-    from dsl_fed.data.manifest import read_manifest
+    from dsl_fed.data.manifest import load_manifest
 
     try:
-        return list(read_manifest(cfg.data.manifest, seed=cfg.data.seed).classes)
+        return list(load_manifest(cfg.data).classes)
     except DslFedError as exc:
         raise DslFedError(f"cannot find the class names: no metrics.json in the run folder and data.manifest "
                           f"is unreadable ({exc}); pass --classes") from None
@@ -186,11 +194,11 @@ def _manifest_classes(cfg: Any) -> list[str]:
 def _chunks(cfg: Any, classes: list[str], partition: str, required: bool, purpose: str, max_clips: int = 100) -> Any:
     """Chunks of up to `max_clips` clips (spread over the partition) of the config's corpus, or None if the
     audio is unavailable and not `required`."""
-    from dsl_fed.data.manifest import read_manifest
+    from dsl_fed.data.manifest import load_manifest
     from dsl_fed.data.pipeline import load_chunks
 
     try:
-        clips = read_manifest(cfg.data.manifest, seed=cfg.data.seed).partition(partition)
+        clips = load_manifest(cfg.data).partition(partition)
         if not clips:
             raise DslFedError(f"{cfg.data.manifest}: partition {partition!r} is empty")
         picked = np.linspace(0, len(clips) - 1, min(max_clips, len(clips))).round().astype(int)
@@ -238,10 +246,11 @@ def run_predict(args: argparse.Namespace) -> int:
                       f"({manifest_path(args.model)})", file=sys.stderr)
             out.begin(path)
             result = predict_file(runner, path, manifest.sample_rate, manifest.window_samples, manifest.hop_samples,
-                                  stream=args.stream, realtime=args.realtime, block=args.block, on_chunk=out.chunk)
+                                  stream=args.stream, realtime=args.realtime, block=args.block,
+                                  on_chunk=lambda c: out.chunk(_finite_chunk(args.model, c)))
             out.end(result)
         except DslFedError as exc:
-            if args.audio.is_file():
+            if args.audio.is_file() or isinstance(exc, _BrokenModel):
                 raise
             failed += 1
             out.abort()
@@ -255,6 +264,18 @@ def run_predict(args: argparse.Namespace) -> int:
         raise DslFedError(f"{args.audio}: no audio file could be predicted "
                           f"({len(skipped)} non-audio, {failed} unreadable; audio types: {', '.join(SUPPORTED_EXTENSIONS)})")
     return 0
+
+
+class _BrokenModel(DslFedError):
+    """The model, not the input file, is at fault: stop instead of skipping to the next file."""
+
+
+def _finite_chunk(model_path: Path, chunk: Any) -> Any:
+    try:
+        _check_finite(model_path, f"the model (chunk {chunk.index})", chunk.probabilities)
+    except DslFedError as exc:
+        raise _BrokenModel(str(exc)) from None
+    return chunk
 
 
 def _audio_files(target: Path, extensions: tuple[str, ...]) -> tuple[list[Path], list[Path]]:

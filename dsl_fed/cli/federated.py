@@ -17,7 +17,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from dsl_fed.config import Config, load_config
+from dsl_fed.data.manifest import load_manifest
 from dsl_fed.errors import DslFedError
+from dsl_fed.io import refuse_existing, run_lock, staged_run
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -32,6 +34,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("config", type=Path, help="YAML config (see configs/quickstart.yaml)")
     p.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE", help="config overrides, e.g. federated.strategy=fedprox")
     p.add_argument("--resume", action="store_true", help="continue from runs/<name>/latest (same config required)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing run of this name (only once the new run has finished)")
     p.add_argument("--transfer-dtype", choices=["float32", "float16"], default=None,
                    help="precision of the weights on the wire (float16 halves the bytes); = federated.transfer_dtype")
     p.set_defaults(func=run_simulate)
@@ -41,7 +45,9 @@ def run_simulate(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.transfer_dtype:
         overrides.append(f"federated.transfer_dtype={args.transfer_dtype}")
-    run_dir = simulate(args.config, overrides, resume=args.resume)
+    if args.resume and args.overwrite:
+        raise DslFedError("--resume continues the existing run and --overwrite replaces it: give one of them")
+    run_dir = simulate(args.config, overrides, resume=args.resume, overwrite=args.overwrite)
     print(summary(run_dir))
     return 0
 
@@ -51,14 +57,22 @@ def simulate(
     overrides: Sequence[str] = (),
     resume: bool = False,
     echo: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True),
+    overwrite: bool = False,
 ) -> Path:
     """Run the federated training of `config_path` through `flwr run` on a private local simulation.
+
+    Everything that can be checked without Flower is checked first (config, manifest, partitions, federation
+    size, whether the run can be resumed). A new run is written into a staging folder and replaces an earlier
+    run of the same name only when it has finished (`dsl_fed.io.staged_run`); a resumed run continues in place.
+    One command at a time writes a run name (`dsl_fed.io.run_lock`), and every process the run started is
+    gone when this returns or raises, or soon after this process is killed (`dsl_fed.federated.watchdog`).
 
     Args:
         config_path: YAML config.
         overrides: ``section.key=value`` overrides.
         resume: Continue from ``runs/<name>/latest``.
         echo: Receives the ServerApp's user-facing lines (one per round, warnings, errors).
+        overwrite: Replace an earlier run of the same name once the new one has finished.
 
     Returns:
         The run folder ``<output.directory>/<output.name>`` (absolute).
@@ -66,15 +80,38 @@ def simulate(
     Raises:
         DslFedError: invalid config or data, a failed run (with the ServerApp's error message when it gave one).
     """
-    from dsl_fed.federated.run_config import check_federation_size, count_shards, run_config_toml, write_app
-    from dsl_fed.federated.runtime import flwr_run, local_superlink, private_flwr_home, progress_message, write_connection
+    from dsl_fed.federated.checkpoint import RunDirectory
+    from dsl_fed.federated.run_config import check_federation_size, count_shards
 
     config_path = Path(config_path).resolve()
     cfg = load_config(config_path, overrides)
     output_dir = Path(cfg.output.directory).resolve()  # relative to the current folder, like central runs
     run_dir = output_dir / cfg.output.name
-    num_shards = count_shards(cfg)
+    manifest = load_manifest(cfg.data)
+    manifest.partition("devel", required=True)
+    if cfg.federated.evaluate_test:
+        manifest.partition("test", required=True)
+    num_shards = count_shards(cfg, manifest)
     check_federation_size(cfg, num_shards)  # fail before Flower starts, not 20 s later in the ServerApp
+    if not resume:
+        refuse_existing(run_dir, overwrite)
+    with run_lock(run_dir):
+        if resume:
+            RunDirectory(run_dir).check_resume(cfg)
+            _run_flower(config_path, overrides, output_dir, run_dir, cfg, num_shards, resume, echo)
+        else:
+            with staged_run(run_dir, overwrite) as staging:
+                _run_flower(config_path, overrides, staging.parent, staging, cfg, num_shards, resume, echo)
+    return run_dir
+
+
+def _run_flower(config_path: Path, overrides: Sequence[str], output_dir: Path, run_dir: Path, cfg: Config,
+                num_shards: int, resume: bool, echo: Callable[[str], None]) -> None:
+    """`flwr run` on a private SuperLink, writing ``output_dir/<name>``; raises unless every round was written."""
+    from dsl_fed.federated.run_config import run_config_toml, write_app
+    from dsl_fed.federated.runtime import flwr_run, local_superlink, private_flwr_home, progress_message, write_connection
+    from dsl_fed.federated.watchdog import guard
+
     federation = {"num-supernodes": num_shards, "client-resources-num-cpus": int(cfg.federated.client_cpus)}
     errors: list[str] = []
 
@@ -86,16 +123,16 @@ def simulate(
             echo(message)
 
     logs = run_dir / "logs"
-    with private_flwr_home() as home:
+    with private_flwr_home() as home, guard(cleanup=(home,)) as marker:
         run_config = home / "run_config.toml"
         run_config.write_text(run_config_toml(config_path, list(overrides), output_dir, resume))
-        with local_superlink(home, logs / "superlink.log") as address:
+        with local_superlink(home, logs / "superlink.log", env=marker) as address:
             write_connection(home, address)
             echo(f"flower: {federation['num-supernodes']} clients, {federation['client-resources-num-cpus']} CPU each; "
                  f"log {logs / 'flower.log'}")
-            code = flwr_run(write_app(home / "app"), home, run_config, federation, logs / "flower.log", on_line)
+            code = flwr_run(write_app(home / "app"), home, run_config, federation, logs / "flower.log", on_line,
+                            env=marker)
     check_complete(run_dir, cfg, errors, code, logs / "flower.log")
-    return run_dir
 
 
 def check_complete(run_dir: Path, cfg: Config, errors: list[str], code: int, log: Path) -> None:

@@ -35,13 +35,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="YAML config; its data (chunking) and spectrogram sections apply (default: built-in)")
     p.add_argument("--out", type=Path, default=Path("spectrograms"), metavar="DIR",
                    help="output folder (default: ./spectrograms)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="config override, repeatable, e.g. --set spectrogram.colormap=magma")
+    p.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE",
+                   help="config overrides, e.g. spectrogram.colormap=magma")
+    p.add_argument("--set", dest="legacy_overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="deprecated spelling of an override (give SECTION.KEY=VALUE directly, like every command)")
     p.set_defaults(func=run_plot)
 
 
 def run_plot(args: argparse.Namespace) -> int:
-    cfg = _config(args.config, args.overrides, args.audio)
+    if args.legacy_overrides:
+        print("dsl_fed plot: note: --set is deprecated; write the overrides as SECTION.KEY=VALUE after AUDIO",
+              file=sys.stderr)
+    cfg = _config(args.config, [*args.legacy_overrides, *args.overrides], args.audio)
     waveform = load_audio(args.audio, cfg.data.sample_rate)
     paths = plot_audio(waveform, cfg, args.out, args.audio.stem)
     spec = cfg.spectrogram
@@ -90,4 +95,4 @@ def _config(path: Path | None, overrides: list[str], audio: Path) -> Config:
     try:
         return from_dict(raw)
     except DslFedError as exc:
-        raise DslFedError(f"--set: {exc}") from None
+        raise DslFedError(f"override: {exc}") from None

@@ -27,7 +27,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--central", type=Path, required=True, metavar="CONFIG", help="YAML config")
     p.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE", help="config overrides, e.g. training.phase1_epochs=5")
     p.add_argument("--fuse-dev", action="store_true", help="then retrain on train+devel with the selected epochs and report test")
-    p.add_argument("--verbose", type=int, choices=[0, 1, 2], default=1, help="Keras progress: 0 silent, 1 bars, 2 epoch lines")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing run of this name (only once the new run has finished)")
+    p.add_argument("--verbose", type=int, choices=[0, 1, 2], default=None,
+                   help="Keras progress: 0 silent, 1 bars, 2 epoch lines (default: bars on a terminal, else epoch lines)")
     p.set_defaults(func=run_train)
 
     p = subparsers.add_parser(
@@ -50,7 +53,8 @@ def run_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.central, args.overrides)
     command = "dsl_fed " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else ""
-    metrics = run_central(cfg, fuse_dev=args.fuse_dev, verbose=args.verbose, command=command)
+    verbose = args.verbose if args.verbose is not None else (1 if sys.stdout.isatty() else 2)
+    metrics = run_central(cfg, fuse_dev=args.fuse_dev, verbose=verbose, command=command, overwrite=args.overwrite)
     for part in ("devel", "test_train_only", "test"):
         if part in metrics:
             print(_summary(part, metrics[part]))
@@ -60,7 +64,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     from dsl_fed.config import load_config
-    from dsl_fed.data.manifest import read_manifest
+    from dsl_fed.data.manifest import load_manifest
     from dsl_fed.data.pipeline import load_chunks
     from dsl_fed.metrics import evaluate_chunks
     from dsl_fed.report import write_metrics_json
@@ -69,7 +73,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     model = load_model(args.model)
-    manifest = read_manifest(cfg.data.manifest, seed=cfg.data.seed)
+    manifest = load_manifest(cfg.data)
     if int(model.output_shape[-1]) != len(manifest.classes):
         raise DslFedError(
             f"{args.model}: the model has {model.output_shape[-1]} outputs but the manifest has "

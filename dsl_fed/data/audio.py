@@ -18,6 +18,10 @@ from dsl_fed.errors import DslFedError, first_line
 SUPPORTED_EXTENSIONS: tuple[str, ...] = (".wav", ".flac", ".ogg", ".mp3")
 """File types accepted everywhere (manifests, folder layouts, `load_audio`), lower case with the dot."""
 
+MIN_RATE, MAX_RATE = 1000, 768_000  # header rates outside this are corrupt (resampling 1 Hz would need terabytes)
+MIN_SECONDS = 0.01  # shorter clips (a few samples) are decodable but probably broken: `data-stats` counts them
+MAX_PEAK = 1000.0  # largest accepted sample magnitude
+
 # libsndfile decodes all four natively (MP3 since 1.1); older builds fall back to audioread for these.
 _FALLBACK_EXTENSIONS = (".ogg", ".mp3")
 
@@ -33,7 +37,8 @@ def load_audio(path: str | Path, sample_rate: int = 16000) -> np.ndarray:
         1-D float32 array; integer PCM is scaled to [-1, 1).
 
     Raises:
-        DslFedError: missing file, unsupported extension, zero-length or undecodable file, or NaN/inf samples.
+        DslFedError: missing file, unsupported extension, zero-length or undecodable file, an implausible
+            header rate, NaN/inf or huge sample values.
     """
     path = Path(path)
     if not path.is_file():
@@ -50,9 +55,14 @@ def load_audio(path: str | Path, sample_rate: int = 16000) -> np.ndarray:
     samples, file_rate = _decode(path, ext)
     if samples.size == 0:
         raise DslFedError(f"{path}: audio file contains no samples")
+    if not MIN_RATE <= file_rate <= MAX_RATE:
+        raise DslFedError(f"{path}: the header claims {file_rate} Hz; expected {MIN_RATE}-{MAX_RATE} Hz")
     if not np.isfinite(samples).all():
         bad = int(np.count_nonzero(~np.isfinite(samples)))
         raise DslFedError(f"{path}: audio contains {bad} NaN/inf sample value(s)")
+    peak = float(np.abs(samples).max())
+    if peak > MAX_PEAK:  # float files hold [-1, 1]; huge values overflow the channel mix-down and the spectrogram
+        raise DslFedError(f"{path}: sample values reach {peak:.3g}; float audio is expected in [-1, 1]")
 
     mono = samples.mean(axis=1) if samples.shape[1] > 1 else samples[:, 0]
     if file_rate != sample_rate:

@@ -26,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
-from scipy.signal import lfilter
 from tqdm import tqdm
 
 from dsl_fed.errors import DslFedError
@@ -222,3 +221,11 @@ def _assign_partitions(names: list[str], seed: int) -> dict[str, str]:
 def _write_wav(path: Path, audio: np.ndarray) -> None:
     with atomic_path(path) as tmp:
         sf.write(str(tmp), audio, SAMPLE_RATE, subtype="PCM_16", format="WAV")
+
+
+def lfilter(b: list[float], a: list[float], x: np.ndarray) -> np.ndarray:
+    """`scipy.signal.lfilter`, imported on first use: scipy.signal takes seconds to import and every `dsl_fed`
+    command loads this module, while only synthesising demo audio needs it."""
+    from scipy.signal import lfilter as scipy_lfilter
+
+    return scipy_lfilter(b, a, x)

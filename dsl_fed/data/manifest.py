@@ -18,19 +18,24 @@ Defaults when information is missing:
   frequent label (see `split_speakers`).
 
 Everything is checked when the manifest is read, before any audio is decoded; each problem is one
-`DslFedError` naming the file and line.
+`DslFedError` naming the file and line. Errors where the protocol would break: the same audio file listed
+twice (under any spelling: ``a/../a/x.wav``, an absolute path, a symlink), labels that differ only in case,
+and a speaker in train and in devel/test (speaker independence) unless ``allow_speaker_overlap`` says it is
+intended - then `Manifest.warnings` says so, as it counts files a folder corpus ignored.
 """
 
 from __future__ import annotations
 
 import csv
 import difflib
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from dsl_fed.config import DataConfig
 from dsl_fed.data.audio import SUPPORTED_EXTENSIONS
 from dsl_fed.errors import DslFedError
 
@@ -64,6 +69,7 @@ class Manifest:
     clips: list[Clip]
     classes: list[str]
     source: Path | None = field(default=None, compare=False)
+    warnings: list[str] = field(default_factory=list, compare=False)  # odd but allowed; every report repeats them
 
     def partition(self, name: str, required: bool = False) -> list[Clip]:
         """Clips of partition `name` in manifest order.
@@ -85,27 +91,37 @@ class Manifest:
         return sorted({c.speaker for c in clips})
 
 
-def read_manifest(path: str | Path, seed: int = 0) -> Manifest:
+def load_manifest(data: DataConfig) -> Manifest:
+    """`read_manifest` with the config's data settings: how every command reads its corpus."""
+    return read_manifest(data.manifest, seed=data.seed, allow_speaker_overlap=data.allow_speaker_overlap)
+
+
+def read_manifest(path: str | Path, seed: int = 0, allow_speaker_overlap: bool = False) -> Manifest:
     """Read a manifest CSV or a folder-per-class directory and validate it completely.
 
     Args:
         path: CSV file or directory.
         seed: Seed of the default speaker split, used only when partitions are not given.
+        allow_speaker_overlap: Accept speakers with clips in train and in devel/test (with a warning).
 
     Raises:
         DslFedError: missing CSV columns, empty cells, unknown partition names, unsupported file types,
-            missing audio files (named by CSV line), duplicate files, an empty train partition, fewer than two
+            missing audio files (named by CSV line), the same file twice, labels differing only in case, a
+            speaker in train and devel/test (unless allowed), an empty train partition, fewer than two
             training classes, or a devel/test label that train never saw.
     """
     path = Path(path).absolute()
+    warnings: list[str] = []
     if path.is_dir():
-        rows = _rows_from_folder(path)
+        rows = _rows_from_folder(path, warnings)
     elif path.is_file():
         rows = _rows_from_csv(path)
     else:
         raise DslFedError(f"{path}: manifest not found (expected a CSV file or a folder-per-class directory)")
     if not rows:
         raise DslFedError(f"{path}: manifest lists no clips")
+    _check_same_files(rows)
+    _check_label_spellings(rows)
 
     if all(r.partition is None for r in rows):
         try:
@@ -128,8 +144,17 @@ def read_manifest(path: str | Path, seed: int = 0) -> Manifest:
                 f"(train labels: {', '.join(classes)})"
             )
 
+    overlap = sorted({r.speaker for r in train} & {r.speaker for r in rows if r.partition != "train"})
+    if overlap:
+        named = f"{len(overlap)} speaker(s) ({', '.join(overlap[:5])}{', ...' if len(overlap) > 5 else ''})"
+        if not allow_speaker_overlap:
+            raise DslFedError(f"{path}: {named} have clips in train and in devel/test, which breaks speaker-"
+                              "independent evaluation; fix the partitions or set data.allow_speaker_overlap: true")
+        warnings.append(f"{named} are in train and in devel/test (data.allow_speaker_overlap): devel/test scores "
+                        "are not speaker-independent")
+
     clips = [Clip(i, r.path, r.label, r.speaker, r.partition) for i, r in enumerate(rows)]
-    return Manifest(clips=clips, classes=classes, source=path)
+    return Manifest(clips=clips, classes=classes, source=path, warnings=warnings)
 
 
 def split_speakers(speaker_labels: dict[str, str], seed: int) -> dict[str, str]:
@@ -176,6 +201,27 @@ class _Row:
         return _Row(self.where, self.path, self.label, self.speaker, partition)
 
 
+def _check_same_files(rows: list[_Row]) -> None:
+    """One recording listed twice (any spelling, any partitions) would be counted twice or leak into test."""
+    seen: dict[str, _Row] = {}
+    for r in rows:
+        real = os.path.realpath(r.path)
+        if real in seen:
+            first = seen[real]
+            raise DslFedError(f"{r.where}: {r.path.name!r} ({r.partition or 'no partition'}) is the same file as "
+                              f"{first.where} ({first.partition or 'no partition'}): {real}")
+        seen[real] = r
+
+
+def _check_label_spellings(rows: list[_Row]) -> None:
+    spellings: dict[str, _Row] = {}
+    for r in rows:
+        first = spellings.setdefault(r.label.casefold(), r)
+        if first.label != r.label:
+            raise DslFedError(f"{r.where}: label {r.label!r} differs from {first.label!r} ({first.where}) only in "
+                              "case; write every label the same way")
+
+
 def _speaker_labels(rows: list[_Row]) -> dict[str, str]:
     counts: dict[str, Counter] = {}
     for r in rows:
@@ -198,7 +244,6 @@ def _rows_from_csv(path: Path) -> list[_Row]:
     index = {name: columns.index(name) for name in REQUIRED_COLUMNS + OPTIONAL_COLUMNS if name in columns}
 
     rows: list[_Row] = []
-    seen: dict[Path, str] = {}
     missing: list[tuple[str, str]] = []
     for line_no, cells in enumerate(reader, start=2):
         if not cells or all(not c.strip() for c in cells):
@@ -213,9 +258,6 @@ def _rows_from_csv(path: Path) -> list[_Row]:
         filename = value["filename"]
         audio = Path(filename) if Path(filename).is_absolute() else path.parent / filename
         _check_extension(audio, where)
-        if audio in seen:
-            raise DslFedError(f"{where}: file {filename!r} is already listed on {seen[audio]}")
-        seen[audio] = f"line {line_no}"
         if not audio.is_file():
             missing.append((where, filename))
         partition = value.get("partition")
@@ -265,7 +307,7 @@ def _check_extension(audio: Path, where: str) -> None:
         )
 
 
-def _rows_from_folder(root: Path) -> list[_Row]:
+def _rows_from_folder(root: Path, warnings: list[str]) -> list[_Row]:
     subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not subdirs:
         raise DslFedError(f"{root}: folder has no class sub-folders (expected {root}/<label>/*.wav)")
@@ -281,26 +323,32 @@ def _rows_from_folder(root: Path) -> list[_Row]:
             f"{root}/<label>/ or {root}/<partition>/<label>/"
         )
     rows: list[_Row] = []
+    ignored: list[Path] = []
     if partitioned:
         for part_dir in subdirs:
             labels = sorted(p for p in part_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
             for label_dir in labels:
-                rows.extend(_rows_from_label_dir(root, label_dir, part_dir.name.lower()))
+                rows.extend(_rows_from_label_dir(root, label_dir, part_dir.name.lower(), ignored))
     else:
         for label_dir in subdirs:
-            rows.extend(_rows_from_label_dir(root, label_dir, None))
+            rows.extend(_rows_from_label_dir(root, label_dir, None, ignored))
     if not rows:
         raise DslFedError(f"{root}: no audio files ({', '.join(SUPPORTED_EXTENSIONS)}) found in its class folders")
+    if ignored:
+        types = sorted({p.suffix.lower() or "(no extension)" for p in ignored})
+        warnings.append(f"{root}: ignored {len(ignored)} file(s) of other types ({', '.join(types)}; e.g. "
+                        f"{ignored[0].relative_to(root)}); only {', '.join(SUPPORTED_EXTENSIONS)} are read")
     return rows
 
 
-def _rows_from_label_dir(root: Path, label_dir: Path, partition: str | None) -> list[_Row]:
+def _rows_from_label_dir(root: Path, label_dir: Path, partition: str | None, ignored: list[Path]) -> list[_Row]:
     rows = []
     for audio in sorted(label_dir.rglob("*")):
         rel = audio.relative_to(label_dir)
-        if not audio.is_file() or audio.suffix.lower() not in SUPPORTED_EXTENSIONS:
+        if not audio.is_file() or any(part.startswith(".") for part in rel.parts):
             continue
-        if any(part.startswith(".") for part in rel.parts):
+        if audio.suffix.lower() not in SUPPORTED_EXTENSIONS:
+            ignored.append(audio)
             continue
         speaker = rel.parts[0] if len(rel.parts) > 1 else str(audio.relative_to(root))
         rows.append(_Row(str(audio), audio, label_dir.name, speaker, partition))

@@ -26,8 +26,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
-from dsl_fed.errors import DslFedError
+from dsl_fed.config import Config
+from dsl_fed.errors import DslFedError, first_line
 from dsl_fed.io import atomic_write_csv, read_history
 
 LATEST = "latest"
@@ -77,13 +79,29 @@ class RunDirectory:
         with np.load(path) as data:
             return {name: data[name] for name in data.files}
 
-    def start_over(self) -> None:
-        """Remove the round folders, ``latest``, history and plot of an earlier run of the same name."""
-        (self.path / LATEST).unlink(missing_ok=True)
-        for item in self.path.glob("round_*"):
-            shutil.rmtree(item)
-        for name in (HISTORY, PLOT):
-            (self.path / name).unlink(missing_ok=True)
+    def check_new(self) -> None:
+        """Refuse to start a run over an earlier one of the same name (`dsl_fed simulate --overwrite` stages a
+        new run and replaces the old one only when it has finished)."""
+        if self.path.is_dir() and any(p.name != "logs" for p in self.path.iterdir()):  # logs: this run's own
+            raise DslFedError(f"{self.path}: holds an earlier run of this name; resume it, choose another "
+                              "output.name, or replace it with `dsl_fed simulate --overwrite`")
+
+    def check_resume(self, cfg: Config) -> int:
+        """The round a resumed run of `cfg` continues from; raises unless the run exists with the same config."""
+        k = self.latest_round() if self.path.is_dir() else None
+        if k is None:
+            raise DslFedError(f"{self.path}: no complete round to resume from; start without resume")
+        saved_path = self.path / "config.yaml"
+        if not saved_path.is_file():
+            raise DslFedError(f"{saved_path}: missing, so the run's config cannot be compared; start without resume")
+        try:
+            saved = yaml.safe_load(saved_path.read_text()) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise DslFedError(f"{saved_path}: not valid YAML ({first_line(exc)}); start without resume") from None
+        changed = _changed_keys(saved, cfg.to_dict())
+        if changed:
+            raise DslFedError(f"{saved_path}: resuming needs the same config, but {', '.join(changed)} changed")
+        return k
 
     def write_round(
         self,
@@ -130,3 +148,13 @@ class RunDirectory:
         rows.append(dict(row))
         atomic_write_csv(self.path / HISTORY, rows)
         return rows
+
+
+def _changed_keys(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """``section.key`` entries that differ (the output location may move)."""
+    return sorted(
+        f"{section}.{key}"
+        for section, values in current.items() if section != "output"
+        for key, value in values.items()
+        if (saved.get(section) or {}).get(key) != value
+    )

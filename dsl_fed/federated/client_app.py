@@ -36,7 +36,7 @@ from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordD
 from flwr.clientapp import ClientApp  # noqa: E402
 
 from dsl_fed.config import Config, DataConfig  # noqa: E402
-from dsl_fed.data import ChunkSet, Manifest, load_chunks, read_manifest, shard_clips  # noqa: E402
+from dsl_fed.data import ChunkSet, Manifest, load_chunks, load_manifest, shard_clips  # noqa: E402
 from dsl_fed.errors import DslFedError  # noqa: E402
 from dsl_fed.metrics import uar  # noqa: E402
 from dsl_fed.models import build_model, get_weights_by_name, set_phase, set_weights_by_name  # noqa: E402
@@ -220,7 +220,7 @@ def held_out_chunks(cfg: Config, node_config: Mapping[str, object]) -> tuple[Chu
 
 def shard_speakers(data: DataConfig, partition: int, num_partitions: int) -> tuple[list[str], Manifest]:
     """Speakers of shard `partition` (natural-id partitioning by speaker, `data.shards` groups) + manifest."""
-    manifest = read_manifest(data.manifest, seed=data.seed)
+    manifest = load_manifest(data)
     shards = shard_clips(manifest.partition("train", required=True), data.shards, data.seed)
     if len(shards) != num_partitions:
         raise DslFedError(

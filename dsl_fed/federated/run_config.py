@@ -86,9 +86,9 @@ def resume_requested(run_config: Mapping[str, object]) -> bool:
 
 def count_shards(cfg: Config, manifest: Manifest | None = None) -> int:
     """Training shards of the config's corpus (`data.shards` groups of speakers) = SuperNodes needed."""
-    from dsl_fed.data import read_manifest, shard_clips
+    from dsl_fed.data import load_manifest, shard_clips
 
-    manifest = manifest or read_manifest(cfg.data.manifest, seed=cfg.data.seed)
+    manifest = manifest or load_manifest(cfg.data)
     return len(shard_clips(manifest.partition("train", required=True), cfg.data.shards, cfg.data.seed))
 
 

@@ -16,18 +16,20 @@ import contextlib
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+
+import psutil
 
 from dsl_fed.errors import DslFedError
 from dsl_fed.federated.run_config import PROGRESS_MARK
+from dsl_fed.federated.watchdog import end_processes
 
 CONNECTION = "dsl-fed"  # the SuperLink connection name written into the private FLWR_HOME
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -50,20 +52,11 @@ def free_port() -> int:
 
 
 def descendants(pid: int) -> list[int]:
-    """All live descendants of `pid` (Linux /proc; empty elsewhere)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
+    """All live descendants of `pid`."""
+    try:
+        return [p.pid for p in psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
 
 
 def terminate_tree(pid: int, timeout: float = 20.0) -> None:
@@ -72,17 +65,12 @@ def terminate_tree(pid: int, timeout: float = 20.0) -> None:
     The descendants are collected first because SuperExec leaves its parent's session and process group, and
     becomes unreachable through the tree once its parent is gone.
     """
-    pids = [pid, *descendants(pid)]
-    for p in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(p, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    for p in pids:
-        if _alive(p):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(p, signal.SIGKILL)
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    end_processes(procs, timeout)
 
 
 def stop_process_tree(proc: subprocess.Popen, timeout: float = 20.0) -> None:
@@ -92,8 +80,12 @@ def stop_process_tree(proc: subprocess.Popen, timeout: float = 20.0) -> None:
 
 
 @contextlib.contextmanager
-def local_superlink(flwr_home: Path, log_file: Path, startup_timeout: float = 60.0) -> Iterator[str]:
-    """Start a simulation SuperLink owned by this process; yield its address; stop it and its children."""
+def local_superlink(flwr_home: Path, log_file: Path, startup_timeout: float = 60.0,
+                    env: Mapping[str, str] | None = None) -> Iterator[str]:
+    """Start a simulation SuperLink owned by this process; yield its address; stop it and its children.
+
+    `env` is added to the SuperLink's environment (e.g. the run marker of `dsl_fed.federated.watchdog.guard`).
+    """
     exe = executable("flower-superlink")
     port, control = free_port(), free_port()
     cmd = [
@@ -102,7 +94,7 @@ def local_superlink(flwr_home: Path, log_file: Path, startup_timeout: float = 60
         "--disable-runtime-dependency-installation", "--log-file", str(log_file),
     ]
     log_file.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, **QUIET_ENV, "FLWR_HOME": str(flwr_home)}
+    env = {**os.environ, **QUIET_ENV, **(env or {}), "FLWR_HOME": str(flwr_home)}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         _wait_healthy(proc, port, log_file, startup_timeout)
@@ -127,6 +119,7 @@ def flwr_run(
     log_file: Path,
     on_line: Callable[[str], None] = lambda line: None,
     connection: str = CONNECTION,
+    env: Mapping[str, str] | None = None,
 ) -> int:
     """``flwr run APP CONNECTION --stream`` with a run-config TOML file; every output line goes to `log_file`.
 
@@ -137,7 +130,7 @@ def flwr_run(
     cmd = [executable("flwr"), "run", str(app_dir), connection, "--stream", "--run-config", str(run_config)]
     if fed:
         cmd += ["--federation-config", fed]
-    env = {**os.environ, **QUIET_ENV, "FLWR_HOME": str(flwr_home)}
+    env = {**os.environ, **QUIET_ENV, **(env or {}), "FLWR_HOME": str(flwr_home)}
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with log_file.open("a") as log, subprocess.Popen(
         cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace", bufsize=1
@@ -198,10 +191,3 @@ def _wait_healthy(proc: subprocess.Popen, port: int, log_file: Path, timeout: fl
         time.sleep(0.2)
     raise DslFedError(f"flower-superlink did not answer on 127.0.0.1:{port} within {timeout:.0f} s; see {log_file}")
 
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"  # a zombie has exited; only its parent can reap it

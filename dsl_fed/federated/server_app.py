@@ -21,13 +21,12 @@ from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import keras  # noqa: E402
-import yaml  # noqa: E402
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord  # noqa: E402
 from flwr.serverapp import Grid, ServerApp  # noqa: E402
 from flwr.serverapp.strategy import Result  # noqa: E402
 
 from dsl_fed.config import Config  # noqa: E402
-from dsl_fed.data import ChunkSet, Manifest, load_chunks, read_manifest  # noqa: E402
+from dsl_fed.data import ChunkSet, Manifest, load_chunks, load_manifest  # noqa: E402
 from dsl_fed.errors import DslFedError  # noqa: E402
 from dsl_fed.export import export_tflite  # noqa: E402
 from dsl_fed.io import atomic_write  # noqa: E402
@@ -63,11 +62,13 @@ def run_server(grid: Grid, run_config: Mapping[str, Any], node_timeout: float = 
     """Run (or resume) the whole federated training on `grid`; returns Flower's `Result` (None if nothing to do)."""
     cfg = config_from_run_config(run_config, app_dir)
     resume = resume_requested(run_config)
-    manifest = read_manifest(cfg.data.manifest, seed=cfg.data.seed)
+    manifest = load_manifest(cfg.data)
     num_shards = count_shards(cfg, manifest)
     check_federation_size(cfg, num_shards)
     schedule = PhaseSchedule.from_config(cfg.federated)
     run = RunDirectory(cfg.output.run_dir)
+    for warning in manifest.warnings:
+        LOG.warning("%s warning: %s", PROGRESS_MARK, warning)
 
     keras.backend.clear_session()
     model = build_model(cfg, len(manifest.classes))
@@ -107,6 +108,7 @@ class RoundPublisher:
                  run: RunDirectory) -> None:
         self.cfg = cfg
         self.classes = manifest.classes
+        self.warnings = manifest.warnings  # repeated in every round manifest
         self.model = model
         self.strategy = strategy
         self.run = run
@@ -134,6 +136,7 @@ class RoundPublisher:
             "num_rounds": self.strategy.schedule.num_rounds,
             "strategy": self.cfg.federated.strategy,
             "transfer_dtype": self.cfg.federated.transfer_dtype,
+            "warnings": self.warnings,
             **scores,
             "clients": dataclasses.asdict(stats),
             "bytes_up": stats.bytes_up,
@@ -204,41 +207,16 @@ def slice_names(model: keras.Model, cfg: Config) -> dict[int, list[str]]:
 
 
 def _start(run: RunDirectory, cfg: Config) -> int:
-    if run.latest_round() is not None:
-        LOG.warning("%s %s holds an earlier run of this name; starting over (pass resume to continue it)",
-                    PROGRESS_MARK, run.path)
-    run.start_over()
+    run.check_new()
     atomic_write(run.path / "config.yaml", cfg.to_yaml())
     return 0
 
 
 def _resume(run: RunDirectory, cfg: Config, model: keras.Model) -> int:
     """Load the last complete round into `model`; returns its number (the rounds to skip)."""
-    k = run.latest_round()
-    if k is None:
-        raise DslFedError(f"{run.path}: no complete round to resume from; start without resume")
-    saved_path = run.path / "config.yaml"
-    if not saved_path.is_file():
-        raise DslFedError(f"{saved_path}: missing, so the run's config cannot be compared; start without resume")
-    try:
-        saved = yaml.safe_load(saved_path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise DslFedError(f"{saved_path}: not valid YAML ({str(exc).splitlines()[0]}); start without resume") from None
-    changed = _changed_keys(saved, cfg.to_dict())
-    if changed:
-        raise DslFedError(f"{saved_path}: resuming needs the same config, but {', '.join(changed)} changed")
+    k = run.check_resume(cfg)
     model.load_weights(run.round_dir(k) / "model.keras")
     return k
-
-
-def _changed_keys(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
-    """``section.key`` entries that differ (the output location may move)."""
-    return sorted(
-        f"{section}.{key}"
-        for section, values in current.items() if section != "output"
-        for key, value in values.items()
-        if (saved.get(section) or {}).get(key) != value
-    )
 
 
 def _clients_have_held_out_clips(manifest: Manifest) -> bool:

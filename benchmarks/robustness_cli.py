@@ -1,0 +1,522 @@
+"""Robustness probe: bad inputs and faults against the real `dsl_fed` command, counted.
+
+    python benchmarks/robustness_cli.py            # all cases, ~10 min on 2 cores (3 Flower runs)
+    python benchmarks/robustness_cli.py --fast     # only the cases that need no TensorFlow (~1 min)
+
+Every case runs ``python -m dsl_fed ...`` in a subprocess on a small demo corpus, in a fresh folder, with a
+unique ``DSL_FED_PROBE`` value in its environment (every process it starts inherits it). A case expects either
+a clean error (exit 2, exactly one stderr line starting ``dsl_fed <command>: error:`` and naming the problem,
+no traceback) or success, possibly with a warning. Counted:
+
+- clean: the expected outcome;
+- tracebacks: a Python traceback on stderr;
+- silent acceptances: exit 0 where an error was expected, or a missing warning;
+- messy errors: any other failure (several lines, wrong exit code, a message that does not name the problem);
+- runs lost: an earlier run of the same name changed (it is hashed before and after);
+- processes left: processes with the case's ``DSL_FED_PROBE`` still alive 60 s after the command ended.
+
+Writes ``benchmarks/results/robustness_cli.md``. Target: zero in every column but "clean".
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import platform
+import shlex
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import psutil
+import soundfile as sf
+import yaml
+
+RESULTS = Path(__file__).resolve().parent / "results" / "robustness_cli.md"
+PROBE_ENV = "DSL_FED_PROBE"
+
+TINY = {
+    "data": {"chunk_seconds": 1.0, "hop_seconds": 0.5, "shards": 2},
+    "spectrogram": {"n_mels": 32, "image_size": 32},
+    "model": {"backbone": "tiny", "weights": None, "units": 32, "dropout": 0.1},
+    "training": {"optimizer": "adam", "learning_rate": 0.003, "batch_size": 32, "phase1_epochs": 1,
+                 "phase2_epochs": 1, "unfrozen_layers": 2},
+    "federated": {"phase1_rounds": 1, "phase2_rounds": 0, "local_epochs": 1, "min_train_nodes": 2,
+                  "min_available_nodes": 2},
+    "output": {"name": "run"},
+}
+
+
+# ------------------------------------------------------------------------------------------------ workspace
+
+
+class Workspace:
+    """A case's folder: the demo corpus (shared, read-only), configs, manifests and runs of its own."""
+
+    def __init__(self, root: Path, corpus: Path) -> None:
+        self.root = root
+        self.corpus = corpus  # folder with manifest.csv and the wavs
+        self.runs = root / "runs"
+        root.mkdir(parents=True, exist_ok=True)
+
+    def config(self, name: str = "cfg.yaml", manifest: Path | None = None, **sections: dict) -> Path:
+        raw = {k: dict(v) for k, v in TINY.items()}
+        raw["data"]["manifest"] = str(manifest or self.corpus / "manifest.csv")
+        raw["output"]["directory"] = str(self.runs)
+        for section, values in sections.items():
+            raw[section] = {**raw.get(section, {}), **values}
+        path = self.root / name
+        path.write_text(yaml.safe_dump(raw, sort_keys=False))
+        return path
+
+    def manifest(self, edit: Callable[[list[list[str]]], None], name: str = "m.csv") -> Path:
+        """A copy of the demo manifest (absolute file names) changed by `edit` (rows without the header)."""
+        lines = (self.corpus / "manifest.csv").read_text().splitlines()
+        header, rows = lines[0], [line.split(",") for line in lines[1:]]
+        for r in rows:
+            r[0] = str(self.corpus / r[0])
+        edit(rows)
+        path = self.root / name
+        path.write_text("\n".join([header] + [",".join(r) for r in rows]) + "\n")
+        return path
+
+    def wav(self, name: str, data: np.ndarray, rate: int = 16000, subtype: str | None = None) -> Path:
+        path = self.root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sf.write(path, data, rate, subtype=subtype)
+        return path
+
+    def earlier_run(self, name: str = "run") -> Path:
+        """A finished-looking earlier run (what must survive a failed or refused re-run byte for byte)."""
+        run = self.runs / name
+        (run / "round_1").mkdir(parents=True)
+        (run / "round_1" / "model.keras").write_bytes(b"earlier model")
+        (run / "history.csv").write_text("round,devel_uar\n1,0.5\n")
+        (run / "config.yaml").write_text("earlier: config\n")
+        (run / "model.keras").write_bytes(b"earlier central model")
+        os.symlink("round_1", run / "latest")
+        return run
+
+
+def tree_hash(path: Path) -> str | None:
+    """Hash of every file's relative path, bytes and symlink target under `path` (None if absent)."""
+    if not path.exists():
+        return None
+    digest = hashlib.sha256()
+    for item in sorted(path.rglob("*")):
+        digest.update(str(item.relative_to(path)).encode())
+        if item.is_symlink():
+            digest.update(os.readlink(item).encode())
+        elif item.is_file():
+            digest.update(item.read_bytes())
+    return digest.hexdigest()
+
+
+def probe_processes(probe: str) -> list[psutil.Process]:
+    """Processes anywhere on the machine whose environment carries this case's probe value."""
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get(PROBE_ENV) == probe and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+def wait_gone(probe: str, timeout: float) -> list[psutil.Process]:
+    deadline = time.monotonic() + timeout
+    while (left := probe_processes(probe)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return left
+
+
+# ------------------------------------------------------------------------------------------------ cases
+
+
+@dataclass
+class Case:
+    """One probe. `setup` prepares the workspace and returns the CLI arguments (after ``dsl_fed``)."""
+
+    name: str
+    setup: Callable[[Workspace], list[str]]
+    expect: str  # substring of the one error line, or of stdout+stderr for "warn"
+    kind: str = "error"  # "error" | "warn" | "ok" | "pipe" | "signal"
+    fast: bool = True  # needs no TensorFlow
+    protect: str | None = None  # run name whose earlier run must stay byte-identical
+    fault: Callable[[subprocess.Popen, Workspace], None] | None = None  # acts on the running command
+    shell_tail: str = ""  # e.g. "| head -1": run through a bash pipe
+
+
+@dataclass
+class Outcome:
+    case: Case
+    verdict: str  # clean | traceback | silent | messy
+    run_lost: bool = False
+    processes_left: int = 0
+    rounds_after_death: int = 0
+    detail: str = ""
+    seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+def _override(*items: str) -> Callable[[Workspace], list[str]]:
+    return lambda ws: ["data-stats", str(ws.config()), *items]
+
+
+def _yaml_text(text: bytes) -> Callable[[Workspace], list[str]]:
+    def setup(ws: Workspace) -> list[str]:
+        path = ws.root / "bad.yaml"
+        path.write_bytes(text.replace(b"MANIFEST", str(ws.corpus / "manifest.csv").encode()))
+        return ["data-stats", str(path)]
+    return setup
+
+
+def _with_manifest(edit: Callable[[list[list[str]]], None], *overrides: str) -> Callable[[Workspace], list[str]]:
+    return lambda ws: ["data-stats", str(ws.config(manifest=ws.manifest(edit))), *overrides]
+
+
+def _same_file_spelt(rows: list[list[str]], spelling: Callable[[str], str]) -> None:
+    test = next(r for r in rows if r[3] == "test")
+    train = next(r for r in rows if r[3] == "train")
+    test[0] = spelling(train[0])
+
+
+def _audio_case(data: np.ndarray, rate: int = 16000, subtype: str | None = None) -> Callable[[Workspace], list[str]]:
+    def setup(ws: Workspace) -> list[str]:
+        bad = ws.wav("bad.wav", data, rate, subtype)
+        return ["data-stats", str(ws.config(manifest=ws.manifest(lambda rows: rows[1].__setitem__(0, str(bad)))))]
+    return setup
+
+
+def _folder_corpus_with_extra_files(ws: Workspace) -> list[str]:
+    import shutil
+
+    folder = ws.root / "folder"
+    for line in (ws.corpus / "manifest.csv").read_text().splitlines()[1:]:
+        name, label, speaker, part = line.split(",")
+        target = folder / part / label / speaker / Path(name).name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ws.corpus / name, target)
+    sf.write(folder / "train" / "flat" / "extra.aiff", np.zeros(1600, np.float32), 16000, format="AIFF")
+    return ["data-stats", str(ws.config(manifest=folder))]
+
+
+def _earlier_run_then(args: Callable[[Workspace], list[str]]) -> Callable[[Workspace], list[str]]:
+    def setup(ws: Workspace) -> list[str]:
+        ws.earlier_run()
+        return args(ws)
+    return setup
+
+
+def _resume_changed_config(ws: Workspace) -> list[str]:
+    run = ws.earlier_run()
+    (run / "config.yaml").write_text(yaml.safe_dump({**TINY, "training": {**TINY["training"], "learning_rate": 0.1}}))
+    return ["simulate", str(ws.config()), "--resume"]
+
+
+def _locked_run(ws: Workspace) -> list[str]:
+    holder = ws.root / "holder.py"
+    holder.write_text(
+        "import sys, time\nfrom dsl_fed.io import run_lock\n"
+        f"with run_lock({str(ws.runs / 'run')!r}):\n    print('locked', flush=True)\n    time.sleep(60)\n"
+    )
+    ws.holder = subprocess.Popen([sys.executable, str(holder)], stdout=subprocess.PIPE, text=True)
+    ws.holder.stdout.readline()
+    return ["simulate", str(ws.config())]
+
+
+def _trained_model(ws: Workspace) -> Path:
+    """A tiny model trained for one epoch by the real CLI (what evaluate/export/predict cases start from)."""
+    cfg = ws.config("train.yaml", training={"phase2_epochs": 0}, output={"name": "trained"})
+    subprocess.run([sys.executable, "-m", "dsl_fed", "train", "--central", str(cfg), "--verbose", "0"],
+                   check=True, capture_output=True)
+    return ws.runs / "trained" / "model.keras"
+
+
+def _tflite(ws: Workspace) -> Path:
+    model = _trained_model(ws)
+    subprocess.run([sys.executable, "-m", "dsl_fed", "export", str(model)], check=True, capture_output=True)
+    return model.parent / "tflite_fp32" / "model.tflite"
+
+
+def _nan_model(ws: Workspace) -> Path:
+    """The trained model with one weight set to NaN (what a diverged run used to save)."""
+    script = ws.root / "poison.py"
+    model = _trained_model(ws)
+    script.write_text(
+        "import sys, numpy as np, keras\nimport dsl_fed.models\n"
+        "m = keras.saving.load_model(sys.argv[1])\nw = m.get_weights(); w[-1] = w[-1] * np.nan; m.set_weights(w)\n"
+        "m.save(sys.argv[2])\n"
+    )
+    subprocess.run([sys.executable, str(script), str(model), str(model.parent / "nan.keras")], check=True,
+                   capture_output=True)
+    return model.parent / "nan.keras"
+
+
+def _sigterm_when_round_starts(proc: subprocess.Popen, ws: Workspace) -> None:
+    _wait_for_line(proc, "flower:")
+    time.sleep(8)  # Flower, Ray and the clients are up
+    ws.killed_at = time.time()
+    proc.send_signal(signal.SIGTERM)
+
+
+def _sigkill_when_round_starts(proc: subprocess.Popen, ws: Workspace) -> None:
+    _wait_for_line(proc, "flower:")
+    time.sleep(8)
+    ws.killed_at = time.time()
+    proc.kill()
+
+
+def _wait_for_line(proc: subprocess.Popen, text: str, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    ws_lines = []
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        ws_lines.append(line)
+        if text in line or not line:
+            return
+
+
+CASES: list[Case] = [
+    # config values
+    Case("learning rate inf", _override("training.learning_rate=inf"), "training.learning_rate: must be a finite"),
+    Case("ARELU beta nan", _override("model.arelu_beta=nan"), "model.arelu_beta: must be a finite"),
+    Case("chunk 1e9 s (terabytes)", _override("data.chunk_seconds=1e9"), "data.chunk_seconds: must be in"),
+    Case("chunk inf", _override("data.chunk_seconds=inf"), "data.chunk_seconds: must be a finite"),
+    Case("hop 1e400 (overflows to inf)", _override("data.hop_seconds=1e400"), "data.hop_seconds: must be a finite"),
+    Case("epochs 1e30", _override("training.phase1_epochs=1000000000000000000000000000000"), "training.phase1_epochs"),
+    Case("negative batch", _override("training.batch_size=-1"), "training.batch_size"),
+    Case("units 1e9", _override("model.units=1000000000"), "model.units"),
+    Case("server lr -inf", _override("federated.server_learning_rate=-inf"), "federated.server_learning_rate"),
+    Case("output.name=..", _override("output.name=.."), "output.name"),
+    Case("output.name=../x", _override("output.name=../x"), "output.name"),
+    Case("output.name hidden", _override("output.name=.x"), "output.name"),
+    Case("override without =", _override("training.batch_size"), "expected section.key=value"),
+    Case("unknown key typo", _override("training.lerning_rate=0.1"), "did you mean training.learning_rate"),
+    # config files
+    Case("duplicate YAML key", _yaml_text(b"data:\n  manifest: MANIFEST\n  manifest: MANIFEST\n"), "duplicate key 'manifest'"),
+    Case("latin-1 config", _yaml_text(b"data:\n  manifest: MANIFEST  # caf\xe9\n"), "not UTF-8"),
+    Case("YAML key on: (a bool)", _yaml_text(b"on:\n  x: 1\n"), "is not a name"),
+    Case("YAML key 1: (an int)", _yaml_text(b"data:\n  1: 2\n"), "is not a name"),
+    Case("YAML list at top", _yaml_text(b"- a\n- b\n"), "expected a mapping"),
+    Case("config is a folder", lambda ws: ["data-stats", str(ws.root)], "config file not found"),
+    Case("config missing", lambda ws: ["data-stats", str(ws.root / "nope.yaml")], "config file not found"),
+    # protocol-breaking data
+    Case("same file via a/../a", _with_manifest(lambda rows: _same_file_spelt(
+        rows, lambda p: str(Path(p).parent / ".." / Path(p).parent.name / Path(p).name))), "is the same file as"),
+    Case("same file via ./", _with_manifest(lambda rows: _same_file_spelt(
+        rows, lambda p: str(Path(p).parent) + "/./" + Path(p).name)), "is the same file as"),
+    Case("same file via symlink", lambda ws: (os.symlink(ws.corpus / next(
+        line.split(",")[0] for line in (ws.corpus / "manifest.csv").read_text().splitlines()[1:] if ",train" in line),
+        ws.root / "link.wav"), _with_manifest(lambda rows: next(r for r in rows if r[3] == "test").__setitem__(
+            0, str(ws.root / "link.wav")))(ws))[1], "is the same file as"),
+    Case("speaker in train and devel", _with_manifest(lambda rows: next(r for r in rows if r[3] == "devel").__setitem__(
+        2, next(r for r in rows if r[3] == "train")[2])), "data.allow_speaker_overlap"),
+    Case("speaker overlap allowed: warns", _with_manifest(lambda rows: next(r for r in rows if r[3] == "devel").__setitem__(
+        2, next(r for r in rows if r[3] == "train")[2]), "data.allow_speaker_overlap=true"),
+        "WARNING: 1 speaker(s)", kind="warn"),
+    Case("labels Rising and rising", _with_manifest(lambda rows: next(r for r in rows if r[1] == "rising").__setitem__(
+        1, "Rising")), "only in case"),
+    Case("empty devel", _with_manifest(lambda rows: [r.__setitem__(3, "test") for r in rows if r[3] == "devel"]),
+         "partition 'devel' is empty"),
+    Case("folder corpus: .aiff ignored, counted", _folder_corpus_with_extra_files, "ignored 1 file(s)", kind="warn"),
+    # audio
+    Case("1-sample clip: warns", _audio_case(np.zeros(1, np.float32)), "shorter than 10 ms", kind="warn"),
+    Case("header claims 1 Hz", _audio_case(np.zeros(100, np.float32), rate=1), "the header claims 1 Hz"),
+    Case("stereo 3e38 floats (inf when mixed)", _audio_case(np.full((1600, 2), 3e38, np.float32), subtype="FLOAT"),
+         "sample values reach"),
+    Case("NaN samples", _audio_case(np.full(1600, np.nan, np.float32), subtype="FLOAT"), "NaN/inf"),
+    Case("corrupt wav", lambda ws: (ws.root.joinpath("bad.wav").write_bytes(b"RIFF0000WAVEfmt junk" * 5),
+         ["data-stats", str(ws.config(manifest=ws.manifest(lambda rows: rows[1].__setitem__(0, str(ws.root / "bad.wav")))))])[1],
+         "cannot decode audio"),
+    # edges: OS errors, pipes
+    Case("demo data under a file", lambda ws: (ws.root.joinpath("f").write_text("x"),
+                                              ["make-demo-data", str(ws.root / "f" / "d")])[1], "Not a directory"),
+    Case("data-stats | true (reader gone)", lambda ws: ["data-stats", str(ws.config())], "output pipe closed",
+         shell_tail="| true"),
+    # runs: refused, resumable, locked; the earlier run must survive
+    Case("simulate over an existing run", _earlier_run_then(lambda ws: ["simulate", str(ws.config())]),
+         "pass --overwrite", protect="run"),
+    Case("simulate --resume, no run", lambda ws: ["simulate", str(ws.config()), "--resume"],
+         "no complete round to resume"),
+    Case("simulate --resume, changed config", _resume_changed_config, "resuming needs the same config", protect="run"),
+    Case("simulate --overwrite with empty devel", _earlier_run_then(lambda ws: ["simulate", str(ws.config(
+        manifest=ws.manifest(lambda rows: [r.__setitem__(3, "test") for r in rows if r[3] == "devel"]))), "--overwrite"]),
+        "partition 'devel' is empty", protect="run"),
+    Case("second writer of a run", _locked_run, "is writing this run"),
+    # need TensorFlow
+    Case("train over an existing run", _earlier_run_then(lambda ws: ["train", "--central", str(ws.config())]),
+         "pass --overwrite", fast=False, protect="run"),
+    Case("train --overwrite, corrupt devel file", _earlier_run_then(lambda ws: (ws.root.joinpath("bad.wav").write_bytes(
+        b"junk" * 10), ["train", "--central", str(ws.config(manifest=ws.manifest(lambda rows: next(
+            r for r in rows if r[3] == "devel").__setitem__(0, str(ws.root / "bad.wav"))))), "--overwrite"])[1]),
+        "cannot decode audio", fast=False, protect="run"),
+    Case("evaluate MODEL --config C k=v", lambda ws: ["evaluate", str(_trained_model(ws)), "--config", str(ws.config()),
+                                                      "training.batch_size=8"], "test: UAR", kind="ok", fast=False),
+    Case("evaluate --json under a file", lambda ws: (ws.root.joinpath("f").write_text("x"), [
+        "evaluate", str(_trained_model(ws)), "--config", str(ws.config()), "--json", str(ws.root / "f" / "m.json")])[1],
+        "Not a directory", fast=False),
+    Case("corrupt .keras", lambda ws: (ws.root.joinpath("bad.keras").write_bytes(b"PK junk"), [
+        "evaluate", str(ws.root / "bad.keras"), "--config", str(ws.config())])[1], "damaged or not a Keras model",
+        fast=False),
+    Case("export a NaN model", lambda ws: ["export", str(_nan_model(ws))], "non-finite", fast=False),
+    Case("predict | head -1 (broken pipe)", lambda ws: ["predict", str(_tflite(ws)), str(ws.corpus)],
+         "output pipe closed", kind="pipe", fast=False, shell_tail="| head -1"),
+    Case("plot --out under a file", lambda ws: (ws.root.joinpath("f").write_text("x"), [
+        "plot", str(next(ws.corpus.rglob("*.wav"))), "--out", str(ws.root / "f" / "png")])[1], "Not a directory",
+        fast=False),
+    # faults during a federated run (each starts Flower)
+    Case("SIGTERM of simulate --overwrite", _earlier_run_then(lambda ws: [
+        "simulate", str(ws.config(federated={"phase1_rounds": 3})), "--overwrite"]), "terminated", kind="signal",
+        fast=False, protect="run", fault=_sigterm_when_round_starts),
+    Case("SIGKILL of simulate --overwrite", _earlier_run_then(lambda ws: [
+        "simulate", str(ws.config(federated={"phase1_rounds": 3})), "--overwrite"]), "", kind="signal",
+        fast=False, protect="run", fault=_sigkill_when_round_starts),
+    Case("normal simulate: nothing left running", lambda ws: ["simulate", str(ws.config())], "round 1/1",
+         kind="ok", fast=False),
+]
+
+
+# ------------------------------------------------------------------------------------------------ running
+
+
+def run_case(case: Case, ws: Workspace, timeout: float = 900) -> Outcome:
+    """Run one case in `ws` and judge it."""
+    start = time.perf_counter()
+    args = case.setup(ws)
+    protected = ws.runs / case.protect if case.protect else None
+    before = tree_hash(protected) if protected else None
+    probe = uuid.uuid4().hex
+    env = {**os.environ, PROBE_ENV: probe, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "dsl_fed", *args]
+    if case.shell_tail:  # the exit code of dsl_fed, not of the pipe's reader
+        cmd = ["bash", "-c", f"{shlex.join(cmd)} {case.shell_tail}; exit ${{PIPESTATUS[0]}}"]
+    proc = subprocess.Popen(cmd, cwd=ws.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if case.fault is not None:
+        case.fault(proc, ws)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+    code = proc.returncode
+    holder = getattr(ws, "holder", None)
+    if holder is not None:
+        holder.kill()
+        holder.wait()
+    left = wait_gone(probe, 60)
+    outcome = Outcome(case, _verdict(case, code, out, err), processes_left=len(left),
+                      seconds=time.perf_counter() - start)
+    outcome.detail = (err.strip().splitlines() or [""])[-1][:160]
+    if protected is not None:
+        outcome.run_lost = tree_hash(protected) != before
+    killed_at = getattr(ws, "killed_at", None)
+    if killed_at is not None:
+        outcome.rounds_after_death = sum(1 for p in ws.runs.rglob("*") if p.is_file() and p.stat().st_mtime > killed_at + 2)
+    for proc_left in left:
+        proc_left.kill()
+    return outcome
+
+
+def _verdict(case: Case, code: int, out: str, err: str) -> str:
+    if "Traceback (most recent call last)" in err:
+        return "traceback"
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    if case.kind == "error":
+        if code == 0:
+            return "silent"
+        ok = code == 2 and len(lines) == 1 and ": error: " in lines[0] and case.expect in lines[0]
+        return "clean" if ok else "messy"
+    if case.kind == "pipe":  # the reader left early: quiet success, or one line if a write hit the closed pipe
+        ok = (code == 0 and not lines) or (code == 2 and len(lines) == 1 and case.expect in lines[0])
+        return "clean" if ok else "messy"
+    if case.kind == "warn":
+        if code != 0:
+            return "messy"
+        return "clean" if case.expect in out + err else "silent"
+    if case.kind == "signal":
+        return "clean" if code in (143, -signal.SIGKILL) and (case.expect in err) else "messy"
+    return "clean" if code == 0 and case.expect in out + err else "messy"
+
+
+def make_corpus(folder: Path) -> Path:
+    from dsl_fed.data.demo import make_demo_corpus
+
+    return make_demo_corpus(folder, speakers=6, clips=2, seed=0, progress=False).parent
+
+
+def summarise(outcomes: list[Outcome]) -> dict[str, int]:
+    return {
+        "cases": len(outcomes),
+        "clean": sum(o.verdict == "clean" for o in outcomes),
+        "tracebacks": sum(o.verdict == "traceback" for o in outcomes),
+        "silent acceptances": sum(o.verdict == "silent" for o in outcomes),
+        "messy errors": sum(o.verdict == "messy" for o in outcomes),
+        "runs lost": sum(o.run_lost for o in outcomes),
+        "processes left": sum(o.processes_left for o in outcomes),
+        "rounds written after death": sum(o.rounds_after_death for o in outcomes),
+    }
+
+
+def render(outcomes: list[Outcome], totals: dict[str, int], fast: bool) -> str:
+    bad = {k: v for k, v in totals.items() if k not in ("cases", "clean") and v}
+    verdict = "all zeros: PASS" if not bad else "FAIL: " + ", ".join(f"{k} {v}" for k, v in bad.items())
+    lines = [
+        "# Robustness probe of the `dsl_fed` CLI",
+        "",
+        f"`python benchmarks/robustness_cli.py{' --fast' if fast else ''}` on "
+        f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.machine()}, Python {platform.python_version()}.",
+        "",
+        "| " + " | ".join(totals) + " |",
+        "|" + "---|" * len(totals),
+        "| " + " | ".join(str(v) for v in totals.values()) + " |",
+        "",
+        f"Verdict: {verdict}.",
+        "",
+        "| case | verdict | run lost | processes left | s | last stderr line |",
+        "|---|---|---|---|---|---|",
+    ]
+    for o in outcomes:
+        detail = o.detail.replace("|", "\\|")
+        lines.append(f"| {o.case.name} | {o.verdict} | {'yes' if o.run_lost else ''} | {o.processes_left or ''} | "
+                     f"{o.seconds:.1f} | {detail} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--fast", action="store_true", help="only the cases that need no TensorFlow")
+    parser.add_argument("--out", type=Path, default=RESULTS, help=f"markdown report (default {RESULTS})")
+    args = parser.parse_args()
+    import tempfile
+
+    cases = [c for c in CASES if c.fast or not args.fast]
+    outcomes = []
+    with tempfile.TemporaryDirectory(prefix="dsl_fed-robustness-") as tmp:
+        corpus = make_corpus(Path(tmp) / "corpus")
+        for i, case in enumerate(cases, 1):
+            outcome = run_case(case, Workspace(Path(tmp) / f"case{i:03d}", corpus))
+            print(f"[{i}/{len(cases)}] {case.name}: {outcome.verdict}"
+                  f"{', RUN LOST' if outcome.run_lost else ''}"
+                  f"{f', {outcome.processes_left} processes left' if outcome.processes_left else ''} "
+                  f"({outcome.seconds:.1f} s)", flush=True)
+            outcomes.append(outcome)
+    totals = summarise(outcomes)
+    report = render(outcomes, totals, args.fast)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(report)
+    print(report)
+    return 0 if all(v == 0 for k, v in totals.items() if k not in ("cases", "clean")) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""Reliability: one clear line for every bad input, runs never lost or mixed, no process outlives its command,
+non-finite models never pass.
+
+The bad-input and fault table lives in ``benchmarks/robustness_cli.py`` (each case runs the real `dsl_fed`
+command in a subprocess); every case is one test here. The cases that need TensorFlow or Flower are slow.
+The mechanisms behind them (staging, locking, the watchdog, the divergence guard) have direct tests below.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+
+from dsl_fed.errors import DslFedError
+from dsl_fed.io import atomic_write, run_lock, staged_run
+
+REPO = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("robustness_cli", REPO / "benchmarks" / "robustness_cli.py")
+probe = importlib.util.module_from_spec(_spec)
+sys.modules["robustness_cli"] = probe  # dataclasses look their module up while the file executes
+_spec.loader.exec_module(probe)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return probe.make_corpus(tmp_path_factory.mktemp("robustness") / "corpus")
+
+
+def _run(case, corpus, tmp_path):
+    outcome = probe.run_case(case, probe.Workspace(tmp_path / "ws", corpus))
+    assert (outcome.verdict, outcome.run_lost, outcome.processes_left, outcome.rounds_after_death) == \
+        ("clean", False, 0, 0), outcome.detail
+    return outcome
+
+
+FAST = [c for c in probe.CASES if c.fast]
+SLOW = [c for c in probe.CASES if not c.fast and c.fault is None and not c.name.startswith("normal simulate")]
+
+
+@pytest.mark.parametrize("case", FAST, ids=[c.name for c in FAST])
+def test_fast_case(case, corpus, tmp_path):
+    _run(case, corpus, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", SLOW, ids=[c.name for c in SLOW])
+def test_case_needing_tensorflow(case, corpus, tmp_path):
+    _run(case, corpus, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["normal simulate: nothing left running", "SIGTERM of simulate --overwrite",
+                                  "SIGKILL of simulate --overwrite"])
+def test_federated_run_leaves_no_process_and_no_late_round(name, corpus, tmp_path):
+    """Machine-wide: no process whose environment carries the case's probe value survives (Ray actors included),
+    nothing is written into the runs folder after the command died, and the earlier run is byte-identical."""
+    case = next(c for c in probe.CASES if c.name == name)
+    _run(case, corpus, tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------ mechanisms
+
+
+def _earlier(tmp_path: Path) -> tuple[Path, str]:
+    run = probe.Workspace(tmp_path, tmp_path).earlier_run()
+    return run, probe.tree_hash(run)
+
+
+def test_a_failed_rerun_leaves_the_earlier_run_byte_identical(tmp_path):
+    run, before = _earlier(tmp_path)
+    with pytest.raises(DslFedError, match="pass --overwrite"):
+        with staged_run(run):
+            pass
+    with pytest.raises(DslFedError, match=r"disk full \(the earlier run in .* is untouched; this attempt is in"):
+        with staged_run(run, overwrite=True) as new:
+            (new / "history.csv").write_text("half")
+            raise DslFedError("disk full")
+    with pytest.raises(KeyboardInterrupt):
+        with staged_run(run, overwrite=True) as new:
+            (new / "model.keras").write_text("half")
+            raise KeyboardInterrupt
+    assert probe.tree_hash(run) == before
+
+
+def test_a_finished_run_replaces_the_earlier_one_and_a_failed_new_name_is_kept(tmp_path):
+    run, _ = _earlier(tmp_path)
+    with staged_run(run, overwrite=True) as new:
+        assert new.name == run.name and new.parent != run.parent and not (new / "latest").exists()
+        (new / "model.keras").write_text("new")
+    assert sorted(p.name for p in run.iterdir()) == ["model.keras"]
+    assert sorted(p.name for p in run.parent.iterdir()) == ["run"]  # no staging or replaced folder left
+    with pytest.raises(DslFedError, match="the incomplete run is in"):
+        with staged_run(run.parent / "fresh") as new:
+            (new / "round_1").mkdir()
+            raise DslFedError("stopped")
+    assert (run.parent / "fresh" / "round_1").is_dir()  # a federated run can resume from it
+
+
+def test_a_second_writer_of_a_run_is_refused_until_the_first_ends(tmp_path):
+    run = tmp_path / "runs" / "x"
+    with run_lock(run):
+        with pytest.raises(DslFedError, match=rf"another dsl_fed command \(PID {os.getpid()}\) is writing"):
+            with run_lock(run):
+                pass
+    with run_lock(run):  # released
+        pass
+    assert not list(run.parent.iterdir())  # the lock file goes with its holder
+
+
+def test_the_lock_dies_with_a_killed_holder(tmp_path):
+    run = tmp_path / "runs" / "x"
+    holder = subprocess.Popen([sys.executable, "-c", f"import time\nfrom dsl_fed.io import run_lock\nwith run_lock("
+                               f"{str(run)!r}):\n    print('held', flush=True)\n    time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(DslFedError, match=f"PID {holder.pid}"):
+        with run_lock(run):
+            pass
+    holder.kill()
+    holder.wait()
+    with run_lock(run):
+        pass
+
+
+def test_atomic_writes_respect_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = atomic_write(tmp_path / "a.json", "{}")
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644
+        os.umask(0o077)
+        assert stat.S_IMODE(atomic_write(tmp_path / "b.json", "{}").stat().st_mode) == 0o600
+    finally:
+        os.umask(old)
+
+
+_GUARDED = """
+import subprocess, sys, time
+from dsl_fed.federated.watchdog import guard
+with guard(cleanup=(sys.argv[1],)) as env:
+    import os
+    child = subprocess.Popen(["sleep", "600"], env={**os.environ, **env}, start_new_session=True)
+    print(child.pid, flush=True)
+    time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM", "normal"])
+def test_marked_processes_end_with_their_command(how, tmp_path):
+    """A marked child in a session of its own (unreachable through the process tree, like Ray's daemons) ends
+    with the command: by the command's own cleanup, or by the watchdog when the command is SIGKILLed."""
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    script = _GUARDED if how != "normal" else _GUARDED.replace("time.sleep(600)", "pass")
+    cmd = subprocess.Popen([sys.executable, "-c", script, str(scratch)], stdout=subprocess.PIPE, text=True)
+    child = psutil.Process(int(cmd.stdout.readline()))
+    if how != "normal":
+        os.kill(cmd.pid, getattr(signal, how))
+    cmd.wait(timeout=30)
+    gone, alive = psutil.wait_procs([child], timeout=15)
+    assert not alive and child.pid in [p.pid for p in gone]
+    if how == "SIGKILL":  # nobody else could have removed the command's temporary folder
+        deadline = time.monotonic() + 10
+        while scratch.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not scratch.exists()
+
+
+@pytest.mark.slow
+def test_training_that_diverges_stops_at_once_and_keeps_the_last_good_checkpoint(tiny_config, tmp_path):
+    from dsl_fed.data import load_chunks, load_manifest
+    from dsl_fed.models import build_model
+    from dsl_fed.train import CHECKPOINT_FILE, train_local
+
+    cfg = tiny_config.replace(**{"training.phase1_epochs": "1", "training.phase2_epochs": "3"})
+    manifest = load_manifest(cfg.data)
+    train = load_chunks(manifest.partition("train"), cfg.data, manifest.classes, progress=False)
+    devel = load_chunks(manifest.partition("devel"), cfg.data, manifest.classes, progress=False)
+    model = build_model(cfg, len(manifest.classes))
+    train_local(model, train, devel, cfg, phase=1, run_dir=tmp_path, verbose=0)
+    checkpoint = (tmp_path / CHECKPOINT_FILE).read_bytes()
+    poisoned = dataclasses.replace(train, waveforms=np.full_like(train.waveforms, np.inf))
+    with pytest.raises(DslFedError, match="training diverged in phase 2, epoch 1: the loss became nan at batch 1"):
+        train_local(model, poisoned, devel, cfg, phase=2, run_dir=tmp_path, verbose=0, initial_best=0.0)
+    assert (tmp_path / CHECKPOINT_FILE).read_bytes() == checkpoint
