@@ -13,13 +13,13 @@ step "2/7 What is in it"
 dsl_fed data-stats configs/quickstart.yaml
 
 step "3/7 What the network sees: one PNG per chunk"
-dsl_fed plot demo_data/audio/spk01/falling_00.wav --config configs/quickstart.yaml --out runs/quickstart/spectrograms
+dsl_fed plot demo_data/audio/spk01/falling_00.wav --config configs/quickstart.yaml --out runs/spectrograms
 
 step "4/7 Central training (the paper's protocol on the tiny preset)"
-dsl_fed train --central configs/quickstart.yaml --verbose 2
+dsl_fed train --central configs/quickstart.yaml --verbose 2 --overwrite
 
 step "5/7 Federated training: 3 Flower clients, 2 speakers each; no audio leaves a client"
-dsl_fed simulate configs/quickstart.yaml output.name=quickstart-fed
+dsl_fed simulate configs/quickstart.yaml output.name=quickstart-fed --overwrite
 
 step "6/7 Export the central model to int8 TFLite (raw audio in)"
 dsl_fed export runs/quickstart/model.keras --quantization int8

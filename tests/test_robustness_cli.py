@@ -45,7 +45,8 @@ def _run(case, corpus, tmp_path):
 
 
 FAST = [c for c in probe.CASES if c.fast]
-SLOW = [c for c in probe.CASES if not c.fast and c.fault is None and not c.name.startswith("normal simulate")]
+FLOWER = ["normal simulate: nothing left running", "SIGTERM of simulate --overwrite", "SIGKILL of simulate --overwrite"]
+SLOW = [c for c in probe.CASES if not c.fast and c.name not in FLOWER]
 
 
 @pytest.mark.parametrize("case", FAST, ids=[c.name for c in FAST])
@@ -60,8 +61,7 @@ def test_case_needing_tensorflow(case, corpus, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["normal simulate: nothing left running", "SIGTERM of simulate --overwrite",
-                                  "SIGKILL of simulate --overwrite"])
+@pytest.mark.parametrize("name", FLOWER)
 def test_federated_run_leaves_no_process_and_no_late_round(name, corpus, tmp_path):
     """Machine-wide: no process whose environment carries the case's probe value survives (Ray actors included),
     nothing is written into the runs folder after the command died, and the earlier run is byte-identical."""

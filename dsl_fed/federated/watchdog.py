@@ -30,18 +30,24 @@ import psutil
 MARKER_ENV = "DSL_FED_RUN"
 
 
-def marked_processes(marker: str) -> list[psutil.Process]:
-    """Every live process on the machine (that we may inspect) whose environment has ``DSL_FED_RUN=marker``."""
+def processes_with(variable: str, value: str) -> list[psutil.Process]:
+    """Every live process on the machine (that we may inspect) but this one whose environment has
+    ``variable=value``."""
     found = []
     for proc in psutil.process_iter():
         if proc.pid == os.getpid():
             continue
         try:
-            if proc.environ().get(MARKER_ENV) == marker and proc.status() != psutil.STATUS_ZOMBIE:
+            if proc.environ().get(variable) == value and proc.status() != psutil.STATUS_ZOMBIE:
                 found.append(proc)
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
     return found
+
+
+def marked_processes(marker: str) -> list[psutil.Process]:
+    """The processes of the run marked with `marker`."""
+    return processes_with(MARKER_ENV, marker)
 
 
 def end_processes(procs: list[psutil.Process], grace: float = 10.0) -> None:
