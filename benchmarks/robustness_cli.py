@@ -149,6 +149,7 @@ class Case:
     protect: str | None = None  # run name whose earlier run must stay byte-identical
     fault: Callable[[subprocess.Popen, Workspace], None] | None = None  # acts on the running command
     shell_tail: str = ""  # e.g. "| head -1": run through a bash pipe
+    leaves_nothing: bool = False  # a refused command must not create the run folder (not even logs/)
 
 
 @dataclass
@@ -346,7 +347,10 @@ CASES: list[Case] = [
     Case("simulate over an existing run", _earlier_run_then(lambda ws: ["simulate", str(ws.config())]),
          "pass --overwrite", protect="run"),
     Case("simulate --resume, no run", lambda ws: ["simulate", str(ws.config()), "--resume"],
-         "no complete round to resume"),
+         "no complete round to resume", leaves_nothing=True),
+    Case("simulate with empty devel", lambda ws: ["simulate", str(ws.config(manifest=ws.manifest(
+        lambda rows: [r.__setitem__(3, "test") for r in rows if r[3] == "devel"])))], "partition 'devel' is empty",
+        leaves_nothing=True),
     Case("simulate --resume, changed config", _resume_changed_config, "resuming needs the same config", protect="run"),
     Case("simulate --overwrite with empty devel", _earlier_run_then(lambda ws: ["simulate", str(ws.config(
         manifest=ws.manifest(lambda rows: [r.__setitem__(3, "test") for r in rows if r[3] == "devel"]))), "--overwrite"]),
@@ -418,8 +422,10 @@ def run_case(case: Case, ws: Workspace, timeout: float = 900) -> Outcome:
         holder.kill()
         holder.wait()
     left = wait_gone(probe, 60)
-    outcome = Outcome(case, _verdict(case, code, out, err), processes_left=len(left),
-                      seconds=time.perf_counter() - start)
+    verdict = _verdict(case, code, out, err)
+    if verdict == "clean" and case.leaves_nothing and (ws.runs / "run").exists():
+        verdict = "messy"
+    outcome = Outcome(case, verdict, processes_left=len(left), seconds=time.perf_counter() - start)
     outcome.detail = (err.strip().splitlines() or [""])[-1][:160]
     if protected is not None:
         outcome.run_lost = tree_hash(protected) != before
