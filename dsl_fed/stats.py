@@ -41,7 +41,8 @@ import numpy as np
 from dsl_fed.errors import DslFedError
 from dsl_fed.io import atomic_write
 
-__all__ = ["StatsRow", "count_flops", "measure", "model_stats", "tflite_row", "stats_table", "stats_path"]
+__all__ = ["StatsRow", "count_flops", "cpu_vector_extensions", "measure", "model_stats", "tflite_row", "stats_table",
+           "stats_path"]
 
 RUNS = 50
 WARMUP = 3
@@ -308,7 +309,8 @@ def stats_table(rows: Sequence[StatsRow], threads: int, runs: int = RUNS, title:
         "",
         f"Batch 1, {threads} thread(s), mean/median over {runs} runs after {WARMUP} warm-up calls"
         + (f", best of {repeats} interleaved repeats" if repeats > 1 else "")
-        + f"; machine: {_cpu_name()}, {os.cpu_count()} logical CPU(s).",
+        + f"; machine: {_cpu_name()}, {os.cpu_count()} logical CPU(s), "
+        f"vector extensions {', '.join(cpu_vector_extensions()) or 'unknown'}.",
         "",
         "| model | params | FLOPs | file size | mean latency [ms] | median latency [ms] | peak memory [MB] | note |",
         "|---|---:|---:|---:|---:|---:|---:|---|",
@@ -352,6 +354,17 @@ def _size(n: int | None) -> str:
 
 def _ms(v: float) -> str:
     return "–" if v != v else f"{v:.2f}" if v < 10 else f"{v:.1f}"  # v != v: NaN
+
+
+def cpu_vector_extensions() -> list[str]:
+    """The x86 vector extensions that decide which XNNPACK kernels run (int8 speed depends on VNNI)."""
+    try:
+        flags = next(line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return []
+    known = ("avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni", "avx512_bf16")
+    return [f for f in known if f in flags]
 
 
 def _cpu_name() -> str:

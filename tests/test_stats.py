@@ -6,7 +6,7 @@ import pytest
 
 from dsl_fed.cli import main
 from dsl_fed.litert import count_parameters
-from dsl_fed.stats import StatsRow, _count, count_flops, measure, stats_path, stats_table
+from dsl_fed.stats import StatsRow, _count, count_flops, cpu_vector_extensions, measure, stats_path, stats_table
 
 
 def test_flops_are_counted_from_the_graph():
@@ -51,6 +51,7 @@ def test_table_layout():
     ]
     text = stats_table(rows, threads=2, runs=50)
     assert "Batch 1, 2 thread(s), mean/median over 50 runs" in text
+    assert f"vector extensions {', '.join(cpu_vector_extensions()) or 'unknown'}." in text
     assert "| Keras model | 7.56 M | 5.71 G | 31.07 MB | 43.6 | 42.4 | 206.7 | tf.function |" in text
     assert "| TFLite int8 | 7.56 M | – | – | – | – | – | skipped |" in text
 
