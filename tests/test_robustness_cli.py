@@ -45,8 +45,8 @@ def _run(case, corpus, tmp_path):
 
 
 FAST = [c for c in probe.CASES if c.fast]
-FLOWER = ["normal simulate: nothing left running", "SIGTERM of simulate --overwrite", "SIGKILL of simulate --overwrite"]
-SLOW = [c for c in probe.CASES if not c.fast and c.name not in FLOWER]
+FLOWER = [c.name for c in probe.CASES if c.flower]
+SLOW = [c for c in probe.CASES if not c.fast and not c.flower]
 
 
 @pytest.mark.parametrize("case", FAST, ids=[c.name for c in FAST])
