@@ -77,6 +77,8 @@ def _run(argv: list[str] | None) -> int:
         # The reader went away (`dsl_fed predict ... | head`): silence the final flush of stdout too.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return _fail(command, "output pipe closed by the reader")
+    except FileExistsError as exc:  # what creating an output folder says when a file has its name
+        return _fail(command, f"{exc.filename}: is a file, not a folder")
     except OSError as exc:
         where = f"{exc.filename}: " if exc.filename else ""
         return _fail(command, f"{where}{exc.strerror or exc}")
