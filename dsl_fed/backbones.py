@@ -5,6 +5,11 @@ Every entry knows the image normalisation its ImageNet weights expect (``preproc
 weights. Every backbone is built ``include_top=False, pooling="avg"`` and named ``"backbone"``, so the rest of
 the model never needs to know which one it got.
 
+Every ``BatchNormalization`` layer of a backbone becomes a `FrozenStatsBatchNormalization`: it always normalises
+with its moving statistics, so fine-tuning trains gamma/beta (the paper's recipe: tf.keras fine-tuning with
+the backbone called in inference mode) but never changes the statistics, which therefore never need
+federated averaging.
+
 ImageNet weights are fetched explicitly with `keras.utils.get_file` into the Keras cache
 (``$KERAS_HOME/models`` or ``~/.keras/models``) before the model is built. That way an offline machine gets a
 `DslFedError` naming the exact file and folder instead of a urllib traceback, and never silently trains from
@@ -19,6 +24,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import keras
 
@@ -26,7 +32,7 @@ from dsl_fed.errors import DslFedError, first_line
 
 BACKBONE_LAYER_NAME = "backbone"
 
-Builder = Callable[[tuple[int, int, int], "str | None"], keras.Model]
+Builder = Callable[[tuple[int, int, int]], keras.Model]
 
 
 @dataclass(frozen=True)
@@ -39,7 +45,8 @@ class BackboneSpec:
             ``"none"`` (the network rescales [0, 255] itself).
         default_size: Input side its ImageNet weights were trained at.
         min_size: Smallest input side the architecture accepts.
-        build: ``build(input_shape, weights_path_or_None) -> keras.Model`` (``include_top=False``, avg pooling).
+        build: ``build(input_shape) -> keras.Model`` with random weights (``include_top=False``, avg pooling);
+            `create_backbone` loads pretrained weights afterwards.
         weights_file: ``weights_file(size)`` = the Keras file name of the ``notop`` ImageNet weights; None if the
             backbone has no pretrained weights.
         weights_url: Folder URL the weights file is downloaded from.
@@ -104,41 +111,54 @@ def create_backbone(name: str, weights: str | Path | None = "imagenet", input_si
     if size < spec.min_size:
         raise DslFedError(f"spectrogram.image_size: backbone {name!r} needs images of at least {spec.min_size} px, got {size}")
     weights_path = _resolve_weights(spec, weights, size)
-    try:
-        model = spec.build((size, size, 3), None if weights_path is None else str(weights_path))
-    except (ValueError, OSError, KeyError) as exc:
-        if weights_path is None:
-            raise
-        first = first_line(exc)
-        raise DslFedError(f"model.weights: {weights_path} does not fit backbone {name!r} without its top ({first})") from None
-    return _with_stable_names(model)
+    model = _prepared(spec.build((size, size, 3)))
+    if weights_path is not None:
+        try:
+            model.load_weights(weights_path)
+        except (ValueError, OSError, KeyError) as exc:
+            first = first_line(exc)
+            raise DslFedError(f"model.weights: {weights_path} does not fit backbone {name!r} without its top ({first})") from None
+    return model
 
 
-def _with_stable_names(model: keras.Model) -> keras.Model:
-    """Give auto-named layers that own weights a name that does not depend on what the process built before.
+@keras.saving.register_keras_serializable(package="dsl_fed")
+class FrozenStatsBatchNormalization(keras.layers.BatchNormalization):
+    """BatchNormalization that always runs in inference mode: moving statistics in, never updated.
+
+    Keras 3 passes a Functional model's ``training`` value on to every nested layer, so ``fit`` would
+    normalise unfrozen BatchNorm layers by batch statistics and update their moving statistics. Ignoring
+    ``training`` here keeps tf.keras' fine-tuning behaviour (gamma and beta train when the layer is
+    trainable; the statistics stay the ImageNet ones) through public API only.
+    """
+
+    def call(self, inputs: Any, training: bool | None = None, mask: Any = None) -> Any:
+        return super().call(inputs, training=False, mask=mask)
+
+
+def _prepared(model: keras.Model) -> keras.Model:
+    """Clone `model` with `FrozenStatsBatchNormalization` layers and stable layer names (weights copied).
 
     Keras names an unnamed layer ``<class>_<counter>`` from a process-wide counter (EfficientNet's input
     ``Normalization`` becomes ``normalization_1`` in the second model of a process), and weight names are
     derived from layer names. Federated participants exchange weights by name, so such layers are renamed
-    ``<model>_<class>_<k>`` (k = occurrence order) by cloning; backbones without them are returned as is.
+    ``<model>_<class>_<k>`` (k = occurrence order).
     """
-
-    def is_auto(layer: keras.layers.Layer) -> bool:
-        return re.fullmatch(re.escape(_snake_case(type(layer).__name__)) + r"(_\d+)?", layer.name) is not None
-
-    if not any(layer.weights and is_auto(layer) for layer in model.layers):
-        return model
     seen: dict[str, int] = {}
 
-    def rename(layer: keras.layers.Layer) -> keras.layers.Layer:
+    def is_auto_named_with_weights(layer: keras.Operation) -> bool:
+        auto = re.fullmatch(re.escape(_snake_case(type(layer).__name__)) + r"(_\d+)?", layer.name) is not None
+        return auto and isinstance(layer, keras.layers.Layer) and bool(layer.weights)  # ops (x + y) own none
+
+    def clone_layer(layer: keras.Operation) -> keras.Operation:
         config = layer.get_config()
-        if layer.weights and is_auto(layer):
+        if is_auto_named_with_weights(layer):
             base = _snake_case(type(layer).__name__)
             config["name"] = f"{model.name}_{base}_{seen.setdefault(base, 0)}"
             seen[base] += 1
-        return type(layer).from_config(config)
+        is_batch_norm = type(layer) is keras.layers.BatchNormalization
+        return (FrozenStatsBatchNormalization if is_batch_norm else type(layer)).from_config(config)
 
-    clone = keras.models.clone_model(model, clone_function=rename)
+    clone = keras.models.clone_model(model, clone_function=clone_layer)
     clone.set_weights(model.get_weights())
     return clone
 
@@ -203,18 +223,18 @@ def _densenet_file(depth: int) -> Callable[[int], str]:
 
 
 @register_backbone("densenet121", "torch", weights_file=_densenet_file(121), weights_url=_DENSENET_URL)
-def _densenet121(shape: tuple[int, int, int], weights: str | None) -> keras.Model:
-    return keras.applications.DenseNet121(include_top=False, weights=weights, input_shape=shape, pooling="avg", name=BACKBONE_LAYER_NAME)
+def _densenet121(shape: tuple[int, int, int]) -> keras.Model:
+    return keras.applications.DenseNet121(include_top=False, weights=None, input_shape=shape, pooling="avg", name=BACKBONE_LAYER_NAME)
 
 
 @register_backbone("densenet169", "torch", weights_file=_densenet_file(169), weights_url=_DENSENET_URL)
-def _densenet169(shape: tuple[int, int, int], weights: str | None) -> keras.Model:
-    return keras.applications.DenseNet169(include_top=False, weights=weights, input_shape=shape, pooling="avg", name=BACKBONE_LAYER_NAME)
+def _densenet169(shape: tuple[int, int, int]) -> keras.Model:
+    return keras.applications.DenseNet169(include_top=False, weights=None, input_shape=shape, pooling="avg", name=BACKBONE_LAYER_NAME)
 
 
 @register_backbone("densenet201", "torch", weights_file=_densenet_file(201), weights_url=_DENSENET_URL)
-def _densenet201(shape: tuple[int, int, int], weights: str | None) -> keras.Model:
-    return keras.applications.DenseNet201(include_top=False, weights=weights, input_shape=shape, pooling="avg", name=BACKBONE_LAYER_NAME)
+def _densenet201(shape: tuple[int, int, int]) -> keras.Model:
+    return keras.applications.DenseNet201(include_top=False, weights=None, input_shape=shape, pooling="avg", name=BACKBONE_LAYER_NAME)
 
 
 def _mobilenet_v2_file(size: int) -> str:
@@ -223,8 +243,8 @@ def _mobilenet_v2_file(size: int) -> str:
 
 
 @register_backbone("mobilenet_v2", "tf", weights_file=_mobilenet_v2_file, weights_url=_MOBILENET_V2_URL)
-def _mobilenet_v2(shape: tuple[int, int, int], weights: str | None) -> keras.Model:
-    return keras.applications.MobileNetV2(include_top=False, weights=weights, input_shape=shape, pooling="avg", name=BACKBONE_LAYER_NAME)
+def _mobilenet_v2(shape: tuple[int, int, int]) -> keras.Model:
+    return keras.applications.MobileNetV2(include_top=False, weights=None, input_shape=shape, pooling="avg", name=BACKBONE_LAYER_NAME)
 
 
 # MobileNetV3 is built without its internal Rescaling layer and fed "tf"-normalised images instead: the same
@@ -232,36 +252,36 @@ def _mobilenet_v2(shape: tuple[int, int, int], weights: str | None) -> keras.Mod
 @register_backbone(
     "mobilenet_v3_small", "tf", weights_file=lambda size: "weights_mobilenet_v3_small_224_1.0_float_no_top_v2.h5", weights_url=_MOBILENET_V3_URL
 )
-def _mobilenet_v3_small(shape: tuple[int, int, int], weights: str | None) -> keras.Model:
+def _mobilenet_v3_small(shape: tuple[int, int, int]) -> keras.Model:
     return keras.applications.MobileNetV3Small(
-        input_shape=shape, include_top=False, weights=weights, pooling="avg", include_preprocessing=False, name=BACKBONE_LAYER_NAME
+        input_shape=shape, include_top=False, weights=None, pooling="avg", include_preprocessing=False, name=BACKBONE_LAYER_NAME
     )
 
 
 @register_backbone(
     "mobilenet_v3_large", "tf", weights_file=lambda size: "weights_mobilenet_v3_large_224_1.0_float_no_top_v2.h5", weights_url=_MOBILENET_V3_URL
 )
-def _mobilenet_v3_large(shape: tuple[int, int, int], weights: str | None) -> keras.Model:
+def _mobilenet_v3_large(shape: tuple[int, int, int]) -> keras.Model:
     return keras.applications.MobileNetV3Large(
-        input_shape=shape, include_top=False, weights=weights, pooling="avg", include_preprocessing=False, name=BACKBONE_LAYER_NAME
+        input_shape=shape, include_top=False, weights=None, pooling="avg", include_preprocessing=False, name=BACKBONE_LAYER_NAME
     )
 
 
 # EfficientNet rescales and normalises [0, 255] input inside the network, hence "none".
 @register_backbone("efficientnet_b0", "none", weights_file=lambda size: "efficientnetb0_notop.h5", weights_url=_EFFICIENTNET_URL)
-def _efficientnet_b0(shape: tuple[int, int, int], weights: str | None) -> keras.Model:
-    return keras.applications.EfficientNetB0(include_top=False, weights=weights, input_shape=shape, pooling="avg", name=BACKBONE_LAYER_NAME)
+def _efficientnet_b0(shape: tuple[int, int, int]) -> keras.Model:
+    return keras.applications.EfficientNetB0(include_top=False, weights=None, input_shape=shape, pooling="avg", name=BACKBONE_LAYER_NAME)
 
 
 @register_backbone(
     "resnet50", "caffe", weights_file=lambda size: "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5", weights_url=_RESNET_URL
 )
-def _resnet50(shape: tuple[int, int, int], weights: str | None) -> keras.Model:
-    return keras.applications.ResNet50(include_top=False, weights=weights, input_shape=shape, pooling="avg", name=BACKBONE_LAYER_NAME)
+def _resnet50(shape: tuple[int, int, int]) -> keras.Model:
+    return keras.applications.ResNet50(include_top=False, weights=None, input_shape=shape, pooling="avg", name=BACKBONE_LAYER_NAME)
 
 
 @register_backbone("tiny", "tf", default_size=32, min_size=16)
-def _tiny(shape: tuple[int, int, int], weights: str | None) -> keras.Model:
+def _tiny(shape: tuple[int, int, int]) -> keras.Model:
     """A 3-convolution CNN (~6 k parameters) for tests and quick demos; no pretrained weights exist.
 
     It has a BatchNormalization layer so tests see the same frozen-statistics behaviour as the real backbones.
@@ -276,7 +296,4 @@ def _tiny(shape: tuple[int, int, int], weights: str | None) -> keras.Model:
     x = layers.Activation("relu", name="tiny_relu2")(x)
     x = layers.Conv2D(32, 3, padding="same", activation="relu", name="tiny_conv3")(x)
     x = layers.GlobalAveragePooling2D(name="tiny_pool")(x)
-    model = keras.Model(inputs, x, name=BACKBONE_LAYER_NAME)
-    if weights is not None:
-        model.load_weights(weights)
-    return model
+    return keras.Model(inputs, x, name=BACKBONE_LAYER_NAME)

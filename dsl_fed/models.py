@@ -5,14 +5,14 @@ Structure (every layer explicitly named, so weight names are identical in every 
     waveform (B, chunk_samples)
       -> "spectrogram"  SpectrogramImage            (no trainable weights)
       -> "classifier"   keras.Model, input "image" (B, S, S, 3):
-            "backbone" (called with training=False) -> "hidden" Dense(units) -> "arelu" ARELU
+            "backbone" -> "hidden" Dense(units) -> "arelu" ARELU
             -> "dropout" Dropout -> "predictions" Dense(C, softmax)
 
 The seam between ``"spectrogram"`` and ``"classifier"`` is where `DslModel.train_step` applies SapAugment;
 inference (``model(x)``, ``predict``, TFLite export of the Functional graph) never sees augmentation.
-The backbone always runs with ``training=False``: BatchNorm keeps its ImageNet statistics even when its
-layers are unfrozen (the usual Keras fine-tuning practice), so moving statistics never need federated
-averaging.
+The backbone's BatchNorm layers always run in inference mode (`dsl_fed.backbones.FrozenStatsBatchNormalization`):
+they keep their ImageNet statistics even when unfrozen (the usual Keras fine-tuning practice), so moving
+statistics never need federated averaging.
 """
 
 from __future__ import annotations
@@ -48,7 +48,6 @@ class DslModel(keras.Model):
         super().__init__(*args, **kwargs)
         self._augmentation: SapAugment | None = None
         self._augmentation_seed = 0
-        _pin_backbone_inference(self)
 
     @property
     def spectrogram(self) -> keras.layers.Layer:
@@ -114,23 +113,6 @@ class DslModel(keras.Model):
         return tf.cond(tf.size(index) > 0, repredict, lambda: tf.identity(y_pred))
 
 
-def _pin_backbone_inference(model: keras.Model) -> None:
-    """Make the backbone's ``training=False`` stick, as in tf.keras (and as the module docstring promises).
-
-    A Keras 3 Functional model passes its own ``training`` value on to every layer that takes one, overriding
-    the ``training=False`` recorded when the backbone was called: ``fit`` would run unfrozen BatchNorm layers
-    on batch statistics and update their moving statistics. Those are not trainable weights, so federated
-    clients never sent them and the server's model kept the initial ones (evaluating at chance). Emptying the
-    backbone's call-context arguments makes the graph call it with the recorded ``training=False``. Run in
-    ``__init__`` so loaded models get it too; a no-op for models without a backbone.
-    """
-    try:
-        backbone = model.get_layer(CLASSIFIER_LAYER).get_layer(BACKBONE_LAYER_NAME)
-    except (ValueError, AttributeError):
-        return
-    backbone._call_context_args = set()
-
-
 def build_model(cfg: Config, num_classes: int) -> DslModel:
     """Build the full model (raw waveform chunks -> class probabilities) from a config.
 
@@ -146,24 +128,35 @@ def build_model(cfg: Config, num_classes: int) -> DslModel:
     """
     if num_classes < 2:
         raise DslFedError(f"need at least 2 classes to train a classifier, got {num_classes}")
-    keras.utils.set_random_seed(cfg.training.seed)
-    spec = get_spec(cfg.model.backbone)
-    size = cfg.spectrogram.image_size
-    backbone = create_backbone(cfg.model.backbone, cfg.model.weights, size)
-
-    image = keras.Input((size, size, 3), name="image")
-    features = backbone(image, training=False)
-    x = keras.layers.Dense(cfg.model.units, name="hidden")(features)
+    waveform, images, backbone = _front_end(cfg)
+    image = keras.Input(backbone.input_shape[1:], name="image")
+    x = keras.layers.Dense(cfg.model.units, name="hidden")(backbone(image))
     x = ARELU(cfg.model.arelu_alpha, cfg.model.arelu_beta, name="arelu")(x)
     x = keras.layers.Dropout(cfg.model.dropout, name="dropout")(x)
     probabilities = keras.layers.Dense(num_classes, activation="softmax", name="predictions")(x)
     classifier = keras.Model(image, probabilities, name=CLASSIFIER_LAYER)
-
-    waveform = keras.Input((cfg.data.chunk_samples,), name="waveform")
-    images = spectrogram_layer(cfg.spectrogram, cfg.data.sample_rate, spec.preprocess)(waveform)
     model = DslModel(waveform, classifier(images), name="dsl_fed")
     set_phase(model, 1)
     return model
+
+
+def build_embedder(cfg: Config) -> keras.Model:
+    """Waveform chunks -> the backbone's pooled features ``(B, F)``: the DeepSpectrum embedding (`dsl_fed.baseline`).
+
+    The same `SpectrogramImage` and backbone (weights, seed) as `build_model`, without the head.
+    """
+    waveform, images, backbone = _front_end(cfg)
+    return keras.Model(waveform, backbone(images), name="embedder")
+
+
+def _front_end(cfg: Config) -> tuple[Any, Any, keras.Model]:
+    """Seed Keras, then ``(waveform input, spectrogram images, backbone)`` of the configured model."""
+    keras.utils.set_random_seed(cfg.training.seed)
+    spec = get_spec(cfg.model.backbone)
+    backbone = create_backbone(cfg.model.backbone, cfg.model.weights, cfg.spectrogram.image_size)
+    waveform = keras.Input((cfg.data.chunk_samples,), name="waveform")
+    images = spectrogram_layer(cfg.spectrogram, cfg.data.sample_rate, spec.preprocess)(waveform)
+    return waveform, images, backbone
 
 
 def set_phase(model: keras.Model, phase: int, unfrozen: int | Literal["all"] = 0) -> None:

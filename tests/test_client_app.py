@@ -128,8 +128,8 @@ def test_routing_through_the_client_app_and_a_wrong_federation_size(setup):
 
 
 def test_unfrozen_batchnorm_keeps_its_statistics_so_the_slice_is_the_whole_update(setup, tmp_path):
-    """Keras 3 passes fit's training=True into the backbone unless it is pinned: BatchNorm would then update
-    moving statistics that never travel, and the server's model (initial statistics) scored at chance."""
+    """Keras 3 passes fit's training=True into the backbone: plain BatchNorm would then update moving
+    statistics that never travel, and the server's model (initial statistics) scored at chance."""
     import keras
 
     from dsl_fed.federated.client_app import shard

@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import pytest
 
-from dsl_fed.backbones import BACKBONES, create_backbone, get_spec
+from dsl_fed.backbones import BACKBONES, FrozenStatsBatchNormalization, create_backbone, get_spec
 from dsl_fed.config import from_dict
 from dsl_fed.errors import DslFedError
 from dsl_fed.models import (
@@ -77,6 +77,8 @@ def test_every_backbone_builds_with_stable_weight_names(name):
     images = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype(np.float32)
     second.set_weights(first.get_weights())
     np.testing.assert_allclose(np.asarray(first(images)), np.asarray(second(images)), rtol=1e-5, atol=1e-6)
+    batch_norms = [layer for layer in first.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    assert batch_norms and all(type(layer) is FrozenStatsBatchNormalization for layer in batch_norms)
 
 
 def test_too_small_input_is_an_error():
@@ -150,10 +152,35 @@ def test_model_structure_and_output():
 
 
 def test_backbone_runs_in_inference_mode_during_training():
-    """The tiny backbone has BatchNorm: with training=True it would normalise by batch statistics."""
+    """The tiny backbone has BatchNorm: unfrozen and with training=True it would normalise by batch statistics."""
     model = build_model(_config(), 3)
+    set_phase(model, 2, "all")
     x = _waveforms(8)
     np.testing.assert_allclose(np.asarray(model(x, training=True)), np.asarray(model(x, training=False)), rtol=1e-5, atol=1e-7)
+
+
+def test_batchnorm_statistics_unchanged_after_phase2_training_and_after_save_load(tmp_path):
+    """Phase 2 trains BatchNorm's gamma/beta but never its moving statistics (plain Keras fit, public API)."""
+    model = build_model(_config(), 3)
+    set_phase(model, 2, "all")
+    stats = ["tiny_bn2/moving_mean", "tiny_bn2/moving_variance"]
+    before = get_weights_by_name(model, stats + ["tiny_bn2/gamma"])
+    x, y = _waveforms(16), np.eye(3, dtype=np.float32)[np.arange(16) % 3]
+    model.compile(optimizer=keras.optimizers.Adam(0.01), loss="categorical_crossentropy")
+    model.fit(x, y, batch_size=8, epochs=2, verbose=0)
+    after = get_weights_by_name(model, stats + ["tiny_bn2/gamma"])
+    assert not np.array_equal(after["tiny_bn2/gamma"], before["tiny_bn2/gamma"])
+    for name in stats:
+        np.testing.assert_array_equal(after[name], before[name])
+
+    model.save(tmp_path / "model.keras")
+    loaded = keras.saving.load_model(tmp_path / "model.keras")
+    assert type(loaded.backbone.get_layer("tiny_bn2")) is FrozenStatsBatchNormalization
+    set_phase(loaded, 2, "all")
+    loaded.compile(optimizer=keras.optimizers.Adam(0.01), loss="categorical_crossentropy")
+    loaded.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    for name, value in get_weights_by_name(loaded, stats).items():
+        np.testing.assert_array_equal(value, before[name])
 
 
 def test_save_load_gives_identical_predictions_and_names(tmp_path):
