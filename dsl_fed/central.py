@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from dsl_fed.config import Config
-from dsl_fed.data.manifest import load_manifest
+from dsl_fed.data.manifest import Manifest, load_manifest
 from dsl_fed.data.pipeline import ChunkSet, load_chunks
 from dsl_fed.io import atomic_path, atomic_write, read_history, refuse_existing, run_lock, staged_run
 from dsl_fed.metrics import evaluate_chunks
@@ -45,15 +45,8 @@ def run_central(cfg: Config, fuse_dev: bool = False, verbose: int = 1, command: 
     """
     start = time.perf_counter()
     refuse_existing(cfg.output.run_dir, overwrite)
-    manifest = load_manifest(cfg.data)
-    for warning in manifest.warnings:
-        print(f"warning: {warning}", file=sys.stderr)
+    manifest, train, devel, test = load_partitions(cfg, progress=verbose > 0)
     classes = manifest.classes
-    progress = verbose > 0
-    train = load_chunks(manifest.partition("train", required=True), cfg.data, classes, progress=progress)
-    devel = load_chunks(manifest.partition("devel", required=True), cfg.data, classes, progress=progress)
-    test_clips = manifest.partition("test")
-    test = load_chunks(test_clips, cfg.data, classes, progress=progress) if test_clips else None
     with run_lock(cfg.output.run_dir), staged_run(cfg.output.run_dir, overwrite) as run_dir:
         atomic_write(run_dir / "config.yaml", cfg.to_yaml())
         return _train_and_report(cfg, run_dir, train, devel, test, classes, manifest.warnings, fuse_dev, verbose,
@@ -122,6 +115,25 @@ def _write_plots(run_dir: Path, metrics: dict[str, Any], fuse_dev: bool) -> dict
     if fuse_dev and fused.is_file():
         plot_history(read_history(fused), run_dir / "plots" / "training_fused.png", "retraining on train + devel")
         plots["training curves (train + devel)"] = "plots/training_fused.png"
+    return {**plots, **confusion_plots(run_dir, metrics)}
+
+
+def load_partitions(cfg: Config, progress: bool = True) -> tuple[Manifest, ChunkSet, ChunkSet, ChunkSet | None]:
+    """The config's corpus (its warnings printed to stderr) and its train, devel and test chunks (test: None if empty)."""
+    manifest = load_manifest(cfg.data)
+    for warning in manifest.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    classes = manifest.classes
+    train = load_chunks(manifest.partition("train", required=True), cfg.data, classes, progress=progress)
+    devel = load_chunks(manifest.partition("devel", required=True), cfg.data, classes, progress=progress)
+    test_clips = manifest.partition("test")
+    test = load_chunks(test_clips, cfg.data, classes, progress=progress) if test_clips else None
+    return manifest, train, devel, test
+
+
+def confusion_plots(run_dir: Path, metrics: dict[str, Any]) -> dict[str, str]:
+    """``plots/confusion_<part>.png`` for every scored partition; returns ``{caption: relative path}``."""
+    plots = {}
     for part in ("devel", "test", "test_train_only"):
         if part in metrics:
             m = metrics[part]
@@ -130,4 +142,4 @@ def _write_plots(run_dir: Path, metrics: dict[str, Any], fuse_dev: bool) -> dict
     return plots
 
 
-__all__ = ["run_central"]
+__all__ = ["run_central", "load_partitions", "confusion_plots"]

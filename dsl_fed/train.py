@@ -193,11 +193,18 @@ def make_optimizer(tcfg: TrainingConfig, learning_rate: float) -> keras.optimize
 
 
 def class_weights(labels: np.ndarray, num_classes: int) -> dict[int, float]:
-    """Balanced class weights ``N / (K * n_c)`` over the K classes present; absent classes get 1.0."""
-    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes)
-    present = counts > 0
-    total, k = counts.sum(), int(present.sum())
-    return {c: (float(total / (k * counts[c])) if present[c] else 1.0) for c in range(num_classes)}
+    """scikit-learn's balanced class weights ``N / (K * n_c)`` over the K classes present; absent classes get 1.0.
+
+    Keras wants a weight for every class index, while a federated shard may lack some classes, which
+    ``compute_class_weight`` refuses; those get the neutral 1.0.
+    """
+    from sklearn.utils.class_weight import compute_class_weight
+
+    labels = np.asarray(labels, dtype=np.int64)
+    present = np.unique(labels)
+    weights = dict.fromkeys(range(num_classes), 1.0)
+    weights.update(zip(present.tolist(), compute_class_weight("balanced", classes=present, y=labels).tolist()))
+    return weights
 
 
 def _attach_augmentation(model: keras.Model, cfg: Config, seed: int) -> None:

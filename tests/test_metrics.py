@@ -1,7 +1,10 @@
 """UAR, confusion matrix, bootstrap CI and per-speaker UAR with exact numbers."""
 
+import warnings
+
 import numpy as np
 import pytest
+from sklearn.metrics import balanced_accuracy_score, confusion_matrix
 
 from dsl_fed.errors import DslFedError
 from dsl_fed.metrics import bootstrap_ci, clip_metrics, confusion, per_speaker_uar, uar
@@ -24,6 +27,17 @@ def test_confusion_exact():
     assert confusion([1], [1], 4).shape == (4, 4)
     with pytest.raises(DslFedError, match=r"class indices must be in \[0, 2\)"):
         confusion([0, 2], [0, 1], 2)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_uar_and_confusion_match_scikit_learn(seed):
+    """sklearn's balanced accuracy also averages recall over the classes in y_true only (it warns about the rest)."""
+    rng = np.random.default_rng(seed)
+    y_true = rng.choice([0, 1, 3], 50)  # class 2 never occurs in y_true but may be predicted
+    y_pred = np.where(rng.random(50) < 0.6, y_true, rng.integers(0, 4, 50))
+    with warnings.catch_warnings(action="ignore", category=UserWarning):
+        assert uar(y_true, y_pred) == pytest.approx(balanced_accuracy_score(y_true, y_pred), abs=1e-12)
+    np.testing.assert_array_equal(confusion(y_true, y_pred, 4), confusion_matrix(y_true, y_pred, labels=range(4)))
 
 
 def test_input_errors():

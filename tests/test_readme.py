@@ -2,6 +2,7 @@
 
 import dataclasses
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -35,3 +36,25 @@ def test_ci_runs_the_readme_test_command():
     assert "make test " in README
     assert (REPO / ".ci/run").read_text().strip().splitlines()[-1] == "make test"
     assert re.search(r"^test: install\n\t\$\(PYTHON\) -m pytest$", (REPO / "Makefile").read_text(), re.M)
+
+
+def layout_paths():
+    """Paths in the first column of the README's Layout table; a bare file name lives beside the row's first path."""
+    section = README.split("\n## Layout\n", 1)[1].split("\n## ", 1)[0]
+    for row in section.splitlines():
+        if not row.startswith("| `"):
+            continue
+        names = re.findall(r"`([^`]+)`", row.split("|")[1])
+        base = Path(names[0]).parent
+        yield names[0]
+        yield from (name if "/" in name else str(base / name) for name in names[1:])
+
+
+def test_layout_table_matches_the_tree():
+    listed = list(layout_paths())
+    assert [p for p in listed if not (REPO / p).exists()] == []
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    folders = {path.split("/")[0] for path in tracked if "/" in path and not path.startswith(".")}
+    assert folders - {p.split("/")[0] for p in listed} == set()
+    packages = {f"dsl_fed/{p.name}/" for p in (REPO / "dsl_fed").iterdir() if (p / "__init__.py").is_file()}
+    assert packages - set(listed) == set()

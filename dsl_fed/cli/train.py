@@ -52,12 +52,9 @@ def run_train(args: argparse.Namespace) -> int:
     from dsl_fed.config import load_config
 
     cfg = load_config(args.central, args.overrides)
-    command = "dsl_fed " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else ""
-    verbose = args.verbose if args.verbose is not None else (1 if sys.stdout.isatty() else 2)
-    metrics = run_central(cfg, fuse_dev=args.fuse_dev, verbose=verbose, command=command, overwrite=args.overwrite)
-    for part in ("devel", "test_train_only", "test"):
-        if part in metrics:
-            print(_summary(part, metrics[part]))
+    metrics = run_central(cfg, fuse_dev=args.fuse_dev, verbose=verbosity(args.verbose), command=command_line(),
+                          overwrite=args.overwrite)
+    print_summaries(metrics)
     print(f"run folder: {cfg.output.run_dir} (report.md, metrics.json, model.keras, plots/)")
     return 0
 
@@ -86,13 +83,31 @@ def run_evaluate(args: argparse.Namespace) -> int:
         )
     chunks = load_chunks(manifest.partition(args.partition, required=True), cfg.data, manifest.classes)
     metrics = evaluate_chunks(model, chunks, manifest.classes, cfg.training.batch_size, seed=cfg.training.seed)
-    print(_summary(args.partition, metrics))
+    print(summary(args.partition, metrics))
     print("per-speaker UAR: " + ", ".join(f"{s} {u:.3f}" for s, u in metrics["per_speaker"].items()))
     if args.json is not None:
         write_metrics_json(args.json, metrics)
     return 0
 
 
-def _summary(part: str, m: dict) -> str:
+def verbosity(requested: int | None) -> int:
+    """Keras progress: as requested, else bars on a terminal and one line per epoch in a log file."""
+    return requested if requested is not None else (1 if sys.stdout.isatty() else 2)
+
+
+def command_line() -> str:
+    """This process's command line as a user would type it (recorded in ``report.md``)."""
+    return "dsl_fed " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else ""
+
+
+def print_summaries(metrics: dict) -> None:
+    """One line per reported partition of a run's ``metrics.json``."""
+    for part in ("devel", "test_train_only", "test"):
+        if part in metrics:
+            print(summary(part, metrics[part]))
+
+
+def summary(part: str, m: dict) -> str:
+    """``devel: UAR 0.812 (95 % CI 0.700-0.910), accuracy 0.800, 36 clips``."""
     lo, hi = m["ci"]
     return f"{part}: UAR {m['uar']:.3f} (95 % CI {lo:.3f}-{hi:.3f}), accuracy {m['accuracy']:.3f}, {m['num_clips']} clips"
