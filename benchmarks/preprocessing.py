@@ -4,7 +4,7 @@
     python benchmarks/preprocessing.py --quick    # smoke run, fewer repetitions (~15 s)
 
 Pipelines (same recipe: 16 kHz, 3 s chunks, Hann 512 / hop 256 centred, 128 Slaney Mel bands, dB, per-chunk
-min-max, viridis LUT with linear interpolation, bilinear resize to 224 x 224, DenseNet "torch" normalisation):
+floor 80 dB below each chunk's peak, min-max, viridis LUT with linear interpolation, bilinear resize to 224 x 224, DenseNet "torch" normalisation):
 
 (a) the `SpectrogramImage` layer in a graph-compiled ``tf.function`` (TF intra-op threads = ``--threads``);
 (b) the same layer alone in a builtins-only TFLite model run by LiteRT (``num_threads=--threads``, XNNPACK);
@@ -121,7 +121,8 @@ class Reference:
             y=x, sr=layer.sample_rate, n_fft=layer.n_fft, hop_length=layer.hop, window="hann", center=True,
             pad_mode="constant", power=2.0, n_mels=layer.n_mels, fmin=layer.fmin, fmax=layer.fmax,
         )
-        db = self.librosa.power_to_db(power, ref=layer.db_ref, amin=layer.db_amin, top_db=None)[:, ::-1]
+        db = self.librosa.power_to_db(power, ref=layer.db_ref, amin=layer.db_amin)[:, ::-1]
+        db = np.maximum(db, db.max(axis=(1, 2), keepdims=True) - layer.top_db)  # per chunk: librosa's is per call
         low = db.min(axis=(1, 2), keepdims=True)
         grey = (db - low) * (255.0 / np.maximum(db.max(axis=(1, 2), keepdims=True) - low, 1e-6))
         index = np.minimum(np.floor(grey), 254).astype(np.int64)

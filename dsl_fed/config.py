@@ -24,6 +24,7 @@ from dsl_fed.errors import DslFedError
 COLORMAPS = ("viridis", "magma", "plasma", "inferno", "cividis", "gray")
 MAX_SECONDS = 600.0  # longest chunk/hop: beyond this a chunk no longer fits a spectrogram image (or memory)
 MAX_COUNT = 100_000  # epochs, rounds, shards: larger is a typo, not a plan
+MAX_TOP_DB = 100.0  # float32 DFT rounding noise sits about 150 dB below a chunk's peak; the floor stays well above
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,7 @@ class SpectrogramConfig:
     fmax: float | None = None  # None = sample_rate / 2
     db_ref: float = 1.0
     db_amin: float = 1e-16
-    top_db: float | None = None  # per-chunk clip below the chunk's own max; None = no clip (the paper)
+    top_db: float = 80.0  # dB floor below each chunk's own peak; keeps float rounding noise out of the image
     colormap: str = "viridis"
     image_size: int = 224
 
@@ -80,7 +81,8 @@ class SpectrogramConfig:
         _require(self.fmax is None or self.fmax > self.fmin, "spectrogram.fmax", "must be greater than spectrogram.fmin")
         _require(0 < self.db_ref <= 1e6, "spectrogram.db_ref", f"must be in (0, 1e6], got {self.db_ref}")
         _require(0 < self.db_amin < 1, "spectrogram.db_amin", f"must be in (0, 1), got {self.db_amin}")
-        _require(self.top_db is None or 0 < self.top_db <= 1000, "spectrogram.top_db", "must be in (0, 1000] or null")
+        _require(0 < self.top_db <= MAX_TOP_DB, "spectrogram.top_db",
+                 f"must be in (0, {MAX_TOP_DB:g}] dB (the floor must stay far above float rounding noise), got {self.top_db}")
         _choice(self.colormap, COLORMAPS, "spectrogram.colormap")
         _require(16 <= self.image_size <= 1024, "spectrogram.image_size", f"must be in [16, 1024], got {self.image_size}")
 

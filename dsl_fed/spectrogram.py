@@ -3,23 +3,31 @@ run literally the same preprocessing.
 
 Pipeline of `SpectrogramImage` (every step per chunk, no batch-wide statistics, only TFLite builtin ops):
 
-1. peak normalisation ``x / max|x|`` (a silent chunk stays zero), as `dsl_fed.data.chunking.normalise_chunks`;
+1. peak normalisation ``x / max|x|`` (a silent chunk stays zero, and so does one whose peak is a subnormal
+   float, which some kernels flush to zero), as `dsl_fed.data.chunking.normalise_chunks`;
 2. STFT, periodic Hann window of ``window_ms`` (512 samples at 16 kHz), ``n_fft`` = window length, hop =
    ``hop_fraction`` of the window. Framing is librosa's default ``center=True, pad_mode="constant"``: the
    chunk is zero-padded by ``n_fft // 2`` on both sides, giving ``1 + samples // hop`` frames (188 for 3 s).
    Computed as a strided convolution with the window-folded DFT basis (see `SpectrogramImage.mel_power`),
    which works for any ``n_fft`` (TFLite's RFFT2D needs a power of two) and is the fastest variant in LiteRT;
 3. power ``|X|^2``;
-4. Mel filterbank with the Slaney mel scale and Slaney area normalisation, i.e. librosa's default
-   ``librosa.filters.mel(htk=False, norm="slaney")``, computed once in numpy by `mel_filterbank` (no librosa
-   import at run time; the tests check it against librosa);
-5. dB ``10 log10(max(S, db_amin)) - 10 log10(max(db_amin, db_ref))`` exactly like ``librosa.power_to_db``;
-   with ``top_db`` the values are clipped at ``max_of_this_chunk - top_db`` (librosa clips per call);
+4. Mel filterbank ``librosa.filters.mel(htk=False, norm="slaney")`` (Slaney scale and area normalisation,
+   librosa's defaults), computed once in numpy when the layer is built;
+5. dB ``10 log10(max(S, db_amin)) - 10 log10(max(db_amin, db_ref))`` clipped at the chunk's own maximum minus
+   ``top_db``, exactly ``librosa.power_to_db(S, ref=db_ref, amin=db_amin, top_db=top_db)`` on one chunk;
 6. min-max of each chunk to [0, 255] (a constant chunk maps to 0, never NaN);
 7. colour map: 256-entry matplotlib LUT with linear interpolation between entries;
 8. bilinear resize (half-pixel centres, no antialiasing: TFLite's RESIZE_BILINEAR) to ``image_size``;
 9. the backbone's ImageNet normalisation, see `normalise_image`. Because steps 7-9 are linear per pixel and the
    bilinear weights sum to one, the normalisation is folded into the LUT (same result, one pass less).
+
+Why the ``top_db`` floor is not optional: the min-max of step 6 takes its minimum from the weakest Mel bin.
+Without a floor, for a pure tone, DC, a click in silence or clipped audio that bin holds float32 rounding
+noise of the DFT (about 150 dB below the chunk's peak), and rounding noise depends on the kernel the CPU,
+batch size and runtime (TF graph, eager, LiteRT) pick: the whole image would shift with it. With the floor
+``top_db`` (default 80 dB, at most `MAX_TOP_DB` = 100 dB) below the chunk's peak, the darkest value is set by
+the peak, which float32 computes to about 1e-6 dB, and every bin above the floor carries at most about 0.01 dB
+of rounding error; steps 6-9 are continuous, so the image moves by a few thousandths of a grey level at most.
 
 Orientation is that of a plot: row 0 (top) is the highest Mel bin, time runs left to right.
 """
@@ -33,7 +41,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from dsl_fed.config import COLORMAPS, SpectrogramConfig
+from dsl_fed.config import COLORMAPS, MAX_TOP_DB, SpectrogramConfig
 from dsl_fed.errors import DslFedError
 
 PREPROCESS_MODES: tuple[str, ...] = ("torch", "tf", "caffe", "none")
@@ -59,25 +67,10 @@ def num_frames(num_samples: int, n_fft: int, hop: int) -> int:
     return 1 + (num_samples + 2 * (n_fft // 2) - n_fft) // hop
 
 
-def _hz_to_mel(hz: np.ndarray) -> np.ndarray:
-    """Slaney's Auditory Toolbox mel scale: linear below 1 kHz, logarithmic above (librosa ``htk=False``)."""
-    hz = np.asarray(hz, dtype=np.float64)
-    f_sp, min_log_hz, min_log_mel, logstep = 200.0 / 3, 1000.0, 15.0, math.log(6.4) / 27.0
-    mel = hz / f_sp
-    above = hz >= min_log_hz
-    return np.where(above, min_log_mel + np.log(np.maximum(hz, min_log_hz) / min_log_hz) / logstep, mel)
-
-
-def _mel_to_hz(mel: np.ndarray) -> np.ndarray:
-    mel = np.asarray(mel, dtype=np.float64)
-    f_sp, min_log_hz, min_log_mel, logstep = 200.0 / 3, 1000.0, 15.0, math.log(6.4) / 27.0
-    return np.where(mel >= min_log_mel, min_log_hz * np.exp(logstep * (mel - min_log_mel)), f_sp * mel)
-
-
 def mel_filterbank(
     sample_rate: int, n_fft: int, n_mels: int, fmin: float = 0.0, fmax: float | None = None
 ) -> np.ndarray:
-    """Slaney-scale, Slaney-normalised triangular filters, equal to ``librosa.filters.mel(...).T``.
+    """librosa's Slaney-scale, Slaney-normalised Mel filters, transposed to right-multiply a power spectrum.
 
     Args:
         sample_rate: Sampling rate in Hz.
@@ -87,18 +80,14 @@ def mel_filterbank(
         fmax: Highest band edge in Hz; None = ``sample_rate / 2``.
 
     Returns:
-        float32 array ``(n_fft // 2 + 1, n_mels)``, ready to right-multiply a power spectrum.
+        float32 array ``(n_fft // 2 + 1, n_mels)`` equal to ``librosa.filters.mel(...).T``.
     """
-    fmax = sample_rate / 2.0 if fmax is None else float(fmax)
-    fft_hz = np.fft.rfftfreq(n_fft, d=1.0 / sample_rate)
-    mel_hz = _mel_to_hz(np.linspace(_hz_to_mel(fmin), _hz_to_mel(fmax), n_mels + 2))
-    widths = np.diff(mel_hz)
-    ramps = mel_hz[:, None] - fft_hz[None, :]
-    lower = -ramps[:-2] / widths[:-1, None]
-    upper = ramps[2:] / widths[1:, None]
-    weights = np.maximum(0.0, np.minimum(lower, upper))
-    weights *= (2.0 / (mel_hz[2:] - mel_hz[:-2]))[:, None]  # Slaney: each filter has unit area in Hz
-    return weights.T.astype(np.float32)
+    import librosa  # lazy: only needed to build the constant matrix
+
+    return np.ascontiguousarray(
+        librosa.filters.mel(sr=sample_rate, n_fft=n_fft, n_mels=n_mels, fmin=fmin, fmax=fmax, htk=False,
+                            norm="slaney", dtype=np.float32).T
+    )
 
 
 def colormap_lut(name: str) -> np.ndarray:
@@ -180,7 +169,8 @@ class SpectrogramImage(keras.layers.Layer):
         fmax: Highest Mel band edge in Hz; None = Nyquist.
         db_ref: dB reference power (0 dB).
         db_amin: Power floor before the logarithm.
-        top_db: If set, clip each chunk's dB values at its own maximum minus `top_db`; None = no clip (paper).
+        top_db: Clip each chunk's dB values at its own maximum minus `top_db`, in (0, `MAX_TOP_DB`]; the floor
+            keeps float rounding noise out of the image (see the module docstring).
         colormap: Matplotlib colour map name, see ``dsl_fed.config.COLORMAPS``.
         image_size: Output height and width in pixels.
         preprocess: Backbone normalisation, one of `PREPROCESS_MODES`.
@@ -196,7 +186,7 @@ class SpectrogramImage(keras.layers.Layer):
         fmax: float | None = None,
         db_ref: float = 1.0,
         db_amin: float = 1e-16,
-        top_db: float | None = None,
+        top_db: float = 80.0,
         colormap: str = "viridis",
         image_size: int = 224,
         preprocess: str = "torch",
@@ -212,7 +202,7 @@ class SpectrogramImage(keras.layers.Layer):
         self.fmax = None if fmax is None else float(fmax)
         self.db_ref = float(db_ref)
         self.db_amin = float(db_amin)
-        self.top_db = None if top_db is None else float(top_db)
+        self.top_db = None if top_db is None else float(top_db)  # None (no floor) is rejected below
         self.colormap = str(colormap)
         self.image_size = int(image_size)
         self.preprocess = str(preprocess)
@@ -238,7 +228,9 @@ class SpectrogramImage(keras.layers.Layer):
             (self.fmax is None or self.fmin < self.fmax <= self.sample_rate / 2,
              "fmax must be in (fmin, sample_rate / 2]"),
             (self.db_ref > 0 and self.db_amin > 0, "db_ref and db_amin must be > 0"),
-            (self.top_db is None or self.top_db > 0, f"top_db must be > 0 or None, got {self.top_db}"),
+            (self.top_db is not None and 0 < self.top_db <= MAX_TOP_DB,
+             f"top_db must be a number of dB in (0, {MAX_TOP_DB:g}] (a floor below the chunk's peak that float "
+             f"rounding noise never reaches), got {self.top_db}"),
             (self.image_size >= 1, f"image_size must be >= 1, got {self.image_size}"),
         ]
         for ok, message in checks:
@@ -262,7 +254,9 @@ class SpectrogramImage(keras.layers.Layer):
         if num_samples is None:
             raise DslFedError("SpectrogramImage needs a fixed chunk length (static input shape)")
         peak = tf.reduce_max(tf.abs(x), axis=-1, keepdims=True)
-        x = x / tf.maximum(peak, np.finfo(np.float32).tiny)  # exact x / peak; a silent chunk stays 0
+        # exact x / peak; a silent chunk stays 0, and so does a subnormal one (kernels that flush them see 0)
+        tiny = np.finfo(np.float32).tiny
+        x = tf.where(peak >= tiny, x / tf.maximum(peak, tiny), 0.0)
         t = num_frames(num_samples, self.n_fft, self.hop)
         step = math.gcd(self.n_fft, self.hop)  # frames start on multiples of `step`: blocks of `step` samples
         used = (t - 1) * self.hop + self.n_fft
@@ -304,15 +298,13 @@ class SpectrogramImage(keras.layers.Layer):
     # ------------------------------------------------------------------------------------- helpers
 
     def _log_mel(self, waveforms: Any, flipped: bool, decibel: bool) -> tf.Tensor:
-        """``ln(max(S, amin))``, or dB ``10 log10(max(S, amin)) - 10 log10(max(amin, ref))``; top-dB clip per chunk."""
+        """``ln(max(S, amin))``, or dB ``10 log10(max(S, amin)) - 10 log10(max(amin, ref))``; top-dB floor per chunk."""
         log = tf.math.log(tf.maximum(self.mel_power(waveforms, flipped=flipped), self.db_amin))
         db_per_unit = 10.0 / math.log(10.0)
         if decibel:
             log = db_per_unit * log - 10.0 * math.log10(max(self.db_amin, self.db_ref))
-        if self.top_db is not None:
-            top = self.top_db if decibel else self.top_db / db_per_unit
-            log = tf.maximum(log, tf.reduce_max(log, axis=[1, 2], keepdims=True) - top)
-        return log
+        top = self.top_db if decibel else self.top_db / db_per_unit
+        return tf.maximum(log, tf.reduce_max(log, axis=[1, 2], keepdims=True) - top)
 
     @staticmethod
     def _colorize(grey: tf.Tensor, table: tuple[np.ndarray, np.ndarray]) -> tf.Tensor:
