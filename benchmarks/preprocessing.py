@@ -3,8 +3,9 @@
     python benchmarks/preprocessing.py            # under a minute on 2 cores
     python benchmarks/preprocessing.py --quick    # smoke run, fewer repetitions (~15 s)
 
-Pipelines (same recipe: 16 kHz, 3 s chunks, Hann 512 / hop 256 centred, 128 Slaney Mel bands, dB, per-chunk
-floor 80 dB below each chunk's peak, min-max, viridis LUT with linear interpolation, bilinear resize to 224 x 224, DenseNet "torch" normalisation):
+Pipelines (same recipe: 16 kHz, 3 s chunks, Hann 512 / hop 256 centred, 128 Slaney Mel bands, dB floored 80 dB
+below each chunk's peak, per-chunk min-max, viridis LUT with linear interpolation, bilinear resize to 224 x 224,
+DenseNet "torch" normalisation):
 
 (a) the `SpectrogramImage` layer in a graph-compiled ``tf.function`` (TF intra-op threads = ``--threads``);
 (b) the same layer alone in a builtins-only TFLite model run by LiteRT (``num_threads=--threads``, XNNPACK);
