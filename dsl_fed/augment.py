@@ -6,9 +6,9 @@ the hardest sample not at all. ``lambda`` scales the CutMix patch side, the Spec
 the execution probability ``p = p_min + (p_max - p_min) * lambda`` of each augmentation.
 
 Everything here works on the normalised images between the model's ``"spectrogram"`` layer and its
-``"classifier"`` (see `dsl_fed.models.DslModel.train_step`), so nothing of it is part of the inference or
-exported graph. Randomness is stateless (``tf.random.stateless_*`` with an explicit ``[2]`` seed): no hidden
-state, reproducible steps, no extra model variables.
+``"classifier"`` (see `dsl_fed.models.DslModel.augment`), so nothing of it is part of the inference or
+exported graph. Randomness is stateless (``tf.random.stateless_*`` with an explicit ``[2]`` seed): the caller
+passes ``[seed, step]``, so every step draws anew and a run with the same seed repeats exactly.
 
 Image layout: ``(B, H, W, C)`` with rows = Mel frequency (high at the top) and columns = time.
 """
@@ -22,7 +22,7 @@ import numpy as np
 import tensorflow as tf
 
 from dsl_fed.config import AugmentConfig
-from dsl_fed.spectrogram import normalise_image
+from dsl_fed.spectrogram import SpectrogramImage
 
 
 def sap_strength(losses: Any, a: float = 0.5, s: float = 10.0) -> tf.Tensor:
@@ -110,8 +110,7 @@ def spec_augment(
     """One time mask (columns) and one frequency mask (rows) per selected image.
 
     Each mask is ``round(max_fraction * strength * side)`` pixels wide, placed uniformly at random inside the
-    image, and filled with `fill` - the normalised value of a black (0) pixel, i.e. what "no energy" means
-    after the backbone's ImageNet normalisation.
+    image, and filled with `fill`: the colour of "no energy" (see `spec_fill`).
 
     Args:
         images: ``(B, H, W, C)`` float images.
@@ -140,13 +139,15 @@ def spec_augment(
     return out, (time_width > 0) | (freq_width > 0)
 
 
-def spec_fill(preprocess: str) -> np.ndarray:
-    """``(3,)`` SpecAugment fill: a black pixel (RGB 0) after the backbone's ImageNet normalisation.
+def spec_fill(spectrogram: SpectrogramImage) -> np.ndarray:
+    """``(3,)`` SpecAugment fill: the colour of "no energy" in the images `spectrogram` makes.
 
-    Zero is "no energy" only before normalisation; after it, e.g. DenseNet's "torch" mode maps it to
-    ``-mean / std`` = (-2.118, -2.036, -1.804). Filling with literal 0 would paint a mid-grey bar instead.
+    That is the colour map's lowest colour (grey level 0, what silence and the dB floor look like) after the
+    backbone's ImageNet normalisation: for viridis in DenseNet's "torch" mode ``(lut[0] / 255 - mean) / std`` =
+    (-0.9519, -2.0140, -0.3404). Black (RGB 0) never occurs in a viridis image, and literal 0 after
+    normalisation would be a mid-grey bar: either would teach the model a colour it never sees at test time.
     """
-    return np.asarray(normalise_image(np.zeros(3, np.float32), preprocess), dtype=np.float32).reshape(3)
+    return np.asarray(spectrogram.colorize(0.0, normalised=True), dtype=np.float32).reshape(3)
 
 
 class SapAugment:
@@ -157,8 +158,8 @@ class SapAugment:
 
     Args:
         cfg: The ``augment`` config section; ``cutmix`` / ``specaugment`` switch the two augmentations.
-        fill: ``(3,)`` SpecAugment fill value in the backbone's normalised space, i.e.
-            `spec_fill` of the backbone's preprocess mode.
+        fill: ``(3,)`` SpecAugment fill value in the backbone's normalised space: `spec_fill` of the model's
+            spectrogram layer.
     """
 
     def __init__(self, cfg: AugmentConfig, fill: Sequence[float]) -> None:

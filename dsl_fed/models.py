@@ -48,6 +48,8 @@ class DslModel(keras.Model):
         super().__init__(*args, **kwargs)
         self._augmentation: SapAugment | None = None
         self._augmentation_seed = 0
+        # A plain tf.Variable, not a Keras weight: never saved, exported or sent; survives recompiling.
+        self._augmentation_steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="augmentation_steps")
 
     @property
     def spectrogram(self) -> keras.layers.Layer:
@@ -64,29 +66,48 @@ class DslModel(keras.Model):
         return self.classifier.get_layer(BACKBONE_LAYER_NAME)
 
     def set_augmentation(self, augmentation: SapAugment | None, seed: int = 0) -> None:
-        """Attach (or with None remove) the training-time augmentation policy; forces a re-trace of ``fit``."""
+        """Attach (or with None remove) the training-time augmentation policy; forces a re-trace of ``fit``.
+
+        Augmented step k (counted over every ``fit`` since the seed was set) draws its randomness from the
+        stateless seed ``[seed, k]``: a later phase or epoch with the same seed continues the stream instead of
+        repeating it, a new seed starts a new one at k = 0, and the same seed on a fresh model reproduces it.
+        """
+        if augmentation is not None and int(seed) != self._augmentation_seed:
+            self._augmentation_steps.assign(0)
+        if augmentation is not None:
+            self._augmentation_seed = int(seed)
         self._augmentation = augmentation
-        self._augmentation_seed = int(seed)
         self.train_function = None
 
-    def train_step(self, data: Any) -> dict[str, Any]:
-        """One step: clean forward pass, SapAugment on the images, gradient on the augmented batch.
+    @property
+    def augmentation_steps(self) -> int:
+        """Augmented training steps taken with the current augmentation seed (`set_augmentation`)."""
+        return int(self._augmentation_steps.numpy())
 
-        The clean pass runs under the gradient tape: its predictions give the per-sample losses for the
-        SapAugment ranking *and* serve as the augmented pass for every sample the policy leaves untouched
-        (their input is identical). Only the changed samples go through the classifier a second time, so
-        the augmentation costs an extra forward/backward pass over the augmented fraction of the batch
-        (about 30 % at the paper's probabilities) instead of a second pass over all of it.
+    def augment(self, images: Any, y: Any) -> tuple[tf.Tensor, tf.Tensor]:
+        """SapAugment one batch of normalised images, as `train_step` does (advances the random stream).
+
+        The loss ranking comes from an inference-mode (no dropout) pass over the clean batch, as in the authors'
+        implementation: dropout noise must not decide which samples count as easy.
+        """
+        losses = keras.losses.categorical_crossentropy(y, self.classifier(images, training=False))
+        step = self._augmentation_steps.assign_add(1) - 1
+        seed = tf.stack([tf.constant(self._augmentation_seed, tf.int64), step])
+        images, y, _ = self._augmentation(images, y, losses, seed)
+        return images, y
+
+    def train_step(self, data: Any) -> dict[str, Any]:
+        """One step; with an augmentation policy the gradient is taken on the SapAugmented batch.
+
+        Augmentation costs one inference-mode forward pass over the batch (the loss ranking, see `augment`) on
+        top of the plain step.
         """
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         images = self.spectrogram(x)
+        if self._augmentation is not None:
+            images, y = self.augment(images, y)
         with tf.GradientTape() as tape:
             y_pred = self.classifier(images, training=True)
-            if self._augmentation is not None:
-                clean_losses = keras.losses.categorical_crossentropy(y, tf.stop_gradient(y_pred))
-                seed = tf.stack([tf.constant(self._augmentation_seed, tf.int64), tf.cast(self.optimizer.iterations, tf.int64)])
-                aug_images, y, changed = self._augmentation(images, y, clean_losses, seed)
-                y_pred = self._repredict(y_pred, aug_images, changed)
             loss = self.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True)
             for metric in self.metrics:
                 if metric.name == "loss":
@@ -97,20 +118,6 @@ class DslModel(keras.Model):
             gradients = tape.gradient(scaled_loss, trainable)
             self.optimizer.apply_gradients(zip(gradients, trainable))
         return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
-
-    def _repredict(self, y_pred: tf.Tensor, images: tf.Tensor, changed: tf.Tensor) -> tf.Tensor:
-        """Replace the predictions of the `changed` samples by the classifier's output on their new images.
-
-        Skipped when nothing changed: TF's CPU convolutions fail on an empty batch. The images carry no
-        gradient (the spectrogram layer has no weights), which also keeps both branches' gradients alike.
-        """
-        index = tf.cast(tf.where(changed)[:, 0], tf.int32)
-
-        def repredict() -> tf.Tensor:
-            subset = tf.gather(tf.stop_gradient(images), index)
-            return tf.tensor_scatter_nd_update(y_pred, index[:, None], self.classifier(subset, training=True))
-
-        return tf.cond(tf.size(index) > 0, repredict, lambda: tf.identity(y_pred))
 
 
 def build_model(cfg: Config, num_classes: int) -> DslModel:

@@ -215,7 +215,7 @@ def _attach_augmentation(model: keras.Model, cfg: Config, seed: int) -> None:
     if not cfg.augment.enabled:
         model.set_augmentation(None)
         return
-    model.set_augmentation(SapAugment(cfg.augment, spec_fill(model.spectrogram.preprocess)), seed=seed)
+    model.set_augmentation(SapAugment(cfg.augment, spec_fill(model.spectrogram)), seed=seed)
 
 
 class _FiniteGuard(keras.callbacks.Callback):

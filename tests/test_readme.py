@@ -26,6 +26,32 @@ def test_every_config_key_is_in_the_reference_table(section, key):
     assert any(re.search(rf"\b{key}\b", row.split("|")[1]) for row in rows), f"{section}.{key} missing from README"
 
 
+def test_reference_table_defaults_are_the_real_defaults():
+    """The table's default column: ``| `section.a` / `b` | 1 / 2 | ...`` must equal the dataclasses' defaults."""
+    defaults = {f"{section.name}.{key.name}": key.default for section in dataclasses.fields(Config)
+                for key in dataclasses.fields(section.default_factory)}
+    rows = [line.split("|") for line in README.splitlines() if re.match(r"\| `\w+\.\w+`", line)]
+    checked = 0
+    for cells in rows:
+        keys = re.findall(r"`(\w+(?:\.\w+)?)`", cells[1])
+        section = keys[0].split(".")[0]
+        names = [keys[0]] + [f"{section}.{key}" for key in keys[1:]]
+        written = [value.strip() for value in cells[2].split(" / ")]
+        assert len(written) == len(names), cells[1]
+        for name, text in zip(names, written):
+            default = defaults[name]
+            if text in ("—", "null"):
+                assert default in ("", None), name
+            elif isinstance(default, bool) or default is None:
+                assert text == str(default).lower(), name
+            elif isinstance(default, (int, float)):
+                assert float(text) == default, name
+            else:
+                assert text == default, name
+            checked += 1
+    assert checked == len(defaults)
+
+
 def test_every_cli_command_is_documented():
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     for name in sub.choices:

@@ -57,7 +57,7 @@ def _fit_plain(model, chunks, cfg, epochs):
 
 @pytest.mark.parametrize("augment", [{}, {"cutmix": True, "specaugment": True, "p_min": 0.0, "p_max": 0.0}])
 def test_train_step_without_augmentation_equals_plain_fit(augment):
-    """Augmentation off - or on with probability 0, which runs the sub-batch path on one padding sample."""
+    """Augmentation off - or on with probability 0, which still runs the ranking pass and the policy."""
     # SGD (not Adam, which is invariant to the loss scale) and class weights on unbalanced classes (5/4/4 clips)
     cfg = _config(augment=augment, training={"optimizer": "sgd", "class_balance": "class_weight"})
     chunks = _tones(n_clips=13)
