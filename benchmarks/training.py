@@ -130,13 +130,15 @@ def main(argv: list[str] | None = None) -> int:
     load = f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after"
 
     plain = {phase: r["step"] for _, phase, aug, r in results if aug == "none"}
+    options = argv if argv is not None else sys.argv[1:]
+    command = "".join(f" {a}" for i, a in enumerate(options) if "--out" not in (a, options[i - 1] if i else ""))
     lines = [
         f"# Training throughput: {args.backbone}, {args.size}x{args.size}, batch {args.batch}, 3 s chunks",
         "",
         f"Machine: {platform.processor() or platform.machine()} ({cpu_vector_extensions()}), {os.cpu_count()} CPUs "
         f"visible, TensorFlow {tf.__version__}, Keras {keras.__version__}, 1-minute load average {load} (the machine "
         f"is shared). Median of {args.steps} timed steps per row after {args.warmup} warm-up steps, the rows' steps "
-        f"interleaved; weights None. Command: `python benchmarks/training.py{' --quick' if args.quick else ''}`.",
+        f"interleaved; weights None. Command: `python benchmarks/training.py{command}`.",
         "",
         "| phase | augmentation | trainable weights | step time s (min-max) | samples/s | vs plain |",
         "|---|---|---|---|---|---|",
