@@ -246,6 +246,7 @@ def test_loss_ranking_uses_an_inference_mode_pass():
     assert not np.array_equal(policy(images, y, noisy, [3, 0])[1].numpy(), want_labels.numpy())
 
 
+@pytest.mark.slow
 def test_augmentation_stream_continues_across_epochs_and_phases_and_reruns_exactly(monkeypatch):
     from dsl_fed.data.pipeline import ChunkSet
     from dsl_fed.models import get_weights_by_name
