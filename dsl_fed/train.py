@@ -175,7 +175,7 @@ def compile_for_phase(model: keras.Model, cfg: Config, phase: int, seed: int = 0
         optimizer=make_optimizer(tcfg, learning_rate),
         loss=keras.losses.CategoricalCrossentropy(),
         metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
-        jit_compile=False,  # the augmented sub-batch has a data-dependent size
+        jit_compile=False,  # plain TF graph mode: what the tests and benchmarks measure (XLA never was)
     )
     _attach_augmentation(model, cfg, seed)
     return learning_rate
