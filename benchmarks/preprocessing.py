@@ -172,7 +172,7 @@ def _report(rows, args, load_before, load_after, tf, librosa) -> str:
         "",
         f"`python benchmarks/preprocessing.py{' --quick' if args.quick else ''}` — "
         f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.processor() or platform.machine()} "
-        f"({cpu_vector_extensions()}), "
+        f"({', '.join(cpu_vector_extensions()) or 'unknown vector extensions'}), "
         f"{os.cpu_count()} CPUs visible, {args.threads} threads; TF {tf.__version__}, "
         f"LiteRT {getattr(ai_edge_litert, '__version__', '?')}, librosa {librosa.__version__}.",
         f"Load average (1/5/15 min) before: {' / '.join(f'{v:.2f}' for v in load_before)}, "

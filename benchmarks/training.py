@@ -135,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         f"# Training throughput: {args.backbone}, {args.size}x{args.size}, batch {args.batch}, 3 s chunks",
         "",
-        f"Machine: {platform.processor() or platform.machine()} ({cpu_vector_extensions()}), {os.cpu_count()} CPUs "
+        f"Machine: {platform.processor() or platform.machine()} "
+        f"({', '.join(cpu_vector_extensions()) or 'unknown vector extensions'}), {os.cpu_count()} CPUs "
         f"visible, TensorFlow {tf.__version__}, Keras {keras.__version__}, 1-minute load average {load} (the machine "
         f"is shared). Median of {args.steps} timed steps per row after {args.warmup} warm-up steps, the rows' steps "
         f"interleaved; weights None. Command: `python benchmarks/training.py{command}`.",

@@ -377,16 +377,5 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def cpu_vector_extensions() -> str:
-    """The CPU's AVX-family flags (``avx avx2 avx512f ... fma``) from /proc/cpuinfo: which kernels TF, XNNPACK
-    and oneDNN pick depends on them, so benchmarks print them next to their timings."""
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        return "unknown vector extensions"
-    found = sorted({flag for flag in flags.split(":", 1)[1].split() if flag.startswith("avx") or flag == "fma"})
-    return " ".join(found) or "no AVX"
-
-
 if __name__ == "__main__":  # the measurement subprocess: python -m dsl_fed.stats KIND PATH THREADS RUNS
     print(json.dumps(_worker(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))))
