@@ -1,4 +1,4 @@
-"""Clip-level evaluation: UAR, confusion matrix, bootstrap confidence interval, per-speaker UAR.
+"""Clip-level evaluation: UAR, confusion matrix, bootstrap confidence interval, per-speaker UAR and its spread.
 
 UAR (unweighted average recall, the ComParE measure) is the mean recall over the classes that occur in
 ``y_true``. A class that is absent from the ground truth has no recall and is left out - otherwise every
@@ -7,7 +7,8 @@ speaker or bootstrap resample missing one class would be penalised for a class i
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -90,6 +91,33 @@ def per_speaker_uar(
     return {str(s): uar(y_true[speakers == s], y_pred[speakers == s]) for s in sorted(set(speakers.tolist()))}
 
 
+def speaker_spread(per_speaker: Mapping[str, float]) -> dict[str, Any]:
+    """How evenly a model serves its speakers: the spread of the per-speaker UAR.
+
+    A good mean can hide speakers the model fails; federated training in particular can favour the shards
+    it saw most. ``std`` is the population standard deviation (ddof 0); ``worst_10pct`` is the mean UAR of
+    the ceil(10 %) lowest-scoring speakers (at least one; ties broken by speaker name), listed in
+    ``worst_speakers``.
+
+    Returns:
+        ``{"speakers", "min", "median", "max", "std", "worst_10pct", "worst_speakers"}``.
+    """
+    if not per_speaker:
+        raise DslFedError("speaker spread needs at least one speaker")
+    ranked = sorted(per_speaker.items(), key=lambda item: (item[1], item[0]))
+    values = np.array([v for _, v in ranked], dtype=np.float64)
+    worst = ranked[: max(1, math.ceil(0.1 * len(ranked)))]
+    return {
+        "speakers": len(ranked),
+        "min": float(values.min()),
+        "median": float(np.median(values)),
+        "max": float(values.max()),
+        "std": float(values.std()),
+        "worst_10pct": float(np.mean([v for _, v in worst])),
+        "worst_speakers": [s for s, _ in worst],
+    }
+
+
 def clip_metrics(
     clip_labels: np.ndarray,
     clip_probs: np.ndarray,
@@ -102,16 +130,18 @@ def clip_metrics(
 
     Returns:
         ``{"uar", "ci": [low, high], "accuracy", "confusion": [[...]], "per_speaker": {spk: uar},
-        "num_clips", "classes"}``.
+        "speaker_spread": `speaker_spread`, "num_clips", "classes"}``.
     """
     y_pred = np.argmax(clip_probs, axis=1)
     low, high = bootstrap_ci(clip_labels, y_pred, n=n_boot, seed=seed)
+    speakers = per_speaker_uar(clip_labels, y_pred, clip_speakers)
     return {
         "uar": uar(clip_labels, y_pred),
         "ci": [low, high],
         "accuracy": float(np.mean(y_pred == np.asarray(clip_labels))),
         "confusion": confusion(clip_labels, y_pred, len(classes)).tolist(),
-        "per_speaker": per_speaker_uar(clip_labels, y_pred, clip_speakers),
+        "per_speaker": speakers,
+        "speaker_spread": speaker_spread(speakers),
         "num_clips": int(len(clip_labels)),
         "classes": list(classes),
     }

@@ -131,9 +131,18 @@ def render_report(name: str, metrics: dict[str, Any], plots: dict[str, str], com
         for label, row in zip(classes, m["confusion"]):
             lines.append(f"| {label} | " + " | ".join(str(v) for v in row) + " |")
         lines += ["", "Per-speaker UAR: " + ", ".join(f"{s} {u:.3f}" for s, u in m["per_speaker"].items()), ""]
+        if "speaker_spread" in m:
+            lines += [spread_line(m["speaker_spread"]), ""]
     if plots:
         lines += ["## Plots", ""] + [f"![{caption}]({rel})" for caption, rel in plots.items()] + [""]
     return "\n".join(lines)
+
+
+def spread_line(spread: dict[str, Any]) -> str:
+    """One sentence with the per-speaker UAR spread (`dsl_fed.metrics.speaker_spread`)."""
+    return (f"Speaker spread ({spread['speakers']} speakers): min {spread['min']:.3f}, median {spread['median']:.3f}, "
+            f"max {spread['max']:.3f}, std {spread['std']:.3f}; worst 10 % ({', '.join(spread['worst_speakers'])}) "
+            f"{spread['worst_10pct']:.3f}")
 
 
 def save_figure(fig: Figure, path: Path) -> Path:

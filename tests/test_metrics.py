@@ -7,7 +7,8 @@ import pytest
 from sklearn.metrics import balanced_accuracy_score, confusion_matrix
 
 from dsl_fed.errors import DslFedError
-from dsl_fed.metrics import bootstrap_ci, clip_metrics, confusion, per_speaker_uar, uar
+from dsl_fed.metrics import bootstrap_ci, clip_metrics, confusion, per_speaker_uar, speaker_spread, uar
+from dsl_fed.report import spread_line
 
 Y_TRUE = [0, 0, 0, 0, 1, 1, 2, 2]
 Y_PRED = [0, 0, 0, 1, 1, 0, 2, 1]
@@ -88,3 +89,37 @@ def test_clip_metrics_from_probabilities():
     assert result["num_clips"] == 8 and result["classes"] == ["x", "y", "z"]
     assert result["ci"][0] <= result["uar"] <= result["ci"][1]
     assert result["per_speaker"] == {"s": pytest.approx(1.75 / 3)}
+
+
+def test_speaker_spread_exact_on_hand_made_predictions():
+    # 5 speakers, 2 classes, 2 clips per class each; per-speaker UAR = mean of the two class recalls
+    y_true = [0, 0, 1, 1] * 5
+    y_pred = [0, 0, 1, 1,  0, 1, 1, 1,  1, 1, 1, 1,  0, 0, 0, 1,  1, 1, 0, 0]
+    speakers = [s for s in "abcde" for _ in range(4)]
+    per_speaker = per_speaker_uar(y_true, y_pred, speakers)
+    assert per_speaker == {"a": 1.0, "b": 0.75, "c": 0.5, "d": 0.75, "e": 0.0}
+    spread = speaker_spread(per_speaker)
+    assert spread == {"speakers": 5, "min": 0.0, "median": 0.75, "max": 1.0,
+                      "std": pytest.approx(np.std([1.0, 0.75, 0.5, 0.75, 0.0])), "worst_10pct": 0.0,
+                      "worst_speakers": ["e"]}
+    assert spread["std"] == pytest.approx(0.3391164992)  # population std: sqrt(0.575 / 5)
+
+
+def test_speaker_spread_worst_ten_percent_rounds_up_and_breaks_ties_by_name():
+    per_speaker = {f"s{i:02d}": 0.5 + 0.04 * i for i in range(11)} | {"s03": 0.5, "s07": 0.2}
+    spread = speaker_spread(per_speaker)  # 11 speakers -> ceil(1.1) = 2 worst
+    assert spread["worst_speakers"] == ["s07", "s00"] and spread["worst_10pct"] == pytest.approx(0.35)
+    assert spread["median"] == pytest.approx(0.66) and spread["max"] == pytest.approx(0.9)
+    with pytest.raises(DslFedError):
+        speaker_spread({})
+
+
+def test_clip_metrics_and_report_carry_the_speaker_spread():
+    probs = np.eye(3)[Y_PRED]
+    result = clip_metrics(np.array(Y_TRUE), probs, np.array(["b", "b", "a", "a", "a", "b", "a", "b"]), ["x", "y", "z"],
+                          n_boot=50)
+    spread = result["speaker_spread"]
+    assert spread["min"] == pytest.approx(1 / 3) and spread["max"] == pytest.approx(2.5 / 3)
+    assert spread["worst_speakers"] == ["b"] and spread["std"] == pytest.approx(0.75 / 3)
+    assert spread_line(spread) == ("Speaker spread (2 speakers): min 0.333, median 0.583, max 0.833, std 0.250; "
+                                   "worst 10 % (b) 0.333")

@@ -62,6 +62,7 @@ def run_train(args: argparse.Namespace) -> int:
 def run_evaluate(args: argparse.Namespace) -> int:
     from dsl_fed.config import load_config
     from dsl_fed.data.manifest import load_manifest
+    from dsl_fed.report import spread_line
     from dsl_fed.data.pipeline import load_chunks
     from dsl_fed.metrics import evaluate_chunks
     from dsl_fed.report import write_metrics_json
@@ -85,6 +86,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     metrics = evaluate_chunks(model, chunks, manifest.classes, cfg.training.batch_size, seed=cfg.training.seed)
     print(summary(args.partition, metrics))
     print("per-speaker UAR: " + ", ".join(f"{s} {u:.3f}" for s, u in metrics["per_speaker"].items()))
+    print(spread_line(metrics["speaker_spread"]))
     if args.json is not None:
         write_metrics_json(args.json, metrics)
     return 0
