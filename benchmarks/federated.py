@@ -6,7 +6,8 @@ float16 on the wire), and central vs federated UAR on the demo corpus.
 
 Three runs of ``configs/quickstart.yaml`` (or ``--config``) on a fresh demo corpus: central (`dsl_fed.central`),
 federated float32 and federated float16 (`dsl_fed simulate`, one client per shard: ``data.shards``). Both modes
-use the same config, so the comparison is like for like.
+use the same config and are selected on devel alike: central at its best devel epoch, federated at its best
+devel round (the table names both).
 
 Overhead (target: Flower/Ray <= 30 % of the wall time): per round, the wall time is the Flower part (messages,
 local training, replies; ``seconds`` in history.csv) plus the server's scoring and publishing
@@ -56,7 +57,7 @@ def main() -> int:
         fp16 = run_federated(args.config, overrides + ["output.name=bench-fp16", "federated.transfer_dtype=float16"])
         report = "\n\n".join([
             header(args, speakers, clips, started),
-            "## Central vs federated (same config and seed)\n\n" + markdown([central, federated]),
+            "## Central vs federated (same config and seed; best devel epoch vs best devel round)\n\n" + markdown([central, federated]),
             "## Wall time vs local training (federated, float32)\n\n" + overhead_table(federated),
             "## Bytes on the wire\n\n" + bytes_table(args.config, overrides, federated, fp16),
         ])

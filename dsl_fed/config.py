@@ -197,6 +197,14 @@ class FederatedConfig:
 
 
 @dataclass(frozen=True)
+class ExperimentConfig:
+    cpus_per_cell: int = 1  # Ray CPUs one `dsl_fed experiment` cell reserves; a federated cell's simulation gets these
+
+    def _validate(self) -> None:
+        _require(1 <= self.cpus_per_cell <= 256, "experiment.cpus_per_cell", f"must be in [1, 256], got {self.cpus_per_cell}")
+
+
+@dataclass(frozen=True)
 class OutputConfig:
     directory: str = "runs"  # relative paths resolve against the current directory
     name: str = "run"
@@ -220,6 +228,7 @@ class Config:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     federated: FederatedConfig = field(default_factory=FederatedConfig)
+    experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def to_dict(self) -> dict[str, Any]:

@@ -5,79 +5,42 @@
 Central (`dsl_fed.central.run_central`, run ``<name>-central``) needs every training clip on one machine: its
 traffic is the training audio itself (file bytes). Federated (`dsl_fed simulate`, run ``<name>-federated``,
 test speakers scored every round) moves only model weights: the full model once per client, then the
-trainable slice each round. Both start from the same config and seed.
+trainable slice each round. Both start from the same config and seed, and both are selected on devel like
+for like: central reports its best devel epoch, federated its best devel round (`dsl_fed.experiment.cells`);
+the table names the epoch / round each mode selected. `dsl_fed experiment` runs the same comparison over
+a grid and seeds.
 """
 
 from __future__ import annotations
 
 import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
-from dsl_fed.config import Config, load_config
+from dsl_fed.config import load_config
+from dsl_fed.experiment.cells import CellResult, run_central, run_federated
+
+__all__ = ["compare", "markdown", "run_central", "run_federated"]
 
 
-@dataclass(frozen=True)
-class Outcome:
-    """One training mode's scores and traffic."""
-
-    mode: str
-    devel_uar: float
-    devel_ci: tuple[float, float]
-    test_uar: float | None
-    test_ci: tuple[float, float] | None
-    bytes_moved: int
-    traffic: str
-    seconds: float
-    run_dir: Path
-
-
-def run_central(cfg: Config) -> Outcome:
-    from dsl_fed.central import run_central as train_central
-    from dsl_fed.data import read_manifest
-
-    start = time.perf_counter()
-    metrics = train_central(cfg, verbose=0)
-    audio = sum(c.path.stat().st_size for c in read_manifest(cfg.data.manifest, seed=cfg.data.seed).partition("train"))
-    test = metrics.get("test")
-    return Outcome("central", metrics["devel"]["uar"], tuple(metrics["devel"]["ci"]), test and test["uar"],
-                   test and tuple(test["ci"]), audio, "training audio uploaded", time.perf_counter() - start,
-                   cfg.output.run_dir)
-
-
-def run_federated(config_path: Path, overrides: list[str]) -> Outcome:
-    from dsl_fed.cli.federated import simulate
-    from dsl_fed.federated.checkpoint import RunDirectory
-
-    start = time.perf_counter()
-    run_dir = simulate(config_path, overrides)
-    run = RunDirectory(run_dir)
-    extra = run.manifest(run.latest_round())["extra"]
-    moved = sum(int(r["bytes_up"]) + int(r["bytes_down"]) for r in run.read_history())
-    test = extra.get("test")
-    return Outcome("federated", extra["devel"]["uar"], tuple(extra["devel"]["ci"]), test and test["uar"],
-                   test and tuple(test["ci"]), moved, "model weights up + down", time.perf_counter() - start, run_dir)
-
-
-def compare(config_path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> list[Outcome]:
+def compare(config_path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> list[CellResult]:
     """Train centrally and federated on the same config; returns both outcomes."""
     config_path = Path(config_path)
     overrides = list(overrides)
     name = load_config(config_path, overrides).output.name
     central = run_central(load_config(config_path, overrides + [f"output.name={name}-central"]))
-    federated = run_federated(config_path, overrides + [f"output.name={name}-federated", "federated.evaluate_test=true"])
+    federated = run_federated(config_path, overrides + [f"output.name={name}-federated"])
     return [central, federated]
 
 
-def markdown(outcomes: list[Outcome]) -> str:
-    """The comparison as a markdown table."""
-    lines = ["| mode | devel UAR [95 % CI] | test UAR [95 % CI] | bytes moved | what travels | wall time |",
-             "|---|---|---|---:|---|---:|"]
+def markdown(outcomes: list[CellResult]) -> str:
+    """The comparison as a markdown table (each mode's devel-selected model: best epoch / best round)."""
+    lines = ["| mode | selected on devel | devel UAR [95 % CI] | test UAR [95 % CI] | worst speaker devel / test "
+             "| bytes moved | what travels | wall time |", "|---|---|---|---|---|---:|---|---:|"]
     for o in outcomes:
         test = f"{o.test_uar:.3f} [{o.test_ci[0]:.3f}, {o.test_ci[1]:.3f}]" if o.test_uar is not None else "-"
-        lines.append(f"| {o.mode} | {o.devel_uar:.3f} [{o.devel_ci[0]:.3f}, {o.devel_ci[1]:.3f}] | {test} | "
-                     f"{o.bytes_moved / 1e6:.2f} MB | {o.traffic} | {o.seconds:.0f} s |")
+        worst = f"{o.devel_worst_speaker:.3f} / " + (f"{o.test_worst_speaker:.3f}" if o.test_worst_speaker is not None else "-")
+        lines.append(f"| {o.mode} | best {o.selected} | {o.devel_uar:.3f} [{o.devel_ci[0]:.3f}, {o.devel_ci[1]:.3f}] | "
+                     f"{test} | {worst} | {o.bytes_moved / 1e6:.2f} MB | {o.traffic} | {o.seconds:.0f} s |")
     return "\n".join(lines)
 
 

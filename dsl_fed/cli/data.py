@@ -19,6 +19,7 @@ from dsl_fed.data.audio import MIN_SECONDS, load_audio
 from dsl_fed.data.chunking import count_chunks
 from dsl_fed.data.demo import CLASSES, make_demo_corpus
 from dsl_fed.data.manifest import PARTITIONS, load_manifest, read_manifest
+from dsl_fed.data.speech import WORDS, make_speech_corpus
 from dsl_fed.data.partition import partition_speakers
 
 MAX_ROWS = 50  # rows per table before the rest is summarised
@@ -39,6 +40,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     demo.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default 0)")
     demo.set_defaults(func=run_make_demo_data)
 
+    speech = subparsers.add_parser(
+        "make-speech-data",
+        help="write a spoken-command corpus synthesised with espeak-ng (wav files + manifest.csv)",
+        description="Synthesise a speaker-structured keyword corpus with eSpeak NG (5 words: "
+        f"{', '.join(WORDS)}; each speaker a voice, accent, pitch, rate and microphone) with speaker-independent "
+        "train/devel/test partitions. Needs the espeak-ng program. Deterministic by seed.",
+    )
+    speech.add_argument("directory", metavar="DIR", type=Path, help="output folder (manifest at DIR/manifest.csv)")
+    speech.add_argument("--speakers", type=int, default=12, metavar="N",
+                        help="speakers, 3-40 (default 12: 8 train / 2 devel / 2 test)")
+    speech.add_argument("--clips", type=int, default=6, metavar="K", help="clips per word per speaker (default 6)")
+    speech.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default 0)")
+    speech.set_defaults(func=run_make_speech_data)
+
     stats = subparsers.add_parser(
         "data-stats",
         help="clips, chunks and seconds per partition, class, speaker and federated shard",
@@ -53,13 +68,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_make_demo_data(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     manifest_path = make_demo_corpus(args.directory, speakers=args.speakers, clips=args.clips, seed=args.seed)
+    _report_corpus(manifest_path, args.speakers, start)
+    return 0
+
+
+def run_make_speech_data(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    manifest_path = make_speech_corpus(args.directory, speakers=args.speakers, clips=args.clips, seed=args.seed)
+    _report_corpus(manifest_path, args.speakers, start)
+    return 0
+
+
+def _report_corpus(manifest_path: Path, speakers: int, start: float) -> None:
     manifest = read_manifest(manifest_path)
     counts = ", ".join(f"{len(manifest.speakers(p))} {p}" for p in PARTITIONS)
     print(
-        f"wrote {len(manifest.clips)} clips ({args.speakers} speakers: {counts}; classes {', '.join(manifest.classes)}) "
+        f"wrote {len(manifest.clips)} clips ({speakers} speakers: {counts}; classes {', '.join(manifest.classes)}) "
         f"in {time.perf_counter() - start:.1f} s\nmanifest: {manifest_path}"
     )
-    return 0
 
 
 def run_data_stats(args: argparse.Namespace) -> int:

@@ -58,6 +58,7 @@ def simulate(
     resume: bool = False,
     echo: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True),
     overwrite: bool = False,
+    ray_cpus: int | None = None,
 ) -> Path:
     """Run the federated training of `config_path` through `flwr run` on a private local simulation.
 
@@ -73,6 +74,8 @@ def simulate(
         resume: Continue from ``runs/<name>/latest``.
         echo: Receives the ServerApp's user-facing lines (one per round, warnings, errors).
         overwrite: Replace an earlier run of the same name once the new one has finished.
+        ray_cpus: CPUs of the simulation's Ray instance (default: all of the machine's); an experiment cell
+            passes its own share so parallel cells do not oversubscribe the cores.
 
     Returns:
         The run folder ``<output.directory>/<output.name>`` (absolute).
@@ -113,6 +116,8 @@ def _run_flower(config_path: Path, overrides: Sequence[str], output_dir: Path, r
     from dsl_fed.federated.watchdog import guard
 
     federation = {"num-supernodes": num_shards, "client-resources-num-cpus": int(cfg.federated.client_cpus)}
+    if ray_cpus is not None:
+        federation["init-args-num-cpus"] = ray_cpus
     errors: list[str] = []
 
     def on_line(line: str) -> None:

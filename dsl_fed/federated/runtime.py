@@ -41,6 +41,9 @@ QUIET_ENV = {
     "FLWR_DISABLE_UPDATE_CHECK": "1",
     "TF_CPP_MIN_LOG_LEVEL": "2",
     "RAY_DEDUP_LOGS": "0",
+    # The simulation starts its own Ray instance: without this, Ray would join whatever cluster a `ray start`
+    # on this machine last registered (or RAY_ADDRESS names), e.g. the one an experiment's cells run on.
+    "RAY_ADDRESS": "local",
 }
 
 

@@ -1,0 +1,200 @@
+"""`run_experiment`: a grid of settings x seeds x modes, each cell a Ray task, resumable, one line per cell.
+
+Why plain Ray tasks and not Ray Tune: the grid is fixed and every cell runs to the end (no search algorithm,
+no trial scheduler, no early stopping), the cell functions already write their own run folders, and
+resuming is a file per finished cell - Tune would add its trial folders, reporting API and experiment state
+on top without doing anything for us. `ray.wait` gives the one-line-per-cell progress.
+
+CPU sharing: each cell reserves ``experiment.cpus_per_cell`` CPUs of the experiment's Ray and runs in a fresh
+worker process (``max_calls=1``) whose TensorFlow uses that many threads. A federated cell's Flower simulation
+cannot run inside the experiment's Ray (Flower starts its own Ray instance in its SuperLink); it gets a
+private Ray instance capped at the same ``cpus_per_cell`` (``init-args-num-cpus``), and its clients run
+``cpus_per_cell / federated.client_cpus`` at a time within it. So the experiment's Ray decides how many
+cells run at once, and no cell uses more CPUs than it reserved (the SuperLink's and ServerApp's scoring
+are the only extra work, and they run while the clients wait).
+
+Layout of ``runs/<name>/experiment/``: ``cells/<cell>/`` (the cell's run folder), ``cells/<cell>.json``
+(written atomically when the cell finishes: the resume marker), ``results.csv``, ``table.md``, ``table.png``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from dsl_fed.config import Config, load_config
+from dsl_fed.errors import DslFedError
+from dsl_fed.experiment.cells import MODES, Cell, CellResult
+from dsl_fed.io import atomic_write
+
+DEFAULT_GRID = (("augment.cutmix", ("false", "true")), ("augment.specaugment", ("false", "true")))
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Every cell of an experiment with its validated config and folder name."""
+
+    config_path: Path
+    overrides: tuple[str, ...]
+    cells: tuple[tuple[Cell, str, Config], ...]
+    out_dir: Path
+    name: str
+    cpus_per_cell: int
+
+
+def parse_grid(specs: Sequence[str]) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """``["augment.cutmix=false,true", ...]`` -> ``(("augment.cutmix", ("false", "true")), ...)``; [] = default."""
+    grid = []
+    for spec in specs:
+        key, sep, values = spec.partition("=")
+        key = key.strip()
+        options = tuple(v.strip() for v in values.split(","))
+        if not sep or "." not in key or not all(options):
+            raise DslFedError(f"--grid {spec!r}: expected SECTION.KEY=V1,V2,... (e.g. augment.cutmix=false,true)")
+        if key.startswith("output.") or key == "training.seed":
+            raise DslFedError(f"--grid {spec!r}: {key} is set per cell (use --seeds for seeds)")
+        if key in dict(grid):
+            raise DslFedError(f"--grid {spec!r}: {key} is given twice")
+        grid.append((key, options))
+    return tuple(grid) if grid else DEFAULT_GRID
+
+
+def plan(config_path: str | Path, overrides: Sequence[str], grid: Sequence[tuple[str, Sequence[str]]],
+         seeds: int, modes: Sequence[str]) -> Plan:
+    """Validate the config of every cell before anything runs (a bad value is one error naming the key)."""
+    if seeds < 1:
+        raise DslFedError(f"--seeds must be >= 1, got {seeds}")
+    config_path = Path(config_path).resolve()
+    base = load_config(config_path, overrides)
+    out_dir = Path(base.output.directory).resolve() / base.output.name / "experiment"
+    cells = []
+    for values in itertools.product(*[[(key, v) for v in options] for key, options in grid]):
+        for seed in range(base.training.seed, base.training.seed + seeds):
+            for mode in modes:
+                cell = Cell(mode, tuple(values), seed)
+                cfg = load_config(config_path, [*overrides, *cell.overrides])
+                cell_id = cell.cell_id(cfg)
+                cfg = load_config(config_path, [*overrides, *cell.overrides, *_output(out_dir, cell_id)])
+                cells.append((cell, cell_id, cfg))
+    return Plan(config_path, tuple(overrides), tuple(cells), out_dir, base.output.name, base.experiment.cpus_per_cell)
+
+
+def run_experiment(
+    config_path: str | Path,
+    overrides: Sequence[str] = (),
+    grid: Sequence[tuple[str, Sequence[str]]] = DEFAULT_GRID,
+    seeds: int = 1,
+    modes: Sequence[str] = MODES,
+    ray_address: str | None = None,
+    command: str = "",
+    echo: Callable[[str], None] = print,
+) -> Path:
+    """Run (or continue) an experiment; returns ``runs/<name>/experiment``.
+
+    Args:
+        config_path: YAML config; its ``output.name`` names the experiment.
+        overrides: ``section.key=value`` applied to every cell.
+        grid: ``(key, values)`` pairs; the cells are their Cartesian product x seeds x modes.
+        seeds: Seeds ``training.seed``, ``training.seed + 1``, ... per setting.
+        modes: ``central`` and/or ``federated``.
+        ray_address: An existing Ray cluster (``host:port``); None starts a private local Ray.
+        command: The command line, recorded in ``table.md``.
+        echo: Receives the progress lines.
+
+    Raises:
+        DslFedError: invalid arguments (before anything runs), or cells that failed (after the others ran).
+    """
+    from dsl_fed.experiment.table import write_outputs
+
+    p = plan(config_path, overrides, grid, seeds, modes)
+    done = [(cell, cell_id, r) for cell, cell_id, cfg in p.cells if (r := _finished(p.out_dir, cell_id)) is not None]
+    todo = [(cell, cell_id, cfg) for cell, cell_id, cfg in p.cells if _finished(p.out_dir, cell_id) is None]
+    echo(f"experiment {p.name}: {len(p.cells)} cells ({len(done)} already finished), "
+         f"{p.cpus_per_cell} CPU per cell -> {p.out_dir}")
+    write_outputs(p.out_dir, p.name, done, command)
+    failed: list[str] = []
+    if todo:
+        started = time.monotonic()
+        for k, (cell, cell_id, outcome) in enumerate(_run_on_ray(p, todo, ray_address), start=1):
+            elapsed = time.monotonic() - started
+            eta = elapsed / k * (len(todo) - k)
+            if isinstance(outcome, CellResult):
+                done.append((cell, cell_id, outcome))
+                write_outputs(p.out_dir, p.name, done, command)
+                test = f" test {outcome.test_uar:.3f}" if outcome.test_uar is not None else ""
+                echo(f"[{len(done)}/{len(p.cells)}] {cell.mode} {cell.label} seed {cell.seed}: devel "
+                     f"{outcome.devel_uar:.3f}{test} ({outcome.selected}) in {outcome.seconds:.0f} s; "
+                     f"ETA {_duration(eta)}")
+            else:
+                failed.append(f"{cell_id}: {outcome}")
+                echo(f"[failed] {cell.mode} {cell.label} seed {cell.seed}: {outcome}; ETA {_duration(eta)}")
+    if failed:
+        raise DslFedError(f"{len(failed)} of {len(p.cells)} cells failed (rerun to retry them): {failed[0]}")
+    echo(f"table: {p.out_dir / 'table.md'}")
+    return p.out_dir
+
+
+def execute_cell(cell: Cell, cell_id: str, config_path: str, overrides: list[str], out_dir: str,
+                 cpus: int) -> CellResult | str:
+    """Body of one Ray task: train the cell, write its marker JSON; a user error comes back as its message."""
+    for var in ("OMP_NUM_THREADS", "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS"):
+        os.environ[var] = str(cpus)  # a fresh worker (max_calls=1): TensorFlow has not started yet
+    from dsl_fed.experiment import cells
+
+    try:
+        cfg_overrides = [*overrides, *cell.overrides, *_output(Path(out_dir), cell_id)]
+        if cell.mode == "central":
+            result = cells.run_central(load_config(config_path, cfg_overrides))
+        else:
+            result = cells.run_federated(config_path, cfg_overrides, ray_cpus=cpus)
+    except DslFedError as exc:
+        return str(exc)
+    atomic_write(Path(out_dir) / "cells" / f"{cell_id}.json", json.dumps(result.to_json(), indent=2) + "\n")
+    return result
+
+
+def _run_on_ray(p: Plan, todo, ray_address: str | None):
+    """Yield ``(cell, cell_id, CellResult | error message)`` as the Ray tasks finish."""
+    import ray
+
+    ray.init(address=ray_address or "local", num_cpus=None if ray_address else os.cpu_count(),
+             include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        total = int(ray.cluster_resources().get("CPU", 0))
+        if p.cpus_per_cell > total:
+            raise DslFedError(f"experiment.cpus_per_cell={p.cpus_per_cell} but the Ray cluster has {total} CPUs")
+        task = ray.remote(num_cpus=p.cpus_per_cell, max_calls=1, max_retries=0)(execute_cell)
+        pending = {task.remote(cell, cell_id, str(p.config_path), list(p.overrides), str(p.out_dir),
+                               p.cpus_per_cell): (cell, cell_id) for cell, cell_id, _ in todo}
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            cell, cell_id = pending.pop(ready[0])
+            try:
+                outcome = ray.get(ready[0])
+            except ray.exceptions.RayError as exc:
+                outcome = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300]}"
+            yield cell, cell_id, outcome
+    finally:
+        ray.shutdown()
+
+
+def _finished(out_dir: Path, cell_id: str) -> CellResult | None:
+    """The cell's result if it finished (its marker JSON is complete), else None: it (re)runs."""
+    path = out_dir / "cells" / f"{cell_id}.json"
+    try:
+        return CellResult.from_json(json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+
+
+def _output(out_dir: Path, cell_id: str) -> list[str]:
+    return [f"output.directory={out_dir / 'cells'}", f"output.name={cell_id}"]
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
