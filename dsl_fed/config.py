@@ -197,6 +197,24 @@ class FederatedConfig:
 
 
 @dataclass(frozen=True)
+class RobustnessConfig:
+    """Perturbations applied inside a federated simulation (`dsl_fed.robustness`), never to the files."""
+
+    noise_snr_db: float | None = None  # white noise on every client's training chunks at this SNR; None = off
+    label_flip: float = 0.0  # share of each client's training clips relabelled with a wrong class
+    client_dropout: float = 0.0  # share of the sampled clients that drop out of each round
+    shard_skew: float = 0.0  # every client but the first loses this share of its clips
+
+    def _validate(self) -> None:
+        if self.noise_snr_db is not None:
+            _require(-30 <= self.noise_snr_db <= 100, "robustness.noise_snr_db",
+                     f"must be in [-30, 100] dB or null, got {self.noise_snr_db}")
+        for key in ("label_flip", "client_dropout", "shard_skew"):
+            value = getattr(self, key)
+            _require(0 <= value < 1, f"robustness.{key}", f"must be in [0, 1), got {value}")
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     cpus_per_cell: int = 1  # Ray CPUs one `dsl_fed experiment` cell reserves; a federated cell's simulation gets these
 
@@ -228,6 +246,7 @@ class Config:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     federated: FederatedConfig = field(default_factory=FederatedConfig)
+    robustness: RobustnessConfig = field(default_factory=RobustnessConfig)
     experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 

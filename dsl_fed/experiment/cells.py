@@ -66,8 +66,8 @@ class Cell:
 
     @property
     def label(self) -> str:
-        """The grid setting in short form, e.g. ``cutmix=true specaugment=false`` (``-`` without a grid)."""
-        return " ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in self.settings) or "-"
+        """The grid setting in short form, e.g. ``cutmix=true specaugment=false`` (``base`` without a setting)."""
+        return " ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in self.settings) or "base"
 
     def cell_id(self, cfg: Config) -> str:
         """Folder name: readable, and tied to the resolved config so a changed base config never reuses it."""

@@ -64,7 +64,12 @@ def parse_grid(specs: Sequence[str]) -> tuple[tuple[str, tuple[str, ...]], ...]:
     return tuple(grid) if grid else DEFAULT_GRID
 
 
-def plan(config_path: str | Path, overrides: Sequence[str], grid: Sequence[tuple[str, Sequence[str]]],
+def grid_settings(grid: Sequence[tuple[str, Sequence[str]]]) -> list[tuple[tuple[str, str], ...]]:
+    """The Cartesian product of a grid as a list of settings (``((key, value), ...)`` each)."""
+    return [tuple(values) for values in itertools.product(*[[(key, v) for v in options] for key, options in grid])]
+
+
+def plan(config_path: str | Path, overrides: Sequence[str], settings: Sequence[tuple[tuple[str, str], ...]],
          seeds: int, modes: Sequence[str]) -> Plan:
     """Validate the config of every cell before anything runs (a bad value is one error naming the key)."""
     if seeds < 1:
@@ -72,13 +77,16 @@ def plan(config_path: str | Path, overrides: Sequence[str], grid: Sequence[tuple
     config_path = Path(config_path).resolve()
     base = load_config(config_path, overrides)
     out_dir = Path(base.output.directory).resolve() / base.output.name / "experiment"
-    cells = []
-    for values in itertools.product(*[[(key, v) for v in options] for key, options in grid]):
+    cells, ids = [], set()
+    for values in settings:
         for seed in range(base.training.seed, base.training.seed + seeds):
             for mode in modes:
                 cell = Cell(mode, tuple(values), seed)
                 cfg = load_config(config_path, [*overrides, *cell.overrides])
                 cell_id = cell.cell_id(cfg)
+                if cell_id in ids:  # the same resolved config reached through another setting
+                    continue
+                ids.add(cell_id)
                 cfg = load_config(config_path, [*overrides, *cell.overrides, *_output(out_dir, cell_id)])
                 cells.append((cell, cell_id, cfg))
     return Plan(config_path, tuple(overrides), tuple(cells), out_dir, base.output.name, base.experiment.cpus_per_cell)
@@ -93,6 +101,7 @@ def run_experiment(
     ray_address: str | None = None,
     command: str = "",
     echo: Callable[[str], None] = print,
+    settings: Sequence[tuple[tuple[str, str], ...]] | None = None,
 ) -> Path:
     """Run (or continue) an experiment; returns ``runs/<name>/experiment``.
 
@@ -105,15 +114,17 @@ def run_experiment(
         ray_address: An existing Ray cluster (``host:port``); None starts a private local Ray.
         command: The command line, recorded in ``table.md``.
         echo: Receives the progress lines.
+        settings: Explicit settings (``((key, value), ...)`` each) instead of the product of `grid`.
 
     Raises:
         DslFedError: invalid arguments (before anything runs), or cells that failed (after the others ran).
     """
     from dsl_fed.experiment.table import write_outputs
 
-    p = plan(config_path, overrides, grid, seeds, modes)
-    done = [(cell, cell_id, r) for cell, cell_id, cfg in p.cells if (r := _finished(p.out_dir, cell_id)) is not None]
-    todo = [(cell, cell_id, cfg) for cell, cell_id, cfg in p.cells if _finished(p.out_dir, cell_id) is None]
+    p = plan(config_path, overrides, grid_settings(grid) if settings is None else settings, seeds, modes)
+    finished = {cell_id: _finished(p.out_dir, cell_id) for _, cell_id, _ in p.cells}
+    done = [(cell, cell_id, finished[cell_id]) for cell, cell_id, _ in p.cells if finished[cell_id] is not None]
+    todo = [(cell, cell_id, cfg) for cell, cell_id, cfg in p.cells if finished[cell_id] is None]
     echo(f"experiment {p.name}: {len(p.cells)} cells ({len(done)} already finished), "
          f"{p.cpus_per_cell} CPU per cell -> {p.out_dir}")
     write_outputs(p.out_dir, p.name, done, command)

@@ -35,13 +35,14 @@ import tensorflow as tf  # noqa: E402
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
 
-from dsl_fed.config import Config, DataConfig  # noqa: E402
+from dsl_fed.config import Config, DataConfig, RobustnessConfig  # noqa: E402
 from dsl_fed.data import ChunkSet, Manifest, load_chunks, load_manifest, shard_clips  # noqa: E402
 from dsl_fed.errors import DslFedError  # noqa: E402
 from dsl_fed.metrics import uar  # noqa: E402
 from dsl_fed.models import build_model, get_weights_by_name, set_phase, set_weights_by_name  # noqa: E402
 from dsl_fed.models import trainable_weight_names, weight_names  # noqa: E402
 from dsl_fed.predict import predict_clips  # noqa: E402
+from dsl_fed.robustness import perturb_client  # noqa: E402
 from dsl_fed.train import train_local  # noqa: E402
 from dsl_fed.federated.run_config import config_from_run_config  # noqa: E402
 
@@ -207,9 +208,12 @@ class _Proximal:
 
 
 def shard(cfg: Config, node_config: Mapping[str, object]) -> tuple[ChunkSet, list[str]]:
-    """This node's training chunks (its speaker shard) and the class list."""
+    """This node's training chunks (its speaker shard, with any ``robustness`` perturbation) and the class list."""
     partition, num_partitions = _partition(node_config)
-    return _shard_chunks(cfg.data, partition, num_partitions)
+    chunks, classes = _shard_chunks(cfg.data, partition, num_partitions)
+    if cfg.robustness != RobustnessConfig():
+        chunks = perturb_client(chunks, cfg.robustness, len(classes), partition, cfg.data.seed)
+    return chunks, classes
 
 
 def held_out_chunks(cfg: Config, node_config: Mapping[str, object]) -> tuple[ChunkSet | None, list[str]]:

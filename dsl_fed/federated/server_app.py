@@ -81,7 +81,8 @@ def run_server(grid: Grid, run_config: Mapping[str, Any], node_timeout: float = 
         LOG.info("%s no training speaker has devel/test clips: client-side evaluation is skipped", PROGRESS_MARK)
         fed = dataclasses.replace(fed, fraction_evaluate=0.0)
     strategy = make_strategy(fed, get_weights_by_name(model, weight_names(model)), slice_names(model, cfg),
-                             round_offset=offset, seed=cfg.training.seed)
+                             round_offset=offset, seed=cfg.training.seed,
+                             client_dropout=cfg.robustness.client_dropout)
     if resume:
         strategy.load_state_arrays(run.strategy_state(offset))
     evaluate_fn = RoundPublisher(cfg, manifest, model, strategy, run)
@@ -164,6 +165,8 @@ def progress_line(stats: RoundStats, scores: Mapping[str, Mapping[str, Any]], nu
     for part, s in scores.items():
         parts.append(f"{part} UAR {s['uar']:.3f} [{s['ci'][0]:.3f}, {s['ci'][1]:.3f}]")
     clients = f"clients {stats.aggregated}/{stats.sampled}"
+    if stats.dropped:
+        clients += f" ({stats.dropped} dropped out)"
     if stats.failed or stats.rejected:
         clients += f" ({len(stats.failed)} failed, {len(stats.rejected)} rejected)"
     if not stats.updated:
@@ -180,6 +183,7 @@ def _history_row(stats: RoundStats, scores: Mapping[str, Mapping[str, Any]], flo
         row.update({f"{part}_uar": s["uar"], f"{part}_ci_low": s["ci"][0], f"{part}_ci_high": s["ci"][1]})
     row.update({
         "clients_sampled": stats.sampled,
+        "clients_dropped": stats.dropped,
         "clients_aggregated": stats.aggregated,
         "clients_failed": len(stats.failed),
         "clients_rejected": len(stats.rejected),

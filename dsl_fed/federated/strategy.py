@@ -24,6 +24,7 @@ from flwr.serverapp.strategy.fedyogi import FedYogi
 
 from dsl_fed.config import FederatedConfig
 from dsl_fed.federated.run_config import PROGRESS_MARK
+from dsl_fed.robustness import dropped_clients
 
 LOG = logging.getLogger("flwr").getChild("dsl_fed")  # Flower's handler streams it to `flwr run --stream`
 
@@ -60,6 +61,7 @@ class RoundStats:
     round: int
     phase: int
     sampled: int = 0
+    dropped: int = 0  # sampled clients that dropped out before training (robustness.client_dropout)
     aggregated: int = 0
     num_examples: int = 0
     client_seconds: float = 0.0  # sum of the clients' local training time (train_local)
@@ -97,6 +99,7 @@ class SliceAggregation:
         transfer_dtype: ``float32`` or ``float16`` (halves the bytes; the server still aggregates in float32).
         round_offset: Rounds already completed (resume): Flower counts from 1 again, the schedule does not.
         seed: Seeds node sampling per round, so a resumed run samples like an uninterrupted one.
+        client_dropout: Share of the sampled clients that drop out of each round (seeded by `seed` and round).
         **strategy_kwargs: Passed to the Flower strategy (fractions, min nodes, proximal_mu, eta, ...).
     """
 
@@ -109,6 +112,7 @@ class SliceAggregation:
         transfer_dtype: str = "float32",
         round_offset: int = 0,
         seed: int = 0,
+        client_dropout: float = 0.0,
         **strategy_kwargs,
     ) -> None:
         strategy_kwargs.setdefault("train_metrics_aggr_fn", aggregate_client_metrics)
@@ -127,6 +131,7 @@ class SliceAggregation:
         self.transfer_dtype = transfer_dtype
         self.round_offset = round_offset
         self.seed = seed
+        self.client_dropout = client_dropout
         self.rounds: dict[int, RoundStats] = {}
         self._nodes_with_model: set[int] = set()  # nodes known to hold the full model in their node state
 
@@ -150,6 +155,10 @@ class SliceAggregation:
         # FedOpt strategies remember these arrays as x_t: give them the float32 slice, not the transfer copy.
         messages = list(super().configure_train(rnd, self._record(names, "float32"), config, grid))
         stats.sampled = len(messages)
+        if self.client_dropout > 0:
+            dropped = set(dropped_clients(len(messages), self.client_dropout, self.seed, rnd).tolist())
+            messages = [m for i, m in enumerate(messages) if i not in dropped]
+            stats.dropped = len(dropped)
         return self._address(messages, names, config, stats)
 
     def configure_evaluate(
@@ -335,6 +344,7 @@ def make_strategy(
     slice_names: Mapping[int, Sequence[str]],
     round_offset: int = 0,
     seed: int = 0,
+    client_dropout: float = 0.0,
 ) -> SliceAggregation:
     """Build the configured strategy (``federated.strategy``) around the server's full model."""
     kwargs: dict = dict(
@@ -355,6 +365,7 @@ def make_strategy(
         transfer_dtype=fed.transfer_dtype,
         round_offset=round_offset,
         seed=seed,
+        client_dropout=client_dropout,
         **kwargs,
     )
 
