@@ -90,7 +90,7 @@ def make_demo_corpus(
         raise DslFedError(f"clip duration range must satisfy 0.5 <= min <= max, got [{min_seconds}, {max_seconds}]")
     out_dir = Path(out_dir)
     names = [f"spk{k + 1:02d}" for k in range(speakers)]
-    partition = _assign_partitions(names, seed)
+    partition = assign_partitions(names, seed)
 
     rows: list[tuple[str, str, str, str]] = []
     total = speakers * len(CLASSES) * clips
@@ -105,15 +105,11 @@ def make_demo_corpus(
                     seconds = rng.uniform(min_seconds, max_seconds)
                     audio = synthesise_clip(voice, label, seconds, rng)
                     rel = f"audio/{name}/{label}_{j:02d}.wav"
-                    _write_wav(out_dir / rel, audio)
+                    write_wav(out_dir / rel, audio)
                     rows.append((rel, label, name, partition[name]))
                     bar.update()
 
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["filename", "label", "speaker", "partition"])
-    writer.writerows(rows)
-    return atomic_write(out_dir / "manifest.csv", buf.getvalue())
+    return write_manifest(out_dir, rows)
 
 
 def synthesise_clip(voice: Voice, label: str, seconds: float, rng: np.random.Generator) -> np.ndarray:
@@ -210,7 +206,17 @@ def _draw_voice(rng: np.random.Generator) -> Voice:
     )
 
 
-def _assign_partitions(names: list[str], seed: int) -> dict[str, str]:
+def write_manifest(out_dir: Path, rows: list[tuple[str, str, str, str]]) -> Path:
+    """``out_dir/manifest.csv`` (filename,label,speaker,partition) written atomically; returns its path."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["filename", "label", "speaker", "partition"])
+    writer.writerows(rows)
+    return atomic_write(out_dir / "manifest.csv", buf.getvalue())
+
+
+def assign_partitions(names: list[str], seed: int) -> dict[str, str]:
+    """About 20 % of the speakers to test, 20 % to devel (at least one each), the rest to train; seeded."""
     n = len(names)
     held_out = max(1, round(0.2 * n))
     order = np.random.default_rng([seed, 0xDA7A]).permutation(n)
@@ -218,7 +224,7 @@ def _assign_partitions(names: list[str], seed: int) -> dict[str, str]:
     return {names[i]: parts[rank] for rank, i in enumerate(order)}
 
 
-def _write_wav(path: Path, audio: np.ndarray) -> None:
+def write_wav(path: Path, audio: np.ndarray) -> None:
     with atomic_path(path) as tmp:
         sf.write(str(tmp), audio, SAMPLE_RATE, subtype="PCM_16", format="WAV")
 

@@ -16,7 +16,6 @@ Deterministic by seed (same eSpeak NG version, same files). Written like the dem
 
 from __future__ import annotations
 
-import csv
 import io
 import shutil
 import subprocess
@@ -29,9 +28,8 @@ import soundfile as sf
 from scipy.signal import lfilter, resample_poly
 from tqdm import tqdm
 
-from dsl_fed.data.demo import SAMPLE_RATE, _assign_partitions, _write_wav
+from dsl_fed.data.demo import SAMPLE_RATE, assign_partitions, write_manifest, write_wav
 from dsl_fed.errors import DslFedError
-from dsl_fed.io import atomic_write
 
 WORDS: tuple[str, ...] = ("down", "go", "left", "stop", "up")
 VARIANTS: tuple[str, ...] = ("m1", "m2", "m3", "m4", "m5", "m6", "m7", "f1", "f2", "f3", "f4", "f5", "klatt",
@@ -73,7 +71,7 @@ def make_speech_corpus(out_dir: str | Path, speakers: int = 12, clips: int = 6, 
     espeak = espeak_executable()
     out_dir = Path(out_dir)
     names = [f"tts{k + 1:02d}" for k in range(speakers)]
-    partition = _assign_partitions(names, seed)
+    partition = assign_partitions(names, seed)
     variants = np.random.default_rng([seed, 0x5EEC]).permutation(len(VARIANTS))
     rows: list[tuple[str, str, str, str]] = []
     bar = tqdm(total=speakers * len(WORDS) * clips, desc="synthesising speech corpus", unit="clip",
@@ -86,14 +84,10 @@ def make_speech_corpus(out_dir: str | Path, speakers: int = 12, clips: int = 6, 
                     rng = np.random.default_rng([seed, k, c, j, 2])
                     audio = record_clip(espeak, speaker, word, rng)
                     rel = f"audio/{name}/{word}_{j:02d}.wav"
-                    _write_wav(out_dir / rel, audio)
+                    write_wav(out_dir / rel, audio)
                     rows.append((rel, word, name, partition[name]))
                     bar.update()
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["filename", "label", "speaker", "partition"])
-    writer.writerows(rows)
-    return atomic_write(out_dir / "manifest.csv", buf.getvalue())
+    return write_manifest(out_dir, rows)
 
 
 def record_clip(espeak: str, speaker: Speaker, word: str, rng: np.random.Generator) -> np.ndarray:
