@@ -6,9 +6,10 @@ the demo generator cannot produce. Speech comes from the eSpeak NG formant synth
 espeak-ng``; nothing is downloaded at run time). A speaker is one eSpeak voice variant with its own pitch,
 pitch range, speaking rate, English accent and microphone (level, background-noise level and colour), so
 speakers differ in timbre, tempo and accent, and are assigned whole to train / devel / test. Within a
-speaker every clip varies too: the word is spoken alone or in a carrier phrase (``say go``, ``go please``,
-``go now``, as a statement, question or exclamation), with small changes of pitch and rate, at a random
-position in a clip of 1.2-2.0 s, over fresh background noise.
+speaker every clip varies too: the word is spoken as a statement, question, exclamation or trailing off
+(eSpeak changes its intonation and length), with small changes of pitch and rate, at a random position in a
+1 s clip (longer only if the word is), over fresh background noise. No carrier words: with chunk-level training labels, a chunk
+holding only "please" would teach noise.
 
 Deterministic by seed (same eSpeak NG version, same files). Written like the demo corpus:
 ``DIR/audio/<speaker>/<word>_<k>.wav`` (16 kHz, 16-bit) and ``DIR/manifest.csv``.
@@ -35,7 +36,7 @@ WORDS: tuple[str, ...] = ("down", "go", "left", "stop", "up")
 VARIANTS: tuple[str, ...] = ("m1", "m2", "m3", "m4", "m5", "m6", "m7", "f1", "f2", "f3", "f4", "f5", "klatt",
                              "klatt2", "klatt3", "croak", "whisper", "grandpa", "steph", "andrea")
 ACCENTS: tuple[str, ...] = ("en-us", "en-gb", "en-gb-scotland", "en-029", "en-gb-x-rp", "en-gb-x-gbcwmd")
-CARRIERS: tuple[str, ...] = ("{w}", "{w}.", "{w}?", "{w}!", "say {w}", "{w} please", "{w} now", "now {w}!")
+STYLES: tuple[str, ...] = ("{w}", "{w}.", "{w}?", "{w}!", "{w}...")  # statement, question, exclamation, trailing off
 ESPEAK_RATE = 22050
 
 
@@ -91,13 +92,12 @@ def make_speech_corpus(out_dir: str | Path, speakers: int = 12, clips: int = 6, 
 
 
 def record_clip(espeak: str, speaker: Speaker, word: str, rng: np.random.Generator) -> np.ndarray:
-    """One clip: the word in a random carrier phrase, placed at random in 1.2-2.0 s of background noise."""
-    phrase = CARRIERS[rng.integers(len(CARRIERS))].format(w=word)
+    """One clip: the word in a random speaking style, placed at random in 1 s of background noise."""
+    phrase = STYLES[rng.integers(len(STYLES))].format(w=word)
     pitch = int(np.clip(speaker.pitch + rng.integers(-8, 9), 0, 99))
     rate = int(speaker.rate * rng.uniform(0.9, 1.1))
     speech = synthesise(espeak, phrase, speaker.voice, pitch, rate)
-    seconds = rng.uniform(1.2, 2.0)
-    n = max(int(seconds * SAMPLE_RATE), speech.size + SAMPLE_RATE // 20)
+    n = max(SAMPLE_RATE, speech.size + SAMPLE_RATE // 20)
     clip = np.zeros(n, dtype=np.float64)
     start = rng.integers(0, n - speech.size + 1)
     clip[start:start + speech.size] = speaker.gain * speech / max(1e-9, np.abs(speech).max())
@@ -131,8 +131,8 @@ def _draw_speaker(rng: np.random.Generator, variant: str) -> Speaker:
     return Speaker(
         voice=f"{ACCENTS[rng.integers(len(ACCENTS))]}+{variant}",
         pitch=int(rng.integers(15, 85)),
-        rate=int(rng.integers(120, 200)),
+        rate=int(rng.integers(100, 170)),
         gain=float(rng.uniform(0.3, 0.9)),
-        noise_db=float(rng.uniform(-40.0, -22.0)),
+        noise_db=float(rng.uniform(-50.0, -30.0)),
         noise_colour=float(rng.uniform(0.0, 0.9)),
     )
