@@ -19,6 +19,8 @@ import yaml
 from conftest import tiny_settings
 from dsl_fed.errors import DslFedError
 from dsl_fed.experiment import DEFAULT_GRID, Cell, best_round, parse_grid, run_experiment
+from dsl_fed.experiment.cells import MODES
+from dsl_fed.experiment.runner import grid_settings, plan
 from dsl_fed.federated.runtime import executable, free_port
 
 GRID = (("training.learning_rate", ("0.003", "0.005")),)
@@ -57,6 +59,18 @@ def test_cell_id_is_readable_and_changes_with_the_resolved_config(tiny_config):
     assert cell_id.startswith("central-cutmix-true-seed3-") and cell_id == cell.cell_id(tiny_config)
     assert cell.cell_id(tiny_config.replace(**{"model.units": "8"})) != cell_id
     assert cell.cell_id(tiny_config.replace(**{"output.name": "elsewhere"})) == cell_id  # output never matters
+    assert cell.cell_id(tiny_config.replace(**{"federated.local_epochs": "3"})) == cell_id  # central ignores these
+    fed = Cell("federated", (("augment.cutmix", "true"),), 3)
+    assert fed.cell_id(tiny_config.replace(**{"federated.local_epochs": "3"})) != fed.cell_id(tiny_config)
+
+
+def test_a_grid_over_federated_keys_shares_its_central_cells(tmp_path, demo_manifest):
+    config = _write_config(tmp_path, demo_manifest)
+    p = plan(config, [], grid_settings((("federated.local_epochs", ("1", "2")),)), seeds=2, modes=MODES)
+    ids = [(cell.mode, cell_id) for cell, cell_id in p.cells]
+    assert len(ids) == 8 and len(set(ids)) == 6  # 2 settings x 2 seeds federated, 2 seeds central
+    assert {cell_id for mode, cell_id in ids if mode == "central"} == {
+        cell_id for cell, cell_id in p.cells if cell.mode == "central" and cell.settings[0][1] == "1"}
 
 
 @pytest.fixture(scope="module")

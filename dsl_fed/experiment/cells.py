@@ -70,10 +70,14 @@ class Cell:
         return " ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in self.settings) or "base"
 
     def cell_id(self, cfg: Config) -> str:
-        """Folder name: readable, and tied to the resolved config so a changed base config never reuses it."""
-        settings = {k: v for k, v in cfg.to_dict().items() if k != "output"}
+        """Folder name: readable, and tied to the sections of the resolved config that shape this mode's result,
+        so a changed base config never reuses a cell, and configs differing only in federated settings share
+        their central cell."""
+        ignored = {"output", "experiment"} | ({"federated", "robustness"} if self.mode == "central" else set())
+        settings = {k: v for k, v in cfg.to_dict().items() if k not in ignored}
         digest = hashlib.sha256(json.dumps([self.mode, settings], sort_keys=True).encode()).hexdigest()[:8]
-        slug = "_".join(f"{k.rsplit('.', 1)[-1]}-{v}" for k, v in self.settings)
+        slug = "_".join(f"{k.rsplit('.', 1)[-1]}-{v}" for k, v in self.settings
+                        if self.mode != "central" or not k.startswith(("federated.", "robustness.")))
         slug = "".join(ch if ch.isalnum() or ch in "-._" else "-" for ch in slug)[:60]
         return "-".join(part for part in (self.mode, slug, f"seed{self.seed}", digest) if part)
 

@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from dsl_fed.config import Config, load_config
+from dsl_fed.config import load_config
 from dsl_fed.errors import DslFedError
 from dsl_fed.experiment.cells import MODES, Cell, CellResult
 from dsl_fed.io import atomic_write
@@ -41,7 +41,7 @@ class Plan:
 
     config_path: Path
     overrides: tuple[str, ...]
-    cells: tuple[tuple[Cell, str, Config], ...]
+    cells: tuple[tuple[Cell, str], ...]  # (cell, cell id); cells with equal ids train the same thing
     out_dir: Path
     name: str
     cpus_per_cell: int
@@ -77,18 +77,12 @@ def plan(config_path: str | Path, overrides: Sequence[str], settings: Sequence[t
     config_path = Path(config_path).resolve()
     base = load_config(config_path, overrides)
     out_dir = Path(base.output.directory).resolve() / base.output.name / "experiment"
-    cells, ids = [], set()
+    cells = []
     for values in settings:
         for seed in range(base.training.seed, base.training.seed + seeds):
             for mode in modes:
                 cell = Cell(mode, tuple(values), seed)
-                cfg = load_config(config_path, [*overrides, *cell.overrides])
-                cell_id = cell.cell_id(cfg)
-                if cell_id in ids:  # the same resolved config reached through another setting
-                    continue
-                ids.add(cell_id)
-                cfg = load_config(config_path, [*overrides, *cell.overrides, *_output(out_dir, cell_id)])
-                cells.append((cell, cell_id, cfg))
+                cells.append((cell, cell.cell_id(load_config(config_path, [*overrides, *cell.overrides]))))
     return Plan(config_path, tuple(overrides), tuple(cells), out_dir, base.output.name, base.experiment.cpus_per_cell)
 
 
@@ -122,12 +116,16 @@ def run_experiment(
     from dsl_fed.experiment.table import write_outputs
 
     p = plan(config_path, overrides, grid_settings(grid) if settings is None else settings, seeds, modes)
-    finished = {cell_id: _finished(p.out_dir, cell_id) for _, cell_id, _ in p.cells}
-    done = [(cell, cell_id, finished[cell_id]) for cell, cell_id, _ in p.cells if finished[cell_id] is not None]
-    todo = [(cell, cell_id, cfg) for cell, cell_id, cfg in p.cells if finished[cell_id] is None]
-    echo(f"experiment {p.name}: {len(p.cells)} cells ({len(done)} already finished), "
+    # Cells with the same id train the same thing (e.g. central cells of a grid over federated.* keys): run once.
+    finished = {cell_id: _finished(p.out_dir, cell_id) for _, cell_id in p.cells}
+    todo = list({cell_id: (cell, cell_id) for cell, cell_id in p.cells if finished[cell_id] is None}.values())
+    echo(f"experiment {p.name}: {len(finished)} cells ({len(finished) - len(todo)} already finished), "
          f"{p.cpus_per_cell} CPU per cell -> {p.out_dir}")
-    write_outputs(p.out_dir, p.name, done, command)
+
+    def done():
+        return [(cell, cell_id, finished[cell_id]) for cell, cell_id in p.cells if finished[cell_id] is not None]
+
+    write_outputs(p.out_dir, p.name, done(), command)
     failed: list[str] = []
     if todo:
         started = time.monotonic()
@@ -135,17 +133,18 @@ def run_experiment(
             elapsed = time.monotonic() - started
             eta = elapsed / k * (len(todo) - k)
             if isinstance(outcome, CellResult):
-                done.append((cell, cell_id, outcome))
-                write_outputs(p.out_dir, p.name, done, command)
+                finished[cell_id] = outcome
+                write_outputs(p.out_dir, p.name, done(), command)
                 test = f" test {outcome.test_uar:.3f}" if outcome.test_uar is not None else ""
-                echo(f"[{len(done)}/{len(p.cells)}] {cell.mode} {cell.label} seed {cell.seed}: devel "
+                count = sum(r is not None for r in finished.values())
+                echo(f"[{count}/{len(finished)}] {cell.mode} {cell.label} seed {cell.seed}: devel "
                      f"{outcome.devel_uar:.3f}{test} ({outcome.selected}) in {outcome.seconds:.0f} s; "
                      f"ETA {_duration(eta)}")
             else:
                 failed.append(f"{cell_id}: {outcome}")
                 echo(f"[failed] {cell.mode} {cell.label} seed {cell.seed}: {outcome}; ETA {_duration(eta)}")
     if failed:
-        raise DslFedError(f"{len(failed)} of {len(p.cells)} cells failed (rerun to retry them): {failed[0]}")
+        raise DslFedError(f"{len(failed)} of {len(finished)} cells failed (rerun to retry them): {failed[0]}")
     echo(f"table: {p.out_dir / 'table.md'}")
     return p.out_dir
 
@@ -181,15 +180,23 @@ def _run_on_ray(p: Plan, todo, ray_address: str | None):
             raise DslFedError(f"experiment.cpus_per_cell={p.cpus_per_cell} but the Ray cluster has {total} CPUs")
         task = ray.remote(num_cpus=p.cpus_per_cell, max_calls=1, max_retries=0)(execute_cell)
         pending = {task.remote(cell, cell_id, str(p.config_path), list(p.overrides), str(p.out_dir),
-                               p.cpus_per_cell): (cell, cell_id) for cell, cell_id, _ in todo}
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            cell, cell_id = pending.pop(ready[0])
-            try:
-                outcome = ray.get(ready[0])
-            except ray.exceptions.RayError as exc:
-                outcome = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300]}"
-            yield cell, cell_id, outcome
+                               p.cpus_per_cell): (cell, cell_id) for cell, cell_id in todo}
+        try:
+            while pending:
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                cell, cell_id = pending.pop(ready[0])
+                try:
+                    outcome = ray.get(ready[0])
+                except ray.exceptions.RayError as exc:
+                    outcome = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300]}"
+                yield cell, cell_id, outcome
+        except KeyboardInterrupt:
+            # Interrupt the running cells (KeyboardInterrupt inside the task) so a federated cell stops its own
+            # SuperLink and simulation before Ray's workers go away; unfinished cells rerun next time.
+            for ref in pending:
+                ray.cancel(ref)
+            ray.wait(list(pending), num_returns=len(pending), timeout=60)
+            raise
     finally:
         ray.shutdown()
 
