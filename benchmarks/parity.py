@@ -1,0 +1,108 @@
+"""Federated vs central parity on two corpora, before and after the federated schedule change.
+
+    python benchmarks/parity.py --work /tmp/parity     # ~1 h on 2 busy cores; resumable (finished cells are kept)
+
+For the demo corpus (`dsl_fed make-demo-data`, intonation) and the eSpeak NG speech corpus
+(`dsl_fed make-speech-data`, spoken commands), runs ``dsl_fed experiment configs/quickstart.yaml --grid
+augment.cutmix=false --seeds 3 --mode both`` once with the previous federated schedule (`BEFORE`) and once with
+the current quickstart schedule, and reports the mean devel UAR of central (best devel epoch) and federated
+(best devel round) over seeds 0-2, the gap, and whether it is within 2 points. Writes
+``benchmarks/results/parity.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "quickstart.yaml"
+RESULTS = ROOT / "benchmarks" / "results" / "parity.md"
+BEFORE = ["federated.local_epochs=4", "federated.phase2_rounds=10"]  # the quickstart schedule before this change
+TOLERANCE = 0.02
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, required=True, help="folder for the corpora and the experiment runs")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    from dsl_fed.data.demo import make_demo_corpus
+    from dsl_fed.data.speech import make_speech_corpus
+    from dsl_fed.experiment import run_experiment
+
+    work = args.work.resolve()
+    corpora = {"demo (intonation, 3 classes)": work / "demo_data" / "manifest.csv",
+               "speech (eSpeak NG commands, 5 classes)": work / "speech" / "manifest.csv"}
+    if not corpora["demo (intonation, 3 classes)"].is_file():
+        make_demo_corpus(work / "demo_data", progress=False)
+    if not corpora["speech (eSpeak NG commands, 5 classes)"].is_file():
+        make_speech_corpus(work / "speech", progress=False)
+    started = time.time()
+    rows = []
+    for corpus, manifest in corpora.items():
+        for variant, extra in (("before", BEFORE), ("after", [])):
+            name = f"{variant}-{'demo' if corpus.startswith('demo') else 'speech'}"
+            overrides = [f"data.manifest={manifest}", f"output.directory={work / 'parity'}", f"output.name={name}",
+                         *extra]
+            out = run_experiment(CONFIG, overrides, grid=(("augment.cutmix", ("false",)),), seeds=3)
+            rows.append((corpus, variant, extra, out, summarise(out / "results.csv")))
+    report = render(rows, started)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(report)
+    print(report)
+    return 0
+
+
+def summarise(results: Path) -> dict:
+    """Mean devel/test UAR per mode over the seeds, the selected epochs/rounds and the wall time."""
+    with results.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    out = {}
+    for mode in ("central", "federated"):
+        picked = [r for r in rows if r["mode"] == mode]
+        out[mode] = {
+            "devel": sum(float(r["devel_uar"]) for r in picked) / len(picked),
+            "devel_each": [float(r["devel_uar"]) for r in picked],
+            "test": sum(float(r["test_uar"]) for r in picked) / len(picked),
+            "worst": sum(float(r["devel_worst_speaker_uar"]) for r in picked) / len(picked),
+            "selected": [r["selected"] for r in picked],
+            "seconds": sum(float(r["seconds"]) for r in picked) / len(picked),
+            "mb": sum(float(r["bytes_moved"]) for r in picked) / len(picked) / 1e6,
+        }
+    return out
+
+
+def render(rows, started: float) -> str:
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    lines = [
+        "# Federated vs central parity", "",
+        f"`python benchmarks/parity.py --work DIR` on {time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} CPUs, load "
+        f"average {load} (shared machine). Each row is `dsl_fed experiment configs/quickstart.yaml "
+        "data.manifest=CORPUS [schedule overrides] --grid augment.cutmix=false --seeds 3 --mode both`; central is "
+        "reported at its best devel epoch, federated at its best devel round (test: that same model). Mean over "
+        f"seeds 0-2; parity means federated devel UAR within {100 * TOLERANCE:.0f} points of central.", "",
+        "| corpus | schedule | central devel (per seed) | federated devel (per seed) | gap | parity | central test "
+        "| federated test | worst speaker c / f | federated selected | federated wall | federated MB |",
+        "|---|---|---|---|---:|---|---:|---:|---|---|---:|---:|",
+    ]
+    for corpus, variant, extra, _, s in rows:
+        c, f = s["central"], s["federated"]
+        gap = f["devel"] - c["devel"]
+        schedule = " ".join(extra) if extra else "quickstart as committed"
+        lines.append(
+            f"| {corpus} | {variant}: `{schedule}` | {c['devel']:.3f} ({', '.join(f'{v:.3f}' for v in c['devel_each'])}) "
+            f"| {f['devel']:.3f} ({', '.join(f'{v:.3f}' for v in f['devel_each'])}) | {100 * gap:+.1f} points | "
+            f"{'yes' if gap >= -TOLERANCE else 'no'} | {c['test']:.3f} | {f['test']:.3f} | {c['worst']:.3f} / "
+            f"{f['worst']:.3f} | {', '.join(f['selected'])} | {f['seconds']:.0f} s | {f['mb']:.2f} |")
+    lines += ["", f"{time.time() - started:.0f} s for this report (finished cells are reused, not rerun)."]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
