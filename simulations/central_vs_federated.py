@@ -38,7 +38,7 @@ def markdown(outcomes: list[CellResult]) -> str:
              "| bytes moved | what travels | wall time |", "|---|---|---|---|---|---:|---|---:|"]
     for o in outcomes:
         test = f"{o.test_uar:.3f} [{o.test_ci[0]:.3f}, {o.test_ci[1]:.3f}]" if o.test_uar is not None else "-"
-        worst = f"{o.devel_worst_speaker:.3f} / " + (f"{o.test_worst_speaker:.3f}" if o.test_worst_speaker is not None else "-")
+        worst = " / ".join("-" if v is None else f"{v:.3f}" for v in (o.devel_worst_speaker, o.test_worst_speaker))
         lines.append(f"| {o.mode} | best {o.selected} | {o.devel_uar:.3f} [{o.devel_ci[0]:.3f}, {o.devel_ci[1]:.3f}] | "
                      f"{test} | {worst} | {o.bytes_moved / 1e6:.2f} MB | {o.traffic} | {o.seconds:.0f} s |")
     return "\n".join(lines)

@@ -32,7 +32,7 @@ class CellResult:
     devel_ci: tuple[float, float]
     test_uar: float | None
     test_ci: tuple[float, float] | None
-    devel_worst_speaker: float
+    devel_worst_speaker: float | None  # lowest per-speaker UAR (None if the evaluation had no speakers)
     test_worst_speaker: float | None
     selected: str  # "epoch 12/16" or "round 9/11"
     bytes_moved: int
@@ -140,11 +140,16 @@ def _result(mode: str, devel: dict | None, test: dict | None, selected: str, mov
         devel_ci=(float(devel["ci"][0]), float(devel["ci"][1])),
         test_uar=float(test["uar"]) if test else None,
         test_ci=(float(test["ci"][0]), float(test["ci"][1])) if test else None,
-        devel_worst_speaker=min(devel["per_speaker"].values()),
-        test_worst_speaker=min(test["per_speaker"].values()) if test else None,
+        devel_worst_speaker=_worst(devel),
+        test_worst_speaker=_worst(test),
         selected=selected,
         bytes_moved=int(moved),
         traffic=traffic,
         seconds=round(seconds, 1),
         run_dir=Path(run_dir),
     )
+
+
+def _worst(scores: dict | None) -> float | None:
+    per_speaker = (scores or {}).get("per_speaker")
+    return float(min(per_speaker.values())) if per_speaker else None

@@ -27,7 +27,7 @@ def result_rows(done: Sequence[tuple[Cell, str, CellResult]]) -> list[dict[str, 
             "devel_ci_high": round(r.devel_ci[1], 4),
             "test_uar": _r(r.test_uar), "test_ci_low": _r(r.test_ci and r.test_ci[0]),
             "test_ci_high": _r(r.test_ci and r.test_ci[1]),
-            "devel_worst_speaker_uar": round(r.devel_worst_speaker, 4),
+            "devel_worst_speaker_uar": _r(r.devel_worst_speaker),
             "test_worst_speaker_uar": _r(r.test_worst_speaker),
             "bytes_moved": r.bytes_moved, "traffic": r.traffic, "seconds": r.seconds, "run_dir": str(r.run_dir),
         })
@@ -85,9 +85,9 @@ def markdown(name: str, done: Sequence[tuple[Cell, str, CellResult]], command: s
               "| bytes moved | wall time |", "|---|---|---:|---|---|---|---|---:|---:|"]
     for cell, _, r in sorted(done, key=lambda d: (settings.index(d[0].label), MODES.index(d[0].mode), d[0].seed)):
         test = f"{r.test_uar:.3f} [{r.test_ci[0]:.3f}, {r.test_ci[1]:.3f}]" if r.test_uar is not None else "-"
-        worst_test = f"{r.test_worst_speaker:.3f}" if r.test_worst_speaker is not None else "-"
+        worst = f"{_f3(r.devel_worst_speaker)} / {_f3(r.test_worst_speaker)}"
         lines.append(f"| {cell.mode} | {cell.label} | {cell.seed} | {r.selected} | {r.devel_uar:.3f} "
-                     f"[{r.devel_ci[0]:.3f}, {r.devel_ci[1]:.3f}] | {test} | {r.devel_worst_speaker:.3f} / {worst_test} "
+                     f"[{r.devel_ci[0]:.3f}, {r.devel_ci[1]:.3f}] | {test} | {worst} "
                      f"| {r.bytes_moved / 1e6:.2f} MB ({r.traffic}) | {r.seconds:.0f} s |")
     return "\n".join(lines) + "\n"
 
@@ -144,6 +144,10 @@ def _fmt(stat: tuple[float, float], std: bool = True) -> str:
     if np.isnan(mean):
         return "-"
     return f"{mean:.3f} ± {sd:.3f}" if std and not np.isnan(sd) else f"{mean:.3f}"
+
+
+def _f3(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 def _r(value: float | None) -> float | str:
