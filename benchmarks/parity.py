@@ -52,7 +52,10 @@ def main() -> int:
                          *extra]
             out = run_experiment(CONFIG, overrides, grid=(("augment.cutmix", ("false",)),), seeds=3)
             rows.append((corpus, variant, extra, out, summarise(out / "results.csv")))
-    report = render(rows, started)
+    from dsl_fed.config import load_config
+
+    cpus_per_cell = load_config(CONFIG, [f"data.manifest={manifest}"]).experiment.cpus_per_cell
+    report = render(rows, started, cpus_per_cell)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(report)
     print(report)
@@ -78,7 +81,7 @@ def summarise(results: Path) -> dict:
     return out
 
 
-def render(rows, started: float) -> str:
+def render(rows, started: float, cpus_per_cell: int) -> str:
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     lines = [
         "# Federated vs central parity", "",
@@ -100,8 +103,45 @@ def render(rows, started: float) -> str:
             f"| {f['devel']:.3f} ({', '.join(f'{v:.3f}' for v in f['devel_each'])}) | {100 * gap:+.1f} points | "
             f"{'yes' if gap >= -TOLERANCE else 'no'} | {c['test']:.3f} | {f['test']:.3f} | {c['worst']:.3f} / "
             f"{f['worst']:.3f} | {', '.join(f['selected'])} | {f['seconds']:.0f} s | {f['mb']:.2f} |")
-    lines += ["", f"{time.time() - started:.0f} s for this report (finished cells are reused, not rerun)."]
+    lines += ["", "## Experiment timing", "", timing(rows, cpus_per_cell), "",
+              f"{time.time() - started:.0f} s for this report (finished cells are reused, not rerun)."]
     return "\n".join(lines) + "\n"
+
+
+def timing(rows, cpus_per_cell: int) -> str:
+    """Cells per hour measured here (tiny preset) and projected for DenseNet121 from benchmarks/training.py."""
+    cores = os.cpu_count() or 1
+    concurrency = max(1, cores // cpus_per_cell)
+    out = [f"With `experiment.cpus_per_cell={cpus_per_cell}`, {concurrency} cells run at a time on "
+           f"{cores} cores. Measured wall time per cell (quickstart preset, tiny CNN), and cells per hour at that "
+           "concurrency:", "", "| corpus | schedule | central s/cell | central cells/h | federated s/cell | "
+           "federated cells/h |", "|---|---|---:|---:|---:|---:|"]
+    for corpus, variant, _, _, s in rows:
+        c, f = s["central"]["seconds"], s["federated"]["seconds"]
+        out.append(f"| {corpus} | {variant} | {c:.0f} | {concurrency * 3600 / c:.1f} | {f:.0f} | "
+                   f"{concurrency * 3600 / f:.1f} |")
+    steps = _training_step_times()
+    if steps:
+        p1, p2 = steps
+        per_1000 = (40 * p1 + 200 * p2) * -(-1000 // 32)
+        out += ["", f"DenseNet121 (224x224, batch 32) trains at {p1:.3f} s/step in phase 1 and {p2:.3f} s/step in "
+                f"phase 2 on this machine (`benchmarks/results/training.md`). The paper's 40 + 200 epochs then cost "
+                f"{per_1000 / 3600:.1f} h per 1000 training chunks for one central cell on all {cores} cores, i.e. "
+                f"{3600 / per_1000:.2f} such cells per hour (a federated cell trains the same epochs per client, "
+                "plus the per-round overhead above); the grid's cells only divide the cores between them."]
+    return "\n".join(out)
+
+
+def _training_step_times() -> tuple[float, float] | None:
+    """Plain phase-1 and phase-2 step times from benchmarks/results/training.md (None if it is missing)."""
+    import re
+
+    path = ROOT / "benchmarks" / "results" / "training.md"
+    if not path.is_file():
+        return None
+    text = path.read_text()
+    found = [re.search(rf"^\| phase {k} [^|]*\| none \|[^|]*\| ([0-9.]+) ", text, re.M) for k in (1, 2)]
+    return (float(found[0].group(1)), float(found[1].group(1))) if all(found) else None
 
 
 if __name__ == "__main__":
