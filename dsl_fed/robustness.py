@@ -53,7 +53,8 @@ def skew_shard(chunks: ChunkSet, keep: float, rng: np.random.Generator) -> Chunk
     """Keep ``max(1, round(keep * clips))`` of the clips (whole clips, seeded)."""
     clips = np.unique(chunks.clip_ids)
     kept = rng.choice(clips, size=max(1, int(round(keep * clips.size))), replace=False)
-    return chunks.subset(np.isin(chunks.clip_ids, kept))
+    mask = np.isin(chunks.clip_ids, kept)
+    return ChunkSet(chunks.waveforms[mask], chunks.labels[mask], chunks.clip_ids[mask], chunks.speakers[mask])
 
 
 def dropped_clients(num_sampled: int, share: float, seed: int, server_round: int) -> np.ndarray:

@@ -101,15 +101,15 @@ def simulate(
     with run_lock(run_dir):
         if resume:
             RunDirectory(run_dir).check_resume(cfg)
-            _run_flower(config_path, overrides, output_dir, run_dir, cfg, num_shards, resume, echo)
+            _run_flower(config_path, overrides, output_dir, run_dir, cfg, num_shards, resume, echo, ray_cpus)
         else:
             with staged_run(run_dir, overwrite) as staging:
-                _run_flower(config_path, overrides, staging.parent, staging, cfg, num_shards, resume, echo)
+                _run_flower(config_path, overrides, staging.parent, staging, cfg, num_shards, resume, echo, ray_cpus)
     return run_dir
 
 
 def _run_flower(config_path: Path, overrides: Sequence[str], output_dir: Path, run_dir: Path, cfg: Config,
-                num_shards: int, resume: bool, echo: Callable[[str], None]) -> None:
+                num_shards: int, resume: bool, echo: Callable[[str], None], ray_cpus: int | None = None) -> None:
     """`flwr run` on a private SuperLink, writing ``output_dir/<name>``; raises unless every round was written."""
     from dsl_fed.federated.run_config import run_config_toml, write_app
     from dsl_fed.federated.runtime import flwr_run, local_superlink, private_flwr_home, progress_message, write_connection

@@ -82,37 +82,40 @@ class Cell:
         return "-".join(part for part in (self.mode, slug, f"seed{self.seed}", digest) if part)
 
 
-def run_central(cfg: Config) -> CellResult:
-    """Central training (`dsl_fed.central.run_central`, best devel epoch) of `cfg` into its run folder."""
+def run_central(cfg: Config, overwrite: bool = False) -> CellResult:
+    """Central training (`dsl_fed.central.run_central`, best devel epoch) of `cfg` into its run folder
+    (`overwrite`: replace an earlier run of that name)."""
     from dsl_fed.central import run_central as train_central
-    from dsl_fed.data import read_manifest
+    from dsl_fed.data import load_manifest
 
     start = time.perf_counter()
-    metrics = train_central(cfg, verbose=0)
-    audio = sum(c.path.stat().st_size for c in read_manifest(cfg.data.manifest, seed=cfg.data.seed).partition("train"))
+    metrics = train_central(cfg, verbose=0, overwrite=overwrite)
+    audio = sum(c.path.stat().st_size for c in load_manifest(cfg.data).partition("train"))
     t = metrics["training"]
     best = t["phase1_epochs"] + t["phase2_best_epoch"] if t["phase2_best_epoch"] else t["phase1_best_epoch"]
     return _result("central", metrics.get("devel"), metrics.get("test"), f"epoch {best}/{t['phase1_epochs'] + t['phase2_epochs']}",
                    audio, "training audio uploaded", time.perf_counter() - start, cfg.output.run_dir)
 
 
-def run_federated(config_path: str | Path, overrides: list[str], ray_cpus: int | None = None) -> CellResult:
+def run_federated(config_path: str | Path, overrides: list[str], ray_cpus: int | None = None,
+                  overwrite: bool = False) -> CellResult:
     """A federated run (`dsl_fed simulate`, test speakers scored every round) reported at its best devel round.
 
     Args:
         config_path: YAML config.
         overrides: ``section.key=value`` overrides (``output.*`` names the run folder).
         ray_cpus: CPUs of the simulation's own Ray instance (None: all of this machine's).
+        overwrite: Replace an earlier run of that name.
     """
     from dsl_fed.cli.federated import simulate
-    from dsl_fed.data import read_manifest
+    from dsl_fed.data import load_manifest
     from dsl_fed.federated.checkpoint import RunDirectory
 
     cfg = load_config(config_path, overrides)
-    has_test = bool(read_manifest(cfg.data.manifest, seed=cfg.data.seed).partition("test"))
+    has_test = bool(load_manifest(cfg.data).partition("test"))
     start = time.perf_counter()
     run_dir = simulate(config_path, [*overrides, f"federated.evaluate_test={str(has_test).lower()}"],
-                       echo=lambda line: None, ray_cpus=ray_cpus)
+                       echo=lambda line: None, overwrite=overwrite, ray_cpus=ray_cpus)
     run = RunDirectory(run_dir)
     rows = run.read_history()
     best = best_round(rows)

@@ -158,10 +158,11 @@ def execute_cell(cell: Cell, cell_id: str, config_path: str, overrides: list[str
 
     try:
         cfg_overrides = [*overrides, *cell.overrides, *_output(Path(out_dir), cell_id)]
+        # A cell without its marker JSON never finished: its folder holds an interrupted attempt, replace it.
         if cell.mode == "central":
-            result = cells.run_central(load_config(config_path, cfg_overrides))
+            result = cells.run_central(load_config(config_path, cfg_overrides), overwrite=True)
         else:
-            result = cells.run_federated(config_path, cfg_overrides, ray_cpus=cpus)
+            result = cells.run_federated(config_path, cfg_overrides, ray_cpus=cpus, overwrite=True)
     except DslFedError as exc:
         return str(exc)
     atomic_write(Path(out_dir) / "cells" / f"{cell_id}.json", json.dumps(result.to_json(), indent=2) + "\n")
