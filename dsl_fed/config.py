@@ -162,6 +162,42 @@ class TrainingConfig:
         return self.learning_rate * self.phase2_lr_factor
 
 
+DP_MODES = ("none", "client", "server")
+DP_STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi")  # aggregate by a mean, which the DP noise is calibrated to
+
+
+@dataclass(frozen=True)
+class DpConfig:
+    """Client-level (= speaker-level with one speaker per client) differential privacy of the trained slice.
+
+    ``client``: each node clips its own update (Flower's clipping mods) and the server adds the noise;
+    ``server``: the server clips the updates it receives, then adds the noise. Either way the noise is added
+    to the mean of the clipped updates, before any server optimiser sees it.
+    """
+
+    mode: Literal["none", "client", "server"] = "none"
+    clipping: Literal["fixed", "adaptive"] = "fixed"
+    clip_norm: float = 1.0  # L2 bound of one client's slice update (adaptive: the starting value)
+    noise_multiplier: float = 1.0  # noise std / clip_norm on the sum of updates; 0 = clipping only, no guarantee
+    delta: float = 1e-5
+    target_epsilon: float | None = None  # stop before the round that would exceed it; null = no budget
+
+    def _validate(self) -> None:
+        _require(self.clip_norm > 0, "federated.dp.clip_norm", f"must be > 0, got {self.clip_norm}")
+        _require(self.noise_multiplier >= 0, "federated.dp.noise_multiplier", f"must be >= 0, got {self.noise_multiplier}")
+        _require(0 < self.delta < 1, "federated.dp.delta", f"must be in (0, 1), got {self.delta}")
+        _require(self.target_epsilon is None or self.target_epsilon > 0, "federated.dp.target_epsilon",
+                 f"must be > 0 or null, got {self.target_epsilon}")
+        _require(self.target_epsilon is None or self.mode != "none", "federated.dp.target_epsilon",
+                 "needs federated.dp.mode client or server")
+        _require(self.target_epsilon is None or self.noise_multiplier > 0, "federated.dp.target_epsilon",
+                 "needs federated.dp.noise_multiplier > 0 (without noise there is no epsilon)")
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "none"
+
+
 @dataclass(frozen=True)
 class FederatedConfig:
     """Flower rounds, phase schedule, strategy and what travels over the wire."""
@@ -169,9 +205,13 @@ class FederatedConfig:
     phase1_rounds: int = 10
     phase2_rounds: int = 10
     local_epochs: int = 1
-    strategy: Literal["fedavg", "fedprox", "fedadam", "fedyogi"] = "fedavg"
+    strategy: Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm", "fedmedian", "fedtrimmedavg", "krum",
+                      "multikrum", "bulyan"] = "fedavg"
     proximal_mu: float = 0.01  # FedProx
     server_learning_rate: float = 0.01  # FedAdam / FedYogi eta
+    server_momentum: float = 0.9  # FedAvgM (its server learning rate is 1)
+    trim_fraction: float = 0.2  # FedTrimmedAvg: share of updates cut at each end, per coordinate
+    num_malicious: int = 1  # Krum / MultiKrum / Bulyan: attackers to tolerate
     fraction_train: float = 1.0
     fraction_evaluate: float = 1.0
     min_train_nodes: int = 2
@@ -179,6 +219,7 @@ class FederatedConfig:
     transfer_dtype: Literal["float32", "float16"] = "float32"
     evaluate_test: bool = False  # also evaluate the held-out test speakers on the server every round
     client_cpus: float = 1.0  # Ray CPUs per client actor (whole number); TF threads follow this
+    dp: DpConfig = field(default_factory=DpConfig)
 
     def _validate(self) -> None:
         for key in ("phase1_rounds", "phase2_rounds"):
@@ -194,6 +235,18 @@ class FederatedConfig:
         _require(self.min_available_nodes >= self.min_train_nodes, "federated.min_available_nodes", "must be >= federated.min_train_nodes")
         _require(float(self.client_cpus).is_integer() and 1 <= self.client_cpus <= 64, "federated.client_cpus",
                  f"must be a whole number in [1, 64] (Flower's simulation takes whole CPUs), got {self.client_cpus}")
+        _require(0 <= self.server_momentum < 1, "federated.server_momentum", f"must be in [0, 1), got {self.server_momentum}")
+        _require(0 <= self.trim_fraction < 0.5, "federated.trim_fraction", f"must be in [0, 0.5), got {self.trim_fraction}")
+        _require(self.num_malicious >= 0, "federated.num_malicious", f"must be >= 0, got {self.num_malicious}")
+        self.dp._validate()
+        _require(not self.dp.enabled or self.strategy in DP_STRATEGIES, "federated.dp.mode",
+                 f"{self.dp.mode!r} works with federated.strategy {', '.join(DP_STRATEGIES)} (its noise is calibrated to a "
+                 f"plain mean of clipped updates), not with {self.strategy}")
+
+
+    def clients_per_round(self, num_nodes: int) -> int:
+        """Nodes sampled per training round (Flower's rule: the fraction rounded down, at least min_train_nodes)."""
+        return max(int(num_nodes * self.fraction_train), self.min_train_nodes)
 
 
 @dataclass(frozen=True)
@@ -298,23 +351,27 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
-    """Apply ``section.key=value`` strings; values are parsed as YAML scalars (``1e-3``, ``true``, ``null``)."""
+    """Apply ``section.key=value`` (or ``section.sub.key=value``) strings; values are parsed as YAML scalars."""
     raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
     for item in overrides:
         key, sep, value = item.partition("=")
         parts = key.strip().split(".")
-        if not sep or len(parts) != 2 or not all(parts):
+        if not sep or len(parts) < 2 or not all(parts):
             raise DslFedError(f"override {item!r}: expected section.key=value, e.g. training.batch_size=16")
-        section, name = parts
-        _check_name(section, [f.name for f in dataclasses.fields(Config)], "")
-        _check_name(name, [f.name for f in dataclasses.fields(_SECTIONS[section])], f"{section}.")
+        cls, node, prefix = Config, raw, ""
+        for part in parts[:-1]:
+            _check_name(part, [f.name for f in dataclasses.fields(cls)], prefix)
+            cls = typing.get_type_hints(cls)[part]
+            if not dataclasses.is_dataclass(cls):
+                raise DslFedError(f"override {item!r}: {prefix}{part} is a key, not a section")
+            node[part] = dict(node[part]) if isinstance(node.get(part), dict) else {}
+            node, prefix = node[part], f"{prefix}{part}."
+        _check_name(parts[-1], [f.name for f in dataclasses.fields(cls)], prefix)
         try:
             parsed = yaml.safe_load(value) if value.strip() else ""
         except yaml.YAMLError:
             parsed = value
-        if not isinstance(raw.get(section), dict):
-            raw[section] = {}
-        raw[section][name] = parsed
+        node[parts[-1]] = parsed
     return raw
 
 
@@ -323,11 +380,7 @@ def from_dict(raw: dict[str, Any]) -> Config:
     sections = {}
     for section, value in raw.items():
         _check_name(section, list(_SECTIONS), "")
-        if value is None:
-            value = {}
-        if not isinstance(value, dict):
-            raise DslFedError(f"{section}: expected a mapping of keys, got {type(value).__name__}")
-        sections[section] = _build_section(section, value)
+        sections[section] = _coerce(value, _SECTIONS[section], section)
     cfg = Config(**sections)
     for f in dataclasses.fields(cfg):
         getattr(cfg, f.name)._validate()
@@ -355,18 +408,23 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-def _build_section(section: str, values: dict[str, Any]):
-    cls = _SECTIONS[section]
+def _build_section(cls: type, values: dict[str, Any], prefix: str):
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in values.items():
-        _check_name(key, list(hints), f"{section}.")
-        kwargs[key] = _coerce(value, hints[key], f"{section}.{key}")
+        _check_name(key, list(hints), prefix)
+        kwargs[key] = _coerce(value, hints[key], f"{prefix}{key}")
     return cls(**kwargs)
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check `value` against a type hint; ints are accepted for floats, nothing else is converted."""
+    if dataclasses.is_dataclass(tp):  # a (sub)section such as federated.dp
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise DslFedError(f"{key}: expected a mapping of keys, got {type(value).__name__}")
+        return _build_section(tp, value, f"{key}.")
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(tp)

@@ -79,6 +79,16 @@ def test_replace_returns_validated_copy():
         ({"data": {"manifest": "x"}, "federated": {"client_cpus": 0.5}}, r"federated.client_cpus: must be a whole number"),
         ({"data": {"manifest": "x"}, "spectrogram": {"top_db": 120}}, r"spectrogram.top_db: must be in \(0, 100\] dB"),
         ({"data": {"manifest": "x"}, "spectrogram": {"top_db": None}}, r"spectrogram.top_db: expected a number"),
+        ({"data": {"manifest": "x"}, "federated": {"dp": {"clip_norm": -1}}}, r"^federated.dp.clip_norm: must be > 0, got -1.0$"),
+        ({"data": {"manifest": "x"}, "federated": {"dp": {"delta": 1}}}, r"^federated.dp.delta: must be in \(0, 1\), got 1.0$"),
+        ({"data": {"manifest": "x"}, "federated": {"dp": {"mode": "server"}, "strategy": "krum"}},
+         r"^federated.dp.mode: 'server' works with federated.strategy fedavg, fedprox, fedadam, fedyogi .* not with krum$"),
+        ({"data": {"manifest": "x"}, "federated": {"dp": {"target_epsilon": 3}}}, r"^federated.dp.target_epsilon: needs federated.dp.mode"),
+        ({"data": {"manifest": "x"}, "federated": {"dp": {"mode": "client", "noise_multiplier": 0, "target_epsilon": 3}}},
+         r"^federated.dp.target_epsilon: needs federated.dp.noise_multiplier > 0"),
+        ({"data": {"manifest": "x"}, "federated": {"dp": {"mode": "local"}}}, r"^federated.dp.mode: expected one of 'none'"),
+        ({"data": {"manifest": "x"}, "federated": {"dp": 3}}, r"^federated.dp: expected a mapping of keys, got int$"),
+        ({"data": {"manifest": "x"}, "federated": {"trim_fraction": 0.5}}, r"^federated.trim_fraction: must be in \[0, 0.5\)"),
     ],
 )
 def test_validation_errors_name_the_key(raw, message):
@@ -91,6 +101,17 @@ def test_bad_override_syntax():
         apply_overrides({}, ["batch_size=3"])
     with pytest.raises(DslFedError, match=r"unknown config key training.bach_size; did you mean training.batch_size\?"):
         apply_overrides({}, ["training.bach_size=3"])
+    with pytest.raises(DslFedError, match=r"unknown config key federated.dp.nois_multiplier; did you mean federated.dp.noise_multiplier\?"):
+        apply_overrides({}, ["federated.dp.nois_multiplier=1"])
+    with pytest.raises(DslFedError, match=r"federated.strategy is a key, not a section"):
+        apply_overrides({}, ["federated.strategy.x=1"])
+
+
+def test_nested_overrides_set_the_dp_section():
+    cfg = from_dict(apply_overrides({"data": {"manifest": "x"}, "federated": {"dp": {"delta": 1e-6}}},
+                                    ["federated.dp.mode=client", "federated.dp.noise_multiplier=0.5"]))
+    assert (cfg.federated.dp.mode, cfg.federated.dp.noise_multiplier, cfg.federated.dp.delta) == ("client", 0.5, 1e-6)
+    assert cfg.federated.dp.enabled and not from_dict({"data": {"manifest": "x"}}).federated.dp.enabled
 
 
 def test_load_errors_name_the_file(tmp_path):

@@ -14,10 +14,13 @@ REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text()
 
 
-def config_keys():
-    for section in dataclasses.fields(Config):
-        for key in dataclasses.fields(section.default_factory):
-            yield section.name, key.name
+def config_keys(cls=Config, section=""):
+    """(section, key) for every config key; nested sections such as federated.dp are sections of their own."""
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(f.default_factory):
+            yield from config_keys(f.default_factory, f"{section}.{f.name}" if section else f.name)
+        else:
+            yield section, f.name
 
 
 @pytest.mark.parametrize("section, key", list(config_keys()), ids=lambda v: v)

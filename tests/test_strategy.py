@@ -10,7 +10,17 @@ from flower_helpers import task_identity  # noqa: F401 (autouse fixture)
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
 from dsl_fed.config import FederatedConfig
-from dsl_fed.federated.strategy import PhaseSchedule, SliceFedAdam, SliceFedAvg, SliceFedYogi, aggregate_client_metrics, make_strategy
+from dsl_fed.config import DpConfig
+from dsl_fed.errors import DslFedError
+from dsl_fed.federated.strategy import (
+    STRATEGIES,
+    PhaseSchedule,
+    SliceFedAdam,
+    SliceFedAvg,
+    SliceFedYogi,
+    aggregate_client_metrics,
+    make_strategy,
+)
 
 HEAD = ["head/kernel", "head/bias"]
 TOP = ["top/kernel"]
@@ -189,7 +199,8 @@ def test_adaptive_strategies_survive_the_phase_change_and_checkpoint_their_momen
     assert np.all(s.model_arrays["top/kernel"] > 0)  # moved towards the clients' ones
     np.testing.assert_array_equal(s.model_arrays["stem/kernel"], np.full((2, 2), 7.0))
     state = s.state_arrays()
-    assert set(state) == {f"{a}/{n}" for a in ("m_t", "v_t") for n in HEAD + TOP}
+    assert set(state) == {f"{a}/{n}" for a in ("m_t", "v_t", "steps") for n in HEAD + TOP}
+    assert int(state["steps/head/bias"]) == 3 and int(state["steps/top/kernel"]) == 1
     fresh = strategy(cls, eta=0.1)
     fresh.load_state_arrays(state)
     np.testing.assert_array_equal(fresh.v_t["top/kernel"], s.v_t["top/kernel"])
@@ -197,10 +208,11 @@ def test_adaptive_strategies_survive_the_phase_change_and_checkpoint_their_momen
 
 def test_make_strategy_maps_the_config():
     fed = FederatedConfig(strategy="fedprox", proximal_mu=0.5, min_train_nodes=2, min_available_nodes=3)
-    s = make_strategy(fed, model(), {1: HEAD, 2: HEAD + TOP})
+    s = make_strategy(fed, model(), {1: HEAD, 2: HEAD + TOP}, num_nodes=3)
     [m, *_] = s.configure_train(1, ArrayRecord(), ConfigRecord(), FakeGrid())
     assert m.content["config"]["proximal-mu"] == 0.5 and s.min_available_nodes == 3
-    adam = make_strategy(FederatedConfig(strategy="fedadam", server_learning_rate=0.02), model(), {1: HEAD, 2: HEAD})
+    adam = make_strategy(FederatedConfig(strategy="fedadam", server_learning_rate=0.02), model(), {1: HEAD, 2: HEAD},
+                         num_nodes=3)
     assert isinstance(adam, SliceFedAdam) and adam.eta == 0.02
 
 
@@ -228,3 +240,133 @@ def test_start_completes_with_a_failing_and_a_nan_client():
     np.testing.assert_array_equal(result.arrays["head/bias"].numpy(), [1.0, 1.0])
     assert [len(s.rounds[r].failed) for r in (1, 2)] == [1, 1]
     assert [len(s.rounds[r].rejected) for r in (1, 2)] == [1, 1]
+
+
+def run_round(s, rnd, updates, grid=None):
+    """Configure round `rnd`, answer node i with updates[i] (weight name -> values), aggregate."""
+    grid = grid or FakeGrid(range(11, 11 + len(updates)))
+    msgs = sorted(s.configure_train(rnd, ArrayRecord(), ConfigRecord(), grid), key=lambda m: m.metadata.dst_node_id)
+    return s.aggregate_train(rnd, [reply(m, {n: np.asarray(v, np.float32) for n, v in u.items()}, 1, i)
+                                   for i, (m, u) in enumerate(zip(msgs, updates, strict=True))])
+
+
+def test_fedadam_step_equals_the_formula_and_phase2_weights_start_at_their_own_first_step():
+    eta, b1, b2, tau = 0.1, 0.9, 0.99, 1e-3
+    s = strategy(SliceFedAdam, schedule=PhaseSchedule(1, 1), eta=eta, beta_1=b1, beta_2=b2, tau=tau)
+    ones = {n: np.ones_like(model()[n]) for n in HEAD + TOP}
+    run_round(s, 1, [{n: ones[n] for n in HEAD}] * 3)
+    # t = 1: m = 0.1, v = 0.01, step = eta * sqrt(1 - b2) / (1 - b1) * m / (sqrt(v) + tau)
+    first = eta * np.sqrt(1 - b2) / (1 - b1) * 0.1 / (0.1 + tau)
+    np.testing.assert_allclose(s.model_arrays["head/bias"], [first, first], rtol=1e-6)
+    run_round(s, 2, [ones] * 3)  # phase 2: top/kernel joins
+    np.testing.assert_allclose(s.model_arrays["top/kernel"], np.full(3, first), rtol=1e-6)  # its own t = 1
+    d = 1.0 - first
+    m, v = b1 * 0.1 + (1 - b1) * d, b2 * 0.01 + (1 - b2) * d**2
+    second = first + eta * np.sqrt(1 - b2**2) / (1 - b1**2) * m / (np.sqrt(v) + tau)
+    np.testing.assert_allclose(s.model_arrays["head/bias"], [second, second], rtol=1e-6)
+
+
+def test_fedyogi_step_equals_the_formula():
+    eta, b1, b2, tau = 0.1, 0.9, 0.99, 1e-3
+    s = strategy(SliceFedYogi, eta=eta, beta_1=b1, beta_2=b2, tau=tau)
+    run_round(s, 1, [{"head/kernel": np.full((2, 2), 2.0), "head/bias": [2.0, 2.0]}] * 3)
+    v = 0 - (1 - b2) * 4.0 * np.sign(0 - 4.0)  # Yogi: v - (1 - b2) d^2 sign(v - d^2), d = 2
+    np.testing.assert_allclose(s.model_arrays["head/bias"], np.full(2, eta * (1 - b1) * 2.0 / (np.sqrt(v) + tau)),
+                               rtol=1e-6)
+
+
+def test_sampling_has_its_own_seeded_generator_and_leaves_the_global_random_alone():
+    import random
+
+    grid = FakeGrid(range(1, 10))
+    state = random.getstate()
+    picks = [tuple(sorted(m.metadata.dst_node_id for m in strategy(fraction_train=0.34, seed=seed).configure_train(
+        1, ArrayRecord(), ConfigRecord(), grid))) for seed in (5, 5, 0, 1, 2, 3)]
+    assert random.getstate() == state
+    assert len(picks[0]) == 3 and picks[0] == picks[1] and len(set(picks)) > 2
+
+
+# Robust strategies on hand-made 2-d updates: four honest clients and one outlier (equal example counts).
+HONEST = [(1.0, 1.0), (2.0, 2.0), (2.5, 2.5), (4.0, 4.0)]
+OUTLIER = (100.0, -100.0)
+
+
+@pytest.mark.parametrize("name, kwargs, expected", [
+    ("fedavg", {}, ((1 + 2 + 2.5 + 4 + 100) / 5, (1 + 2 + 2.5 + 4 - 100) / 5)),
+    ("fedmedian", {}, (2.5, 2.0)),
+    ("fedtrimmedavg", {"trim_fraction": 0.2}, ((2 + 2.5 + 4) / 3, (1 + 2 + 2.5) / 3)),
+    # Krum scores (sum of squared distances to the 5 - 1 - 2 = 2 nearest): 6.5, 2.5, 5.0, 12.5, huge -> (2, 2)
+    ("krum", {"num_malicious": 1}, (2.0, 2.0)),
+    ("multikrum", {"num_malicious": 1}, ((1 + 2 + 2.5 + 4) / 4, (1 + 2 + 2.5 + 4) / 4)),  # the best n - f = 4
+])
+def test_robust_strategies_give_the_expected_aggregate_with_one_outlier(name, kwargs, expected):
+    fed = FederatedConfig(strategy=name, min_train_nodes=5, min_available_nodes=5, fraction_evaluate=0.0, **kwargs)
+    s = make_strategy(fed, {"head/bias": np.zeros(2, np.float32), "stem/kernel": np.full(2, 7.0, np.float32)},
+                      {1: ["head/bias"], 2: ["head/bias"]}, num_nodes=5)
+    full, _ = run_round(s, 1, [{"head/bias": u} for u in [*HONEST, OUTLIER]])
+    np.testing.assert_allclose(full["head/bias"].numpy(), expected, rtol=1e-6)
+    np.testing.assert_array_equal(full["stem/kernel"].numpy(), [7.0, 7.0])
+
+
+def test_bulyan_ignores_the_outlier_and_fedavgm_applies_momentum():
+    fed = FederatedConfig(strategy="bulyan", num_malicious=1, min_train_nodes=7, min_available_nodes=7)
+    s = make_strategy(fed, {"head/bias": np.zeros(2, np.float32)}, {1: ["head/bias"], 2: ["head/bias"]}, num_nodes=7)
+    full, _ = run_round(s, 1, [{"head/bias": u} for u in [(3, 3)] * 5 + [(3.5, 3.5), OUTLIER]])
+    np.testing.assert_allclose(full["head/bias"].numpy(), [3.0, 3.0])  # median 3; the 3 closest to it are 3
+    m = make_strategy(FederatedConfig(strategy="fedavgm", server_momentum=0.5), {"head/bias": np.zeros(2, np.float32)},
+                      {1: ["head/bias"], 2: ["head/bias"]}, num_nodes=3)
+    run_round(m, 1, [{"head/bias": (1.0, 1.0)}] * 3)  # pseudo-gradient -1, momentum -1: w = 1
+    full, _ = run_round(m, 2, [{"head/bias": (2.0, 2.0)}] * 3)  # pseudo-gradient -1, momentum 0.5 * -1 - 1: w = 2.5
+    np.testing.assert_allclose(full["head/bias"].numpy(), [2.5, 2.5])
+
+
+def test_robust_strategies_need_enough_clients_for_num_malicious():
+    with pytest.raises(DslFedError, match=r"federated.num_malicious: bulyan .* at least 7 clients"):
+        make_strategy(FederatedConfig(strategy="bulyan", num_malicious=1), model(), {1: HEAD, 2: HEAD}, num_nodes=6)
+    assert set(STRATEGIES) == {"fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm", "fedmedian", "fedtrimmedavg",
+                               "krum", "multikrum", "bulyan"}
+
+
+def dp_strategy(mode="server", noise=0.0, clip=1.0, cls=SliceFedAvg, **kwargs):
+    return strategy(cls, dp=DpConfig(mode=mode, clip_norm=clip, noise_multiplier=noise), num_nodes=3, **kwargs)
+
+
+def test_server_side_clipping_bounds_each_update_of_the_whole_phase2_slice():
+    s = dp_strategy("server", noise=0.0, clip=1.0, schedule=PhaseSchedule(1, 1))
+    run_round(s, 1, [{n: np.full_like(model()[n], 1e-3) for n in HEAD}] * 3)
+    s.model_arrays.update({n: np.zeros_like(model()[n]) for n in HEAD})
+    # phase 2: every client's update has norm 10 over head + top (mostly in the unfrozen top layer)
+    big = {"head/kernel": np.zeros((2, 2)), "head/bias": [0.0, 6.0], "top/kernel": [8.0, 0.0, 0.0]}
+    full, _ = run_round(s, 2, [big] * 3)
+    update = np.concatenate([full[n].numpy().ravel() - 0.0 for n in HEAD + TOP])
+    assert np.linalg.norm(update) == pytest.approx(1.0, rel=1e-6)  # clipped to clip_norm as one vector
+    np.testing.assert_allclose(full["top/kernel"].numpy(), [0.8, 0, 0], rtol=1e-6)  # the top layer is in it
+    np.testing.assert_array_equal(full["stem/kernel"].numpy(), np.full((2, 2), 7.0))  # outside the slice
+    assert s.rounds[2].clip_norm == 1.0
+
+
+def test_dp_noise_has_the_promised_standard_deviation_on_the_slice_only():
+    n = 64
+    big = {"head/kernel": np.zeros((n, n), np.float32), "head/bias": np.zeros(n, np.float32),
+           "stem/kernel": np.full(8, 7.0, np.float32)}
+    s = SliceFedAvg(model_arrays=big, slice_names={1: ["head/kernel", "head/bias"]}, schedule=PhaseSchedule(1, 0),
+                    min_train_nodes=3, min_available_nodes=3, fraction_evaluate=0.0,
+                    dp=DpConfig(mode="client", clip_norm=2.0, noise_multiplier=1.0), num_nodes=3)
+    [m, *_] = msgs = list(s.configure_train(1, ArrayRecord(), ConfigRecord(), FakeGrid()))
+    assert m.content["config"]["clipping_norm"] == 2.0 and m.content["config"]["dp-clipping"] == "fixed"
+    tiny = {"head/kernel": big["head/kernel"] + 1e-6, "head/bias": big["head/bias"] + 1e-6}  # an all-zero one is refused
+    full, _ = s.aggregate_train(1, [reply(m, tiny, 5, i) for i, m in enumerate(msgs)])
+    noise = np.concatenate([full["head/kernel"].numpy().ravel(), full["head/bias"].numpy()])
+    # z * C / clients = 1 * 2 / 3; the sample std of 4160 values is within 5 % (about 4.5 standard errors)
+    assert np.std(noise) == pytest.approx(2.0 / 3.0, rel=0.05) and abs(np.mean(noise)) < 0.05
+    np.testing.assert_array_equal(full["stem/kernel"].numpy(), np.full(8, 7.0))
+
+
+def test_dp_mean_is_unweighted_and_fedadam_steps_on_the_noised_mean():
+    s = dp_strategy("server", noise=0.0, clip=100.0)
+    full, _ = run_round(s, 1, [{"head/kernel": np.full((2, 2), v), "head/bias": [v, v]} for v in (0.5, 0.5, 2.0)])
+    np.testing.assert_allclose(full["head/bias"].numpy(), [1.0, 1.0])  # not example-weighted (reply() gives 1 each)
+    adam = dp_strategy("server", noise=0.0, clip=1.0, cls=SliceFedAdam, eta=0.1)
+    run_round(adam, 1, [{"head/kernel": np.full((2, 2), 5.0), "head/bias": [5.0, 5.0]}] * 3)
+    clipped = 5.0 / np.sqrt(6 * 25.0)  # each coordinate of the update clipped to norm 1 over 6 coordinates
+    np.testing.assert_allclose(adam.m_t["head/bias"], [0.1 * clipped] * 2, rtol=1e-6)  # Adam saw the clipped mean

@@ -145,7 +145,10 @@ def check_complete(run_dir: Path, cfg: Config, errors: list[str], code: int, log
     from dsl_fed.federated.checkpoint import RunDirectory
 
     total = cfg.federated.phase1_rounds + cfg.federated.phase2_rounds
-    done = RunDirectory(run_dir).latest_round() if run_dir.is_dir() else None
+    run = RunDirectory(run_dir)
+    done = run.latest_round() if run_dir.is_dir() else None
+    if done is not None:  # a privacy budget (federated.dp.target_epsilon) may end the run early, by plan
+        total = run.manifest(done)["extra"].get("privacy", {}).get("last_round", total)
     if done == total and not errors:
         return
     if errors:
@@ -162,4 +165,5 @@ def summary(run_dir: Path) -> str:
     extra = run.manifest(k)["extra"]
     scores = ", ".join(f"{part} UAR {extra[part]['uar']:.3f} [{extra[part]['ci'][0]:.3f}, {extra[part]['ci'][1]:.3f}]"
                        for part in ("devel", "test") if part in extra)
-    return f"{run_dir}: round {k}/{extra['num_rounds']}, {scores}; model {run_dir / 'latest' / 'model.tflite'}"
+    privacy = f", DP {extra['privacy']['guarantee']}" if "privacy" in extra else ""
+    return f"{run_dir}: round {k}/{extra['num_rounds']}, {scores}{privacy}; model {run_dir / 'latest' / 'model.tflite'}"

@@ -44,6 +44,7 @@ from dsl_fed.models import trainable_weight_names, weight_names  # noqa: E402
 from dsl_fed.predict import predict_clips  # noqa: E402
 from dsl_fed.robustness import perturb_client  # noqa: E402
 from dsl_fed.train import train_local  # noqa: E402
+from dsl_fed.federated.clipping import clipping_mod  # noqa: E402
 from dsl_fed.federated.run_config import config_from_run_config  # noqa: E402
 
 MODEL_STATE_KEY = "dsl_fed-model"  # context.state entry holding the full model this node received
@@ -53,7 +54,7 @@ def create_app(app_dir: Path | None = None) -> ClientApp:
     """The ClientApp; `app_dir` is the app bundle a relative ``config`` in the run config is looked up in."""
     app = ClientApp()
 
-    @app.train()
+    @app.train(mods=[clipping_mod])  # federated.dp.mode=client: clip the slice update before it leaves
     def _train(msg: Message, context: Context) -> Message:
         return train(msg, context, app_dir)
 

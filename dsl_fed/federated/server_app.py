@@ -33,6 +33,7 @@ from dsl_fed.io import atomic_write  # noqa: E402
 from dsl_fed.metrics import evaluate_chunks  # noqa: E402
 from dsl_fed.models import build_model, get_weights_by_name, set_phase, set_weights_by_name  # noqa: E402
 from dsl_fed.models import trainable_weight_names, weight_names  # noqa: E402
+from dsl_fed.privacy import RunPrivacy, describe  # noqa: E402
 from dsl_fed.report import plot_rounds  # noqa: E402
 from dsl_fed.federated.checkpoint import PLOT, RunDirectory  # noqa: E402
 from dsl_fed.federated.run_config import PROGRESS_MARK, check_federation_size, config_from_run_config, count_shards, resume_requested  # noqa: E402
@@ -72,20 +73,22 @@ def run_server(grid: Grid, run_config: Mapping[str, Any], node_timeout: float = 
 
     keras.backend.clear_session()
     model = build_model(cfg, len(manifest.classes))
+    privacy = RunPrivacy.of(cfg.federated, num_shards) if cfg.federated.dp.enabled else None
+    last_round = _last_round(privacy, schedule.num_rounds)
     offset = _resume(run, cfg, model) if resume else _start(run, cfg)
-    if offset >= schedule.num_rounds:
-        LOG.info("%s %s already has all %d rounds; nothing to resume", PROGRESS_MARK, run.path, schedule.num_rounds)
+    if offset >= last_round:
+        LOG.info("%s %s already has all %d rounds; nothing to resume", PROGRESS_MARK, run.path, last_round)
         return None
     fed = cfg.federated
     if fed.fraction_evaluate > 0 and not _clients_have_held_out_clips(manifest):
         LOG.info("%s no training speaker has devel/test clips: client-side evaluation is skipped", PROGRESS_MARK)
         fed = dataclasses.replace(fed, fraction_evaluate=0.0)
     strategy = make_strategy(fed, get_weights_by_name(model, weight_names(model)), slice_names(model, cfg),
-                             round_offset=offset, seed=cfg.training.seed,
+                             num_nodes=num_shards, round_offset=offset, seed=cfg.training.seed,
                              client_dropout=cfg.robustness.client_dropout)
     if resume:
         strategy.load_state_arrays(run.strategy_state(offset))
-    evaluate_fn = RoundPublisher(cfg, manifest, model, strategy, run)
+    evaluate_fn = RoundPublisher(cfg, manifest, model, strategy, run, privacy)
     _wait_for_nodes(grid, num_shards, node_timeout)
     LOG.info(
         "%s %s rounds %d-%d (phase 1: %d, phase 2: %d), %s, %d shards -> %s",
@@ -95,7 +98,7 @@ def run_server(grid: Grid, run_config: Mapping[str, Any], node_timeout: float = 
     return strategy.start(
         grid=grid,
         initial_arrays=strategy.full_record(),
-        num_rounds=schedule.num_rounds - offset,
+        num_rounds=last_round - offset,
         train_config=ConfigRecord(),
         evaluate_config=ConfigRecord(),
         evaluate_fn=evaluate_fn,
@@ -106,8 +109,9 @@ class RoundPublisher:
     """`evaluate_fn` for `Strategy.start`: score the merged global model and publish the round's outputs."""
 
     def __init__(self, cfg: Config, manifest: Manifest, model: keras.Model, strategy: SliceAggregation,
-                 run: RunDirectory) -> None:
+                 run: RunDirectory, privacy: RunPrivacy | None = None) -> None:
         self.cfg = cfg
+        self.privacy = privacy
         self.classes = manifest.classes
         self.warnings = manifest.warnings  # repeated in every round manifest
         self.model = model
@@ -144,13 +148,17 @@ class RoundPublisher:
             "bytes_down": stats.bytes_down,
             "seconds": flower_seconds,
         }
+        if self.privacy is not None:
+            extra["privacy"] = self.privacy.report(rnd, stats.clip_norm)
+            extra["privacy"]["last_round"] = self.privacy.last_round(self.strategy.schedule.num_rounds)
         self.run.write_round(rnd, lambda folder: self._write_model(folder, extra), self.strategy.state_arrays())
         server_seconds = time.perf_counter() - start
-        rows = self.run.append_history(_history_row(stats, scores, flower_seconds, server_seconds))
+        rows = self.run.append_history(_history_row(stats, scores, flower_seconds, server_seconds, extra.get("privacy")))
         plot_rounds(rows, self.run.path / PLOT)
         self._last = time.perf_counter()
         LOG.info("%s %s", PROGRESS_MARK,
-                 progress_line(stats, scores, self.strategy.schedule.num_rounds, self._last - start + flower_seconds))
+                 progress_line(stats, scores, self.strategy.schedule.num_rounds, self._last - start + flower_seconds,
+                               extra.get("privacy")))
         return MetricRecord({f"{part}-{key}": float(value) for part, s in scores.items()
                              for key, value in (("uar", s["uar"]), ("ci-low", s["ci"][0]), ("ci-high", s["ci"][1]))})
 
@@ -159,7 +167,8 @@ class RoundPublisher:
         export_tflite(self.model, folder / "model.tflite", classes=self.classes, cfg=self.cfg, extra=extra)
 
 
-def progress_line(stats: RoundStats, scores: Mapping[str, Mapping[str, Any]], num_rounds: int, seconds: float) -> str:
+def progress_line(stats: RoundStats, scores: Mapping[str, Mapping[str, Any]], num_rounds: int, seconds: float,
+                  privacy: Mapping[str, Any] | None = None) -> str:
     """One human line per round (``dsl_fed simulate`` prints exactly these)."""
     parts = [f"round {stats.round}/{num_rounds} phase {stats.phase}"]
     for part, s in scores.items():
@@ -171,12 +180,15 @@ def progress_line(stats: RoundStats, scores: Mapping[str, Mapping[str, Any]], nu
         clients += f" ({len(stats.failed)} failed, {len(stats.rejected)} rejected)"
     if not stats.updated:
         clients += " - model unchanged"
-    parts += [clients, f"up {stats.bytes_up / 1e3:.1f} kB, down {stats.bytes_down / 1e3:.1f} kB", f"{seconds:.1f} s"]
+    parts += [clients, f"up {stats.bytes_up / 1e3:.1f} kB, down {stats.bytes_down / 1e3:.1f} kB"]
+    if privacy is not None:
+        parts.append(f"DP {privacy['guarantee']}")
+    parts.append(f"{seconds:.1f} s")
     return " | ".join(parts)
 
 
 def _history_row(stats: RoundStats, scores: Mapping[str, Mapping[str, Any]], flower_seconds: float,
-                 server_seconds: float) -> dict[str, Any]:
+                 server_seconds: float, privacy: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """``seconds``: the round in Flower (send, local training, replies); ``server_seconds``: scoring + publishing."""
     row: dict[str, Any] = {"round": stats.round, "phase": stats.phase}
     for part, s in scores.items():
@@ -197,6 +209,9 @@ def _history_row(stats: RoundStats, scores: Mapping[str, Mapping[str, Any]], flo
         "seconds": round(flower_seconds, 3),
         "server_seconds": round(server_seconds, 3),
     })
+    if privacy is not None:  # empty epsilon: noise multiplier 0, no guarantee
+        row.update({"epsilon": "" if privacy["epsilon"] is None else privacy["epsilon"], "delta": privacy["delta"],
+                    "clip_norm": privacy["clip_norm"]})
     return row
 
 
@@ -208,6 +223,22 @@ def slice_names(model: keras.Model, cfg: Config) -> dict[int, list[str]]:
         slices[phase] = trainable_weight_names(model)
     set_phase(model, 1)
     return slices
+
+
+def _last_round(privacy: RunPrivacy | None, scheduled: int) -> int:
+    """The scheduled rounds, or fewer when ``federated.dp.target_epsilon`` would be exceeded after more."""
+    if privacy is None:
+        return scheduled
+    last = privacy.last_round(scheduled)
+    if last == 0:
+        raise DslFedError(
+            f"federated.dp.target_epsilon: {privacy.dp.target_epsilon:g} is below the epsilon of a single round "
+            f"({describe(privacy.epsilon(1), privacy.dp.delta)}); raise it or the noise multiplier"
+        )
+    if last < scheduled:
+        LOG.info("%s privacy budget: %s after round %d; training stops there (%d rounds scheduled)", PROGRESS_MARK,
+                 describe(privacy.epsilon(last), privacy.dp.delta), last, scheduled)
+    return last
 
 
 def _start(run: RunDirectory, cfg: Config) -> int:

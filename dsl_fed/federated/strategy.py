@@ -4,25 +4,45 @@ Only the trainable slice travels after a node first receives the model: phase 1 
 the unfrozen top of the backbone. Flower's `Strategy.start` replaces its global arrays with whatever
 `aggregate_train` returns, so a strategy that aggregated just the slice would shrink the global model to it.
 `SliceAggregation` therefore keeps the full model itself, sends the slice, checks every reply, lets the Flower
-strategy aggregate the slice (FedAvg, FedProx, FedAdam, FedYogi), merges the result back and returns the full
-model. Weights are addressed by name, never by list position.
+strategy combine the slice updates (mean, median, trimmed mean, Krum, Bulyan, ...), merges the result back and
+returns the full model. Weights are addressed by name, never by list position.
+
+Differential privacy sits between the two: Flower's DP wrapper wraps only the combination rule (`_SliceRule`),
+so what it clips and noises is the update of the slice, and a server optimiser (FedAdam, FedYogi) steps on the
+noised mean afterwards - its state never sees an un-noised aggregate.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, FedProx
-from flwr.serverapp.strategy.fedadam import FedAdam
-from flwr.serverapp.strategy.fedyogi import FedYogi
+from flwr.serverapp.strategy import (
+    Bulyan,
+    DifferentialPrivacyClientSideAdaptiveClipping,
+    DifferentialPrivacyClientSideFixedClipping,
+    DifferentialPrivacyServerSideAdaptiveClipping,
+    DifferentialPrivacyServerSideFixedClipping,
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    FedYogi,
+    Krum,
+    MultiKrum,
+    Strategy,
+)
 
-from dsl_fed.config import FederatedConfig
+from dsl_fed.config import DpConfig, FederatedConfig
+from dsl_fed.errors import DslFedError
 from dsl_fed.federated.run_config import PROGRESS_MARK
 from dsl_fed.robustness import dropped_clients
 
@@ -72,6 +92,7 @@ class RoundStats:
     train_metrics: dict[str, float] = field(default_factory=dict)  # aggregated client metrics
     failed: list[str] = field(default_factory=list)
     rejected: list[str] = field(default_factory=list)
+    clip_norm: float = 0.0  # differential privacy: the round's clipping norm (0 without DP)
 
 
 def aggregate_client_metrics(records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
@@ -100,6 +121,8 @@ class SliceAggregation:
         round_offset: Rounds already completed (resume): Flower counts from 1 again, the schedule does not.
         seed: Seeds node sampling per round, so a resumed run samples like an uninterrupted one.
         client_dropout: Share of the sampled clients that drop out of each round (seeded by `seed` and round).
+        dp: Differential privacy of the slice update (``federated.dp``); None or mode ``none``: off.
+        num_nodes: Nodes in the federation (needed with DP: the noise is calibrated to the sample size).
         **strategy_kwargs: Passed to the Flower strategy (fractions, min nodes, proximal_mu, eta, ...).
     """
 
@@ -113,6 +136,8 @@ class SliceAggregation:
         round_offset: int = 0,
         seed: int = 0,
         client_dropout: float = 0.0,
+        dp: DpConfig | None = None,
+        num_nodes: int | None = None,
         **strategy_kwargs,
     ) -> None:
         strategy_kwargs.setdefault("train_metrics_aggr_fn", aggregate_client_metrics)
@@ -134,6 +159,13 @@ class SliceAggregation:
         self.client_dropout = client_dropout
         self.rounds: dict[int, RoundStats] = {}
         self._nodes_with_model: set[int] = set()  # nodes known to hold the full model in their node state
+        self.dp = dp if dp is not None and dp.enabled else None
+        self._rule: Strategy = _SliceRule(self)
+        if self.dp is not None:
+            if num_nodes is None:
+                raise ValueError("differential privacy needs num_nodes (the noise depends on the sample size)")
+            self._rule = dp_wrapper(self._rule, self.dp, self.sample_size(num_nodes, self.fraction_train,
+                                                                          self.min_train_nodes))
 
     # ------------------------------------------------------------------------------------------- sending
 
@@ -151,14 +183,16 @@ class SliceAggregation:
         self._align_optimizer_state(names)
         config["phase"] = phase
         config["transfer-dtype"] = self.transfer_dtype
-        random.seed(f"train-{self.seed}-{rnd}")  # Flower samples nodes with the global `random`
-        # FedOpt strategies remember these arrays as x_t: give them the float32 slice, not the transfer copy.
-        messages = list(super().configure_train(rnd, self._record(names, "float32"), config, grid))
+        if self.dp is not None:
+            config["dp-clipping"] = self.dp.clipping  # tells the node's clipping mod which Flower mod to run
+        # The DP wrapper (if any) and FedOpt remember these arrays as the round's start: the float32 slice.
+        messages = list(self._rule.configure_train(rnd, self._record(names, "float32"), config, grid))
         stats.sampled = len(messages)
         if self.client_dropout > 0:
             dropped = set(dropped_clients(len(messages), self.client_dropout, self.seed, rnd).tolist())
             messages = [m for i, m in enumerate(messages) if i not in dropped]
             stats.dropped = len(dropped)
+        stats.clip_norm = float(getattr(self._rule, "clipping_norm", 0.0))
         return self._address(messages, names, config, stats)
 
     def configure_evaluate(
@@ -168,10 +202,34 @@ class SliceAggregation:
         rnd = server_round + self.round_offset
         names = self.slice_names[self.schedule.phase(rnd)]
         config["transfer-dtype"] = self.transfer_dtype
-        random.seed(f"evaluate-{self.seed}-{rnd}")
-        messages = list(super().configure_evaluate(rnd, ArrayRecord(), config, grid))
+        messages = self._sample_messages(rnd, ArrayRecord(), config, grid, MessageType.EVALUATE)
         stats = self.rounds.setdefault(rnd, RoundStats(round=rnd, phase=self.schedule.phase(rnd)))
         return self._address(messages, names, config, stats)
+
+    @staticmethod
+    def sample_size(num_nodes: int, fraction: float, minimum: int) -> int:
+        """How many nodes a round samples (Flower's rule: the fraction, rounded down, at least `minimum`)."""
+        return max(int(num_nodes * fraction), minimum)
+
+    def _sample_messages(self, rnd: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid,
+                         message_type: str) -> list[Message]:
+        """Flower's node sampling, with a generator of its own seeded per round (the global `random` is left alone).
+
+        A resumed run therefore samples exactly like an uninterrupted one.
+        """
+        train = message_type == MessageType.TRAIN
+        fraction = self.fraction_train if train else self.fraction_evaluate
+        if fraction == 0.0:
+            return []
+        minimum = self.min_train_nodes if train else self.min_evaluate_nodes
+        size = self.sample_size(len(list(grid.get_node_ids())), fraction, minimum)
+        while len(nodes := sorted(grid.get_node_ids())) < max(self.min_available_nodes, size):
+            LOG.info("waiting for nodes to connect: %d connected, %d needed", len(nodes), max(self.min_available_nodes, size))
+            time.sleep(1)
+        sampled = random.Random(f"{message_type}-{self.seed}-{rnd}").sample(nodes, size)
+        config["server-round"] = rnd
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        return list(self._construct_messages(record, sampled, message_type))
 
     def _address(self, messages: list[Message], names: list[str], config: ConfigRecord, stats: RoundStats) -> list[Message]:
         """Give each message its payload: the full model (float32, once per node) or the slice."""
@@ -218,7 +276,7 @@ class SliceAggregation:
                 stats.rejected.append(f"{who}: {problem}")
                 LOG.warning("%s round %d: rejected the update of %s: %s", PROGRESS_MARK, rnd, who, problem)
                 continue
-            msg.content = self._as_float32(msg.content)
+            msg.content = self._as_float32(msg.content, names)
             valid.append(msg)
         # A fixed order makes the float sums, and so a resumed run, reproducible.
         valid.sort(key=lambda m: (_metrics(m.content).get("partition-id", 0), m.metadata.src_node_id))
@@ -228,18 +286,33 @@ class SliceAggregation:
                 PROGRESS_MARK, rnd, len(valid), self.min_train_nodes,
             )
             return None, None
-        aggregated, metrics = super().aggregate_train(rnd, valid)
+        num_examples = [float(_metrics(m.content)[self.weighted_by_key]) for m in valid]
+        if self.dp is not None:
+            # The noise is calibrated to the *plain* mean of clipped updates (one client moves it by at most
+            # clip_norm / n); an example-weighted mean would let a large client move it further.
+            for msg in valid:
+                _metrics(msg.content)[self.weighted_by_key] = 1
+        aggregated, metrics = self._rule.aggregate_train(rnd, valid)
         if aggregated is None:
             return None, None
+        aggregated = self._server_step(aggregated)
         for name, array in aggregated.items():
             self.model_arrays[name] = array.numpy().astype(self.model_arrays[name].dtype)
         stats.aggregated = len(valid)
         stats.updated = True
-        stats.num_examples = int(sum(float(_metrics(m.content)[self.weighted_by_key]) for m in valid))
+        stats.num_examples = int(sum(num_examples))
         stats.client_seconds = float(sum(float(_metrics(m.content).get("train-seconds", 0.0)) for m in valid))
         stats.client_work_seconds = float(sum(float(_metrics(m.content).get("work-seconds", 0.0)) for m in valid))
         stats.train_metrics = {k: float(v) for k, v in (metrics or {}).items() if not isinstance(v, list)}
         return self.full_record(), metrics
+
+    def _combine(self, server_round: int, replies: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The Flower strategy's rule for combining the slice updates (what a DP wrapper wraps)."""
+        return super().aggregate_train(server_round, replies)
+
+    def _server_step(self, aggregated: ArrayRecord) -> ArrayRecord:
+        """Server optimiser step on the combined (and, with DP, noised) slice; none for plain averaging."""
+        return aggregated
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Average client-side evaluation over the clients that had held-out clips."""
@@ -276,14 +349,19 @@ class SliceAggregation:
         for key, value in _metrics(content).items():
             if not np.all(np.isfinite(np.asarray(value, dtype=float))):
                 return f"non-finite metric {key}={value}"
+        if self.dp is not None and all(np.array_equal(arrays[n].numpy(), self.model_arrays[n]) for n in names):
+            return "the update is exactly zero (Flower's clipping divides by the update's norm)"
         return None
 
     @staticmethod
-    def _as_float32(content: RecordDict) -> RecordDict:
-        """Aggregate in float32 even when the update travelled as float16."""
+    def _as_float32(content: RecordDict, names: list[str]) -> RecordDict:
+        """Aggregate in float32 even when the update travelled as float16, in the slice's order.
+
+        Flower's DP wrappers pair reply arrays with the sent ones by position, so the order must be the server's.
+        """
         (array_key, arrays), (metric_key, metrics) = *content.array_records.items(), *content.metric_records.items()
-        float32 = ArrayRecord({n: Array(a.numpy().astype(np.float32)) for n, a in arrays.items()})
-        return RecordDict({array_key: float32, metric_key: metrics})
+        float32 = ArrayRecord({n: Array(arrays[n].numpy().astype(np.float32)) for n in names})
+        return RecordDict({array_key: float32, metric_key: MetricRecord(dict(metrics))})
 
     # ----------------------------------------------------------------------------------------- state
 
@@ -292,26 +370,67 @@ class SliceAggregation:
         return ArrayRecord({n: Array(a) for n, a in self.model_arrays.items()})
 
     def _align_optimizer_state(self, names: list[str]) -> None:
-        """FedAdam/FedYogi keep moments per weight; a phase change adds weights whose moments start at zero."""
-        for attr in ("m_t", "v_t"):
-            moments = getattr(self, attr, None)
-            if moments:
-                setattr(self, attr, {n: moments.get(n, np.zeros_like(self.model_arrays[n])) for n in names})
+        """Server optimiser state per weight: a phase change adds weights whose state starts empty."""
 
     def state_arrays(self) -> dict[str, np.ndarray]:
-        """Server optimiser state to checkpoint (FedAdam/FedYogi moments; empty for FedAvg/FedProx)."""
-        out = {}
-        for attr in ("m_t", "v_t"):
-            for name, value in (getattr(self, attr, None) or {}).items():
-                out[f"{attr}/{name}"] = value
+        """Server state to checkpoint: optimiser moments and the adaptive clipping norm (may be empty)."""
+        out = {f"{attr}/{name}": value for attr in self._STATE for name, value in (getattr(self, attr, None) or {}).items()}
+        if self.dp is not None and self.dp.clipping == "adaptive":
+            out["dp/clip_norm"] = np.float64(self._rule.clipping_norm)
         return out
 
     def load_state_arrays(self, state: Mapping[str, np.ndarray]) -> None:
         """Restore what `state_arrays` saved (resume)."""
-        for attr in ("m_t", "v_t"):
-            moments = {k.split("/", 1)[1]: np.array(v) for k, v in state.items() if k.startswith(f"{attr}/")}
-            if moments and hasattr(self, attr):
-                setattr(self, attr, moments)
+        for attr in self._STATE:
+            values = {k.split("/", 1)[1]: np.array(v) for k, v in state.items() if k.startswith(f"{attr}/")}
+            if values:
+                setattr(self, attr, values)
+        if "dp/clip_norm" in state and self.dp is not None:
+            self._rule.clipping_norm = float(state["dp/clip_norm"])
+
+    _STATE: tuple[str, ...] = ()  # names of per-weight optimiser dicts kept in `state_arrays`
+
+
+class _SliceRule(Strategy):
+    """A SliceAggregation's node sampling and combination rule as a Strategy object of its own.
+
+    Flower's DP wrappers wrap a Strategy; wrapping this one puts clipping and noise exactly around the
+    combination of slice updates - inside the slice bookkeeping, before any server optimiser step.
+    """
+
+    def __init__(self, owner: SliceAggregation) -> None:
+        self.owner = owner
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        return self.owner._sample_messages(server_round, arrays, config, grid, MessageType.TRAIN)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        return self.owner._combine(server_round, list(replies))
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        return self.owner._sample_messages(server_round, arrays, config, grid, MessageType.EVALUATE)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return self.owner.aggregate_evaluate(server_round, replies)
+
+    def summary(self) -> None:
+        """Nothing to add: `start` logs the owner's summary."""
+
+
+def dp_wrapper(rule: Strategy, dp: DpConfig, num_sampled: int) -> Strategy:
+    """Flower's DP strategy wrapper for ``federated.dp`` around a slice rule.
+
+    Adaptive clipping (Andrew et al., 2021) spends part of the privacy budget on a noisy count of clipped
+    updates. Its usual noise for that count, n/20, suits hundreds of clients; with a handful it cannot reach the
+    requested noise multiplier at all, so the count gets noise `noise_multiplier` (the update then gets
+    1.15 x noise_multiplier, and the pair is as private as one Gaussian release with `noise_multiplier`).
+    """
+    z, c = dp.noise_multiplier, dp.clip_norm
+    if dp.clipping == "fixed":
+        cls = DifferentialPrivacyClientSideFixedClipping if dp.mode == "client" else DifferentialPrivacyServerSideFixedClipping
+        return cls(rule, z, c, num_sampled)
+    cls = DifferentialPrivacyClientSideAdaptiveClipping if dp.mode == "client" else DifferentialPrivacyServerSideAdaptiveClipping
+    return cls(rule, z, num_sampled, initial_clipping_norm=c, clipped_count_stddev=max(num_sampled / 20, z) if z > 0 else None)
 
 
 class SliceFedAvg(SliceAggregation, FedAvg):
@@ -321,13 +440,117 @@ class SliceFedAvg(SliceAggregation, FedAvg):
 class SliceFedProx(SliceAggregation, FedProx):
     """FedProx over the named slice; clients add (mu/2)·||w - w_global||² on the slice they train."""
 
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        config["proximal-mu"] = self.proximal_mu  # what FedProx.configure_train adds; the sampling is ours
+        return super().configure_train(server_round, arrays, config, grid)
 
-class SliceFedAdam(SliceAggregation, FedAdam):
-    """FedAdam (server-side Adam on the aggregated slice delta)."""
+
+class _ServerAdaptive(SliceAggregation):
+    """FedAdam/FedYogi as a step on the mean slice update, with moments kept per weight name.
+
+    The mean comes from FedAvg (through the DP wrapper, if any) and the step follows. Weights that join the
+    slice in phase 2 start their moments - and FedAdam its bias correction - at their own first step.
+    """
+
+    _STATE = ("m_t", "v_t", "steps")
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.m_t: dict[str, np.ndarray] = {}
+        self.v_t: dict[str, np.ndarray] = {}
+        self.steps: dict[str, np.ndarray] = {}  # per weight: server steps taken so far
+
+    def _combine(self, server_round: int, replies: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        return FedAvg.aggregate_train(self, server_round, replies)
+
+    def _server_step(self, aggregated: ArrayRecord) -> ArrayRecord:
+        out = {}
+        for name, array in aggregated.items():
+            x = self.model_arrays[name].astype(np.float64)
+            delta = array.numpy().astype(np.float64) - x
+            m = self.m_t.get(name, np.zeros_like(delta))
+            v = self.v_t.get(name, np.zeros_like(delta))
+            t = int(self.steps.get(name, 0)) + 1
+            self.m_t[name] = m = self.beta_1 * m + (1 - self.beta_1) * delta
+            self.v_t[name] = v = self._second_moment(v, delta)
+            self.steps[name] = np.int64(t)
+            out[name] = Array((x + self._step_size(t) * m / (np.sqrt(v) + self.tau)).astype(np.float32))
+        return ArrayRecord(out)
+
+    def _second_moment(self, v: np.ndarray, delta: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def _step_size(self, t: int) -> float:
+        return self.eta
+
+    def _align_optimizer_state(self, names: list[str]) -> None:
+        for attr in self._STATE:
+            setattr(self, attr, {n: v for n, v in getattr(self, attr).items() if n in names})
 
 
-class SliceFedYogi(SliceAggregation, FedYogi):
-    """FedYogi (server-side Yogi on the aggregated slice delta)."""
+class SliceFedAdam(_ServerAdaptive, FedAdam):
+    """FedAdam (Reddi et al., 2021): Adam on the mean slice delta, bias-corrected per weight (Kingma & Ba)."""
+
+    def _second_moment(self, v: np.ndarray, delta: np.ndarray) -> np.ndarray:
+        return self.beta_2 * v + (1 - self.beta_2) * delta**2
+
+    def _step_size(self, t: int) -> float:
+        return self.eta * np.sqrt(1 - self.beta_2**t) / (1 - self.beta_1**t)
+
+
+class SliceFedYogi(_ServerAdaptive, FedYogi):
+    """FedYogi (Reddi et al., 2021): like FedAdam with Yogi's additive second moment and no bias correction."""
+
+    def _second_moment(self, v: np.ndarray, delta: np.ndarray) -> np.ndarray:
+        return v - (1 - self.beta_2) * delta**2 * np.sign(v - delta**2)
+
+
+class SliceFedAvgM(SliceAggregation, FedAvgM):
+    """FedAvgM: Flower's server momentum on the slice; momentum is kept by name across the phase change."""
+
+    _STATE = ("momentum",)
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.momentum: dict[str, np.ndarray] = {}
+        self._momentum_names: list[str] = []  # the order of Flower's `momentum_vector`
+
+    def _align_optimizer_state(self, names: list[str]) -> None:
+        # Flower keeps the momentum as a list in the order of the round's arrays: rebuild it for this slice.
+        if self.momentum_vector is not None:
+            self.momentum = dict(zip(self._momentum_names, self.momentum_vector, strict=True))
+        self.momentum_vector = [self.momentum.get(n, np.zeros_like(self.model_arrays[n])) for n in names] if self.momentum else None
+        self._momentum_names = list(names)
+        self.current_arrays = self._record(names, "float32")
+
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        if self.momentum_vector is not None:
+            self.momentum = dict(zip(self._momentum_names, self.momentum_vector, strict=True))
+        return super().state_arrays()
+
+
+class SliceFedMedian(SliceAggregation, FedMedian):
+    """Coordinate-wise median of the slice updates."""
+
+
+class SliceFedTrimmedAvg(SliceAggregation, FedTrimmedAvg):
+    """Coordinate-wise mean after cutting the `beta` share of largest and smallest values."""
+
+
+class SliceKrum(SliceAggregation, Krum):
+    """Krum: the one update closest to its n - f - 2 nearest neighbours."""
+
+
+class SliceMultiKrum(SliceAggregation, MultiKrum):
+    """MultiKrum: the example-weighted mean of the n - f updates with the best Krum scores."""
+
+    def _combine(self, server_round: int, replies: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        self.num_nodes_to_select = max(1, len(replies) - self.num_malicious_nodes)
+        return super()._combine(server_round, replies)
+
+
+class SliceBulyan(SliceAggregation, Bulyan):
+    """Bulyan: Krum selection, then a coordinate-wise trimmed mean around the median (needs n >= 4f + 3)."""
 
 
 STRATEGIES: dict[str, type[SliceAggregation]] = {
@@ -335,18 +558,36 @@ STRATEGIES: dict[str, type[SliceAggregation]] = {
     "fedprox": SliceFedProx,
     "fedadam": SliceFedAdam,
     "fedyogi": SliceFedYogi,
+    "fedavgm": SliceFedAvgM,
+    "fedmedian": SliceFedMedian,
+    "fedtrimmedavg": SliceFedTrimmedAvg,
+    "krum": SliceKrum,
+    "multikrum": SliceMultiKrum,
+    "bulyan": SliceBulyan,
 }
+MIN_NODES = {"krum": lambda f: 2 * f + 3, "multikrum": lambda f: 2 * f + 3, "bulyan": lambda f: 4 * f + 3}
 
 
 def make_strategy(
     fed: FederatedConfig,
     model_arrays: Mapping[str, np.ndarray],
     slice_names: Mapping[int, Sequence[str]],
+    num_nodes: int,
     round_offset: int = 0,
     seed: int = 0,
     client_dropout: float = 0.0,
 ) -> SliceAggregation:
-    """Build the configured strategy (``federated.strategy``) around the server's full model."""
+    """Build the configured strategy (``federated.strategy``, ``federated.dp``) around the server's full model.
+
+    Raises:
+        DslFedError: the federation is too small for the robust strategy's ``federated.num_malicious``.
+    """
+    sampled = fed.clients_per_round(num_nodes)
+    if fed.strategy in MIN_NODES and sampled < MIN_NODES[fed.strategy](fed.num_malicious):
+        raise DslFedError(
+            f"federated.num_malicious: {fed.strategy} tolerates {fed.num_malicious} attacker(s) only with at least "
+            f"{MIN_NODES[fed.strategy](fed.num_malicious)} clients per round, but a round samples {sampled}"
+        )
     kwargs: dict = dict(
         fraction_train=fed.fraction_train,
         fraction_evaluate=fed.fraction_evaluate,
@@ -358,6 +599,12 @@ def make_strategy(
         kwargs["proximal_mu"] = fed.proximal_mu
     elif fed.strategy in ("fedadam", "fedyogi"):
         kwargs["eta"] = fed.server_learning_rate
+    elif fed.strategy == "fedavgm":
+        kwargs["server_momentum"] = fed.server_momentum
+    elif fed.strategy == "fedtrimmedavg":
+        kwargs["beta"] = fed.trim_fraction
+    elif fed.strategy in MIN_NODES:
+        kwargs["num_malicious_nodes"] = fed.num_malicious
     return STRATEGIES[fed.strategy](
         model_arrays=model_arrays,
         slice_names=slice_names,
@@ -366,6 +613,8 @@ def make_strategy(
         round_offset=round_offset,
         seed=seed,
         client_dropout=client_dropout,
+        dp=fed.dp,
+        num_nodes=num_nodes,
         **kwargs,
     )
 

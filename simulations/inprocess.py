@@ -1,0 +1,107 @@
+"""Many small federated runs in one process, for experiment grids (poisoning, privacy/utility).
+
+The project's own ClientApp (`dsl_fed.federated.client_app.app`, with its mods) answers the messages of the
+project's own strategy (`make_strategy`), node by node, through a Grid that calls it directly: the same code
+as ``dsl_fed simulate`` minus Ray, the SuperLink and per-round publishing, so a run of a few rounds takes
+seconds and a grid of them fits a laptop. `tamper` lets an experiment change what chosen nodes send back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+from flwr.app import Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from dsl_fed.config import Config, load_config
+from dsl_fed.data import load_chunks, read_manifest
+from dsl_fed.federated import client_app
+from dsl_fed.federated.run_config import count_shards
+from dsl_fed.federated.server_app import slice_names
+from dsl_fed.federated.strategy import make_strategy
+from dsl_fed.metrics import evaluate_chunks
+from dsl_fed.models import build_model, get_weights_by_name, set_weights_by_name, weight_names
+from dsl_fed.privacy import RunPrivacy
+
+Tamper = Callable[[int, Message, Callable[[Message], Message]], Message]  # (partition, msg, honest) -> reply
+
+
+class InProcessGrid:
+    """The part of Flower's Grid a strategy uses; node ``i + 1`` holds partition ``i``."""
+
+    def __init__(self, config_path: Path, overrides: list[str], num_nodes: int, tamper: Tamper | None = None):
+        run_config = {"config": str(config_path.resolve()), "data-manifest": "", "output-directory": "/tmp",
+                      "overrides": " ".join(overrides), "resume": False}
+        self.contexts = {
+            i + 1: Context(run_id=0, node_id=i + 1, node_config={"partition-id": i, "num-partitions": num_nodes},
+                           state=RecordDict(), run_config=run_config)
+            for i in range(num_nodes)
+        }
+        self.tamper = tamper
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.contexts)
+
+    def send_and_receive(self, messages: Iterable[Message], timeout: float | None = None) -> list[Message]:
+        replies = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            context = self.contexts[node]
+
+            def honest(m: Message, context=context) -> Message:
+                return client_app.app(m, context)
+
+            partition = int(context.node_config["partition-id"])
+            reply = self.tamper(partition, msg, honest) if self.tamper else honest(msg)
+            replies.append(reply)
+        return replies
+
+
+@dataclass(frozen=True)
+class RunResult:
+    devel_uar: float
+    rounds: int
+    epsilon: float | None
+    seconds: float
+
+
+def run(config_path: Path, overrides: list[str], tamper: Tamper | None = None) -> RunResult:
+    """Train federated in-process and score the final global model on the devel speakers."""
+    start = time.perf_counter()
+    cfg: Config = load_config(config_path, overrides)
+    manifest = read_manifest(cfg.data.manifest, seed=cfg.data.seed)
+    num_nodes = count_shards(cfg, manifest)
+    keras.backend.clear_session()
+    model = build_model(cfg, len(manifest.classes))
+    strategy = make_strategy(cfg.federated, get_weights_by_name(model, weight_names(model)), slice_names(model, cfg),
+                             num_nodes=num_nodes, seed=cfg.training.seed)
+    privacy = RunPrivacy.of(cfg.federated, num_nodes) if cfg.federated.dp.enabled else None
+    rounds = privacy.last_round(strategy.schedule.num_rounds) if privacy else strategy.schedule.num_rounds
+    grid = InProcessGrid(config_path, overrides, num_nodes, tamper)
+    with task_identity():
+        result = strategy.start(grid=grid, initial_arrays=strategy.full_record(), num_rounds=rounds)
+    keras.backend.clear_session()
+    model = build_model(cfg, len(manifest.classes))
+    set_weights_by_name(model, {name: array.numpy() for name, array in result.arrays.items()})
+    devel = load_chunks(manifest.partition("devel", required=True), cfg.data, manifest.classes, progress=False)
+    score = evaluate_chunks(model, devel, manifest.classes, batch_size=cfg.training.batch_size, seed=cfg.training.seed)
+    return RunResult(float(score["uar"]), rounds, privacy.epsilon(rounds) if privacy else None,
+                     time.perf_counter() - start)
+
+
+@contextlib.contextmanager
+def task_identity() -> Iterator[None]:
+    """Flower stamps every message with its process's run/node/task ids; outside a Flower process there are none."""
+    saved = {attr: getattr(TaskIdentity, attr, None) for attr in ("_run_id", "_node_id", "_task_id")}
+    for attr in saved:
+        setattr(TaskIdentity, attr, 1)
+    try:
+        yield
+    finally:
+        for attr, value in saved.items():
+            setattr(TaskIdentity, attr, value)

@@ -1,0 +1,110 @@
+"""Differential privacy: accounting against dp-accounting itself, the client clipping mod, and a DP run end to end."""
+
+from __future__ import annotations
+
+import dp_accounting
+import numpy as np
+import pytest
+from dp_accounting import rdp
+from flower_helpers import InProcessGrid, run_config, saved_weights, write_config
+from flower_helpers import task_identity  # noqa: F401 (autouse fixture)
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+
+from dsl_fed.config import DpConfig, FederatedConfig
+from dsl_fed.federated.checkpoint import RunDirectory
+from dsl_fed.federated.clipping import clipping_mod
+from dsl_fed.federated.run_config import config_from_run_config
+from dsl_fed.federated.server_app import run_server, slice_names
+from dsl_fed.models import build_model
+from dsl_fed.privacy import RunPrivacy, describe, epsilon, rounds_within_budget
+
+
+@pytest.mark.parametrize("q", [1.0, 0.5])
+def test_epsilon_is_what_dp_accounting_returns_and_grows_with_rounds(q):
+    step = dp_accounting.GaussianDpEvent(0.8)
+    if q < 1:
+        step = dp_accounting.PoissonSampledDpEvent(q, step)
+    expected = rdp.RdpAccountant().compose(dp_accounting.SelfComposedDpEvent(step, 7)).get_epsilon(1e-5)
+    assert epsilon(0.8, q, 7, 1e-5) == expected
+    series = [epsilon(0.8, q, r, 1e-5) for r in range(1, 8)]
+    assert all(a < b for a, b in zip(series, series[1:]))
+    assert epsilon(0.8, q, 7, 1e-6) > epsilon(0.8, q, 7, 1e-5) > epsilon(1.6, q, 7, 1e-5)
+
+
+def test_no_noise_is_no_guarantee_and_the_budget_picks_the_last_round_within_it():
+    assert epsilon(0.0, 1.0, 3, 1e-5) is None and describe(None, 1e-5) == "no DP guarantee"
+    assert describe(3.21, 1e-5) == "ε 3.21 (δ 1e-05)"
+    target = (epsilon(1.0, 1.0, 4, 1e-5) + epsilon(1.0, 1.0, 5, 1e-5)) / 2
+    assert rounds_within_budget(1.0, 1.0, 1e-5, target, max_rounds=20) == 4
+    assert rounds_within_budget(1.0, 1.0, 1e-5, target, max_rounds=3) == 3
+    assert rounds_within_budget(1.0, 1.0, 1e-5, epsilon(1.0, 1.0, 1, 1e-5) / 2, max_rounds=3) == 0
+    fed = FederatedConfig(fraction_train=0.5, min_train_nodes=2, dp=DpConfig(mode="client", target_epsilon=target))
+    assert RunPrivacy.of(fed, 8).sampling_rate == 0.5 and RunPrivacy.of(fed, 3).sampling_rate == 2 / 3
+
+
+def message(arrays: dict[str, np.ndarray], **config) -> Message:
+    content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}), "config": ConfigRecord(config)})
+    return Message(content, dst_node_id=3, message_type=MessageType.TRAIN)
+
+
+def trained_reply(update: dict[str, np.ndarray]):
+    """A ClientApp that replies with only the slice, received + `update`, in its own order."""
+    def app(msg: Message, context: Context) -> Message:
+        received = msg.content["arrays"]
+        arrays = {n: Array(received[n].numpy() + u) for n, u in update.items()}
+        return Message(RecordDict({"arrays": ArrayRecord(arrays), "metrics": MetricRecord({"num-examples": 4})}),
+                       reply_to=msg)
+    return app
+
+
+FULL = {"stem": np.full(3, 7.0, np.float32), "head/kernel": np.zeros((2, 2), np.float32), "head/bias": np.ones(2, np.float32)}
+UPDATE = {"head/bias": np.array([6.0, 0.0], np.float32), "head/kernel": np.full((2, 2), 4.0, np.float32)}  # norm 10
+
+
+@pytest.mark.parametrize("clipping", ["fixed", "adaptive"])
+def test_client_clipping_mod_clips_the_slice_of_a_full_model_message(clipping):
+    ctx = Context(run_id=1, node_id=3, node_config={}, state=RecordDict(), run_config={})
+    msg = message(FULL, clipping_norm=2.0, **{"dp-clipping": clipping})
+    reply = clipping_mod(msg, ctx, trained_reply(UPDATE))
+    assert not reply.has_error()
+    arrays = reply.content["arrays"]
+    assert list(arrays.keys()) == ["head/bias", "head/kernel"]  # the app's slice and order, no padding left
+    update = np.concatenate([(arrays[n].numpy() - FULL[n]).ravel() for n in arrays.keys()])
+    assert np.linalg.norm(update) == pytest.approx(2.0, rel=1e-6)  # norm 10 clipped to 2, direction kept
+    np.testing.assert_allclose(arrays["head/bias"].numpy(), [1 + 6 * 0.2, 1.0], rtol=1e-6)
+    if clipping == "adaptive":
+        assert reply.content["metrics"]["norm_bit"] == 1
+
+
+def test_client_clipping_mod_leaves_small_updates_and_non_dp_messages_alone():
+    ctx = Context(run_id=1, node_id=3, node_config={}, state=RecordDict(), run_config={})
+    reply = clipping_mod(message(FULL, clipping_norm=20.0), ctx, trained_reply(UPDATE))
+    np.testing.assert_array_equal(reply.content["arrays"]["head/kernel"].numpy(), np.full((2, 2), 4.0))
+    reply = clipping_mod(message(FULL), ctx, trained_reply(UPDATE))  # no clipping norm: DP is off
+    np.testing.assert_array_equal(reply.content["arrays"]["head/bias"].numpy(), [7.0, 1.0])
+
+
+@pytest.mark.slow  # a 3-round federated run of the tiny model in-process: 10-40 s on 2 cores
+def test_client_dp_run_reports_epsilon_every_round_and_stops_within_the_budget(demo_manifest, tmp_path):
+    """Phase 1 for 1 round, phase 2 for 2; the budget allows 2 rounds, so round 2 (phase 2) is the last one."""
+    z = 0.8
+    target = (epsilon(z, 1.0, 2, 1e-5) + epsilon(z, 1.0, 3, 1e-5)) / 2
+    dp = {"mode": "client", "noise_multiplier": z, "clip_norm": 0.5, "target_epsilon": target}
+    rc = run_config(write_config(tmp_path, demo_manifest, federated={
+        "phase1_rounds": 1, "phase2_rounds": 2, "local_epochs": 1, "dp": dp}))
+    run_server(InProcessGrid(rc, 3), rc)
+    run = RunDirectory(config_from_run_config(rc).output.run_dir)
+    assert run.latest_round() == 2 and not run.round_dir(3).exists()
+    for k in (1, 2):
+        extra = run.manifest(k)["extra"]
+        assert extra["clients"]["aggregated"] == 3  # the clipping mod accepted the full-model round too
+        assert extra["privacy"]["epsilon"] == epsilon(z, 1.0, k, 1e-5) <= target
+        assert extra["privacy"]["last_round"] == 2 and extra["privacy"]["clip_norm"] == 0.5
+    rows = run.read_history()
+    assert [float(r["epsilon"]) for r in rows] == [epsilon(z, 1.0, k, 1e-5) for k in (1, 2)]
+    # round 2 clips and noises the whole phase-2 slice (head + unfrozen top layers) and nothing else
+    cfg = config_from_run_config(rc)
+    slices = slice_names(build_model(cfg, 3), cfg)
+    before, after = saved_weights(run.round_dir(1)), saved_weights(run.round_dir(2))
+    changed = {n for n in before if not np.array_equal(before[n], after[n])}
+    assert changed == set(slices[2]) and set(slices[2]) - set(slices[1]) and len(before) > len(changed)
