@@ -151,3 +151,24 @@ def test_unfrozen_batchnorm_keeps_its_statistics_so_the_slice_is_the_whole_updat
     train_local(loaded, chunks, None, cfg, 2, epochs=1, verbose=0)
     assert np.array_equal(loaded.get_layer("classifier").get_layer("backbone").get_layer("tiny_bn2").moving_mean.numpy(),
                           full["tiny_bn2/moving_mean"])
+
+
+@pytest.mark.slow  # a fresh Python process importing TensorFlow: ~5-10 s
+def test_thread_limits_take_effect_before_the_first_op_and_say_so_when_too_late():
+    """Run in a fresh process: TensorFlow fixes its thread pools at its first op (pytest's process ran many)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import tensorflow as tf\n"
+        "from dsl_fed.federated.client_app import limit_threads\n"
+        "assert limit_threads(1)\n"
+        "tf.linalg.matmul(tf.ones((64, 64)), tf.ones((64, 64)))\n"
+        "assert (tf.config.threading.get_intra_op_parallelism_threads(), "
+        "tf.config.threading.get_inter_op_parallelism_threads()) == (1, 1)\n"
+        "assert limit_threads(1) and not limit_threads(2)\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+    assert "the limit of 2 (federated.client_cpus) cannot apply" in out.stderr

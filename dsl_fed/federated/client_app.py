@@ -25,6 +25,7 @@ os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
 import contextlib  # noqa: E402
 import dataclasses  # noqa: E402
 import functools  # noqa: E402
+import logging  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Iterator, Mapping  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -266,13 +267,26 @@ def client_seed(seed: int, server_round: int, partition: int) -> int:
     return seed + 1000 * server_round + partition
 
 
-def limit_threads(cpus: float) -> None:
-    """Give TensorFlow as many threads as the node has CPUs (Ray runs several actors on the same cores)."""
+def limit_threads(cpus: float) -> bool:
+    """Give TensorFlow as many threads as the node has CPUs (Ray runs several actors on the same cores).
+
+    TensorFlow fixes its thread pools when it runs its first op, so this must happen before (the handlers call
+    it first thing; nothing at import time runs an op). Returns whether the limits are in effect; if an op ran
+    earlier with other limits they cannot change any more, which is logged rather than ignored.
+    """
     n = max(1, int(cpus))
     os.environ["OMP_NUM_THREADS"] = str(n)
-    with contextlib.suppress(RuntimeError):  # already set: TF's thread pools exist once an op has run
-        tf.config.threading.set_intra_op_parallelism_threads(n)
-        tf.config.threading.set_inter_op_parallelism_threads(n)
+    threading = tf.config.threading
+    with contextlib.suppress(RuntimeError):  # raised when TF's pools exist already with other sizes
+        threading.set_intra_op_parallelism_threads(n)
+        threading.set_inter_op_parallelism_threads(n)
+    applied = threading.get_intra_op_parallelism_threads() == n and threading.get_inter_op_parallelism_threads() == n
+    if not applied:
+        logging.getLogger(__name__).warning(
+            "TensorFlow already runs with %d intra-op / %d inter-op threads; the limit of %d (federated.client_cpus) "
+            "cannot apply in this process", threading.get_intra_op_parallelism_threads(),
+            threading.get_inter_op_parallelism_threads(), n)
+    return applied
 
 
 def _numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
