@@ -1,10 +1,11 @@
 """Poisoned clients vs aggregation strategies: final devel UAR per strategy x attack, table + PNG.
 
-    python -m simulations.poisoning [--rounds 5] [--attacks sign-flip,scale,noise,label-flip]
-        [--strategies fedavg,fedmedian,...] [--out benchmarks/results/poisoning.md]
+    python -m simulations.poisoning [--rounds 5] [--speakers 12] [--attacks sign-flip,scale,noise,label-flip]
+        [--strategies fedavg,fedmedian,...] [--out benchmarks/results/poisoning.md] [section.key=value ...]
 
-The quickstart recipe on a 12-speaker demo corpus (8 training speakers, one client each) run in-process
-(`simulations.inprocess`). Client 0 is the attacker; every other client trains honestly. With Δ its honest
+The quickstart recipe on a demo corpus with one client per training speaker (12 speakers: 8 clients), run
+in-process (`simulations.inprocess`): FedAvg without attacker, then every strategy with each attack. Client 0 is
+the attacker; every other client trains honestly. With Δ its honest
 slice update and g the global slice it received, the attacker sends:
 
 - ``sign-flip``: g − 10·Δ (the update reversed and boosted: an unboosted flip from 1 of 8 clients only slows a mean)
@@ -90,13 +91,13 @@ def attack_hook(attack: str | None, num_classes: int, seed: int = 0):
     return tamper_update(transforms[attack], seed)
 
 
-def demo_corpus(folder: Path) -> Path:
-    """The 12-speaker demo corpus (8 train / 2 devel / 2 test speakers), made once."""
+def demo_corpus(folder: Path, speakers: int) -> Path:
+    """A demo corpus of `speakers` speakers (about 60 % train, 20 % devel, 20 % test), made once."""
     manifest = folder / "manifest.csv"
     if not manifest.is_file():
         from dsl_fed.data.demo import make_demo_corpus
 
-        make_demo_corpus(folder, speakers=12, progress=False)
+        make_demo_corpus(folder, speakers=speakers, progress=False)
     return manifest
 
 
@@ -105,53 +106,55 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5, help="1 phase-1 round + the rest in phase 2")
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
     parser.add_argument("--attacks", default=",".join(ATTACKS))
-    parser.add_argument("--data", type=Path, default=REPO / "demo_data_12")
+    parser.add_argument("--speakers", type=int, default=12, help="demo corpus speakers (60 %% train = clients)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "poisoning.md")
+    parser.add_argument("overrides", nargs="*", help="further section.key=value settings")
     args = parser.parse_args(argv)
-    strategies, attacks = args.strategies.split(","), [None, *args.attacks.split(",")]
-    manifest = demo_corpus(args.data)
+    strategies, attacks = args.strategies.split(","), args.attacks.split(",")
+    manifest = demo_corpus(REPO / f"demo_data_{args.speakers}", args.speakers)
     base = [f"data.manifest={manifest}", "data.shards=0", "federated.phase1_rounds=1",
             f"federated.phase2_rounds={args.rounds - 1}", "federated.fraction_evaluate=0",
-            "federated.num_malicious=1", "federated.trim_fraction=0.2", "output.name=poisoning"]
+            "federated.num_malicious=1", "federated.trim_fraction=0.2", "output.name=poisoning", *args.overrides]
     results: dict[tuple[str, str], float] = {}
-    for strategy in strategies:
-        for attack in attacks:
-            label = attack or "none"
-            outcome = run(CONFIG, [*base, f"federated.strategy={strategy}"], attack_hook(attack, 3))
-            results[(strategy, label)] = outcome.devel_uar
-            print(f"{strategy:>14} | attack {label:>10} | devel UAR {outcome.devel_uar:.3f} | {outcome.seconds:.0f} s",
-                  flush=True)
-    write_results(args.out, strategies, ["none", *attacks[1:]], results, args.rounds)
+    for strategy, attack in [("fedavg", None), *((s, a) for s in strategies for a in attacks)]:
+        label = attack or "none"
+        outcome = run(CONFIG, [*base, f"federated.strategy={strategy}"], attack_hook(attack, 3))
+        results[(strategy, label)] = outcome.devel_uar
+        print(f"{strategy:>14} | attack {label:>10} | devel UAR {outcome.devel_uar:.3f} | {outcome.seconds:.0f} s",
+              flush=True)
+    write_results(args, strategies, ["none", *attacks], results)
     return 0
 
 
-def write_results(out: Path, strategies: list[str], attacks: list[str], results: dict[tuple[str, str], float],
-                  rounds: int) -> None:
+def write_results(args: argparse.Namespace, strategies: list[str], attacks: list[str],
+                  results: dict[tuple[str, str], float]) -> None:
     from dsl_fed.io import atomic_write
     from dsl_fed.report import save_figure
 
-    clean = results[("fedavg", "none")] if ("fedavg", "none") in results else None
+    clean = results[("fedavg", "none")]
+    command = " ".join(["python -m simulations.poisoning", f"--rounds {args.rounds}", f"--speakers {args.speakers}",
+                        f"--strategies {args.strategies}", f"--attacks {args.attacks}", *args.overrides])
     lines = [
         "# Poisoned clients vs aggregation strategies",
         "",
-        f"`python -m simulations.poisoning --rounds {rounds}`: quickstart recipe, 12-speaker demo corpus, 8 clients "
-        f"(one speaker each), client 0 attacks, {rounds} rounds (1 + {rounds - 1}); final devel UAR (2 held-out "
-        f"speakers). Machine: {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}.",
+        f"`{command}`: quickstart recipe, one client per training speaker, client 0 attacks, {args.rounds} rounds "
+        f"(1 + {args.rounds - 1}); final devel UAR (held-out speakers, 3 classes, chance 0.333). "
+        f"Machine: {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}.",
         "",
         "| strategy | " + " | ".join(attacks) + " |",
         "|---|" + "---:|" * len(attacks),
     ]
     for strategy in strategies:
-        lines.append(f"| {strategy} | " + " | ".join(f"{results[(strategy, a)]:.3f}" for a in attacks) + " |")
-    if clean is not None and "sign-flip" in attacks:
-        held = [s for s in strategies if abs(results[(s, "sign-flip")] - clean) <= 0.05]
-        fedavg_holds = "fedavg" in held
-        lines += ["", f"Clean FedAvg: {clean:.3f}. Within 5 points of it under sign-flip: "
-                  f"{', '.join(held) or 'none'}; FedAvg {'holds' if fedavg_holds else 'does not'} "
-                  f"({results[('fedavg', 'sign-flip')]:.3f})."]
+        cells = (f"{results[(strategy, a)]:.3f}" if (strategy, a) in results else "—" for a in attacks)
+        lines.append(f"| {strategy} | " + " | ".join(cells) + " |")
+    lines.append("")
+    for attack in attacks[1:]:
+        held = [s for s in strategies if abs(results[(s, attack)] - clean) <= 0.05]
+        fedavg = "" if "fedavg" in held else f"; FedAvg does not ({results[('fedavg', attack)]:.3f})"
+        lines.append(f"- {attack}: within 5 points of clean FedAvg ({clean:.3f}): {', '.join(held) or 'none'}{fedavg}.")
     lines += ["", "![final devel UAR per strategy and attack](poisoning.png)", ""]
-    atomic_write(out, "\n".join(lines))
-    save_figure(_figure(strategies, attacks, results), out.with_suffix(".png"))
+    atomic_write(args.out, "\n".join(lines))
+    save_figure(_figure(strategies, attacks, results), args.out.with_suffix(".png"))
     print("\n".join(lines))
 
 
@@ -163,7 +166,7 @@ def _figure(strategies: list[str], attacks: list[str], results: dict[tuple[str, 
     width = 0.8 / len(attacks)
     for i, attack in enumerate(attacks):
         xs = np.arange(len(strategies)) + (i - (len(attacks) - 1) / 2) * width
-        ax.bar(xs, [results[(s, attack)] for s in strategies], width, label=attack)
+        ax.bar(xs, [results.get((s, attack), np.nan) for s in strategies], width, label=attack)
     ax.axhline(1 / 3, color="grey", linestyle=":", linewidth=1, label="chance")
     ax.set_xticks(np.arange(len(strategies)), strategies)
     ax.set_ylabel("final devel UAR")
