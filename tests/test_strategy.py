@@ -370,3 +370,14 @@ def test_dp_mean_is_unweighted_and_fedadam_steps_on_the_noised_mean():
     run_round(adam, 1, [{"head/kernel": np.full((2, 2), 5.0), "head/bias": [5.0, 5.0]}] * 3)
     clipped = 5.0 / np.sqrt(6 * 25.0)  # each coordinate of the update clipped to norm 1 over 6 coordinates
     np.testing.assert_allclose(adam.m_t["head/bias"], [0.1 * clipped] * 2, rtol=1e-6)  # Adam saw the clipped mean
+
+
+def test_client_mode_rejects_unclipped_or_zero_updates():
+    s = dp_strategy("client", noise=0.0, clip=1.0)
+    clipped = {"head/kernel": np.full((2, 2), 0.1), "head/bias": [0.1, 0.1]}  # norm 0.245
+    unclipped = {"head/kernel": np.full((2, 2), 3.0), "head/bias": [0.1, 0.1]}
+    zero = {"head/kernel": np.zeros((2, 2)), "head/bias": [0.0, 0.0]}
+    full, _ = run_round(s, 1, [clipped, unclipped, zero])
+    assert full is None  # 1 valid < min_train_nodes = 2
+    assert any("above the clipping norm 1" in r for r in s.rounds[1].rejected)
+    assert any("exactly zero" in r for r in s.rounds[1].rejected)

@@ -349,8 +349,21 @@ class SliceAggregation:
         for key, value in _metrics(content).items():
             if not np.all(np.isfinite(np.asarray(value, dtype=float))):
                 return f"non-finite metric {key}={value}"
-        if self.dp is not None and all(np.array_equal(arrays[n].numpy(), self.model_arrays[n]) for n in names):
+        return self._check_dp_update(arrays, _metrics(content), names) if self.dp is not None else None
+
+    def _check_dp_update(self, arrays: ArrayRecord, metrics: MetricRecord, names: list[str]) -> str | None:
+        """What Flower's DP wrappers cannot take: a zero update (they divide by its norm), and in client mode
+        an update the node did not clip (the noise would not cover it) or, adaptive, without its clipped bit."""
+        norm = float(np.sqrt(sum(np.sum((arrays[n].numpy().astype(np.float64) - self.model_arrays[n]) ** 2)
+                                 for n in names)))
+        if norm == 0:
             return "the update is exactly zero (Flower's clipping divides by the update's norm)"
+        if self.dp.mode == "client":
+            bound = float(self._rule.clipping_norm)
+            if norm > bound * 1.01:  # 1 %: float16 transfer rounding
+                return f"update norm {norm:.4g} above the clipping norm {bound:.4g}: the node did not clip it"
+            if self.dp.clipping == "adaptive" and "norm_bit" not in metrics:
+                return "no norm_bit metric: the node did not run the adaptive clipping mod"
         return None
 
     @staticmethod
