@@ -280,13 +280,17 @@ def limit_threads(cpus: float) -> bool:
     with contextlib.suppress(RuntimeError):  # raised when TF's pools exist already with other sizes
         threading.set_intra_op_parallelism_threads(n)
         threading.set_inter_op_parallelism_threads(n)
-    applied = threading.get_intra_op_parallelism_threads() == n and threading.get_inter_op_parallelism_threads() == n
-    if not applied:
-        logging.getLogger(__name__).warning(
-            "TensorFlow already runs with %d intra-op / %d inter-op threads; the limit of %d (federated.client_cpus) "
-            "cannot apply in this process", threading.get_intra_op_parallelism_threads(),
-            threading.get_inter_op_parallelism_threads(), n)
-    return applied
+    current = (threading.get_intra_op_parallelism_threads(), threading.get_inter_op_parallelism_threads())
+    if current != (n, n):
+        _warn_threads_fixed(current, n)
+    return current == (n, n)
+
+
+@functools.cache  # once per process and setting: every later message would say the same
+def _warn_threads_fixed(current: tuple[int, int], n: int) -> None:
+    logging.getLogger(__name__).warning(
+        "TensorFlow already runs with %d intra-op / %d inter-op threads (0 = its default); the limit of %d "
+        "(federated.client_cpus) cannot apply in this process", *current, n)
 
 
 def _numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
