@@ -23,9 +23,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import multiprocessing
 import os
 import sys
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
@@ -106,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5, help="1 phase-1 round + the rest in phase 2")
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
     parser.add_argument("--attacks", default=",".join(ATTACKS))
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time (one process each)")
     parser.add_argument("--speakers", type=int, default=12, help="demo corpus speakers (60 %% train = clients)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "poisoning.md")
     parser.add_argument("overrides", nargs="*", help="further section.key=value settings")
@@ -115,15 +118,23 @@ def main(argv: list[str] | None = None) -> int:
     base = [f"data.manifest={manifest}", "data.shards=0", "federated.phase1_rounds=1",
             f"federated.phase2_rounds={args.rounds - 1}", "federated.fraction_evaluate=0",
             "federated.num_malicious=1", "federated.trim_fraction=0.2", "output.name=poisoning", *args.overrides]
-    results: dict[tuple[str, str], float] = {}
-    for strategy, attack in [("fedavg", None), *((s, a) for s in strategies for a in attacks)]:
-        label = attack or "none"
-        outcome = run(CONFIG, [*base, f"federated.strategy={strategy}"], attack_hook(attack, 3))
-        results[(strategy, label)] = outcome.devel_uar
-        print(f"{strategy:>14} | attack {label:>10} | devel UAR {outcome.devel_uar:.3f} | {outcome.seconds:.0f} s",
-              flush=True)
+    cells = [("fedavg", "none"), *((s, a) for s in strategies for a in attacks)]
+    # One process per run (TensorFlow state stays per run); `--jobs` of them at a time.
+    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(run_cell, strategy, attack, base): (strategy, attack) for strategy, attack in cells}
+        results = {}
+        for future in as_completed(futures):
+            (strategy, attack), (uar, seconds) = futures[future], future.result()
+            results[(strategy, attack)] = uar
+            print(f"{strategy:>14} | attack {attack:>10} | devel UAR {uar:.3f} | {seconds:.0f} s", flush=True)
     write_results(args, strategies, ["none", *attacks], results)
     return 0
+
+
+def run_cell(strategy: str, attack: str, base: list[str]) -> tuple[float, float]:
+    """One federated run: (final devel UAR, seconds)."""
+    outcome = run(CONFIG, [*base, f"federated.strategy={strategy}"], attack_hook(None if attack == "none" else attack, 3))
+    return outcome.devel_uar, outcome.seconds
 
 
 def write_results(args: argparse.Namespace, strategies: list[str], attacks: list[str],
