@@ -1,6 +1,6 @@
 """Privacy/utility curve: final devel UAR vs epsilon for a few noise multipliers, on the demo corpus.
 
-    python benchmarks/privacy.py [--rounds 5] [--noise 0.01,0.03,0.1,0.3,1] [--clip-norm 1.0]
+    python benchmarks/privacy.py [--rounds 5] [--noise 0.01,0.03,0.1,0.3,1] [--clip-norm 1.0] [section.key=value ...]
 
 The quickstart recipe (3 clients of 2 speakers, 10-speaker demo corpus) with ``federated.dp.mode=client``
 and fixed clipping, trained in-process (`simulations.inprocess`: the project's ClientApp with its clipping mod
@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clip-norm", type=float, default=1.0)
     parser.add_argument("--data", type=Path, default=REPO / "demo_data")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "privacy.md")
+    parser.add_argument("overrides", nargs="*", help="further section.key=value settings")
     args = parser.parse_args(argv)
     manifest = args.data / "manifest.csv"
     if not manifest.is_file():
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
 
         make_demo_corpus(args.data, progress=False)
     base = [f"data.manifest={manifest}", "federated.phase1_rounds=1", f"federated.phase2_rounds={args.rounds - 1}",
-            "federated.fraction_evaluate=0", "output.name=privacy"]
+            "federated.fraction_evaluate=0", "output.name=privacy", *args.overrides]
     baseline = run(CONFIG, base)
     print(f"no DP: devel UAR {baseline.devel_uar:.3f} ({baseline.seconds:.0f} s)", flush=True)
     rows = []
@@ -61,7 +62,8 @@ def write_results(args: argparse.Namespace, baseline: float, rows: list[tuple[fl
     lines = [
         "# Privacy/utility: devel UAR vs epsilon",
         "",
-        f"`python benchmarks/privacy.py --rounds {args.rounds} --clip-norm {args.clip_norm:g}`: quickstart recipe, "
+        f"`python benchmarks/privacy.py --rounds {args.rounds} --noise {args.noise} --clip-norm {args.clip_norm:g} "
+        f"{' '.join(args.overrides)}`: quickstart recipe, "
         f"10-speaker demo corpus, 3 clients of 2 speakers (all sampled every round), client-side fixed clipping at "
         f"{args.clip_norm:g}, {args.rounds} rounds; epsilon at delta 1e-5 (RDP accountant), final devel UAR "
         f"(2 held-out speakers, 3 classes, chance 0.333). Machine: {os.cpu_count()} CPUs, "
