@@ -14,13 +14,17 @@ REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text()
 
 
-def config_keys(cls=Config, section=""):
-    """(section, key) for every config key; nested sections such as federated.dp are sections of their own."""
+def config_fields(cls=Config, section=""):
+    """(section, field) for every config key; nested sections such as federated.dp are sections of their own."""
     for f in dataclasses.fields(cls):
         if dataclasses.is_dataclass(f.default_factory):
-            yield from config_keys(f.default_factory, f"{section}.{f.name}" if section else f.name)
+            yield from config_fields(f.default_factory, f"{section}.{f.name}" if section else f.name)
         else:
-            yield section, f.name
+            yield section, f
+
+
+def config_keys():
+    return [(section, f.name) for section, f in config_fields()]
 
 
 @pytest.mark.parametrize("section, key", list(config_keys()), ids=lambda v: v)
@@ -31,13 +35,12 @@ def test_every_config_key_is_in_the_reference_table(section, key):
 
 def test_reference_table_defaults_are_the_real_defaults():
     """The table's default column: ``| `section.a` / `b` | 1 / 2 | ...`` must equal the dataclasses' defaults."""
-    defaults = {f"{section.name}.{key.name}": key.default for section in dataclasses.fields(Config)
-                for key in dataclasses.fields(section.default_factory)}
-    rows = [line.split("|") for line in README.splitlines() if re.match(r"\| `\w+\.\w+`", line)]
+    defaults = {f"{section}.{f.name}": f.default for section, f in config_fields()}
+    rows = [line.split("|") for line in README.splitlines() if re.match(r"\| `\w+(?:\.\w+)+`", line)]
     checked = 0
     for cells in rows:
-        keys = re.findall(r"`(\w+(?:\.\w+)?)`", cells[1])
-        section = keys[0].split(".")[0]
+        keys = re.findall(r"`(\w+(?:\.\w+)*)`", cells[1])
+        section = keys[0].rsplit(".", 1)[0]
         names = [keys[0]] + [f"{section}.{key}" for key in keys[1:]]
         written = [value.strip() for value in cells[2].split(" / ")]
         assert len(written) == len(names), cells[1]
