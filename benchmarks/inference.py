@@ -1,20 +1,24 @@
-"""Inference benchmark: the paper's Table 4 on this machine, plus what quantisation costs in UAR.
+"""Inference benchmark: the paper's Table 4 on this machine, and what quantisation costs on a trained network.
 
-Run:  python benchmarks/inference.py [--quick] [--threads 2] [--runs 50] [--repeats 3]
-Writes benchmarks/results/inference.md (and prints it).
+Run:  python benchmarks/inference.py [--part latency|accuracy|both] [--quick] [--threads 2] [--runs 50]
+Writes benchmarks/results/inference_latency.md and/or inference_accuracy.md, and prints them.
 
-Part 1 - DenseNet121 (224x224, random weights: speed does not depend on the values), raw 3 s / 16 kHz audio in,
-SpectrogramImage inside: parameters, FLOPs, file size, mean/median latency at batch 1 and peak memory of the
-preprocessing alone, the Keras model and its TFLite fp32 / fp16 / dynamic / int8 exports (`dsl_fed.stats`),
-plus each export's agreement with Keras on demo-corpus chunks (`dsl_fed.export.verify_tflite`).
-Targets (2 cores): TFLite fp32 <= 30 ms per 3 s chunk and <= 0.5x Keras; int8 <= 12 ms, <= 8.5 MB.
+Latency - DenseNet121 (224x224, random weights: speed does not depend on the values), raw 3 s / 16 kHz audio in,
+SpectrogramImage inside: parameters (TFLite rows: counted in the file), FLOPs, file size, mean/median latency
+at batch 1 and peak memory of the preprocessing alone, the Keras model and its TFLite fp32 / fp16 / dynamic /
+int8 exports (`dsl_fed.stats`), and which operators of each export XNNPACK (LiteRT's CPU delegate) leaves to
+the built-in kernels. Targets (2 cores): TFLite fp32 <= 30 ms per 3 s chunk and <= 0.5x Keras; int8 <= 12 ms,
+<= 8.5 MB and <= 0.6x fp32. The CPU's vector extensions are printed next to the numbers: int8 speed depends on
+them (see the notes the script writes).
 
-Part 2 - a tiny CNN trained on the demo corpus (the `tiny_config` test settings): clip-level test UAR of the
-Keras model and of every TFLite precision. Target: int8 UAR drop <= 1 point.
+Accuracy - DenseNet121 trained from scratch (no pretrained weights offline) on the demo corpus at 64x64 px:
+clip-level test UAR of the Keras model and of every TFLite precision, top-1 agreement and the largest
+probability difference per chunk. Target: int8 UAR drop <= 1 point.
 
-`--quick` uses a smaller demo corpus, 10 timed runs and one repeat (a smoke test, ~4 min); the full run takes
-~12 min on 2 cores. Timings are wall-clock on a possibly shared machine: every row is measured in `--repeats`
-interleaved rounds and the round with the lowest median is kept; the header records the load average.
+`--quick` uses a smaller corpus, fewer epochs and 10 timed runs (a smoke test). Timings are wall-clock on a
+possibly shared machine: every row is measured in `--repeats` interleaved rounds and the round with the lowest
+median is kept; the header records the load average. `--keep DIR` keeps the trained model and exports there
+(a second run reuses the trained model).
 """
 
 from __future__ import annotations
@@ -24,41 +28,55 @@ import os
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from dsl_fed.stats import QUANT_LABELS as LABELS  # noqa: E402 - after the log level is set
+from dsl_fed.export import QUANTIZATIONS as PRECISIONS  # noqa: E402 - after the log level is set
 
-RESULTS = Path(__file__).resolve().parent / "results" / "inference.md"
-PRECISIONS = tuple(LABELS)
+RESULTS = Path(__file__).resolve().parent / "results"
+TRAINED_SETTINGS = {  # DenseNet121 from scratch at 64 px: 1-3 min per epoch on 2 shared cores
+    "data": {"chunk_seconds": 1.0, "hop_seconds": 0.5},
+    "spectrogram": {"image_size": 64, "n_mels": 64},
+    "model": {"backbone": "densenet121", "weights": None, "units": 64, "dropout": 0.25},
+    "training": {"optimizer": "adam", "learning_rate": 0.001, "phase2_lr_factor": 1.0, "batch_size": 32,
+                 "phase1_epochs": 1, "phase2_epochs": 8, "unfrozen_layers": "all"},
+}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small corpus, 10 timed runs")
+    parser.add_argument("--part", choices=["latency", "accuracy", "both"], default="both")
+    parser.add_argument("--quick", action="store_true", help="small corpus, few epochs, 10 timed runs")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=None, help="timed runs per row (default 50, --quick 10)")
     parser.add_argument("--repeats", type=int, default=None, help="interleaved rounds, best kept (default 3, --quick 1)")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--keep", type=Path, default=None, help="keep (and reuse) the trained model and exports here")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for inference_<part>.md")
     args = parser.parse_args()
     runs = args.runs or (10 if args.quick else 50)
     repeats = args.repeats or (1 if args.quick else 3)
-    started = time.time()
-    with tempfile.TemporaryDirectory(prefix="dsl_fed_bench_") as tmp:
-        work = Path(tmp)
-        speakers, clips = (8, 3) if args.quick else (10, 6)
-        from dsl_fed.data.demo import make_demo_corpus
-
-        manifest_csv = make_demo_corpus(work / "demo", speakers=speakers, clips=clips, seed=0, progress=False)
-        densenet = benchmark_densenet(manifest_csv, work, args.threads, runs, repeats)
-        tiny = benchmark_tiny(manifest_csv, work, args.threads)
-    report = render(densenet, tiny, args, runs, repeats, speakers, clips, time.time() - started)
+    from dsl_fed.data.demo import make_demo_corpus
     from dsl_fed.io import atomic_write
 
-    atomic_write(args.out, report)
-    print(report)
-    print(f"written to {args.out}", file=sys.stderr)
+    with tempfile.TemporaryDirectory(prefix="dsl_fed_bench_") as tmp:
+        work = args.keep or Path(tmp)
+        speakers, clips = (8, 3) if args.quick else (10, 6)
+        manifest_csv = work / "demo" / "manifest.csv"
+        if not manifest_csv.is_file():
+            manifest_csv = make_demo_corpus(work / "demo", speakers=speakers, clips=clips, seed=0, progress=False)
+        for part in ("latency", "accuracy") if args.part == "both" else (args.part,):
+            started = time.time()
+            if part == "latency":
+                section = render_latency(benchmark_latency(manifest_csv, work, args.threads, runs, repeats),
+                                         args.threads, runs, repeats)
+            else:
+                section = render_accuracy(benchmark_accuracy(manifest_csv, work, args.threads, args.quick))
+            report = render(part, section, args, runs, repeats, time.time() - started)
+            target = atomic_write(args.out / f"inference_{part}.md", report)
+            print(report)
+            print(f"written to {target}", file=sys.stderr)
     return 0
 
 
@@ -66,14 +84,49 @@ def log(text: str) -> None:
     print(f"[inference] {text}", file=sys.stderr, flush=True)
 
 
-def benchmark_densenet(manifest_csv: Path, work: Path, threads: int, runs: int, repeats: int) -> dict:
-    """Table 4 rows for DenseNet121 with raw-audio input, plus each export's parity with Keras."""
+def delegation(path: Path, threads: int) -> dict:
+    """How LiteRT's default XNNPACK delegate splits a model: partitions, and the ops it leaves to built-ins.
+
+    LiteRT has no public call for this, so it is read from the interpreter's node list after delegation: each
+    DELEGATE node stands for one XNNPACK partition; walking back from its outputs to its inputs finds the
+    original nodes it replaced. Every other node runs as a LiteRT built-in kernel.
+    """
+    import numpy as np
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=str(path), num_threads=threads)
+    interpreter.allocate_tensors()
+    nodes = interpreter._get_ops_details()  # noqa: SLF001 - the only view of the delegated graph
+    dtypes = {t["index"]: np.dtype(t["dtype"]).name for t in interpreter.get_tensor_details()}
+    producer = {int(t): n["index"] for n in nodes if n["op_name"] != "DELEGATE" for t in n["outputs"]}
+    delegated: set[int] = set()
+    partitions = [n for n in nodes if n["op_name"] == "DELEGATE"]
+    for partition in partitions:
+        stop, todo = {int(t) for t in partition["inputs"]}, [int(t) for t in partition["outputs"]]
+        while todo:
+            tensor = todo.pop()
+            if tensor in stop or tensor not in producer or producer[tensor] in delegated:
+                continue
+            delegated.add(producer[tensor])
+            todo.extend(int(t) for t in nodes[producer[tensor]]["inputs"] if t >= 0)
+
+    def describe(node: dict) -> str:
+        return f"{node['op_name']} ({dtypes[int(node['outputs'][0])]})"
+
+    left = Counter(describe(n) for n in nodes if n["op_name"] != "DELEGATE" and n["index"] not in delegated)
+    return {"partitions": len(partitions), "delegated": len(delegated), "left": dict(sorted(left.items()))}
+
+
+# ------------------------------------------------------------------------------------------------ latency
+
+
+def benchmark_latency(manifest_csv: Path, work: Path, threads: int, runs: int, repeats: int) -> dict:
+    """Table 4 rows for DenseNet121 with raw-audio input, and how XNNPACK takes each export."""
     from dsl_fed.config import from_dict
     from dsl_fed.data.manifest import read_manifest
     from dsl_fed.data.pipeline import load_chunks
-    from dsl_fed.export import verify_tflite
     from dsl_fed.models import build_model
-    from dsl_fed.stats import model_stats
+    from dsl_fed.stats import QUANT_LABELS, model_stats
 
     cfg = from_dict({
         "data": {"manifest": str(manifest_csv), "chunk_seconds": 3.0, "hop_seconds": 1.5},
@@ -81,141 +134,169 @@ def benchmark_densenet(manifest_csv: Path, work: Path, threads: int, runs: int, 
         "model": {"backbone": "densenet121", "weights": None, "units": 512},
     })
     manifest = read_manifest(manifest_csv)
-    log("DenseNet121: building and saving")
+    log("latency: building DenseNet121 224x224")
     model = build_model(cfg, len(manifest.classes))
-    model_path = work / "densenet121" / "model.keras"
-    model_path.parent.mkdir(parents=True)
+    model_path = work / "densenet121_224" / "model.keras"
+    model_path.parent.mkdir(parents=True, exist_ok=True)
     model.save(model_path)
     train = load_chunks(manifest.partition("train"), cfg.data, manifest.classes, progress=False)
-    test = load_chunks(manifest.partition("test"), cfg.data, manifest.classes, progress=False)
-    log(f"DenseNet121: exports and measurements ({runs} runs, {threads} threads)")
-    rows = model_stats(model_path, cfg, manifest.classes, threads=threads, runs=runs, repeats=repeats, representative=train,
-                       work_dir=work / "densenet121" / "exports")
-    samples = test.waveforms[:: max(1, len(test) // 32)][:32]
-    parity = {}
-    for quant in PRECISIONS:
-        path = work / "densenet121" / "exports" / LABELS[quant] / "model.tflite"
-        parity[quant] = verify_tflite(model, path, samples, threads=threads)
-    return {"rows": rows, "parity": parity, "params": model.count_params()}
+    log(f"latency: exports and measurements ({runs} runs, {threads} threads)")
+    exports = work / "densenet121_224" / "exports"
+    rows = model_stats(model_path, cfg, manifest.classes, threads=threads, runs=runs, repeats=repeats,
+                       representative=train, work_dir=exports)
+    split = {quant: delegation(exports / QUANT_LABELS[quant] / "model.tflite", threads) for quant in PRECISIONS}
+    return {"rows": rows, "delegation": split}
 
 
-def benchmark_tiny(manifest_csv: Path, work: Path, threads: int) -> dict:
-    """Clip-level test UAR of a trained tiny model: Keras vs every TFLite precision."""
+def render_latency(result: dict, threads: int, runs: int, repeats: int) -> str:
+    from dsl_fed.stats import QUANT_LABELS, cpu_vector_extensions, stats_table
+
+    rows = {r.name: r for r in result["rows"]}
+    keras, predict = rows["Keras model"], rows["Keras model.predict"]
+    fp32, int8 = rows["TFLite fp32"], rows["TFLite int8"]
+    targets = [
+        ("TFLite fp32 latency per 3 s chunk", "≤ 30 ms", f"{fp32.median_ms:.1f} ms", fp32.median_ms <= 30),
+        ("TFLite fp32 / Keras (compiled call)", "≤ 0.5", f"{fp32.median_ms / keras.median_ms:.2f}",
+         fp32.median_ms <= 0.5 * keras.median_ms),
+        ("TFLite fp32 / Keras (model.predict)", "≤ 0.5", f"{fp32.median_ms / predict.median_ms:.2f}",
+         fp32.median_ms <= 0.5 * predict.median_ms),
+        ("TFLite int8 latency", "≤ 12 ms", f"{int8.median_ms:.1f} ms", int8.median_ms <= 12),
+        ("TFLite int8 / fp32 latency", "≤ 0.6", f"{int8.median_ms / fp32.median_ms:.2f}",
+         int8.median_ms <= 0.6 * fp32.median_ms),
+        ("TFLite int8 file size", "≤ 8.5 MB", f"{int8.file_bytes / 1e6:.2f} MB", int8.file_bytes <= 8.5e6),
+    ]
+    lines = [
+        "## Latency: DenseNet121, 224×224, raw 3 s audio in (random weights)",
+        "",
+        stats_table(result["rows"], threads, runs, title="DenseNet121 + SpectrogramImage", repeats=repeats).strip(),
+        "",
+        "How LiteRT's XNNPACK delegate takes each export (nodes it replaced, partitions, and the nodes left to "
+        "LiteRT's built-in kernels, with their output type):",
+        "",
+        "| export | nodes in XNNPACK | partitions | left to built-in kernels |",
+        "|---|---:|---:|---|",
+    ]
+    for quant, split in result["delegation"].items():
+        left = ", ".join(f"{n}× {op}" for op, n in split["left"].items()) or "none"
+        lines.append(f"| TFLite {QUANT_LABELS[quant]} | {split['delegated']} | {split['partitions']} | {left} |")
+    lines += ["", "| target | goal | measured (median) | met |", "|---|---|---|---|"]
+    lines += [f"| {name} | {goal} | {value} | {'yes' if ok else '**no**'} |" for name, goal, value, ok in targets]
+    lines += ["", int8_kernel_note(cpu_vector_extensions(), int8.median_ms / fp32.median_ms)]
+    return "\n".join(lines)
+
+
+def int8_kernel_note(extensions: list[str], ratio: float) -> str:
+    """Which XNNPACK int8 GEMM kernels this CPU gets, and what that implies next to the measured ratio.
+
+    Kernel choice as in XNNPACK's ``src/configs/gemm-config.c`` (``init_qs8_qc8w_gemm_config``): AVX-512 VNNI
+    -> ``7x16c8__avx512vnni`` (``vpdpbusd``: 64 int8 multiply-adds per instruction, 4x an fp32 FMA on the same
+    width); AVX-VNNI -> ``5x8c8__avxvnni``; AVX2 alone -> ``3x8c8__avx2``, which sign-extends int8 to int16 and
+    uses ``vpmaddwd``: 16 multiply-adds per instruction, the same as an 8-wide fp32 FMA, plus the widening.
+    """
+    measured = f"Measured here: int8 / fp32 = {ratio:.2f}."
+    if "avx512_vnni" in extensions or "avx_vnni" in extensions:
+        return (f"{measured} This CPU has VNNI, so XNNPACK runs int8 convolutions with `vpdpbusd` kernels (4× the "
+                "int8 multiply-adds per instruction of an fp32 FMA of the same width).")
+    if "avx2" in extensions:
+        return (f"{measured} This CPU has AVX2 without VNNI: XNNPACK's int8 kernels (`3x8c8__avx2`) widen int8 "
+                "to int16 and multiply with `vpmaddwd`, 16 multiply-adds per instruction like an 8-wide fp32 FMA, "
+                "plus the widening, so int8 cannot be much faster than fp32 here; its gains are size and memory.")
+    return f"{measured} No AVX2 reported: XNNPACK falls back to SSE kernels."
+
+
+# ----------------------------------------------------------------------------------------------- accuracy
+
+
+def benchmark_accuracy(manifest_csv: Path, work: Path, threads: int, quick: bool) -> dict:
+    """Clip-level test UAR of a trained DenseNet121 (64 px): Keras vs every TFLite precision."""
     from dsl_fed.config import from_dict
     from dsl_fed.data.manifest import read_manifest
     from dsl_fed.data.pipeline import load_chunks
     from dsl_fed.export import export_tflite, verify_tflite
     from dsl_fed.litert import TFLiteRunner
     from dsl_fed.metrics import uar
-    from dsl_fed.models import build_model
+    from dsl_fed.models import build_model, load_model
     from dsl_fed.predict import average_by_clip, predict_clips
+    from dsl_fed.stats import QUANT_LABELS
     from dsl_fed.train import train_local
 
-    cfg = from_dict({
-        "data": {"manifest": str(manifest_csv), "chunk_seconds": 1.0, "hop_seconds": 0.25},
-        "spectrogram": {"image_size": 32, "n_mels": 32},
-        "model": {"backbone": "tiny", "weights": None, "units": 32, "dropout": 0.1},
-        "training": {"optimizer": "adam", "learning_rate": 0.003, "phase2_lr_factor": 1.0, "batch_size": 16,
-                     "phase1_epochs": 1, "phase2_epochs": 15, "unfrozen_layers": 6},
-    })
+    settings = {**TRAINED_SETTINGS, "data": {**TRAINED_SETTINGS["data"], "manifest": str(manifest_csv)}}
+    if quick:
+        settings["training"] = {**settings["training"], "phase2_epochs": 2}
+    cfg = from_dict(settings)
     manifest = read_manifest(manifest_csv)
-    train = load_chunks(manifest.partition("train"), cfg.data, manifest.classes, progress=False)
-    test = load_chunks(manifest.partition("test"), cfg.data, manifest.classes, progress=False)
-    log(f"tiny: training on {len(train)} chunks")
-    model = build_model(cfg, len(manifest.classes))
-    train_local(model, train, None, cfg, phase=1, verbose=0)
-    train_local(model, train, None, cfg, phase=2, verbose=0)
+    train, devel, test = (load_chunks(manifest.partition(p), cfg.data, manifest.classes, progress=False)
+                          for p in ("train", "devel", "test"))
+    model_path = work / "densenet121_64" / "model.keras"
+    if model_path.is_file():
+        log(f"accuracy: reusing {model_path}")
+        model = load_model(model_path)
+    else:
+        log(f"accuracy: training DenseNet121 64 px from scratch on {len(train)} chunks")
+        model = build_model(cfg, len(manifest.classes))
+        train_local(model, train, None, cfg, phase=1, verbose=0)
+        train_local(model, train, devel, cfg, phase=2, verbose=2)
+        model_path.parent.mkdir(parents=True, exist_ok=True)
+        model.save(model_path)
     _, probs, labels, _ = predict_clips(model, test)
-    results = {"keras": {"uar": uar(labels, probs.argmax(axis=1)), "size": None}}
+    results = {"Keras": {"uar": uar(labels, probs.argmax(axis=1)), "size": None}}
     for quant in PRECISIONS:
-        path = export_tflite(model, work / "tiny" / LABELS[quant] / "model.tflite", quant,
+        log(f"accuracy: TFLite {QUANT_LABELS[quant]}")
+        path = export_tflite(model, work / "densenet121_64" / QUANT_LABELS[quant] / "model.tflite", quant,
                              representative=train if quant == "int8" else None, classes=manifest.classes, cfg=cfg)
         chunk_probs = TFLiteRunner(path, threads=threads).predict(test.waveforms)
         _, clip_probs, clip_labels, _ = average_by_clip(chunk_probs, test)
-        check = verify_tflite(model, path, test)
-        results[quant] = {
-            "uar": uar(clip_labels, clip_probs.argmax(axis=1)),
-            "size": path.stat().st_size,
-            "agreement": check["top1_agreement"],
-            "max_abs_diff": check["max_abs_diff"],
+        check = verify_tflite(model, path, test, threads=threads)
+        results[f"TFLite {QUANT_LABELS[quant]}"] = {
+            "uar": uar(clip_labels, clip_probs.argmax(axis=1)), "size": path.stat().st_size,
+            "agreement": check["top1_agreement"], "max_abs_diff": check["max_abs_diff"],
         }
-    results["clips"] = int(len(labels))
-    results["chunks"] = int(len(test))
-    results["params"] = model.count_params()
-    return results
+    return {"results": results, "clips": int(len(labels)), "chunks": int(len(test)), "train_chunks": len(train),
+            "params": int(model.count_params()), "epochs": cfg.training.phase2_epochs}
 
 
-def render(densenet: dict, tiny: dict, args: argparse.Namespace, runs: int, repeats: int, speakers: int, clips: int,
-           seconds: float) -> str:
-    from dsl_fed.stats import stats_table
-
-    rows = {r.name: r for r in densenet["rows"]}
-    keras, predict = rows["Keras model"], rows["Keras model.predict"]
-    fp32, int8 = rows["TFLite fp32"], rows["TFLite int8"]
-    drop = 100 * (tiny["keras"]["uar"] - tiny["int8"]["uar"])
-    targets = [
-        ("TFLite fp32 latency per 3 s chunk", "≤ 30 ms", f"{fp32.mean_ms:.1f} ms (median {fp32.median_ms:.1f})",
-         fp32.mean_ms <= 30),
-        ("TFLite fp32 / Keras latency (compiled call)", "≤ 0.5", f"{fp32.mean_ms / keras.mean_ms:.2f}",
-         fp32.mean_ms <= 0.5 * keras.mean_ms),
-        ("TFLite fp32 / Keras latency (model.predict)", "≤ 0.5", f"{fp32.mean_ms / predict.mean_ms:.2f}",
-         fp32.mean_ms <= 0.5 * predict.mean_ms),
-        ("TFLite int8 latency", "≤ 12 ms", f"{int8.mean_ms:.1f} ms (median {int8.median_ms:.1f})", int8.mean_ms <= 12),
-        ("TFLite int8 file size", "≤ 8.5 MB", f"{int8.file_bytes / 1e6:.2f} MB", int8.file_bytes <= 8.5e6),
-        ("int8 UAR drop (tiny model, demo test)", "≤ 1 point", f"{drop:+.1f} points", drop <= 1.0),
-    ]
-    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+def render_accuracy(result: dict) -> str:
+    r = result["results"]
+    keras_uar = r["Keras"]["uar"]
+    drop = 100 * (keras_uar - r["TFLite int8"]["uar"])
     lines = [
-        "# Inference benchmark (Table 4 analogue)",
+        "## Accuracy: DenseNet121 trained from scratch on the demo corpus (64×64 px, 1 s chunks)",
         "",
-        f"Command: `python benchmarks/inference.py{' --quick' if args.quick else ''} --threads {args.threads}"
-        f"{'' if args.runs is None else f' --runs {args.runs}'}"
-        f"{'' if args.repeats is None else f' --repeats {args.repeats}'}` · "
-        f"{runs} timed runs per row, best of {repeats} interleaved repeats · "
-        f"load average at the end {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (other jobs share the CPU) · "
-        f"total {seconds / 60:.1f} min",
-        "",
-        "## DenseNet121, 224×224, raw 3 s audio in (random weights)",
-        "",
-        stats_table(densenet["rows"], args.threads, runs, title="DenseNet121 + SpectrogramImage", repeats=repeats).strip(),
-        "",
-        "Agreement of each export with the Keras model on demo-corpus test chunks (random weights, so the",
-        "probabilities are close to uniform — the hardest case for top-1 agreement):",
-        "",
-        "| export | max abs prob diff | top-1 agreement |",
-        "|---|---:|---:|",
-    ]
-    for quant, check in densenet["parity"].items():
-        lines.append(f"| TFLite {LABELS[quant]} | {check['max_abs_diff']:.2e} | {100 * check['top1_agreement']:.1f} % |")
-    lines += [
-        "",
-        f"## Trained tiny CNN on the demo corpus ({speakers} speakers × 3 classes × {clips} clips; "
-        f"test: {tiny['clips']} clips / {tiny['chunks']} chunks)",
+        f"{result['params'] / 1e6:.2f} M parameters, phase 1 (head) 1 epoch + phase 2 (everything) "
+        f"{result['epochs']} epochs on {result['train_chunks']} training chunks, best devel epoch kept; "
+        f"test: {result['clips']} clips / {result['chunks']} chunks.",
         "",
         "| model | file size | clip UAR (test) | Δ UAR vs Keras [points] | top-1 agreement (chunks) | max abs prob diff |",
         "|---|---:|---:|---:|---:|---:|",
-        f"| Keras | – | {tiny['keras']['uar']:.3f} | – | – | – |",
+        f"| Keras | – | {keras_uar:.3f} | – | – | – |",
     ]
-    for quant in PRECISIONS:
-        r = tiny[quant]
-        lines.append(
-            f"| TFLite {LABELS[quant]} | {r['size'] / 1e3:.1f} kB | {r['uar']:.3f} | "
-            f"{100 * (r['uar'] - tiny['keras']['uar']):+.1f} | {100 * r['agreement']:.1f} % | {r['max_abs_diff']:.2e} |"
-        )
-    lines += [
+    for name, row in r.items():
+        if name == "Keras":
+            continue
+        lines.append(f"| {name} | {row['size'] / 1e6:.2f} MB | {row['uar']:.3f} | {100 * (row['uar'] - keras_uar):+.1f} | "
+                     f"{100 * row['agreement']:.1f} % | {row['max_abs_diff']:.2e} |")
+    lines += ["", "| target | goal | measured | met |", "|---|---|---|---|",
+              f"| int8 UAR drop (trained DenseNet121, demo test) | ≤ 1 point | {drop:+.1f} points | "
+              f"{'yes' if drop <= 1.0 else '**no**'} |"]
+    return "\n".join(lines)
+
+
+def render(part: str, section: str, args: argparse.Namespace, runs: int, repeats: int, seconds: float) -> str:
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    command = f"python benchmarks/inference.py --part {part}{' --quick' if args.quick else ''} --threads {args.threads}"
+    timing = f"{runs} timed runs per row, best of {repeats} interleaved repeats · " if part == "latency" else ""
+    return "\n".join([
+        f"# Inference benchmark: {part}",
         "",
-        "## Targets",
+        f"Command: `{command}` · {timing}load average at the end {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} "
+        f"(other jobs share the CPU) · {seconds / 60:.1f} min",
         "",
-        "| target | goal | measured | met |",
-        "|---|---|---|---|",
-        *[f"| {name} | {goal} | {value} | {'yes' if ok else '**no**'} |" for name, goal, value, ok in targets],
+        section,
         "",
-        "Notes: the int8 export keeps the spectrogram front end in float32 (its dB range does not fit int8) with its",
-        "DFT and Mel constants stored as float16; the classifier is full-integer. The dynamic export gives the front",
-        "end its float weights back (the converter's hybrid kernels would quantise the waveform and the power",
-        "spectrum to int8). Peak memory is measured in a fresh process per row (see `dsl_fed/stats.py`).",
-    ]
-    return "\n".join(lines) + "\n"
+        "The int8 export keeps the spectrogram front end in float32 (its dB range does not fit int8) with its DFT and",
+        "Mel constants stored as float16; the classifier is full-integer. The dynamic export keeps the front end's",
+        "float weights. Peak memory is measured in a fresh process per row (see `dsl_fed/stats.py`).",
+    ]) + "\n"
 
 
 if __name__ == "__main__":
