@@ -52,6 +52,8 @@ def test_every_round_is_published_with_manifest_tflite_and_history(full_run):
         assert (extra["round"], extra["phase"], extra["num_rounds"]) == (k, phase, 3)
         devel = extra["devel"]
         assert 0 <= devel["ci"][0] <= devel["uar"] <= devel["ci"][1] <= 1 and devel["per_speaker"]
+        spread = devel["speaker_spread"]  # fairness in every round manifest
+        assert spread["min"] == min(devel["per_speaker"].values()) and spread["speakers"] == len(devel["per_speaker"])
         assert extra["clients"]["aggregated"] == 3 and extra["bytes_up"] > 0
     # after round 1 only the slice travels: 3 train messages down, 3 replies up (phase 1 = head); no evaluate
     # messages, because no training speaker of the demo corpus has held-out clips
