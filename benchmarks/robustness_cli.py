@@ -235,21 +235,27 @@ def _locked_run(ws: Workspace) -> list[str]:
 
 
 def _trained_model(ws: Workspace) -> Path:
-    """A tiny model trained for one epoch by the real CLI (what evaluate/export/predict cases start from)."""
-    cfg = ws.config("train.yaml", training={"phase2_epochs": 0}, output={"name": "trained"})
-    subprocess.run([sys.executable, "-m", "dsl_fed", "train", "--central", str(cfg), "--verbose", "0"],
-                   check=True, capture_output=True)
-    return ws.runs / "trained" / "model.keras"
+    """A tiny model trained for one epoch by the real CLI (what evaluate/export/predict cases start from); trained
+    once per corpus and shared by the cases, which only read it."""
+    shared = Workspace(ws.corpus.parent / "shared", ws.corpus)
+    model = shared.runs / "trained" / "model.keras"
+    if not model.is_file():
+        cfg = shared.config("train.yaml", training={"phase2_epochs": 0}, output={"name": "trained"})
+        subprocess.run([sys.executable, "-m", "dsl_fed", "train", "--central", str(cfg), "--verbose", "0"],
+                       check=True, capture_output=True)
+    return model
 
 
 def _tflite(ws: Workspace) -> Path:
     model = _trained_model(ws)
-    subprocess.run([sys.executable, "-m", "dsl_fed", "export", str(model)], check=True, capture_output=True)
-    return model.parent / "tflite_fp32" / "model.tflite"
+    tflite = model.parent / "tflite_fp32" / "model.tflite"
+    if not tflite.is_file():
+        subprocess.run([sys.executable, "-m", "dsl_fed", "export", str(model)], check=True, capture_output=True)
+    return tflite
 
 
 def _nan_model(ws: Workspace) -> Path:
-    """The trained model with one weight set to NaN (what a diverged run used to save)."""
+    """The trained model with its output layer's bias set to NaN (what a diverged run used to save)."""
     script = ws.root / "poison.py"
     model = _trained_model(ws)
     script.write_text(
@@ -259,7 +265,7 @@ def _nan_model(ws: Workspace) -> Path:
     )
     subprocess.run([sys.executable, str(script), str(model), str(model.parent / "nan.keras")], check=True,
                    capture_output=True)
-    return model.parent / "nan.keras"
+    return model.parent / "nan.keras"  # beside config.yaml, which export reads
 
 
 def _sigterm_when_round_starts(proc: subprocess.Popen, ws: Workspace) -> None:

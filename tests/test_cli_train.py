@@ -85,3 +85,12 @@ def test_cli_errors_are_one_line(tiny_config, tmp_path, capsys):
     model = tmp_path / "model.keras"
     assert main(["evaluate", str(model), "--config", str(config)]) == 2
     assert "model.keras: model file not found" in capsys.readouterr().err
+
+
+def test_keras_progress_is_one_line_per_epoch_unless_stdout_is_a_terminal(monkeypatch):
+    from dsl_fed.cli.train import verbosity
+
+    monkeypatch.setattr("sys.stdout.isatty", lambda: False)
+    assert verbosity(None) == 2 and verbosity(0) == 0
+    monkeypatch.setattr("sys.stdout.isatty", lambda: True)
+    assert verbosity(None) == 1 and verbosity(2) == 2
