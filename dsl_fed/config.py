@@ -38,6 +38,7 @@ class DataConfig:
     shards: int = 0  # federated partitioning: 0 = one shard per training speaker, N = N groups of speakers
     seed: int = 0
     allow_speaker_overlap: bool = False  # a speaker in train and devel/test breaks speaker independence: opt in
+    classes: tuple[str, ...] = ()  # class list of a federated run whose server sees no labels; () = from a manifest
 
     def _validate(self) -> None:
         _require(self.manifest != "", "data.manifest", "is required (a manifest CSV or a folder-per-class directory)")
@@ -48,6 +49,9 @@ class DataConfig:
         _require(0 <= self.shards <= MAX_COUNT, "data.shards", f"must be in [0, {MAX_COUNT}], got {self.shards}")
         _require(self.chunk_samples >= 1, "data.chunk_seconds", f"is shorter than one sample at {self.sample_rate} Hz")
         _require(self.hop_samples >= 1, "data.hop_seconds", f"is shorter than one sample at {self.sample_rate} Hz")
+        _require(len(self.classes) != 1, "data.classes", "needs at least two classes (or none: take them from a manifest)")
+        _require(len(set(self.classes)) == len(self.classes) and all(c.strip() for c in self.classes), "data.classes",
+                 f"must be distinct non-empty names, got {list(self.classes)}")
 
     @property
     def chunk_samples(self) -> int:
@@ -219,6 +223,7 @@ class FederatedConfig:
     transfer_dtype: Literal["float32", "float16"] = "float32"
     evaluate_test: bool = False  # also evaluate the held-out test speakers on the server every round
     client_cpus: float = 1.0  # Ray CPUs per client actor (whole number); TF threads follow this
+    allow_missing_clients: bool = False  # finish with exit 0 although some client never contributed an update
     dp: DpConfig = field(default_factory=DpConfig)
 
     def _validate(self) -> None:
@@ -304,7 +309,8 @@ class Config:
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain YAML/JSON data (tuples become lists)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -436,6 +442,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             except DslFedError:
                 pass
         raise DslFedError(f"{key}: expected {_describe(tp)}, got {value!r}")
+    if origin is tuple:  # a YAML list, or "a,b,c" from a command-line override
+        items = value.split(",") if isinstance(value, str) else value
+        if isinstance(items, (list, tuple)):
+            return tuple(_coerce(item.strip() if isinstance(item, str) else item, typing.get_args(tp)[0], key)
+                         for item in items if not (isinstance(item, str) and not item.strip()))
+        raise DslFedError(f"{key}: expected a list, got {value!r} ({type(value).__name__})")
     if origin is Literal:
         options = typing.get_args(tp)
         if value in options and type(value) is type(options[options.index(value)]):
@@ -482,6 +494,8 @@ def _describe(tp: Any) -> str:
         return " or ".join(repr(v) for v in typing.get_args(tp))
     if tp is type(None):
         return "null"
+    if origin is tuple:
+        return f"a list of {_describe(typing.get_args(tp)[0])}s"
     return {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
 
 

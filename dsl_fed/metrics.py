@@ -147,6 +147,29 @@ def clip_metrics(
     }
 
 
+def confusion_metrics(counts: np.ndarray, classes: Sequence[str], n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """`clip_metrics` from summed confusion counts (federated evaluation: nodes send counts, never clips).
+
+    The counts hold every (true, predicted) pair, so UAR, accuracy and the bootstrap interval are exactly what
+    scoring all those clips in one place gives. Per-speaker UAR needs speaker names, which stay on the nodes.
+    """
+    counts = np.asarray(counts, dtype=np.int64).reshape(len(classes), len(classes))
+    if counts.min() < 0:
+        raise DslFedError("confusion counts must be >= 0")
+    cells = np.arange(counts.size)
+    pairs = np.repeat(cells, counts.reshape(-1))
+    y_true, y_pred = pairs // len(classes), pairs % len(classes)
+    low, high = bootstrap_ci(y_true, y_pred, n=n_boot, seed=seed)
+    return {
+        "uar": uar(y_true, y_pred),
+        "ci": [low, high],
+        "accuracy": float(np.mean(y_true == y_pred)),
+        "confusion": counts.tolist(),
+        "num_clips": int(counts.sum()),
+        "classes": list(classes),
+    }
+
+
 def evaluate_chunks(
     model: "keras.Model",
     chunks: "ChunkSet",

@@ -81,10 +81,10 @@ def saved_weights(round_dir: Path) -> dict[str, "np.ndarray"]:
     return get_weights_by_name(model, weight_names(model))
 
 
-def run_config(config_path: Path, resume: bool = False, overrides: str = "") -> dict[str, Any]:
+def run_config(config_path: Path, resume: bool = False, overrides: str = "", server_eval: Path | str = "") -> dict[str, Any]:
     """The Flower run config the apps would get from pyproject.toml + ``--run-config``."""
     return {"config": str(config_path), "data-manifest": "", "output-directory": "", "overrides": overrides,
-            "resume": resume}
+            "resume": resume, "server-eval-manifest": str(server_eval)}
 
 
 class InProcessGrid:
@@ -92,21 +92,24 @@ class InProcessGrid:
 
     Args:
         run_config: Flower run config every node sees.
-        num_nodes: Nodes (partition ids 0..n-1).
-        sabotage: Optional ``(partition_id, message, reply) -> reply`` hook to make a node misbehave: it gets the
+        num_nodes: Nodes (partition ids 0..n-1, node ids 100..).
+        sabotage: Optional ``(node index, message, reply) -> reply`` hook to make a node misbehave: it gets the
             node's real reply and returns what the server receives instead.
+        node_configs: One node config per node instead of the simulation's partition ids (e.g. ``data-path``).
     """
 
     def __init__(self, run_config: dict[str, Any], num_nodes: int,
-                 sabotage: Callable[[int, Message, Message], Message] | None = None) -> None:
+                 sabotage: Callable[[int, Message, Message], Message] | None = None,
+                 node_configs: list[dict[str, Any]] | None = None) -> None:
         from dsl_fed.federated.client_app import app
 
         self.app = app
         self.sabotage = sabotage
+        configs = node_configs or [{"partition-id": i, "num-partitions": num_nodes} for i in range(num_nodes)]
         self.contexts = {
-            100 + i: Context(run_id=1, node_id=100 + i, node_config={"partition-id": i, "num-partitions": num_nodes},
-                             state=RecordDict(), run_config=dict(run_config))
-            for i in range(num_nodes)
+            100 + i: Context(run_id=1, node_id=100 + i, node_config=config, state=RecordDict(),
+                             run_config=dict(run_config))
+            for i, config in enumerate(configs)
         }
         self.sent: list[Message] = []
 
@@ -123,6 +126,6 @@ class InProcessGrid:
             except Exception as exc:  # what Flower's simulation turns a raising ClientApp into
                 reply = Message(Error(code=0, reason=f"ClientAppException occurred. Message: {exc}"), reply_to=msg)
             if self.sabotage is not None:
-                reply = self.sabotage(int(context.node_config["partition-id"]), msg, reply)
+                reply = self.sabotage(context.node_id - 100, msg, reply)
             replies.append(reply)
         return replies

@@ -113,10 +113,39 @@ def test_fedprox_proximal_term_keeps_the_update_near_the_global_weights(setup):
 
 def test_evaluate_without_held_out_clips_reports_zero_examples_and_keeps_the_model(setup):
     rc, _, full = setup
-    ctx = node(rc, partition=2)
+    ctx = node(rc, partition=2)  # the demo corpus' 2 devel speakers go to nodes 0 and 1
     reply = evaluate(message(full, kind="evaluate", **{"full-model": True}), ctx)
-    assert dict(reply.content["metrics"]) == {"num-examples": 0, "local-uar": 0.0}
+    assert dict(reply.content["metrics"]) == {"num-examples": 0, "devel-confusion": [0] * 9}
     assert "dsl_fed-model" in ctx.state.array_records  # a later slice-only train message can build on it
+
+
+def test_evaluate_returns_the_confusion_counts_of_the_nodes_own_devel_clips(setup):
+    """Counts, not a UAR: their sum over nodes is the confusion matrix of all devel clips together."""
+    from dsl_fed.data import load_chunks
+    from dsl_fed.data.nodes import node_data
+    from dsl_fed.federated.client_app import global_model
+    from dsl_fed.metrics import confusion
+    from dsl_fed.predict import predict_clips
+
+    rc, cfg, full = setup
+    ctx = node(rc, partition=0)
+    msg = message(full, kind="evaluate", **{"full-model": True, "evaluate-test": True,
+                                              "classes": ["falling", "flat", "rising"]})
+    metrics = evaluate(msg, ctx).content["metrics"]
+    data = node_data(ctx.node_config, cfg.data, ["falling", "flat", "rising"])
+    assert {c.speaker for c in data.clips["devel"]} == {"spk01"} and {c.speaker for c in data.clips["test"]} == {"spk03"}
+    model = global_model(cfg, 3, msg, ctx, seed=0)
+    for part in ("devel", "test"):
+        _, probs, labels, _ = predict_clips(model, load_chunks(data.clips[part], cfg.data, data.classes, progress=False))
+        assert metrics[f"{part}-confusion"] == confusion(labels, probs.argmax(axis=1), 3).reshape(-1).tolist()
+    assert metrics["num-examples"] == len(data.clips["devel"]) + len(data.clips["test"]) == 18
+
+
+def test_a_label_outside_the_run_classes_fails_the_node_naming_label_and_node(setup):
+    rc, _, full = setup
+    msg = message(full, **{"full-model": True, "classes": ["falling", "rising"]})
+    with pytest.raises(DslFedError, match=r"^node 100: .*label 'flat' is not one of the run's classes \(falling, rising\)"):
+        train(msg, node(rc))
 
 
 def test_routing_through_the_client_app_and_a_wrong_federation_size(setup):
@@ -132,12 +161,15 @@ def test_unfrozen_batchnorm_keeps_its_statistics_so_the_slice_is_the_whole_updat
     statistics that never travel, and the server's model (initial statistics) scored at chance."""
     import keras
 
-    from dsl_fed.federated.client_app import shard
+    from dsl_fed.data import load_chunks
+    from dsl_fed.data.nodes import node_data
     from dsl_fed.models import build_model, get_weights_by_name, set_phase, trainable_weight_names, weight_names
     from dsl_fed.train import train_local
 
     _, cfg, full = setup
-    chunks, classes = shard(cfg, {"partition-id": 0, "num-partitions": 3})
+    data = node_data({"partition-id": 0, "num-partitions": 3}, cfg.data, None)
+    classes = data.classes
+    chunks = load_chunks(data.clips["train"], cfg.data, classes, progress=False)
     model = build_model(cfg, len(classes))
     set_phase(model, 2, cfg.training.unfrozen_layers)
     assert "tiny_bn2/gamma" in trainable_weight_names(model)

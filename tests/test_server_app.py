@@ -33,7 +33,7 @@ HEAD = {"hidden/kernel", "hidden/bias", "arelu/alpha", "arelu/beta", "prediction
 @pytest.fixture(scope="module")
 def full_run(demo_manifest, tmp_path_factory):
     """An uninterrupted 2+1-round run of 3 nodes; returns (run config, run directory)."""
-    rc = run_config(write_config(tmp_path_factory.mktemp("server"), demo_manifest))
+    rc = run_config(write_config(tmp_path_factory.mktemp("server"), demo_manifest), server_eval=demo_manifest)
     run_server(InProcessGrid(rc, 3), rc)
     return rc, RunDirectory(config_from_run_config(rc).output.run_dir)
 
@@ -116,9 +116,14 @@ def test_a_raising_client_and_a_nan_client_do_not_stop_the_run(demo_manifest, tm
 
     monkeypatch.setattr(client_app, "train_local", train_local)
     rc = run_config(write_config(tmp_path, demo_manifest, federated={"phase1_rounds": 1, "phase2_rounds": 0,
-                                                                      "min_train_nodes": 1, "local_epochs": 1}))
-    with caplog.at_level(logging.INFO, logger="flwr.dsl_fed"):
+                                                                      "min_train_nodes": 1, "local_epochs": 1}),
+                    server_eval=demo_manifest)
+    with caplog.at_level(logging.INFO, logger="flwr.dsl_fed"), pytest.raises(DslFedError) as refused:
         run_server(InProcessGrid(rc, 3, sabotage=nan_weights), rc)
+    # two of three nodes never contributed: the run is published but fails, naming both and why
+    assert str(refused.value).startswith("2 node(s) never contributed an update: node 100: disk full on node 0; "
+                                         "node 101 (partition 1): non-finite values")
+    assert "allow_missing_clients" in str(refused.value)
     run = RunDirectory(tmp_path / "runs" / "fed")
     assert run.latest_round() == 1
     clients = run.manifest(1)["extra"]["clients"]
@@ -128,6 +133,11 @@ def test_a_raising_client_and_a_nan_client_do_not_stop_the_run(demo_manifest, tm
     assert "disk full on node 0" in caplog.text and "rejected the update of node 101" in caplog.text
     assert "clients 1/3 (1 failed, 1 rejected)" in caplog.text  # the per-round progress line
     assert all(np.all(np.isfinite(a)) for a in saved_weights(run.round_dir(1)).values())
+    assert [m.split(":")[0] for m in run.manifest(1)["extra"]["never_contributed"]] == ["node 100", "node 101 (partition 1)"]
+    accepted = {**rc, "overrides": "federated.allow_missing_clients=true"}
+    with caplog.at_level(logging.INFO, logger="flwr.dsl_fed"):
+        run_server(InProcessGrid(accepted, 3, sabotage=nan_weights), accepted)  # finishes, with a warning
+    assert "2 node(s) never contributed an update" in caplog.records[-1].getMessage()
 
 
 @pytest.mark.slow  # a federated run of the tiny model in-process: 10-40 s on 2 cores
@@ -136,14 +146,25 @@ def test_resume_refuses_a_changed_config_or_a_missing_round(full_run, tmp_path, 
     changed = {**rc, "overrides": "training.learning_rate=0.5", "resume": True}
     with pytest.raises(DslFedError, match="training.learning_rate changed"):
         run_server(InProcessGrid(changed, 3), changed)
-    empty = run_config(write_config(tmp_path, demo_manifest), resume=True)
+    empty = run_config(write_config(tmp_path, demo_manifest), resume=True, server_eval=demo_manifest)
     with pytest.raises(DslFedError, match="no complete round to resume"):
         run_server(InProcessGrid(empty, 3), empty)
 
 
 def test_node_minimums_above_the_shard_count_are_an_error(tmp_path, demo_manifest):
-    rc = run_config(write_config(tmp_path, demo_manifest, federated={"min_available_nodes": 4, "min_train_nodes": 2}))
+    from dsl_fed.federated.run_config import check_federation_size, count_shards
+
+    cfg = load_config(write_config(tmp_path, demo_manifest, federated={"min_available_nodes": 4, "min_train_nodes": 2}))
     with pytest.raises(DslFedError, match="min_available_nodes=4 but .* 3 training shard"):
+        check_federation_size(cfg, count_shards(cfg))
+
+
+def test_a_run_without_a_class_list_or_an_evaluation_is_refused(tmp_path, demo_manifest):
+    rc = run_config(write_config(tmp_path, demo_manifest))
+    with pytest.raises(DslFedError, match="no class list: set data.classes"):
+        run_server(InProcessGrid(rc, 3), rc)
+    rc["overrides"] = "data.classes=falling,flat,rising federated.fraction_evaluate=0"
+    with pytest.raises(DslFedError, match="fraction_evaluate=0 and no server-eval-manifest"):
         run_server(InProcessGrid(rc, 3), rc)
 
 
@@ -156,7 +177,7 @@ def test_run_config_translation(tmp_path, demo_manifest):
     assert config_from_run_config(translated) == load_config(yaml_path, overrides + [f"output.directory={tmp_path / 'out'}"])
     # the pyproject default: a preset inside the app bundle, data and outputs given as absolute paths
     bundled = {"config": "configs/quickstart.yaml", "data-manifest": str(demo_manifest),
-               "output-directory": str(tmp_path / "o"), "overrides": "", "resume": False}
+               "output-directory": str(tmp_path / "o"), "overrides": "", "resume": False, "server-eval-manifest": ""}
     cfg = config_from_run_config(bundled, REPO)
     assert cfg.model.backbone == "tiny" and cfg.data.manifest == str(demo_manifest)
     with pytest.raises(DslFedError, match="'config' must be an absolute path"):
@@ -174,3 +195,39 @@ def test_pyproject_app_config_matches_the_run_config_defaults():
 
     declared = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
     assert declared == DEFAULTS
+
+
+@pytest.mark.slow  # a federated run of the tiny model in-process: 10-40 s on 2 cores
+def test_a_server_without_audio_scores_by_summing_the_nodes_confusion_counts(demo_manifest, tmp_path):
+    """Nodes hold only their own folders (train, devel and test speakers); the server holds no manifest."""
+    import keras
+
+    from dsl_fed.data import load_chunks, read_manifest
+    from dsl_fed.deploy.split import split_corpus
+    from dsl_fed.metrics import evaluate_chunks
+
+    folders = split_corpus(demo_manifest, tmp_path / "nodes", nodes=2)
+    rc = run_config(write_config(tmp_path, demo_manifest, data={"manifest": "/nonexistent/manifest.csv"},
+                                 federated={"phase1_rounds": 1, "phase2_rounds": 1, "min_available_nodes": 2,
+                                            "evaluate_test": True}),
+                    overrides="data.classes=falling,flat,rising")
+    grid = InProcessGrid(rc, 2, node_configs=[{"data-path": str(f)} for f in folders])
+    run_server(grid, rc)
+    run = RunDirectory(tmp_path / "runs" / "fed")
+    manifest = read_manifest(demo_manifest)
+    for k in (1, 2):
+        extra = run.manifest(k)["extra"]
+        assert extra["evaluation"] == {"kind": "federated", "nodes": 2, "parts": ["devel", "test"]}
+        model = keras.saving.load_model(run.round_dir(k) / "model.keras")
+        for part in ("devel", "test"):  # the same numbers as scoring every held-out clip in one place
+            direct = evaluate_chunks(model, load_chunks(manifest.partition(part), load_config(run.path / "config.yaml").data,
+                                                        manifest.classes, progress=False), manifest.classes)
+            assert extra[part]["confusion"] == direct["confusion"] and extra[part]["num_clips"] == direct["num_clips"]
+            assert extra[part]["uar"] == pytest.approx(direct["uar"], abs=1e-12)
+            assert extra[part]["ci"] == pytest.approx(direct["ci"], abs=1e-12)
+    uars = {k: run.manifest(k)["extra"]["devel"]["uar"] for k in (1, 2)}
+    best = 1 if uars[1] >= uars[2] else 2
+    assert run.best_round() == best and os.readlink(run.path / "best") == f"round_{best}"
+    assert run.manifest(2)["extra"]["best_round"] == best
+    sent = [m for m in grid.sent if m.metadata.message_type == "evaluate"]
+    assert len(sent) == 4 and all(list(m.content["config"]["classes"]) == manifest.classes for m in sent)

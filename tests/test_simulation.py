@@ -81,7 +81,8 @@ def test_flwr_run_dot_on_the_quickstart_config_leaves_nothing_behind(demo_manife
         "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),  # private ports: never reuse someone's SuperLink
         "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
     }
-    run_config = (f'data-manifest="{demo_manifest}" output-directory="{tmp_path / "runs"}" '
+    run_config = (f'data-manifest="{demo_manifest}" server-eval-manifest="{demo_manifest}" '
+                  f'output-directory="{tmp_path / "runs"}" '
                   'overrides="federated.phase1_rounds=1 federated.phase2_rounds=0 federated.local_epochs=1 data.shards=2"')
     pyproject = hashlib.sha256((REPO / "pyproject.toml").read_bytes()).hexdigest()
     try:

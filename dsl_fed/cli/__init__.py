@@ -21,7 +21,7 @@ from dsl_fed.errors import DslFedError
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 # Sub-command modules, in the order `dsl_fed --help` lists them.
-COMMAND_MODULES: list[str] = ["data", "device", "train", "baseline", "federated", "experiment", "plot"]
+COMMAND_MODULES: list[str] = ["data", "device", "train", "baseline", "federated", "experiment", "deploy", "plot"]
 
 
 class Terminated(KeyboardInterrupt):

@@ -83,6 +83,7 @@ def simulate(
     Raises:
         DslFedError: invalid config or data, a failed run (with the ServerApp's error message when it gave one).
     """
+    from dsl_fed.data.nodes import check_decodable
     from dsl_fed.federated.checkpoint import RunDirectory
     from dsl_fed.federated.run_config import check_federation_size, count_shards
 
@@ -96,6 +97,7 @@ def simulate(
         manifest.partition("test", required=True)
     num_shards = count_shards(cfg, manifest)
     check_federation_size(cfg, num_shards)  # fail before Flower starts, not 20 s later in the ServerApp
+    check_decodable(manifest.clips, cfg.data.sample_rate)
     if not resume:
         refuse_existing(run_dir, overwrite)
     with run_lock(run_dir):
@@ -112,32 +114,42 @@ def _run_flower(config_path: Path, overrides: Sequence[str], output_dir: Path, r
                 num_shards: int, resume: bool, echo: Callable[[str], None], ray_cpus: int | None = None) -> None:
     """`flwr run` on a private SuperLink, writing ``output_dir/<name>``; raises unless every round was written."""
     from dsl_fed.federated.run_config import run_config_toml, write_app
-    from dsl_fed.federated.runtime import flwr_run, local_superlink, private_flwr_home, progress_message, write_connection
+    from dsl_fed.federated.runtime import flwr_run, local_superlink, private_flwr_home, write_connection
     from dsl_fed.federated.watchdog import guard
 
     federation = {"num-supernodes": num_shards, "client-resources-num-cpus": int(cfg.federated.client_cpus)}
     if ray_cpus is not None:
         federation["init-args-num-cpus"] = ray_cpus
-    errors: list[str] = []
-
-    def on_line(line: str) -> None:
-        message = progress_message(line)
-        if message is not None and message.startswith("error: "):
-            errors.append(message.removeprefix("error: "))  # raised (and printed once) after the run
-        elif message is not None:
-            echo(message)
-
+    on_line = ServerLines(echo)
     logs = run_dir / "logs"
     with private_flwr_home() as home, guard(cleanup=(home,)) as marker:
         run_config = home / "run_config.toml"
-        run_config.write_text(run_config_toml(config_path, list(overrides), output_dir, resume))
+        # the simulation holds the whole corpus, so the server scores the held-out speakers itself
+        run_config.write_text(run_config_toml(config_path, list(overrides), output_dir, resume, cfg.data.manifest))
         with local_superlink(home, logs / "superlink.log", env=marker) as address:
             write_connection(home, address)
             echo(f"flower: {federation['num-supernodes']} clients, {federation['client-resources-num-cpus']} CPU each; "
                  f"log {logs / 'flower.log'}")
             code = flwr_run(write_app(home / "app"), home, run_config, federation, logs / "flower.log", on_line,
                             env=marker)
-    check_complete(run_dir, cfg, errors, code, logs / "flower.log")
+    check_complete(run_dir, cfg, on_line.errors, code, logs / "flower.log")
+
+
+class ServerLines:
+    """`flwr run` output handler: echoes the ServerApp's user-facing lines once, keeps its errors for the end."""
+
+    def __init__(self, echo: Callable[[str], None]) -> None:
+        self.echo = echo
+        self.errors: list[str] = []
+
+    def __call__(self, line: str) -> None:
+        from dsl_fed.federated.runtime import progress_message
+
+        message = progress_message(line)
+        if message is not None and message.startswith("error: "):
+            self.errors.append(message.removeprefix("error: "))  # raised (and printed once) after the run
+        elif message is not None:
+            self.echo(message)
 
 
 def check_complete(run_dir: Path, cfg: Config, errors: list[str], code: int, log: Path) -> None:
@@ -157,7 +169,7 @@ def check_complete(run_dir: Path, cfg: Config, errors: list[str], code: int, log
 
 
 def summary(run_dir: Path) -> str:
-    """Last round's scores and where its TFLite model is."""
+    """Last round's scores, the best round, where their TFLite models are, and clients that never contributed."""
     from dsl_fed.federated.checkpoint import RunDirectory
 
     run = RunDirectory(run_dir)
@@ -166,4 +178,12 @@ def summary(run_dir: Path) -> str:
     scores = ", ".join(f"{part} UAR {extra[part]['uar']:.3f} [{extra[part]['ci'][0]:.3f}, {extra[part]['ci'][1]:.3f}]"
                        for part in ("devel", "test") if part in extra)
     privacy = f", DP {extra['privacy']['guarantee']}" if "privacy" in extra else ""
-    return f"{run_dir}: round {k}/{extra['num_rounds']}, {scores}{privacy}; model {run_dir / 'latest' / 'model.tflite'}"
+    line = f"{run_dir}: round {k}/{extra['num_rounds']}, {scores}{privacy}; latest {run_dir / 'latest' / 'model.tflite'}"
+    best = run.best_round()
+    if best is not None:
+        uar = run.manifest(best)["extra"]["devel"]["uar"]
+        line += f"; best round {best} (devel UAR {uar:.3f}) {run_dir / 'best' / 'model.tflite'}"
+    missing = extra.get("never_contributed") or []
+    if missing:
+        line += f"; never contributed: {'; '.join(missing)}"
+    return line

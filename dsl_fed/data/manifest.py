@@ -30,6 +30,7 @@ import csv
 import difflib
 import os
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -96,13 +97,17 @@ def load_manifest(data: DataConfig) -> Manifest:
     return read_manifest(data.manifest, seed=data.seed, allow_speaker_overlap=data.allow_speaker_overlap)
 
 
-def read_manifest(path: str | Path, seed: int = 0, allow_speaker_overlap: bool = False) -> Manifest:
+def read_manifest(path: str | Path, seed: int = 0, allow_speaker_overlap: bool = False,
+                  classes: Sequence[str] | None = None) -> Manifest:
     """Read a manifest CSV or a folder-per-class directory and validate it completely.
 
     Args:
         path: CSV file or directory.
         seed: Seed of the default speaker split, used only when partitions are not given.
         allow_speaker_overlap: Accept speakers with clips in train and in devel/test (with a warning).
+        classes: The run's class list, for a federated node's own data: every label must be one of them, rows
+            without a partition are training rows (a node's speakers are its own, nothing is held out), and the
+            train partition may lack classes or be empty (the caller decides what it needs).
 
     Raises:
         DslFedError: missing CSV columns, empty cells, unknown partition names, unsupported file types,
@@ -123,6 +128,8 @@ def read_manifest(path: str | Path, seed: int = 0, allow_speaker_overlap: bool =
     _check_same_files(rows)
     _check_label_spellings(rows)
 
+    if classes is not None:
+        return _with_classes(path, rows, list(classes), warnings)
     if all(r.partition is None for r in rows):
         try:
             assignment = split_speakers(_speaker_labels(rows), seed)
@@ -154,6 +161,15 @@ def read_manifest(path: str | Path, seed: int = 0, allow_speaker_overlap: bool =
                         "are not speaker-independent")
 
     clips = [Clip(i, r.path, r.label, r.speaker, r.partition) for i, r in enumerate(rows)]
+    return Manifest(clips=clips, classes=classes, source=path, warnings=warnings)
+
+
+def _with_classes(path: Path, rows: list["_Row"], classes: list[str], warnings: list[str]) -> Manifest:
+    known = set(classes)
+    for r in rows:
+        if r.label not in known:
+            raise DslFedError(f"{r.where}: label {r.label!r} is not one of the run's classes ({', '.join(classes)})")
+    clips = [Clip(i, r.path, r.label, r.speaker, r.partition or "train") for i, r in enumerate(rows)]
     return Manifest(clips=clips, classes=classes, source=path, warnings=warnings)
 
 

@@ -9,6 +9,7 @@ Layout of ``runs/<name>/``::
                                 per-speaker UAR, clients, bytes up/down of the round
     round_<k>/strategy_state.npz  server optimiser moments (FedAdam/FedYogi only)
     latest -> round_<k>         symlink to the last complete round
+    best -> round_<k>           symlink to the round with the best devel UAR so far (earliest on ties)
     history.csv                 one row per round
     plots/federated_uar.png     devel (and test) UAR per round
 
@@ -33,6 +34,7 @@ from dsl_fed.errors import DslFedError, first_line
 from dsl_fed.io import atomic_write_csv, read_history
 
 LATEST = "latest"
+BEST = "best"
 HISTORY = "history.csv"
 PLOT = "plots/federated_uar.png"
 STRATEGY_STATE = "strategy_state.npz"
@@ -78,6 +80,11 @@ class RunDirectory:
             return {}
         with np.load(path) as data:
             return {name: data[name] for name in data.files}
+
+    def best_round(self) -> int | None:
+        """The round ``best`` points to, or None."""
+        link = self.path / BEST
+        return int(os.readlink(link).removeprefix("round_")) if link.is_symlink() else None
 
     def check_new(self) -> None:
         """Refuse to start a run over an earlier one of the same name (`dsl_fed simulate --overwrite` stages a
@@ -129,11 +136,18 @@ class RunDirectory:
             os.replace(tmp, final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        link_tmp = self.path / f".{LATEST}.tmp"
+        self._point(LATEST, k)
+        return final
+
+    def point_best(self, k: int) -> None:
+        """Point ``best`` at round `k` (a complete round)."""
+        self._point(BEST, k)
+
+    def _point(self, name: str, k: int) -> None:
+        link_tmp = self.path / f".{name}.tmp"
         link_tmp.unlink(missing_ok=True)
         os.symlink(round_name(k), link_tmp)
-        os.replace(link_tmp, self.path / LATEST)
-        return final
+        os.replace(link_tmp, self.path / name)
 
     # ------------------------------------------------------------------------------------------- history
 

@@ -1,4 +1,8 @@
-"""Flower ClientApp: one speaker shard per node, trained locally; only the trainable slice goes back.
+"""Flower ClientApp: each node trains on its own clips; only the trainable slice goes back.
+
+A node's clips come from its node config (`dsl_fed.data.nodes.node_data`): its own folder in a deployment
+(``data-path``), a speaker shard of the configured corpus in a simulation (``partition-id``). The class list
+comes with every message from the server; a label outside it is an error naming the label and the node.
 
 A node is told by the server which phase to train (``config["phase"]``). It receives the full model the first
 time it is addressed (kept in ``context.state``, i.e. on the node) and afterwards only the phase's trainable
@@ -10,7 +14,10 @@ The model is rebuilt for every message after ``keras.backend.clear_session()``: 
 many nodes and rounds, and a fresh model seeded per (round, node) makes every update independent of what the
 actor ran before - a resumed run reproduces an uninterrupted one bit for bit. Building costs milliseconds for
 the tiny backbone and a few seconds for DenseNet121 (no ImageNet file is read: the server's weights arrive
-anyway), small next to local training. The decoded shard is cached per process (`_shard_chunks`).
+anyway), small next to local training. The decoded clips are cached per process (`_chunks`).
+
+Evaluation replies carry confusion-matrix counts of the node's devel (and test) clips, so the server can sum
+them into the exact global clip-level UAR without seeing a clip.
 """
 
 from __future__ import annotations
@@ -27,7 +34,8 @@ import dataclasses  # noqa: E402
 import functools  # noqa: E402
 import logging  # noqa: E402
 import time  # noqa: E402
-from collections.abc import Iterator, Mapping  # noqa: E402
+import zlib  # noqa: E402
+from collections.abc import Iterator, Mapping, Sequence  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import keras  # noqa: E402
@@ -37,9 +45,10 @@ from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordD
 from flwr.clientapp import ClientApp  # noqa: E402
 
 from dsl_fed.config import Config, DataConfig, RobustnessConfig  # noqa: E402
-from dsl_fed.data import ChunkSet, Manifest, load_chunks, load_manifest, shard_clips  # noqa: E402
+from dsl_fed.data import ChunkSet, load_chunks  # noqa: E402
+from dsl_fed.data.nodes import NodeData, node_data  # noqa: E402
 from dsl_fed.errors import DslFedError  # noqa: E402
-from dsl_fed.metrics import uar  # noqa: E402
+from dsl_fed.metrics import confusion, uar  # noqa: E402
 from dsl_fed.models import build_model, get_weights_by_name, set_phase, set_weights_by_name  # noqa: E402
 from dsl_fed.models import trainable_weight_names, weight_names  # noqa: E402
 from dsl_fed.predict import predict_clips  # noqa: E402
@@ -49,6 +58,7 @@ from dsl_fed.federated.clipping import clipping_mod  # noqa: E402
 from dsl_fed.federated.run_config import config_from_run_config  # noqa: E402
 
 MODEL_STATE_KEY = "dsl_fed-model"  # context.state entry holding the full model this node received
+LOG = logging.getLogger("flwr").getChild("dsl_fed")  # Flower's handler writes it to the SuperNode's log
 
 
 def create_app(app_dir: Path | None = None) -> ClientApp:
@@ -73,8 +83,14 @@ def train(msg: Message, context: Context, app_dir: Path | None = None) -> Messag
     limit_threads(cfg.federated.client_cpus)
     config = msg.content["config"]
     server_round, phase = int(config["server-round"]), int(config["phase"])
-    partition = int(context.node_config["partition-id"])
-    chunks, classes = shard(cfg, context.node_config)
+    data = local_data(cfg, context, config)
+    chunks = _chunks(cfg.data, data, "train")
+    if chunks is None:
+        raise _node_error(context, f"{data.source}: no training clips (partition train or no partition)")
+    classes = list(data.classes)
+    partition = client_id(context, data)
+    if cfg.robustness != RobustnessConfig():  # simulated noise, label flips or skew on this client's copy
+        chunks = perturb_client(chunks, cfg.robustness, len(classes), partition, cfg.data.seed)
     seed = client_seed(cfg.training.seed, server_round, partition)
 
     remember_full_model(msg, context)
@@ -113,23 +129,33 @@ def train(msg: Message, context: Context, app_dir: Path | None = None) -> Messag
 
 
 def evaluate(msg: Message, context: Context, app_dir: Path | None = None) -> Message:
-    """Clip UAR of the global model on this node's own held-out clips (devel/test clips of its speakers).
+    """Score the global model on this node's own held-out clips; reply with confusion counts, never clips.
 
-    With the usual speaker-independent partitions a training speaker has none: the reply then carries
-    ``num-examples = 0`` and the server leaves it out of the average.
+    ``devel-confusion`` (and ``test-confusion`` when the server asks for ``evaluate-test``) are the flattened
+    class x class counts of clip-level predictions; ``num-examples`` is the number of clips scored (0: nothing
+    to score, and the model is still kept for later slice-only messages).
     """
     cfg = config_from_run_config(context.run_config, app_dir)
     limit_threads(cfg.federated.client_cpus)
     remember_full_model(msg, context)
-    held_out, classes = held_out_chunks(cfg, context.node_config)
-    metrics = {"num-examples": 0, "local-uar": 0.0}
-    if held_out is not None:
-        config = msg.content["config"]
-        seed = client_seed(cfg.training.seed, int(config["server-round"]), int(context.node_config["partition-id"]))
-        model = global_model(cfg, len(classes), msg, context, seed)
-        _, probs, labels, _ = predict_clips(model, held_out, batch_size=cfg.training.batch_size)
-        metrics = {"num-examples": int(len(labels)), "local-uar": float(uar(labels, probs.argmax(axis=1)))}
-        keras.backend.clear_session()
+    config = msg.content["config"]
+    data = local_data(cfg, context, config)
+    parts = ("devel", "test") if bool(config.get("evaluate-test", False)) else ("devel",)
+    k = len(data.classes)
+    metrics: dict[str, int | list[int]] = {"num-examples": 0}
+    model = None
+    for part in parts:
+        counts = np.zeros((k, k), dtype=np.int64)
+        chunks = _chunks(cfg.data, data, part)
+        if chunks is not None:
+            if model is None:
+                seed = client_seed(cfg.training.seed, int(config["server-round"]), client_id(context, data))
+                model = global_model(cfg, k, msg, context, seed)
+            _, probs, labels, _ = predict_clips(model, chunks, batch_size=cfg.training.batch_size)
+            counts = confusion(labels, probs.argmax(axis=1), k)
+        metrics[f"{part}-confusion"] = [int(c) for c in counts.reshape(-1)]
+        metrics["num-examples"] += int(counts.sum())
+    keras.backend.clear_session()
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
@@ -209,57 +235,45 @@ class _Proximal:
 # ------------------------------------------------------------------------------------------------ data
 
 
-def shard(cfg: Config, node_config: Mapping[str, object]) -> tuple[ChunkSet, list[str]]:
-    """This node's training chunks (its speaker shard, with any ``robustness`` perturbation) and the class list."""
-    partition, num_partitions = _partition(node_config)
-    chunks, classes = _shard_chunks(cfg.data, partition, num_partitions)
-    if cfg.robustness != RobustnessConfig():
-        chunks = perturb_client(chunks, cfg.robustness, len(classes), partition, cfg.data.seed)
-    return chunks, classes
+def local_data(cfg: Config, context: Context, config: Mapping[str, object]) -> NodeData:
+    """This node's clips (`node_data`) with the class list the server sent (simulation: the corpus' own).
 
-
-def held_out_chunks(cfg: Config, node_config: Mapping[str, object]) -> tuple[ChunkSet | None, list[str]]:
-    """Devel/test chunks of this node's speakers, or None if it has no such clips."""
-    partition, num_partitions = _partition(node_config)
-    return _held_out_chunks(cfg.data, partition, num_partitions)
-
-
-def shard_speakers(data: DataConfig, partition: int, num_partitions: int) -> tuple[list[str], Manifest]:
-    """Speakers of shard `partition` (natural-id partitioning by speaker, `data.shards` groups) + manifest."""
-    manifest = load_manifest(data)
-    shards = shard_clips(manifest.partition("train", required=True), data.shards, data.seed)
-    if len(shards) != num_partitions:
-        raise DslFedError(
-            f"the federation has {num_partitions} supernodes but {data.manifest} gives {len(shards)} training "
-            f"shards (data.shards={data.shards}); run with num-supernodes={len(shards)}"
-        )
-    if not 0 <= partition < num_partitions:
-        raise DslFedError(f"partition-id {partition} outside 0..{num_partitions - 1}")
-    return sorted({c.speaker for c in shards[partition]}), manifest
-
-
-@functools.lru_cache(maxsize=8)  # a Ray actor serves several nodes; decode each shard once per process
-def _shard_chunks(data: DataConfig, partition: int, num_partitions: int) -> tuple[ChunkSet, list[str]]:
-    speakers, manifest = shard_speakers(data, partition, num_partitions)
-    clips = [c for c in manifest.partition("train") if c.speaker in speakers]
-    return load_chunks(clips, data, manifest.classes, progress=False), manifest.classes
-
-
-@functools.lru_cache(maxsize=8)
-def _held_out_chunks(data: DataConfig, partition: int, num_partitions: int) -> tuple[ChunkSet | None, list[str]]:
-    speakers, manifest = shard_speakers(data, partition, num_partitions)
-    clips = [c for c in manifest.clips if c.partition != "train" and c.speaker in speakers]
-    return (load_chunks(clips, data, manifest.classes, progress=False) if clips else None), manifest.classes
-
-
-def _partition(node_config: Mapping[str, object]) -> tuple[int, int]:
+    A problem is logged as one line in the node's own log and raised, so the server records a failed client.
+    """
+    classes = config.get("classes")
     try:
-        return int(node_config["partition-id"]), int(node_config["num-partitions"])
-    except KeyError as exc:
-        raise DslFedError(f"node config lacks {exc.args[0]!r} (set partition-id and num-partitions per SuperNode)") from None
+        return node_data(context.node_config, cfg.data, list(classes) if classes else None)
+    except DslFedError as exc:
+        raise _node_error(context, str(exc)) from None
+
+
+def _node_error(context: Context, message: str) -> DslFedError:
+    LOG.error("[dsl_fed] node %s: %s", context.node_id, message)
+    return DslFedError(f"node {context.node_id}: {message}")
+
+
+def _chunks(data_cfg: DataConfig, data: NodeData, part: str) -> ChunkSet | None:
+    """Decoded chunks of one partition of the node's clips (None if it has none), cached per process."""
+    return _decode(data_cfg, data.clips.get(part, ()), data.classes)
+
+
+@functools.lru_cache(maxsize=16)  # a Ray actor serves several nodes and rounds; decode each clip set once
+def _decode(data_cfg: DataConfig, clips: tuple, classes: Sequence[str]) -> ChunkSet | None:
+    return load_chunks(clips, data_cfg, list(classes), progress=False) if clips else None
 
 
 # ------------------------------------------------------------------------------------------------ misc
+
+
+def client_id(context: Context, data: NodeData) -> int:
+    """The simulation's partition id; in a deployment a number derived from the node's training speakers.
+
+    Not Flower's node id: that changes when a node registers with another SuperLink, and seeds (and the order
+    updates are summed in) must not, so that a resumed or repeated deployment reproduces a run.
+    """
+    if "partition-id" in context.node_config:
+        return int(context.node_config["partition-id"])
+    return zlib.crc32(",".join(sorted({c.speaker for c in data.clips.get("train", ())})).encode()) % 100_000
 
 
 def client_seed(seed: int, server_round: int, partition: int) -> int:

@@ -13,6 +13,9 @@ must be an absolute path. The keys:
                     which must then be absolute)
 ``overrides``       further ``section.key=value`` settings, space-separated (shell-style quoting)
 ``resume``          continue from the last complete round of ``runs/<name>/``
+``server-eval-manifest`` absolute manifest of held-out audio on the server: its devel (and test) clips
+                    are scored there each round; "" = the server holds no audio and the nodes evaluate
+                    (federated evaluation from summed confusion counts)
 =================== =============================================================================
 
 This module imports neither Flower nor TensorFlow: the CLI uses it to build ``--run-config``.
@@ -40,6 +43,7 @@ DEFAULTS: dict[str, str | bool] = {
     "output-directory": "",
     "overrides": "",
     "resume": False,
+    "server-eval-manifest": "",
 }
 KEYS = tuple(DEFAULTS)
 PROGRESS_MARK = "[dsl_fed]"  # starts the ServerApp's log lines meant for users; `dsl_fed simulate` shows only those
@@ -84,6 +88,12 @@ def resume_requested(run_config: Mapping[str, object]) -> bool:
     return bool(run_config.get("resume", False))
 
 
+def server_eval_manifest(run_config: Mapping[str, object]) -> str:
+    """The run config's ``server-eval-manifest`` (absolute), or "" when the server holds no audio."""
+    value = run_config.get("server-eval-manifest", "")
+    return _absolute(value, "server-eval-manifest") if value else ""
+
+
 def count_shards(cfg: Config, manifest: Manifest | None = None) -> int:
     """Training shards of the config's corpus (`data.shards` groups of speakers) = SuperNodes needed."""
     from dsl_fed.data import load_manifest, shard_clips
@@ -103,11 +113,12 @@ def check_federation_size(cfg: Config, num_shards: int) -> None:
             )
 
 
-def run_config_toml(config_path: str | Path, overrides: list[str], output_directory: str | Path, resume: bool) -> str:
+def run_config_toml(config_path: str | Path, overrides: list[str], output_directory: str | Path, resume: bool,
+                    server_eval_manifest: str | Path = "") -> str:
     """The ``flwr run --run-config FILE.toml`` text that makes the apps load ``config_path`` + ``overrides``.
 
-    Used by ``dsl_fed simulate``: the apps then read the very YAML the user named, with the same overrides,
-    so the CLI and ``flwr run .`` share one code path.
+    Used by ``dsl_fed simulate`` and ``dsl_fed deploy local``: the apps then read the very YAML the user named,
+    with the same overrides, so the CLI and ``flwr run .`` share one code path.
     """
     values = {
         "config": str(Path(config_path).resolve()),
@@ -115,6 +126,7 @@ def run_config_toml(config_path: str | Path, overrides: list[str], output_direct
         "output-directory": str(Path(output_directory).resolve()),
         "overrides": shlex.join(overrides),
         "resume": resume,
+        "server-eval-manifest": str(Path(server_eval_manifest).resolve()) if server_eval_manifest else "",
     }
     # TOML basic strings accept JSON's escapes, so json.dumps quotes paths and overrides safely.
     return "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items())

@@ -93,6 +93,8 @@ class RoundStats:
     failed: list[str] = field(default_factory=list)
     rejected: list[str] = field(default_factory=list)
     clip_norm: float = 0.0  # differential privacy: the round's clipping norm (0 without DP)
+    nodes: list[int] = field(default_factory=list)  # node ids sent a training message
+    contributors: list[int] = field(default_factory=list)  # node ids whose update was aggregated
 
 
 def aggregate_client_metrics(records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
@@ -166,6 +168,7 @@ class SliceAggregation:
                 raise ValueError("differential privacy needs num_nodes (the noise depends on the sample size)")
             self._rule = dp_wrapper(self._rule, self.dp, self.sample_size(num_nodes, self.fraction_train,
                                                                           self.min_train_nodes))
+        self._sent: list[Message] = []  # this round's messages: a reply is matched to the node it was sent to
 
     # ------------------------------------------------------------------------------------------- sending
 
@@ -193,6 +196,7 @@ class SliceAggregation:
             messages = [m for i, m in enumerate(messages) if i not in dropped]
             stats.dropped = len(dropped)
         stats.clip_norm = float(getattr(self._rule, "clipping_norm", 0.0))
+        stats.nodes = [m.metadata.dst_node_id for m in messages]
         return self._address(messages, names, config, stats)
 
     def configure_evaluate(
@@ -246,7 +250,16 @@ class SliceAggregation:
             msg.content, size = payloads[full]
             stats.bytes_down += size
             self._nodes_with_model.add(node)  # dropped again if the node's reply is an error
+        self._sent = messages
         return messages
+
+    def node_of(self, reply: Message) -> int:
+        """The node a reply answers for: Flower's error reply for a lost node comes from the SuperLink's id."""
+        asked = reply.metadata.reply_to_message_id
+        for msg in self._sent:
+            if asked and msg.metadata.message_id == asked:
+                return msg.metadata.dst_node_id
+        return reply.metadata.src_node_id
 
     def _record(self, names: Sequence[str], dtype: str) -> ArrayRecord:
         return ArrayRecord({n: Array(_cast(self.model_arrays[n], dtype)) for n in names})
@@ -262,7 +275,7 @@ class SliceAggregation:
         names = self.slice_names[stats.phase]
         valid = []
         for msg in replies:
-            node = msg.metadata.src_node_id
+            node = self.node_of(msg)
             if msg.has_error():
                 self._nodes_with_model.discard(node)
                 reason = short_reason(msg.error.reason)
@@ -299,6 +312,7 @@ class SliceAggregation:
         for name, array in aggregated.items():
             self.model_arrays[name] = array.numpy().astype(self.model_arrays[name].dtype)
         stats.aggregated = len(valid)
+        stats.contributors = [self.node_of(m) for m in valid]
         stats.updated = True
         stats.num_examples = int(sum(num_examples))
         stats.client_seconds = float(sum(float(_metrics(m.content).get("train-seconds", 0.0)) for m in valid))
@@ -320,10 +334,10 @@ class SliceAggregation:
         valid = []
         for msg in replies:
             if msg.has_error():
-                self._nodes_with_model.discard(msg.metadata.src_node_id)
+                self._nodes_with_model.discard(self.node_of(msg))
                 LOG.warning(
                     "%s round %d: evaluation on node %d failed: %s",
-                    PROGRESS_MARK, rnd, msg.metadata.src_node_id, short_reason(msg.error.reason),
+                    PROGRESS_MARK, rnd, self.node_of(msg), short_reason(msg.error.reason),
                 )
             elif float(_metrics(msg.content).get(self.weighted_by_key, 0)) > 0:
                 valid.append(msg)

@@ -1,0 +1,129 @@
+"""Which clips a federated node holds: its own folder in a deployment, a speaker shard in a simulation.
+
+One function, `node_data`, turns a Flower node config into the node's clips, whichever keys it has:
+
+* ``data-path`` (deployment): a manifest CSV, a folder holding ``manifest.csv`` (what ``dsl_fed deploy split``
+  writes) or a folder-per-class directory on that machine. Only files under that folder are ever opened. Rows with partition ``train`` (or
+  without a partition) are trained on; ``devel`` (and ``test``) rows are the node's share of the federated
+  evaluation.
+* ``partition-id`` + ``num-partitions`` (simulation): the configured corpus is split as `deploy split` splits
+  it onto separate machines (`assign_speakers`), and the node takes share ``partition-id``.
+
+Labels are checked against the run's class list, which the server sends with every message: nodes cannot
+see each other's labels, so no node could derive it alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from dsl_fed.config import DataConfig
+from dsl_fed.data.manifest import PARTITIONS, Clip, Manifest, load_manifest, read_manifest
+from dsl_fed.data.partition import partition_speakers
+from dsl_fed.errors import DslFedError
+
+NODE_MANIFEST = "manifest.csv"  # in a node folder, this file (not the folder layout) lists the clips
+
+
+@dataclass(frozen=True)
+class NodeData:
+    """A node's clips by partition (``train``, ``devel``, ``test``), the run's classes, and where the clips came
+    from (for messages)."""
+
+    source: str
+    clips: Mapping[str, tuple[Clip, ...]]
+    classes: tuple[str, ...]
+
+
+def node_data(node_config: Mapping[str, object], data: DataConfig, classes: Sequence[str] | None) -> NodeData:
+    """The clips of the node described by `node_config`.
+
+    Args:
+        node_config: Flower's node config: ``data-path``, or ``partition-id`` and ``num-partitions``.
+        data: The run's data settings (``manifest``, ``shards``, ``seed`` are used in simulation).
+        classes: The run's class list; None only in simulation, where the corpus' train labels are used.
+
+    Raises:
+        DslFedError: neither key set, a missing or empty data path, a file outside it, a label outside `classes`,
+            a partition id outside the federation, or a federation size that does not match the corpus.
+    """
+    if "data-path" in node_config:
+        return _own_folder(Path(str(node_config["data-path"])).expanduser(), classes)
+    if "partition-id" in node_config and "num-partitions" in node_config:
+        return _simulated(data, int(node_config["partition-id"]), int(node_config["num-partitions"]), classes)
+    raise DslFedError(
+        "node config has neither data-path (deployment: --node-config 'data-path=\"/abs/node_data\"') nor "
+        "partition-id and num-partitions (simulation)"
+    )
+
+
+def assign_speakers(manifest: Manifest, shards: int, seed: int = 0) -> list[dict[str, list[str]]]:
+    """Speakers of each node, per partition.
+
+    The train speakers form the nodes exactly as ``data.shards`` groups them (`partition_speakers`: 0 = one
+    node per speaker, N = N groups); the devel and test speakers are dealt round-robin in sorted order, so
+    with fewer held-out speakers than nodes some nodes get none.
+    """
+    train = partition_speakers(manifest.speakers("train"), shards, seed)
+    out: list[dict[str, list[str]]] = [{"train": group} for group in train]
+    for part in PARTITIONS[1:]:
+        speakers = manifest.speakers(part)
+        for k, node in enumerate(out):
+            node[part] = speakers[k::len(out)]
+    return out
+
+
+def _own_folder(path: Path, classes: Sequence[str] | None) -> NodeData:
+    if classes is None:
+        raise DslFedError("the run gives no class list; set data.classes (or give the server a held-out manifest)")
+    if not path.is_absolute():
+        raise DslFedError(f"data-path {str(path)!r} must be an absolute path")
+    if path.is_dir() and not any(path.iterdir()):
+        raise DslFedError(f"data-path {path}: the folder is empty")
+    if (path / NODE_MANIFEST).is_file():
+        path = path / NODE_MANIFEST
+    manifest = read_manifest(path, classes=classes)
+    root = (path if path.is_dir() else path.parent).resolve()
+    for clip in manifest.clips:
+        if not clip.path.resolve().is_relative_to(root):
+            raise DslFedError(f"data-path {path}: {clip.path} lies outside {root}; a node reads only its own folder")
+    clips = {part: tuple(manifest.partition(part)) for part in PARTITIONS}
+    return NodeData(source=f"data-path {path}", clips=clips, classes=tuple(classes))
+
+
+def _simulated(data: DataConfig, partition: int, num_partitions: int, classes: Sequence[str] | None) -> NodeData:
+    manifest = load_manifest(data)
+    if classes is not None:
+        unknown = sorted(set(manifest.classes) - set(classes))
+        if unknown:
+            raise DslFedError(f"{data.manifest}: label {unknown[0]!r} is not one of the run's classes ({', '.join(classes)})")
+    groups = assign_speakers(manifest, data.shards, data.seed)
+    if len(groups) != num_partitions:
+        raise DslFedError(
+            f"the federation has {num_partitions} supernodes but {data.manifest} gives {len(groups)} training "
+            f"shards (data.shards={data.shards}); run with num-supernodes={len(groups)}"
+        )
+    if not 0 <= partition < num_partitions:
+        raise DslFedError(f"partition-id {partition} outside 0..{num_partitions - 1}")
+    mine = groups[partition]
+    clips = {part: tuple(c for c in manifest.partition(part) if c.speaker in mine[part]) for part in PARTITIONS}
+    return NodeData(source=f"partition {partition} of {num_partitions} ({data.manifest})", clips=clips,
+                    classes=tuple(classes or manifest.classes))
+
+
+def check_decodable(clips: Sequence[Clip], sample_rate: int) -> None:
+    """Decode every clip once before a federation starts: a broken file would otherwise make its node fail every
+    round, quietly taking its speakers out of training. Raises naming the first bad file and the count."""
+    from dsl_fed.data.audio import load_audio
+
+    problems = []
+    for clip in clips:
+        try:
+            load_audio(clip.path, sample_rate)
+        except DslFedError as exc:
+            problems.append(str(exc))
+    if problems:
+        more = f" (and {len(problems) - 1} more bad file(s))" if len(problems) > 1 else ""
+        raise DslFedError(f"{problems[0]}{more}; fix or remove it before a federated run")

@@ -1,0 +1,104 @@
+"""`dsl_fed deploy certs`: everything TLS and SuperNode authentication need, written with `cryptography`.
+
+Layout of DIR::
+
+    ca.crt  ca.key                 a private certificate authority (ECDSA P-384); give ca.crt to every
+                                   SuperNode and to the machine running `flwr run`, keep ca.key offline
+    server.crt  server.key         the SuperLink's certificate, valid for the given host names / IP addresses
+    node_<k>  node_<k>.pub         SuperNode k's key pair in OpenSSH format (ECDSA P-384), what Flower's node
+                                   authentication expects: the SuperNode reads the private key, the operator
+                                   registers the public one with `flwr supernode register`
+
+Private keys are written with mode 0600. An existing DIR with files in it is refused, so keys that nodes
+already hold are never replaced by accident.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from dsl_fed.errors import DslFedError
+
+VALID_DAYS = 365
+
+
+def node_key(folder: str | Path, k: int) -> Path:
+    """Private key of SuperNode k (the public key is the same path + ``.pub``)."""
+    return Path(folder) / f"node_{k}"
+
+
+def write_certificates(folder: str | Path, hosts: Sequence[str], nodes: int) -> Path:
+    """Write a CA, the SuperLink's certificate for `hosts` and `nodes` SuperNode key pairs into `folder`."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    if not hosts:
+        raise DslFedError("give at least one --host (a name or IP address the SuperNodes use to reach the SuperLink)")
+    if nodes < 0:
+        raise DslFedError(f"--nodes must be >= 0, got {nodes}")
+    folder = Path(folder).absolute()
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise DslFedError(f"{folder}: exists and is not empty; keys there may be in use (nothing was written)")
+    folder.mkdir(parents=True, exist_ok=True)
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def certificate(subject: str, key, issuer: x509.Name, issuer_key, extensions) -> x509.Certificate:
+        builder = (x509.CertificateBuilder()
+                   .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+                   .issuer_name(issuer).public_key(key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(minutes=5))
+                   .not_valid_after(now + datetime.timedelta(days=VALID_DAYS)))
+        for extension, critical in extensions:
+            builder = builder.add_extension(extension, critical=critical)
+        return builder.sign(issuer_key, hashes.SHA384())
+
+    ca_key = ec.generate_private_key(ec.SECP384R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "dsl_fed federation CA")])
+    ca = certificate("dsl_fed federation CA", ca_key, ca_name, ca_key, [
+        (x509.BasicConstraints(ca=True, path_length=0), True),
+        (x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
+                       key_encipherment=False, data_encipherment=False, key_agreement=False, encipher_only=False,
+                       decipher_only=False), True),
+    ])
+    server_key = ec.generate_private_key(ec.SECP384R1())
+    server = certificate(hosts[0], server_key, ca_name, ca_key, [
+        (x509.SubjectAlternativeName([_san(h) for h in hosts]), False),
+        (x509.BasicConstraints(ca=False, path_length=None), True),
+        (x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), False),
+    ])
+    pem = serialization.Encoding.PEM
+    private = dict(encoding=pem, format=serialization.PrivateFormat.PKCS8,
+                   encryption_algorithm=serialization.NoEncryption())
+    _write(folder / "ca.crt", ca.public_bytes(pem))
+    _write(folder / "ca.key", ca_key.private_bytes(**private), secret=True)
+    _write(folder / "server.crt", server.public_bytes(pem))
+    _write(folder / "server.key", server_key.private_bytes(**private), secret=True)
+    for k in range(nodes):
+        key = ec.generate_private_key(ec.SECP384R1())
+        _write(node_key(folder, k), key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                                      serialization.NoEncryption()), secret=True)
+        public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+        _write(Path(f"{node_key(folder, k)}.pub"), public + f" dsl_fed-node_{k}\n".encode())
+    return folder
+
+
+def _san(host: str):
+    from cryptography import x509
+
+    try:
+        return x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        return x509.DNSName(host)
+
+
+def _write(path: Path, data: bytes, secret: bool = False) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if secret else 0o644)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)

@@ -1,0 +1,254 @@
+"""A real Flower deployment on one machine: SuperLink and SuperNodes as separate processes on 127.0.0.1.
+
+Everything runs as it would across machines (`README` "Deploy across machines" lists the same commands): the
+SuperLink with TLS, SuperNode authentication and a state database; each SuperNode with the CA certificate,
+its own private key and its own data folder (``--node-config data-path=...``); the job submitted with
+``flwr run APP CONNECTION --stream`` through a TLS connection entry in a private ``FLWR_HOME``. Flower's
+Control API shares the SuperLink's port with the Fleet API and is not authenticated in the open-source build,
+so everything binds to 127.0.0.1 only.
+
+Every process started here gets the environment variable `MARKER` (a value unique to the federation), so a
+test can check machine-wide, not only among its children, that none is left.
+
+Nothing here imports Flower: it drives the ``flower-superlink``, ``flower-supernode`` and ``flwr`` executables.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import ssl
+import subprocess
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from dsl_fed.errors import DslFedError
+from dsl_fed.federated.runtime import QUIET_ENV, executable, flwr_run, free_port, stop_process_tree
+
+MARKER = "DSL_FED_DEPLOYMENT"  # environment variable set in every process of a loopback federation
+CONNECTION = "dsl-fed-deploy"  # the connection name in the private FLWR_HOME
+WORKDIR_TAG = ".dsl_fed-deploy"  # marks a folder `deploy_local` made (and may replace)
+
+
+class LoopbackFederation:
+    """SuperLink + SuperNodes on 127.0.0.1 with TLS and node authentication; stops all it started on exit.
+
+    Args:
+        workdir: Holds ``flwr_home/``, ``logs/`` and the SuperLink's ``state.db``.
+        certs: A folder written by `dsl_fed.deploy.certs.write_certificates` (CA, server cert, node keys).
+        node_folders: Data folder of SuperNode k (its ``data-path``).
+        port: The SuperLink's port (default: a free one). Keep it to restart the SuperLink in place.
+    """
+
+    def __init__(self, workdir: Path, certs: Path, node_folders: list[Path], port: int | None = None) -> None:
+        self.workdir = Path(workdir).absolute()
+        self.certs = Path(certs).absolute()
+        self.node_folders = [Path(f).absolute() for f in node_folders]
+        self.port = port or free_port()
+        self.logs = self.workdir / "logs"
+        self.flwr_home = self.workdir / "flwr_home"
+        self.marker = os.environ.get(MARKER) or uuid.uuid4().hex  # a caller may choose it (tests)
+        self.processes: dict[str, subprocess.Popen] = {}
+        self.env = {**os.environ, **QUIET_ENV, "FLWR_HOME": str(self.flwr_home), MARKER: self.marker}
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.flwr_home.mkdir(parents=True, exist_ok=True)
+        (self.flwr_home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "{self.address}"\n'
+            f'root-certificates = "{self.certs / "ca.crt"}"\n'
+        )
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def __enter__(self) -> "LoopbackFederation":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ----------------------------------------------------------------------------------------- processes
+
+    def start_superlink(self, timeout: float = 60.0) -> None:
+        """Start the SuperLink (TLS, node authentication, state in ``state.db``) and wait until it answers."""
+        self._start("superlink", [
+            executable("flower-superlink"),
+            "--ssl-ca-certfile", str(self.certs / "ca.crt"), "--ssl-certfile", str(self.certs / "server.crt"),
+            "--ssl-keyfile", str(self.certs / "server.key"), "--enable-supernode-auth",
+            "--database", str(self.workdir / "state.db"), "--host", "127.0.0.1", "--port", str(self.port),
+            "--disable-runtime-dependency-installation", "--log-file", str(self.logs / "superlink.log"),
+        ])
+        context = ssl.create_default_context(cafile=str(self.certs / "ca.crt"))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._check_alive("superlink")
+            with contextlib.suppress(OSError):
+                with urllib.request.urlopen(f"https://{self.address}/health", timeout=1, context=context) as response:
+                    if response.status == 200:
+                        return
+            time.sleep(0.3)
+        raise DslFedError(f"flower-superlink did not answer on {self.address} within {timeout:.0f} s; "
+                          f"see {self.logs / 'superlink.log'}")
+
+    def register(self, k: int) -> None:
+        """``flwr supernode register node_<k>.pub``: allow SuperNode k's key (the Control API, over TLS)."""
+        result = subprocess.run(
+            [executable("flwr"), "supernode", "register", f"{self.certs / f'node_{k}'}.pub", CONNECTION],
+            env=self.env, capture_output=True, text=True, timeout=120,
+        )
+        if result.returncode != 0:
+            raise DslFedError(f"flwr supernode register node_{k}.pub failed: {_last_line(result.stdout + result.stderr)}")
+
+    def start_node(self, k: int, key: Path | None = None, root_certificates: bool = True,
+                   name: str | None = None) -> subprocess.Popen:
+        """Start SuperNode k on its own data folder, authenticated with `key` (default: its own key).
+
+        `name` (default ``node_<k>``) names the process for `kill` and its log file.
+        """
+        cmd = [executable("flower-supernode"), "--superlink", self.address,
+               "--auth-supernode-private-key", str(key or self.certs / f"node_{k}"),
+               "--node-config", f'data-path="{self.node_folders[k]}"', "--port", str(free_port())]
+        if root_certificates:
+            cmd[3:3] = ["--root-certificates", str(self.certs / "ca.crt")]
+        return self._start(name or f"node_{k}", cmd)
+
+    def online_nodes(self) -> int:
+        """How many SuperNodes the SuperLink lists as online (``flwr supernode list``)."""
+        result = subprocess.run([executable("flwr"), "supernode", "list", CONNECTION, "--format", "json"],
+                                env=self.env, capture_output=True, text=True, timeout=120)
+        try:
+            listed = json.loads(result.stdout).get("nodes", [])
+        except json.JSONDecodeError:
+            return 0
+        return sum(1 for node in listed if str(node.get("status", "")).lower() == "online")
+
+    def wait_for_nodes(self, n: int, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while self.online_nodes() < n:
+            for name in self.processes:
+                if name.startswith("node_"):
+                    self._check_alive(name)
+            if time.monotonic() > deadline:
+                raise DslFedError(f"only {self.online_nodes()} of {n} SuperNodes came online within {timeout:.0f} s; "
+                                  f"see {self.logs}")
+            time.sleep(1)
+
+    def run(self, app_dir: Path, run_config: Path, on_line: Callable[[str], None]) -> int:
+        """``flwr run APP dsl-fed-deploy --stream --run-config FILE``; returns its exit code."""
+        return flwr_run(app_dir, self.flwr_home, run_config, {}, self.logs / "flower.log", on_line,
+                        connection=CONNECTION)
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Send `sig` to one started process and its children (SIGKILL: a crash, nothing gets to clean up)."""
+        proc = self.processes.pop(name)
+        if sig == signal.SIGKILL:
+            from dsl_fed.federated.runtime import descendants
+
+            for pid in [proc.pid, *descendants(proc.pid)]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            proc.wait()
+        else:
+            stop_process_tree(proc)
+
+    def close(self) -> None:
+        """Stop every process started here (nodes first, then the SuperLink with its ServerApp)."""
+        for name in sorted(self.processes, key=lambda n: n == "superlink"):
+            stop_process_tree(self.processes.pop(name))
+
+    def _start(self, name: str, cmd: list[str]) -> subprocess.Popen:
+        log = (self.logs / f"{name}.log").open("a")
+        try:
+            proc = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        finally:
+            log.close()
+        self.processes[name] = proc
+        return proc
+
+    def _check_alive(self, name: str) -> None:
+        code = self.processes[name].poll()
+        if code is not None:
+            raise DslFedError(f"{name} exited with code {code}: {_last_line(_tail(self.logs / f'{name}.log'))} "
+                              f"(log {self.logs / f'{name}.log'})")
+
+
+def find_marked(marker: str) -> list[int]:
+    """PIDs of live processes anywhere on the machine whose environment has ``MARKER=marker``."""
+    needle = f"{MARKER}={marker}".encode()
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        with contextlib.suppress(OSError):
+            if needle in environ.read_bytes().split(b"\0"):
+                stat = (environ.parent / "stat").read_text().rsplit(")", 1)[1].split()
+                if stat[0] != "Z":
+                    found.append(int(environ.parent.name))
+    return found
+
+
+def _tail(path: Path, size: int = 4000) -> str:
+    with contextlib.suppress(OSError), path.open("rb") as f:
+        f.seek(max(0, path.stat().st_size - size))
+        return f.read().decode(errors="replace")
+    return ""
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1][:300] if lines else "(no output)"
+
+
+def deploy_local(config_path: str | Path, overrides: Sequence[str] = (), nodes: int = 3, resume: bool = False,
+                 echo: Callable[[str], None] = print) -> Path:
+    """Split the config's corpus into `nodes` folders, make certificates and keys, run the federated job on a
+    loopback federation with TLS and node authentication, and stop everything; returns the run folder.
+
+    The nodes get only their own folders; the server gets no manifest, so it evaluates federated. The class
+    list (``data.classes``, else the corpus' train labels) is passed to the run as an override. Node folders,
+    keys, the SuperLink database and the logs are in ``<output.directory>/<name>.deploy/`` (replaced on the
+    next call).
+    """
+    from dsl_fed.cli.federated import ServerLines, check_complete
+    from dsl_fed.config import load_config
+    from dsl_fed.data import read_manifest
+    from dsl_fed.data.nodes import check_decodable
+    from dsl_fed.deploy.certs import write_certificates
+    from dsl_fed.deploy.split import split_corpus
+    from dsl_fed.federated.run_config import check_federation_size, run_config_toml, write_app
+
+    config_path = Path(config_path).resolve()
+    cfg = load_config(config_path, overrides)
+    manifest = read_manifest(cfg.data.manifest, seed=cfg.data.seed)
+    check_federation_size(cfg, nodes)
+    check_decodable(manifest.clips, cfg.data.sample_rate)
+    overrides = [*overrides, f"data.classes={','.join(cfg.data.classes or manifest.classes)}"]
+    output_dir = Path(cfg.output.directory).resolve()
+    run_dir = output_dir / cfg.output.name
+    workdir = output_dir / f"{cfg.output.name}.deploy"
+    if workdir.exists():
+        if not (workdir / WORKDIR_TAG).is_file():
+            raise DslFedError(f"{workdir}: exists but was not made by `dsl_fed deploy local`; move it away")
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True)
+    (workdir / WORKDIR_TAG).write_text("node folders, keys, state and logs of `dsl_fed deploy local`\n")
+    folders = split_corpus(manifest.source, workdir / "nodes", nodes, cfg.data.seed)
+    certs = write_certificates(workdir / "certs", ["127.0.0.1"], nodes)
+    run_config = workdir / "run_config.toml"
+    run_config.write_text(run_config_toml(config_path, overrides, output_dir, resume))
+    lines = ServerLines(echo)
+    with LoopbackFederation(workdir, certs, folders) as fed:
+        fed.start_superlink()
+        for k in range(nodes):
+            fed.register(k)
+            fed.start_node(k)
+        fed.wait_for_nodes(nodes)
+        echo(f"SuperLink {fed.address} (Fleet, Control and ServerAppIo API, 127.0.0.1 only): TLS on, node "
+             f"authentication on; {nodes} SuperNodes with their own data in {workdir / 'nodes'}; logs {fed.logs}")
+        code = fed.run(write_app(workdir / "app"), run_config, lines)
+    check_complete(run_dir, cfg, lines.errors, code, fed.logs / "flower.log")
+    return run_dir
