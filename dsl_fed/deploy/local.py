@@ -7,8 +7,8 @@ its own private key and its own data folder (``--node-config data-path=...``); t
 Control API shares the SuperLink's port with the Fleet API and is not authenticated in the open-source build,
 so everything binds to 127.0.0.1 only.
 
-Every process started here gets the environment variable `MARKER` (a value unique to the federation), so a
-test can check machine-wide, not only among its children, that none is left.
+`deploy_local` marks every process it starts (`dsl_fed.federated.watchdog.guard`), so none outlives it, even
+when it is killed.
 
 Nothing here imports Flower: it drives the ``flower-superlink``, ``flower-supernode`` and ``flwr`` executables.
 """
@@ -24,14 +24,12 @@ import ssl
 import subprocess
 import time
 import urllib.request
-import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from dsl_fed.errors import DslFedError
 from dsl_fed.federated.runtime import QUIET_ENV, executable, flwr_run, free_port, stop_process_tree
 
-MARKER = "DSL_FED_DEPLOYMENT"  # environment variable set in every process of a loopback federation
 CONNECTION = "dsl-fed-deploy"  # the connection name in the private FLWR_HOME
 WORKDIR_TAG = ".dsl_fed-deploy"  # marks a folder `deploy_local` made (and may replace)
 
@@ -44,18 +42,20 @@ class LoopbackFederation:
         certs: A folder written by `dsl_fed.deploy.certs.write_certificates` (CA, server cert, node keys).
         node_folders: Data folder of SuperNode k (its ``data-path``).
         port: The SuperLink's port (default: a free one). Keep it to restart the SuperLink in place.
+        env: Added to the environment of every process started (e.g. the marker of `watchdog.guard`).
     """
 
-    def __init__(self, workdir: Path, certs: Path, node_folders: list[Path], port: int | None = None) -> None:
+    def __init__(self, workdir: Path, certs: Path, node_folders: list[Path], port: int | None = None,
+                 env: Mapping[str, str] | None = None) -> None:
         self.workdir = Path(workdir).absolute()
         self.certs = Path(certs).absolute()
         self.node_folders = [Path(f).absolute() for f in node_folders]
         self.port = port or free_port()
         self.logs = self.workdir / "logs"
         self.flwr_home = self.workdir / "flwr_home"
-        self.marker = os.environ.get(MARKER) or uuid.uuid4().hex  # a caller may choose it (tests)
         self.processes: dict[str, subprocess.Popen] = {}
-        self.env = {**os.environ, **QUIET_ENV, "FLWR_HOME": str(self.flwr_home), MARKER: self.marker}
+        self.extra_env = dict(env or {})
+        self.env = {**os.environ, **QUIET_ENV, **self.extra_env, "FLWR_HOME": str(self.flwr_home)}
         self.logs.mkdir(parents=True, exist_ok=True)
         self.flwr_home.mkdir(parents=True, exist_ok=True)
         (self.flwr_home / "config.toml").write_text(
@@ -142,7 +142,7 @@ class LoopbackFederation:
     def run(self, app_dir: Path, run_config: Path, on_line: Callable[[str], None]) -> int:
         """``flwr run APP dsl-fed-deploy --stream --run-config FILE``; returns its exit code."""
         return flwr_run(app_dir, self.flwr_home, run_config, {}, self.logs / "flower.log", on_line,
-                        connection=CONNECTION)
+                        connection=CONNECTION, env=self.extra_env)
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         """Send `sig` to one started process and its children (SIGKILL: a crash, nothing gets to clean up)."""
@@ -178,19 +178,6 @@ class LoopbackFederation:
                               f"(log {self.logs / f'{name}.log'})")
 
 
-def find_marked(marker: str) -> list[int]:
-    """PIDs of live processes anywhere on the machine whose environment has ``MARKER=marker``."""
-    needle = f"{MARKER}={marker}".encode()
-    found = []
-    for environ in Path("/proc").glob("[0-9]*/environ"):
-        with contextlib.suppress(OSError):
-            if needle in environ.read_bytes().split(b"\0"):
-                stat = (environ.parent / "stat").read_text().rsplit(")", 1)[1].split()
-                if stat[0] != "Z":
-                    found.append(int(environ.parent.name))
-    return found
-
-
 def _tail(path: Path, size: int = 4000) -> str:
     with contextlib.suppress(OSError), path.open("rb") as f:
         f.seek(max(0, path.stat().st_size - size))
@@ -215,20 +202,26 @@ def deploy_local(config_path: str | Path, overrides: Sequence[str] = (), nodes: 
     """
     from dsl_fed.cli.federated import ServerLines, check_complete
     from dsl_fed.config import load_config
-    from dsl_fed.data import read_manifest
+    from dsl_fed.data import load_manifest
     from dsl_fed.data.nodes import check_decodable
     from dsl_fed.deploy.certs import write_certificates
     from dsl_fed.deploy.split import split_corpus
+    from dsl_fed.federated.checkpoint import RunDirectory
     from dsl_fed.federated.run_config import check_federation_size, run_config_toml, write_app
+    from dsl_fed.federated.watchdog import guard
 
     config_path = Path(config_path).resolve()
     cfg = load_config(config_path, overrides)
-    manifest = read_manifest(cfg.data.manifest, seed=cfg.data.seed)
+    manifest = load_manifest(cfg.data)
     check_federation_size(cfg, nodes)
     check_decodable(manifest.clips, cfg.data.sample_rate)
     overrides = [*overrides, f"data.classes={','.join(cfg.data.classes or manifest.classes)}"]
     output_dir = Path(cfg.output.directory).resolve()
     run_dir = output_dir / cfg.output.name
+    if resume:  # the checks the ServerApp makes, before any process starts
+        RunDirectory(run_dir).check_resume(load_config(config_path, overrides))
+    else:
+        RunDirectory(run_dir).check_new()
     workdir = output_dir / f"{cfg.output.name}.deploy"
     if workdir.exists():
         if not (workdir / WORKDIR_TAG).is_file():
@@ -241,7 +234,7 @@ def deploy_local(config_path: str | Path, overrides: Sequence[str] = (), nodes: 
     run_config = workdir / "run_config.toml"
     run_config.write_text(run_config_toml(config_path, overrides, output_dir, resume))
     lines = ServerLines(echo)
-    with LoopbackFederation(workdir, certs, folders) as fed:
+    with guard() as marker, LoopbackFederation(workdir, certs, folders, env=marker) as fed:
         fed.start_superlink()
         for k in range(nodes):
             fed.register(k)
