@@ -3,9 +3,9 @@
 One function, `node_data`, turns a Flower node config into the node's clips, whichever keys it has:
 
 * ``data-path`` (deployment): a manifest CSV, a folder holding ``manifest.csv`` (what ``dsl_fed deploy split``
-  writes) or a folder-per-class directory on that machine. Only files under that folder are ever opened. Rows with partition ``train`` (or
-  without a partition) are trained on; ``devel`` (and ``test``) rows are the node's share of the federated
-  evaluation.
+  writes) or a folder-per-class directory on that machine. Only files under that folder are ever opened. Rows
+  with partition ``train`` (or without a partition) are trained on; ``devel`` (and ``test``) rows are the
+  node's share of the federated evaluation.
 * ``partition-id`` + ``num-partitions`` (simulation): the configured corpus is split as `deploy split` splits
   it onto separate machines (`assign_speakers`), and the node takes share ``partition-id``.
 
@@ -98,7 +98,8 @@ def _simulated(data: DataConfig, partition: int, num_partitions: int, classes: S
     if classes is not None:
         unknown = sorted(set(manifest.classes) - set(classes))
         if unknown:
-            raise DslFedError(f"{data.manifest}: label {unknown[0]!r} is not one of the run's classes ({', '.join(classes)})")
+            raise DslFedError(f"{data.manifest}: label {unknown[0]!r} is not one of the run's classes "
+                              f"({', '.join(classes)})")
     groups = assign_speakers(manifest, data.shards, data.seed)
     if len(groups) != num_partitions:
         raise DslFedError(
