@@ -134,7 +134,7 @@ def test_a_raising_client_and_a_nan_client_do_not_stop_the_run(demo_manifest, tm
     assert "clients 1/3 (1 failed, 1 rejected)" in caplog.text  # the per-round progress line
     assert all(np.all(np.isfinite(a)) for a in saved_weights(run.round_dir(1)).values())
     assert [m.split(":")[0] for m in run.manifest(1)["extra"]["never_contributed"]] == ["node 100", "node 101 (partition 1)"]
-    accepted = {**rc, "overrides": "federated.allow_missing_clients=true"}
+    accepted = {**rc, "overrides": "federated.allow_missing_clients=true output.name=accepted"}
     with caplog.at_level(logging.INFO, logger="flwr.dsl_fed"):
         run_server(InProcessGrid(accepted, 3, sabotage=nan_weights), accepted)  # finishes, with a warning
     assert "2 node(s) never contributed an update" in caplog.records[-1].getMessage()
