@@ -52,6 +52,8 @@ def test_reference_table_defaults_are_the_real_defaults():
                 assert text == str(default).lower(), name
             elif isinstance(default, (int, float)):
                 assert float(text) == default, name
+            elif isinstance(default, tuple):  # a list key, written as YAML
+                assert text == f"[{', '.join(default)}]", name
             else:
                 assert text == default, name
             checked += 1
