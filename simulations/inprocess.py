@@ -36,7 +36,7 @@ class InProcessGrid:
 
     def __init__(self, config_path: Path, overrides: list[str], num_nodes: int, tamper: Tamper | None = None):
         run_config = {"config": str(config_path.resolve()), "data-manifest": "", "output-directory": "/tmp",
-                      "overrides": " ".join(overrides), "resume": False}
+                      "overrides": " ".join(overrides), "resume": False, "server-eval-manifest": ""}
         self.contexts = {
             i + 1: Context(run_id=0, node_id=i + 1, node_config={"partition-id": i, "num-partitions": num_nodes},
                            state=RecordDict(), run_config=run_config)

@@ -91,7 +91,7 @@ def test_client_dp_run_reports_epsilon_every_round_and_stops_within_the_budget(d
     target = (epsilon(z, 1.0, 2, 1e-5) + epsilon(z, 1.0, 3, 1e-5)) / 2
     dp = {"mode": "client", "noise_multiplier": z, "clip_norm": 0.5, "target_epsilon": target}
     rc = run_config(write_config(tmp_path, demo_manifest, federated={
-        "phase1_rounds": 1, "phase2_rounds": 2, "local_epochs": 1, "dp": dp}))
+        "phase1_rounds": 1, "phase2_rounds": 2, "local_epochs": 1, "dp": dp}), server_eval=demo_manifest)
     run_server(InProcessGrid(rc, 3), rc)
     run = RunDirectory(config_from_run_config(rc).output.run_dir)
     assert run.latest_round() == 2 and not run.round_dir(3).exists()
