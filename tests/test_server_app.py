@@ -231,3 +231,17 @@ def test_a_server_without_audio_scores_by_summing_the_nodes_confusion_counts(dem
     assert run.manifest(2)["extra"]["best_round"] == best
     sent = [m for m in grid.sent if m.metadata.message_type == "evaluate"]
     assert len(sent) == 4 and all(list(m.content["config"]["classes"]) == manifest.classes for m in sent)
+
+
+def test_a_run_whose_every_client_fails_round_1_fails_with_the_reason(demo_manifest, tmp_path, monkeypatch):
+    import dsl_fed.federated.client_app as client_app
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("corrupt shard")
+
+    monkeypatch.setattr(client_app, "train_local", broken)
+    rc = run_config(write_config(tmp_path, demo_manifest, federated={"phase1_rounds": 1, "phase2_rounds": 1}),
+                    server_eval=demo_manifest)
+    with pytest.raises(DslFedError, match=r"^every client failed round 1, so nothing was trained: node 10\d: corrupt"):
+        run_server(InProcessGrid(rc, 3), rc)
+    assert RunDirectory(tmp_path / "runs" / "fed").latest_round() is None  # nothing untrained was published
