@@ -12,8 +12,10 @@ and ``privacy.png``; the verdict lines are computed from the measured numbers.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import sys
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -31,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5, help="1 phase-1 round + the rest in phase 2")
     parser.add_argument("--noise", default="0.01,0.03,0.1,0.3,1", help="noise multipliers")
     parser.add_argument("--clip-norm", type=float, default=1.0)
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time (one process each)")
     parser.add_argument("--data", type=Path, default=REPO / "demo_data")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "privacy.md")
     parser.add_argument("overrides", nargs="*", help="further section.key=value settings")
@@ -42,17 +45,22 @@ def main(argv: list[str] | None = None) -> int:
         make_demo_corpus(args.data, progress=False)
     base = [f"data.manifest={manifest}", "federated.phase1_rounds=1", f"federated.phase2_rounds={args.rounds - 1}",
             "federated.fraction_evaluate=0", "output.name=privacy", *args.overrides]
-    baseline = run(CONFIG, base)
-    print(f"no DP: devel UAR {baseline.devel_uar:.3f} ({baseline.seconds:.0f} s)", flush=True)
-    rows = []
-    for z in (float(v) for v in args.noise.split(",")):
-        dp = ["federated.dp.mode=client", f"federated.dp.noise_multiplier={z}", f"federated.dp.clip_norm={args.clip_norm}"]
-        outcome = run(CONFIG, [*base, *dp])
-        rows.append((z, outcome.epsilon, outcome.devel_uar))
-        print(f"z {z:g}: epsilon {outcome.epsilon:.3g}, devel UAR {outcome.devel_uar:.3f} ({outcome.seconds:.0f} s)",
-              flush=True)
-    write_results(args, baseline.devel_uar, rows)
+    noise = [None, *(float(v) for v in args.noise.split(","))]  # None: the run without DP
+    # One process per run (TensorFlow state stays per run); `--jobs` of them at a time.
+    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        outcomes = dict(zip(noise, pool.map(run_one, noise, [base] * len(noise), [args.clip_norm] * len(noise))))
+    for z, (eps, uar, seconds) in outcomes.items():
+        print(f"noise {z}: epsilon {eps}, devel UAR {uar:.3f} ({seconds:.0f} s)", flush=True)
+    write_results(args, outcomes[None][1], [(z, *outcomes[z][:2]) for z in noise[1:]])
     return 0
+
+
+def run_one(z: float | None, base: list[str], clip_norm: float) -> tuple[float | None, float, float]:
+    """(epsilon, final devel UAR, seconds) of one run; z None: without DP."""
+    dp = [] if z is None else ["federated.dp.mode=client", f"federated.dp.noise_multiplier={z}",
+                               f"federated.dp.clip_norm={clip_norm}"]
+    outcome = run(CONFIG, [*base, *dp])
+    return outcome.epsilon, outcome.devel_uar, outcome.seconds
 
 
 def write_results(args: argparse.Namespace, baseline: float, rows: list[tuple[float, float, float]]) -> None:
