@@ -37,6 +37,12 @@ def test_wheel_in_a_fresh_venv_runs_simulate_outside_the_repo(tmp_path):
     venv = tmp_path / "venv"
     source = tmp_path / "source"
     shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(*NOT_SHIPPED))
+    # Tag the copy: `simulate` shows a round line only if the ServerApp marks it as the CLI expects, i.e. only if
+    # the app process imported the installed copy too, not the checkout.
+    run_config = source / "dsl_fed" / "federated" / "run_config.py"
+    text = run_config.read_text()
+    assert 'PROGRESS_MARK = "[dsl_fed]"' in text
+    run_config.write_text(text.replace('PROGRESS_MARK = "[dsl_fed]"', 'PROGRESS_MARK = "[dsl_fed wheel]"'))
     _run([sys.executable, "-m", "venv", "--without-pip", "--system-site-packages", venv], tmp_path, env)  # pip: the system one
     python = venv / "bin" / "python"
     _run([python, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", source], tmp_path, env)

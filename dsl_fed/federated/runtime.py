@@ -97,7 +97,7 @@ def local_superlink(flwr_home: Path, log_file: Path, startup_timeout: float = 60
         "--disable-runtime-dependency-installation", "--log-file", str(log_file),
     ]
     log_file.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, **QUIET_ENV, **(env or {}), "FLWR_HOME": str(flwr_home)}
+    env = _flower_env(flwr_home, env)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         _wait_healthy(proc, port, log_file, startup_timeout)
@@ -133,7 +133,7 @@ def flwr_run(
     cmd = [executable("flwr"), "run", str(app_dir), connection, "--stream", "--run-config", str(run_config)]
     if fed:
         cmd += ["--federation-config", fed]
-    env = {**os.environ, **QUIET_ENV, **(env or {}), "FLWR_HOME": str(flwr_home)}
+    env = _flower_env(flwr_home, env)
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with log_file.open("a") as log, subprocess.Popen(
         cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace", bufsize=1
@@ -167,6 +167,16 @@ def private_flwr_home() -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def _flower_env(flwr_home: Path, extra: Mapping[str, str] | None) -> dict[str, str]:
+    """Environment of Flower's processes, with this interpreter's folder first on PATH.
+
+    The SuperLink and SuperExec start further Flower commands by name; without this, an installation that is
+    not activated (``venv/bin/dsl_fed simulate``) would run the app in whatever Flower and dsl_fed PATH finds.
+    """
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    return {**os.environ, **QUIET_ENV, **(extra or {}), "FLWR_HOME": str(flwr_home), "PATH": path}
 
 
 def executable(name: str) -> str:
