@@ -7,14 +7,17 @@ marker unique to the test; afterwards no process anywhere on the machine may car
 from __future__ import annotations
 
 import csv
+import threading
+import time
 import uuid
 
+import numpy as np
 import pytest
-from flower_helpers import write_config
+from flower_helpers import saved_weights, write_config
 
-from dsl_fed.deploy.local import deploy_local
+from dsl_fed.deploy.local import LoopbackFederation, deploy_local
 from dsl_fed.federated.checkpoint import RunDirectory
-from dsl_fed.federated.watchdog import processes_with
+from dsl_fed.federated.watchdog import guard, processes_with
 
 pytestmark = pytest.mark.slow
 
@@ -81,3 +84,73 @@ def test_every_node_held_only_its_own_speakers(deployed, demo_manifest):
         for row in rows:
             assert owner.setdefault(row["speaker"], node.name) == node.name
     assert set(owner) == set(read_manifest(demo_manifest).speakers())
+
+
+def test_faults_server_killed_and_resumed_node_killed_unregistered_node_refused(deployed, demo_manifest, tmp_path,
+                                                                                 marker):
+    """One federation, three faults:
+
+    1. the SuperLink (with the ServerApp under it) is SIGKILLed after round 1; restarted on the same database and
+       resumed, round 2 has exactly the weights of the uninterrupted run (`deployed`);
+    2. a SuperNode whose key was never registered is refused and the run is unaffected;
+    3. a SuperNode SIGKILLed while round 3 trains: the round completes with the other two after Flower's
+       heartbeat timeout, and the failure is recorded against the right node.
+    """
+    from dsl_fed.deploy.certs import write_certificates
+    from dsl_fed.deploy.split import split_corpus
+    from dsl_fed.federated.run_config import run_config_toml, write_app
+
+    config, uninterrupted, _, _ = deployed
+    folders = split_corpus(demo_manifest, tmp_path / "nodes", nodes=3)
+    certs = write_certificates(tmp_path / "certs", ["127.0.0.1"], 4)  # node_3's key is never registered
+    # min_available_nodes=2: once node 2 is gone the evaluation and later sampling must not wait for it
+    overrides = ["data.classes=falling,flat,rising", "federated.phase2_rounds=2", "federated.min_available_nodes=2"]
+    lines: list[str] = []
+    app = write_app(tmp_path / "app")
+
+    def submit(fed: LoopbackFederation, resume: bool, name: str) -> threading.Thread:
+        run_config = tmp_path / f"{name}.toml"
+        run_config.write_text(run_config_toml(config, overrides, tmp_path / "runs", resume))
+        thread = threading.Thread(target=fed.run, args=(app, run_config, lines.append), daemon=True)
+        thread.start()
+        return thread
+
+    def wait_for(text: str, timeout: float = 600) -> None:
+        deadline = time.monotonic() + timeout
+        while not any(text in line for line in lines):
+            assert time.monotonic() < deadline, f"no {text!r} within {timeout} s: {lines[-5:]}"
+            time.sleep(0.5)
+
+    run = RunDirectory(tmp_path / "runs" / "fed")
+    with guard() as run_marker, LoopbackFederation(tmp_path / "work", certs, folders, env=run_marker) as fed:
+        fed.start_superlink()
+        for k in range(3):
+            fed.register(k)
+            fed.start_node(k)
+        rogue = fed.start_node(2, key=certs / "node_3", name="rogue")  # node 2's data, an unknown key
+        fed.wait_for_nodes(3)
+        first = submit(fed, resume=False, name="first")
+        wait_for("round 1/3")
+        fed.kill("superlink")  # the ServerApp dies with it, mid-run
+        first.join(timeout=120)
+        assert run.latest_round() == 1
+        fed.start_superlink()  # same port and database: the nodes reconnect
+        fed.wait_for_nodes(3)
+        lines.clear()
+        second = submit(fed, resume=True, name="resumed")
+        wait_for("round 2/3")
+        time.sleep(3)  # round 3 is training now
+        fed.kill("node_2")
+        second.join(timeout=600)
+        assert rogue.poll() is not None and rogue.returncode != 0
+        rogue_log = (fed.logs / "rogue.log").read_text()
+    assert "2004" in rogue_log or "Failed to activate" in rogue_log, rogue_log[-2000:]
+    expected, got = saved_weights(uninterrupted / "round_2"), saved_weights(run.round_dir(2))
+    for name in expected:  # the configs differ only in keys round 2 does not depend on (all 3 nodes are sampled)
+        np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
+    assert run.latest_round() == 3
+    clients = run.manifest(3)["extra"]["clients"]
+    assert clients["aggregated"] == 2 and len(clients["failed"]) == 1
+    assert not clients["failed"][0].startswith("node 1:")  # not the SuperLink's own id
+    assert run.manifest(2)["extra"]["clients"]["aggregated"] == 3  # the rogue node never took part
+    assert processes_with(MARKER, marker) == []
