@@ -65,16 +65,16 @@ def tamper_update(transform: Callable[[np.ndarray, np.ndarray, np.random.Generat
 
 def label_flip(num_classes: int):
     """A tamper hook under which the attacker trains honestly on labels shifted by one class."""
-    honest_shard = client_app.shard
+    honest_chunks = client_app.train_chunks
 
-    def flipped_shard(cfg, node_config):
-        chunks, classes = honest_shard(cfg, node_config)
-        return dataclasses.replace(chunks, labels=(chunks.labels + 1) % num_classes), classes
+    def flipped_chunks(cfg, data, partition):
+        chunks = honest_chunks(cfg, data, partition)
+        return dataclasses.replace(chunks, labels=(chunks.labels + 1) % num_classes)
 
     def tamper(partition: int, msg: Message, honest: Callable[[Message], Message]) -> Message:
         if partition != ATTACKER:
             return honest(msg)
-        with _patched(client_app, "shard", flipped_shard):
+        with _patched(client_app, "train_chunks", flipped_chunks):
             return honest(msg)
 
     return tamper

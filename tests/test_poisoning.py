@@ -40,3 +40,19 @@ def test_noise_attack_replaces_the_update_by_unit_gaussian_noise():
     noisy = exchange("noise", ATTACKER)
     assert noisy["b"].shape == () and not np.allclose(noisy["w"], TRAINED["w"])
     assert np.all(np.abs(noisy["w"] - GLOBAL["w"]) < 6)  # N(0, 1) around the global weights
+
+
+def test_label_flip_attacker_trains_on_labels_shifted_by_one_class(demo_manifest, tmp_path):
+    from dsl_fed.config import from_dict
+    from dsl_fed.data.nodes import node_data
+    from dsl_fed.federated import client_app
+
+    cfg = from_dict({"data": {"manifest": str(demo_manifest), "chunk_seconds": 1.0, "hop_seconds": 0.5, "shards": 2},
+                     "output": {"directory": str(tmp_path)}})
+    data = node_data({"partition-id": 0, "num-partitions": 2}, cfg.data, None)
+    clean = client_app.train_chunks(cfg, data, 0).labels
+    seen = lambda msg: client_app.train_chunks(cfg, data, 0).labels  # what the honest handler would train on
+    tamper = attack_hook("label-flip", 3)
+    np.testing.assert_array_equal(tamper(ATTACKER, None, seen), (clean + 1) % 3)
+    np.testing.assert_array_equal(tamper(ATTACKER + 1, None, seen), clean)
+    np.testing.assert_array_equal(client_app.train_chunks(cfg, data, 0).labels, clean)  # patch undone

@@ -81,7 +81,12 @@ def test_skewed_shards_keep_whole_clips():
 
 
 def test_client_trains_on_a_perturbed_copy_and_the_files_stay_untouched(demo_manifest, tmp_path):
-    from dsl_fed.federated.client_app import shard
+    from dsl_fed.data.nodes import node_data
+    from dsl_fed.federated.client_app import train_chunks
+
+    def shard(cfg, node):
+        data = node_data(node, cfg.data, None)
+        return train_chunks(cfg, data, int(node["partition-id"])), list(data.classes)
 
     files = sorted(demo_manifest.parent.rglob("*.wav"))
     before = hashlib.sha256(b"".join(p.read_bytes() for p in files)).hexdigest()

@@ -84,13 +84,11 @@ def train(msg: Message, context: Context, app_dir: Path | None = None) -> Messag
     config = msg.content["config"]
     server_round, phase = int(config["server-round"]), int(config["phase"])
     data = local_data(cfg, context, config)
-    chunks = _chunks(cfg.data, data, "train")
+    partition = client_id(context, data)
+    chunks = train_chunks(cfg, data, partition)
     if chunks is None:
         raise _node_error(context, f"{data.source}: no training clips (partition train or no partition)")
     classes = list(data.classes)
-    partition = client_id(context, data)
-    if cfg.robustness != RobustnessConfig():  # simulated noise, label flips or skew on this client's copy
-        chunks = perturb_client(chunks, cfg.robustness, len(classes), partition, cfg.data.seed)
     seed = client_seed(cfg.training.seed, server_round, partition)
 
     remember_full_model(msg, context)
@@ -250,6 +248,14 @@ def local_data(cfg: Config, context: Context, config: Mapping[str, object]) -> N
 def _node_error(context: Context, message: str) -> DslFedError:
     LOG.error("[dsl_fed] node %s: %s", context.node_id, message)
     return DslFedError(f"node {context.node_id}: {message}")
+
+
+def train_chunks(cfg: Config, data: NodeData, partition: int) -> ChunkSet | None:
+    """The node's training chunks; an experiment's simulated noise, label flips or skew act on this copy only."""
+    chunks = _chunks(cfg.data, data, "train")
+    if chunks is not None and cfg.robustness != RobustnessConfig():
+        chunks = perturb_client(chunks, cfg.robustness, len(data.classes), partition, cfg.data.seed)
+    return chunks
 
 
 def _chunks(data_cfg: DataConfig, data: NodeData, part: str) -> ChunkSet | None:
