@@ -74,6 +74,7 @@ def run(config_path: Path, overrides: list[str], tamper: Tamper | None = None) -
     """Train federated in-process and score the final global model on the devel speakers."""
     start = time.perf_counter()
     cfg: Config = load_config(config_path, overrides)
+    client_app.limit_threads(cfg.federated.client_cpus)  # the clients take turns in this process: one client's share
     manifest = read_manifest(cfg.data.manifest, seed=cfg.data.seed)
     num_nodes = count_shards(cfg, manifest)
     keras.backend.clear_session()

@@ -56,3 +56,33 @@ def test_label_flip_attacker_trains_on_labels_shifted_by_one_class(demo_manifest
     np.testing.assert_array_equal(tamper(ATTACKER, None, seen), (clean + 1) % 3)
     np.testing.assert_array_equal(tamper(ATTACKER + 1, None, seen), clean)
     np.testing.assert_array_equal(client_app.train_chunks(cfg, data, 0).labels, clean)  # patch undone
+
+
+def test_a_rerun_skips_the_runs_already_recorded_with_the_same_settings(tmp_path):
+    import json
+
+    from simulations.poisoning import finished_cells
+
+    path = tmp_path / "cells.jsonl"
+    cell = {"uar": 0.5, "seconds": 10.0, "cpu_seconds": 8.0}
+    rows = [{"base": ["a=1"], "strategy": "krum", "attack": "noise", **cell},
+            {"base": ["a=2"], "strategy": "krum", "attack": "scale", **cell}]  # other settings: not reused
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert finished_cells(path, ["a=1"]) == {("krum", "noise"): cell}
+    assert finished_cells(tmp_path / "none.jsonl", ["a=1"]) == {}
+
+
+def test_verdicts_are_computed_from_the_table(tmp_path):
+    import argparse
+
+    from simulations.poisoning import write_results
+
+    uar = {("fedavg", "none"): 0.9, ("fedavg", "scale"): 0.4, ("fedmedian", "scale"): 0.86, ("krum", "scale"): 0.8}
+    results = {cell: {"uar": u, "seconds": 1.0, "cpu_seconds": 30.0} for cell, u in uar.items()}
+    args = argparse.Namespace(rounds=3, speakers=11, strategies="fedavg,fedmedian,krum", attacks="scale",
+                              overrides=[], out=tmp_path / "p.md")
+    write_results(args, ["fedavg", "fedmedian", "krum"], ["none", "scale"], results)
+    text = args.out.read_text()
+    assert "- scale: fedmedian; FedAvg does not (0.400)." in text
+    assert "| krum | — | 0.800 |" in text and "4 runs, 2 CPU-minutes" in text
+    assert args.out.with_suffix(".png").stat().st_size > 0
