@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -51,6 +52,18 @@ def test_three_clients_two_plus_one_rounds_beat_chance_and_publish_every_round(s
     rounds = [line for line in lines if line.startswith("round ")]
     assert [line.split(" |")[0] for line in rounds] == ["round 1/3 phase 1", "round 2/3 phase 1", "round 3/3 phase 2"]
     assert (run_dir / "logs" / "flower.log").stat().st_size > 0
+
+
+def test_every_ray_actor_runs_tensorflow_with_the_client_thread_limit(simulated):
+    """Ray forwards each ClientApp actor's log into the run's log: each reports the threads TensorFlow runs with."""
+    _, run_dir, _, _ = simulated
+    log = (run_dir / "logs" / "flower.log").read_text(errors="replace")
+    reports = re.findall(r"ClientAppActor pid=(\d+)\D.*TensorFlow threads in process (\d+): (\d+) intra-op / (\d+) inter-op",
+                         log)
+    assert reports, "no ClientApp actor reported its TensorFlow threads"
+    for actor, pid, intra, inter in reports:
+        assert actor == pid and (intra, inter) == ("1", "1"), (actor, pid, intra, inter)  # federated.client_cpus: 1
+    assert "cannot apply in this process" not in log
 
 
 def test_resume_through_flower_gives_the_uninterrupted_round_3(simulated, tmp_path):

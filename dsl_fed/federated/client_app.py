@@ -303,7 +303,13 @@ def limit_threads(cpus: float) -> bool:
     current = (threading.get_intra_op_parallelism_threads(), threading.get_inter_op_parallelism_threads())
     if current != (n, n):
         _warn_threads_fixed(current, n)
+    _report_threads(current)
     return current == (n, n)
+
+
+@functools.cache  # once per process: a Ray actor or SuperNode log then shows what each process runs with
+def _report_threads(current: tuple[int, int]) -> None:
+    LOG.info("TensorFlow threads in process %d: %d intra-op / %d inter-op", os.getpid(), *current)
 
 
 @functools.cache  # once per process and setting: every later message would say the same
