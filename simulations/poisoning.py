@@ -118,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "poisoning.md")
     parser.add_argument("--cells", type=Path, default=REPO / "runs" / "poisoning-cells.jsonl",
                         help="finished runs, one JSON line each; a re-run with the same settings skips them")
+    parser.add_argument("--write-only", action="store_true", help="write the table from the recorded runs, run none")
     parser.add_argument("overrides", nargs="*", help="further section.key=value settings")
     args = parser.parse_args(argv)
     strategies, attacks = args.strategies.split(","), args.attacks.split(",")
@@ -127,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             "federated.num_malicious=1", "federated.trim_fraction=0.2", "output.name=poisoning", *args.overrides]
     cells = [("fedavg", "none"), *((s, a) for a in attacks for s in strategies)]  # a cut-short grid has whole attacks
     results = finished_cells(args.cells, base)
-    todo = [cell for cell in cells if cell not in results]
+    todo = [cell for cell in cells if cell not in results and not args.write_only]
     print(f"{len(cells) - len(todo)} of {len(cells)} runs already in {args.cells}; {len(todo)} to go", flush=True)
     # One process per run (TensorFlow state stays per run); `--jobs` of them at a time.
     with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -186,6 +187,11 @@ def write_results(args: argparse.Namespace, strategies: list[str], attacks: list
     lines += ["", f"At most 5 points below clean FedAvg ({clean:.3f}) under each attack:"]
     for attack in attacks[1:]:
         measured = [s for s in strategies if (s, attack) in uar]
+        if len(measured) < len(strategies):
+            missing = ", ".join(s for s in strategies if s not in measured)
+            lines.append(f"- {attack}: not run with {missing} (the grid was cut short)")
+            if not measured:
+                continue
         held = [s for s in measured if uar[(s, attack)] >= clean - 0.05]
         fedavg = "" if "fedavg" in held or "fedavg" not in measured else f"; FedAvg does not ({uar[('fedavg', attack)]:.3f})"
         lines.append(f"- {attack}: {', '.join(held) or 'none'}{fedavg}.")
