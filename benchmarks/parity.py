@@ -7,7 +7,8 @@ For the demo corpus (`dsl_fed make-demo-data`, intonation) and the eSpeak NG spe
 augment.cutmix=false --seeds 3 --mode both`` with the quickstart schedule and with each candidate's overrides,
 and reports the mean devel UAR of central (best devel epoch) and federated (best devel round) over seeds 0-2,
 the gap, and whether it is within 2 points. About 1 h per schedule on 2 busy cores; resumable (finished cells
-are kept). Writes ``benchmarks/results/parity.md`` (or ``--out``).
+are kept; schedules that change only ``federated.*`` keys share the central cells). Writes
+``benchmarks/results/parity.md`` (or ``--out``).
 """
 
 from __future__ import annotations
@@ -49,7 +50,9 @@ def main() -> int:
     for corpus, manifest in corpora.items():
         for k, extra in enumerate([[], *[c.split() for c in args.candidate]]):
             variant = "quickstart" if k == 0 else f"candidate {k}"
-            name = f"{'quickstart' if k == 0 else f'candidate{k}'}-{'demo' if corpus.startswith('demo') else 'speech'}"
+            # One experiment folder per corpus: cells are named by the settings that shape them, so schedules
+            # that differ only in federated.* keys share their central cells, and reruns reuse every finished cell.
+            name = f"parity-{'demo' if corpus.startswith('demo') else 'speech'}"
             overrides = [f"data.manifest={manifest}", f"output.directory={work / 'parity'}", f"output.name={name}",
                          *extra]
             out = run_experiment(CONFIG, overrides, grid=(("augment.cutmix", ("false",)),), seeds=3)

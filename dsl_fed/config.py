@@ -167,7 +167,7 @@ class TrainingConfig:
 
 
 DP_MODES = ("none", "client", "server")
-DP_STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi")  # aggregate by a mean, which the DP noise is calibrated to
+DP_STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm")  # aggregate by a mean, which the DP noise is calibrated to
 
 
 @dataclass(frozen=True)

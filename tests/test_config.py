@@ -82,7 +82,7 @@ def test_replace_returns_validated_copy():
         ({"data": {"manifest": "x"}, "federated": {"dp": {"clip_norm": -1}}}, r"^federated.dp.clip_norm: must be > 0, got -1.0$"),
         ({"data": {"manifest": "x"}, "federated": {"dp": {"delta": 1}}}, r"^federated.dp.delta: must be in \(0, 1\), got 1.0$"),
         ({"data": {"manifest": "x"}, "federated": {"dp": {"mode": "server"}, "strategy": "krum"}},
-         r"^federated.dp.mode: 'server' works with federated.strategy fedavg, fedprox, fedadam, fedyogi .* not with krum$"),
+         r"^federated.dp.mode: 'server' works with federated.strategy fedavg, fedprox, fedadam, fedyogi, fedavgm .* not with krum$"),
         ({"data": {"manifest": "x"}, "federated": {"dp": {"target_epsilon": 3}}}, r"^federated.dp.target_epsilon: needs federated.dp.mode"),
         ({"data": {"manifest": "x"}, "federated": {"dp": {"mode": "client", "noise_multiplier": 0, "target_epsilon": 3}}},
          r"^federated.dp.target_epsilon: needs federated.dp.noise_multiplier > 0"),

@@ -17,6 +17,7 @@ from dsl_fed.federated.strategy import (
     PhaseSchedule,
     SliceFedAdam,
     SliceFedAvg,
+    SliceFedAvgM,
     SliceFedYogi,
     aggregate_client_metrics,
     make_strategy,
@@ -370,6 +371,18 @@ def test_dp_mean_is_unweighted_and_fedadam_steps_on_the_noised_mean():
     run_round(adam, 1, [{"head/kernel": np.full((2, 2), 5.0), "head/bias": [5.0, 5.0]}] * 3)
     clipped = 5.0 / np.sqrt(6 * 25.0)  # each coordinate of the update clipped to norm 1 over 6 coordinates
     np.testing.assert_allclose(adam.m_t["head/bias"], [0.1 * clipped] * 2, rtol=1e-6)  # Adam saw the clipped mean
+
+
+def test_fedavgm_steps_on_the_clipped_mean_and_phase2_weights_start_without_momentum():
+    s = dp_strategy("server", noise=0.0, clip=1.0, cls=SliceFedAvgM, schedule=PhaseSchedule(1, 1), server_momentum=0.5)
+    run_round(s, 1, [{"head/kernel": np.full((2, 2), 5.0), "head/bias": [5.0, 5.0]}] * 3)
+    clipped = 5.0 / np.sqrt(6 * 25.0)  # each coordinate of the update, clipped to norm 1 over 6 coordinates
+    np.testing.assert_allclose(s.model_arrays["head/bias"], [clipped] * 2, rtol=1e-6)  # v = mean update
+    s2 = strategy(SliceFedAvgM, schedule=PhaseSchedule(1, 1), server_momentum=0.5)
+    run_round(s2, 1, [{n: np.ones_like(model()[n]) for n in HEAD}] * 3)  # v = 1 on the head: w = 1
+    full, _ = run_round(s2, 2, [{n: np.full_like(model()[n], 2.0) for n in HEAD + TOP}] * 3)
+    np.testing.assert_allclose(full["head/bias"].numpy(), [2.5, 2.5])  # v = 0.5 * 1 + (2 - 1)
+    np.testing.assert_allclose(full["top/kernel"].numpy(), np.full(3, 2.0))  # its first step: v = 2 - 0
 
 
 def test_client_mode_rejects_unclipped_or_zero_updates():

@@ -533,27 +533,30 @@ class SliceFedYogi(_ServerAdaptive, FedYogi):
 
 
 class SliceFedAvgM(SliceAggregation, FedAvgM):
-    """FedAvgM: Flower's server momentum on the slice; momentum is kept by name across the phase change."""
+    """FedAvgM (Hsu et al., 2019): server momentum on the mean slice update, kept per weight name.
+
+    Like FedAdam/FedYogi the step follows the mean (and, with DP, its noise), so DP composes with it: the
+    momentum only post-processes noised means. Flower's FedAvgM keeps momentum as a list by array position,
+    which the phase change reorders; here a weight that joins in phase 2 starts with zero momentum.
+    """
 
     _STATE = ("momentum",)
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self.momentum: dict[str, np.ndarray] = {}
-        self._momentum_names: list[str] = []  # the order of Flower's `momentum_vector`
 
-    def _align_optimizer_state(self, names: list[str]) -> None:
-        # Flower keeps the momentum as a list in the order of the round's arrays: rebuild it for this slice.
-        if self.momentum_vector is not None:
-            self.momentum = dict(zip(self._momentum_names, self.momentum_vector, strict=True))
-        self.momentum_vector = [self.momentum.get(n, np.zeros_like(self.model_arrays[n])) for n in names] if self.momentum else None
-        self._momentum_names = list(names)
-        self.current_arrays = self._record(names, "float32")
+    def _combine(self, server_round: int, replies: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        return FedAvg.aggregate_train(self, server_round, replies)
 
-    def state_arrays(self) -> dict[str, np.ndarray]:
-        if self.momentum_vector is not None:
-            self.momentum = dict(zip(self._momentum_names, self.momentum_vector, strict=True))
-        return super().state_arrays()
+    def _server_step(self, aggregated: ArrayRecord) -> ArrayRecord:
+        out = {}
+        for name, array in aggregated.items():
+            x = self.model_arrays[name].astype(np.float64)
+            v = self.server_momentum * self.momentum.get(name, 0.0) + (array.numpy().astype(np.float64) - x)
+            self.momentum[name] = v
+            out[name] = Array((x + self.server_learning_rate * v).astype(np.float32))
+        return ArrayRecord(out)
 
 
 class SliceFedMedian(SliceAggregation, FedMedian):
