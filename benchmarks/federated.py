@@ -3,6 +3,7 @@ float16 on the wire), central vs federated UAR on the demo corpus, and a real de
 
     python benchmarks/federated.py            # quickstart config, 10-speaker demo corpus (~5 min on 2 cores)
     python benchmarks/federated.py --quick    # 8 speakers, 1 + 1 rounds (~2 min)
+    python benchmarks/federated.py --only deployment   # just the simulation vs deployment section (~10 min)
 
 Three runs of ``configs/quickstart.yaml`` (or ``--config``) on a fresh demo corpus: central (`dsl_fed.central`),
 federated float32 and federated float16 (`dsl_fed simulate`, one client per shard: ``data.shards``). Both modes
@@ -19,6 +20,8 @@ the training share of a round is ``sum(client train seconds) / concurrency``; wh
 is Flower/Ray overhead. Round 1 also pays for starting Ray and the client processes, reported separately,
 as is the one-time start of the SuperLink and ServerApp (CLI wall time minus the rounds).
 Writes ``benchmarks/results/federated.md`` (and prints it); the header records the machine load.
+``--only deployment`` runs the float32 simulation and the deployment alone and replaces just that section of
+the file, which then names its own run (command, date, load); the other sections keep theirs.
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="8-speaker corpus, 1 + 1 rounds")
     parser.add_argument("--config", type=Path, default=CONFIG, help="YAML config (default: configs/quickstart.yaml)")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--only", choices=["deployment"],
+                        help="run only the simulation vs deployment comparison; replace that section of --out")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
 
@@ -56,16 +61,22 @@ def main() -> int:
         overrides = [f"data.manifest={manifest}", f"output.directory={work / 'runs'}", "output.name=bench"]
         if args.quick:
             overrides += ["federated.phase1_rounds=1", "federated.phase2_rounds=1"]
-        central, federated = compare(args.config, overrides)
-        fp16 = run_federated(args.config, overrides + ["output.name=bench-fp16", "federated.transfer_dtype=float16"])
-        deployed = run_deployment(args.config, overrides + ["output.name=bench-deploy"])
-        report = "\n\n".join([
-            header(args, speakers, clips, started),
-            "## Central vs federated (same config and seed; best devel epoch vs best devel round)\n\n" + markdown([central, federated]),
-            "## Wall time vs local training (federated, float32)\n\n" + overhead_table(federated),
-            "## Bytes on the wire\n\n" + bytes_table(args.config, overrides, federated, fp16),
-            "## Real deployment vs simulation (float32)\n\n" + deployment_table(federated, deployed),
-        ])
+        if args.only == "deployment":
+            federated = run_federated(args.config, overrides + ["output.name=bench-federated"])
+            deployed = run_deployment(args.config, overrides + ["output.name=bench-deploy"])
+            section = deployment_section(federated, deployed, header(args, speakers, clips, started))
+            report = replace_section(args.out.read_text() if args.out.is_file() else "# Federated benchmark", section)
+        else:
+            central, federated = compare(args.config, overrides)
+            fp16 = run_federated(args.config, overrides + ["output.name=bench-fp16", "federated.transfer_dtype=float16"])
+            deployed = run_deployment(args.config, overrides + ["output.name=bench-deploy"])
+            report = "\n\n".join([
+                "# Federated benchmark\n\n" + header(args, speakers, clips, started),
+                "## Central vs federated (same config and seed; best devel epoch vs best devel round)\n\n" + markdown([central, federated]),
+                "## Wall time vs local training (federated, float32)\n\n" + overhead_table(federated),
+                "## Bytes on the wire\n\n" + bytes_table(args.config, overrides, federated, fp16),
+                deployment_section(federated, deployed),
+            ])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(report + "\n")
     print(report)
@@ -73,15 +84,32 @@ def main() -> int:
 
 
 def header(args: argparse.Namespace, speakers: int, clips: int, started: float) -> str:
+    """Which command ran when, under what load, on which config and corpus."""
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    flags = (" --quick" if args.quick else "") + (f" --only {args.only}" if args.only else "")
     return (
-        f"# Federated benchmark\n\n"
-        f"`python benchmarks/federated.py{' --quick' if args.quick else ''}` on {time.strftime('%Y-%m-%d %H:%M')}, "
+        f"`python benchmarks/federated.py{flags}` on {time.strftime('%Y-%m-%d %H:%M')}, "
         f"{os.cpu_count()} CPUs, load average {load} (shared machine), {time.time() - started:.0f} s in total.\n"
         f"Config `{args.config.relative_to(ROOT) if args.config.is_relative_to(ROOT) else args.config}` with "
         f"{'`federated.phase1_rounds=1 federated.phase2_rounds=1`, ' if args.quick else ''}"
         f"demo corpus {speakers} speakers x {clips} clips per class."
     )
+
+
+DEPLOYMENT = "## Real deployment vs simulation (float32)"
+
+
+def deployment_section(simulated, deployed: tuple[Path, float], provenance: str = "") -> str:
+    """The deployment section; `provenance` (a `header`) when it is not from the run the file's header names."""
+    intro = f"{provenance} The sections above are from the run named at the top.\n\n" if provenance else ""
+    return f"{DEPLOYMENT}\n\n{intro}{deployment_table(simulated, deployed)}"
+
+
+def replace_section(report: str, section: str) -> str:
+    """`report` with its deployment section (up to the next ``## `` heading) replaced by `section`, or appended."""
+    before, found, after = report.partition(DEPLOYMENT)
+    rest = "\n\n" + after[after.index("\n## ") + 1:] if found and "\n## " in after else ""
+    return before.rstrip() + "\n\n" + section + rest.rstrip()
 
 
 def overhead_table(outcome) -> str:

@@ -7,6 +7,7 @@ the way Flower's simulation engine does (minus Ray), so server and client logic 
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -119,6 +120,7 @@ class InProcessGrid:
     def send_and_receive(self, messages, timeout=None) -> list[Message]:
         replies = []
         for msg in messages:
+            msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex  # as Flower's Grid does when it sends
             self.sent.append(msg)
             context = self.contexts[msg.metadata.dst_node_id]
             try:

@@ -86,10 +86,25 @@ def test_phase1_reply_is_exactly_the_head_then_phase2_head_plus_top_layers(setup
     assert "tiny_bn2/moving_mean" not in reply.content["arrays"]  # BatchNorm statistics never travel
 
 
-def test_slice_without_a_stored_model_is_an_error(setup):
+def test_a_node_without_the_model_asks_for_it_and_a_node_that_cannot_take_part_says_why_in_one_line(
+        setup, tmp_path, caplog):
+    """Both are error replies the server acts on, not exceptions (Flower would log a traceback on the node)."""
+    import logging
+
+    from dsl_fed.federated.protocol import NEEDS_FULL_MODEL, NODE_FAILED
+
     rc, _, full = setup
-    with pytest.raises(DslFedError, match="holds no model"):
-        train(message({n: full[n] for n in HEAD}), node(rc))
+    for kind in ("train", "evaluate"):  # a restarted SuperNode: same node, empty state
+        reply = app(message({n: full[n] for n in HEAD}, kind=kind), node(rc))
+        assert reply.has_error() and reply.error.code == NEEDS_FULL_MODEL
+    missing = Context(run_id=1, node_id=7, node_config={"data-path": str(tmp_path / "node_3")}, state=RecordDict(),
+                      run_config=dict(rc))
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="flwr.dsl_fed"):
+        reply = app(message(full, **{"full-model": True, "classes": ["falling", "flat", "rising"]}), missing)
+    assert reply.has_error() and reply.error.code == NODE_FAILED
+    assert reply.error.reason == f"data-path {tmp_path / 'node_3'}: does not exist"
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [("ERROR", f"[dsl_fed] node 7: {reply.error.reason}")]
 
 
 def test_same_round_and_node_give_the_same_update_other_rounds_differ(setup):

@@ -51,7 +51,7 @@ def test_node_config_resolver_data_path_partition_id_or_neither(split, demo_mani
     with pytest.raises(DslFedError, match=r"partition-id 2 outside 0\.\.1"):
         node_data({"partition-id": 2, "num-partitions": 2}, data, CLASSES)
     assert node_data({"partition-id": 1, "num-partitions": 2}, data, None).classes == tuple(CLASSES)
-    with pytest.raises(DslFedError, match="manifest not found"):
+    with pytest.raises(DslFedError, match=f"^data-path {tmp_path / 'nowhere'}: does not exist$"):
         node_data({"data-path": str(tmp_path / "nowhere")}, data, CLASSES)
     (tmp_path / "empty").mkdir()
     with pytest.raises(DslFedError, match="the folder is empty"):

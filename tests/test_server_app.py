@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, Message
+from flwr.app import Array, ArrayRecord, Message, RecordDict
 from flower_helpers import InProcessGrid, run_config, saved_weights, write_config
 from flower_helpers import task_identity  # noqa: F401 (autouse fixture)
 
@@ -199,7 +199,10 @@ def test_pyproject_app_config_matches_the_run_config_defaults():
 
 @pytest.mark.slow  # a federated run of the tiny model in-process: 10-40 s on 2 cores
 def test_a_server_without_audio_scores_by_summing_the_nodes_confusion_counts(demo_manifest, tmp_path):
-    """Nodes hold only their own folders (train, devel and test speakers); the server holds no manifest."""
+    """Nodes hold only their own folders (train, devel and test speakers); the server holds no manifest.
+
+    Node 101 restarts after round 1 (same node, empty state): round 2 sends it the full model again and it trains.
+    """
     import keras
 
     from dsl_fed.data import load_chunks, read_manifest
@@ -211,9 +214,19 @@ def test_a_server_without_audio_scores_by_summing_the_nodes_confusion_counts(dem
                                  federated={"phase1_rounds": 1, "phase2_rounds": 1, "min_available_nodes": 2,
                                             "evaluate_test": True}),
                     overrides="data.classes=falling,flat,rising")
-    grid = InProcessGrid(rc, 2, node_configs=[{"data-path": str(f)} for f in folders])
+
+    def restart(index, msg, reply):
+        if index == 1 and msg.metadata.message_type == "evaluate" and msg.content["config"]["server-round"] == 1:
+            grid.contexts[101].state = RecordDict()
+        return reply
+
+    grid = InProcessGrid(rc, 2, sabotage=restart, node_configs=[{"data-path": str(f)} for f in folders])
     run_server(grid, rc)
     run = RunDirectory(tmp_path / "runs" / "fed")
+    clients = run.manifest(2)["extra"]["clients"]
+    assert clients["failed"] == [] and sorted(clients["contributors"]) == [100, 101]
+    resent = [m for m in grid.sent if m.content["config"]["server-round"] == 2 and m.content["config"]["full-model"]]
+    assert [(m.metadata.dst_node_id, m.metadata.message_type) for m in resent] == [(101, "train")]
     manifest = read_manifest(demo_manifest)
     for k in (1, 2):
         extra = run.manifest(k)["extra"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import uuid
 
 import numpy as np
 import pytest
@@ -47,7 +48,17 @@ class FakeGrid:
         return self.nodes
 
     def send_and_receive(self, messages, timeout=None):
-        return [self.client(m.metadata.dst_node_id, m) for m in messages]
+        replies = []
+        for m in messages:
+            stamp(m)
+            replies.append(self.client(m.metadata.dst_node_id, m))
+        return replies
+
+
+def stamp(msg: Message) -> Message:
+    """Give a message the id Flower's Grid gives it when it is sent (replies name it in reply_to_message_id)."""
+    msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+    return msg
 
 
 def reply(msg: Message, arrays: dict[str, np.ndarray], num_examples: float, partition: int = 0, **metrics) -> Message:
@@ -241,6 +252,63 @@ def test_start_completes_with_a_failing_and_a_nan_client():
     np.testing.assert_array_equal(result.arrays["head/bias"].numpy(), [1.0, 1.0])
     assert [len(s.rounds[r].failed) for r in (1, 2)] == [1, 1]
     assert [len(s.rounds[r].rejected) for r in (1, 2)] == [1, 1]
+
+
+def test_a_node_that_lost_its_model_gets_it_within_the_round_and_trains_and_evaluates_in_it():
+    """A restarted SuperNode keeps its node id but not its state: it asks, and the round re-sends it the model."""
+    from dsl_fed.federated.protocol import NEEDS_FULL_MODEL
+
+    holds: set[int] = set()  # nodes whose state holds the model
+    restart = {(2, "train"): 12, (2, "evaluate"): 13}  # (round, kind) -> node restarted just before it
+
+    def client(node, msg):
+        config = msg.content["config"]
+        holds.discard(restart.pop((config["server-round"], msg.metadata.message_type), None))
+        if config["full-model"]:
+            holds.add(node)
+        elif node not in holds:
+            return Message(Error(code=NEEDS_FULL_MODEL, reason=f"node {node} holds no model"), reply_to=msg)
+        if msg.metadata.message_type == "evaluate":
+            return Message(RecordDict({"metrics": MetricRecord({"num-examples": 1, "devel-score": float(node)})}),
+                           reply_to=msg)
+        return reply(msg, {n: np.full(model()[n].shape, float(node)) for n in HEAD}, 1, node)
+
+    grid = FakeGrid(client=client)
+    grid.sent = []
+    send = grid.send_and_receive
+    grid.send_and_receive = lambda messages, timeout=None: (grid.sent.extend(messages), send(messages, timeout))[1]
+    s = strategy(fraction_evaluate=1.0, min_evaluate_nodes=1)
+    result = s.start(grid=grid, initial_arrays=s.full_record(), num_rounds=2, timeout=7)
+    stats = s.rounds[2]
+    assert stats.failed == [] and stats.aggregated == 3 and sorted(stats.contributors) == [11, 12, 13]
+    np.testing.assert_array_equal(result.arrays["head/bias"].numpy(), [12.0, 12.0])  # mean of 11, 12, 13
+    assert result.evaluate_metrics_clientapp[2]["devel-score"] == pytest.approx(12.0)  # all three evaluated
+    again = [m for m in grid.sent if m.content["config"]["server-round"] == 2 and m.content["config"]["full-model"]]
+    assert [(m.metadata.dst_node_id, m.metadata.message_type) for m in again] == [(12, "train"), (13, "evaluate")]
+    assert sent_names(again[0]) == set(model()) and again[0].content["config"]["phase"] == 1
+    full, head = (ArrayRecord({n: Array(model()[n]) for n in names}).count_bytes() for names in (model(), HEAD))
+    assert stats.bytes_down == 3 * head + full + 3 * head + full  # train (3 slices + 1 model), then evaluate
+    assert s._timeout == 7  # the re-sent messages wait as long as the round's
+
+
+def test_a_round_waits_for_min_available_nodes_only_for_node_wait_seconds(caplog):
+    class Growing(FakeGrid):  # a second node connects while the round waits
+        calls = 0
+
+        def get_node_ids(self):
+            self.calls += 1
+            return [11] if self.calls < 3 else [11, 12]
+
+    s = strategy(min_train_nodes=1, node_wait=30.0)
+    assert sorted(m.metadata.dst_node_id for m in s.configure_train(1, ArrayRecord(), ConfigRecord(), Growing())) == [11, 12]
+    s = strategy(min_train_nodes=1, node_wait=0.2)  # min_available_nodes=2, one node left
+    with caplog.at_level(logging.WARNING, logger="flwr.dsl_fed"):
+        assert len(list(s.configure_train(1, ArrayRecord(), ConfigRecord(), FakeGrid([11])))) == 1
+    assert "1 node(s) connected after waiting 0 s for min_available_nodes=2; going on with them" in caplog.text
+    assert s.min_available_nodes == 1  # the next round does not wait again
+    with pytest.raises(DslFedError, match=r"^round 1: only 1 node\(s\) connected after waiting 0 s, but its train "
+                                          r"needs at least 2$"):
+        list(strategy(node_wait=0.2).configure_train(1, ArrayRecord(), ConfigRecord(), FakeGrid([11])))
 
 
 def run_round(s, rnd, updates, grid=None):

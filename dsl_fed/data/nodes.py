@@ -80,6 +80,8 @@ def _own_folder(path: Path, classes: Sequence[str] | None) -> NodeData:
         raise DslFedError("the run gives no class list; set data.classes (or give the server a held-out manifest)")
     if not path.is_absolute():
         raise DslFedError(f"data-path {str(path)!r} must be an absolute path")
+    if not path.exists():
+        raise DslFedError(f"data-path {path}: does not exist")
     if path.is_dir() and not any(path.iterdir()):
         raise DslFedError(f"data-path {path}: the folder is empty")
     if (path / NODE_MANIFEST).is_file():

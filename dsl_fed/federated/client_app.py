@@ -6,7 +6,12 @@ comes with every message from the server; a label outside it is an error naming 
 
 A node is told by the server which phase to train (``config["phase"]``). It receives the full model the first
 time it is addressed (kept in ``context.state``, i.e. on the node) and afterwards only the phase's trainable
-slice, which it loads on top. It trains that slice with `dsl_fed.train.train_local` on its own chunks and
+slice, which it loads on top. A node that gets a slice but holds no model (its SuperNode restarted) replies
+with a `NEEDS_FULL_MODEL` error and gets the full model again within the round.
+
+A node that cannot take part (data path missing or empty, a label outside the run's classes, ...) writes one
+line to its log and replies with a `NODE_FAILED` error naming itself and the reason: not a raised exception,
+which Flower would log as a traceback on the node. It trains that slice with `dsl_fed.train.train_local` on its own chunks and
 replies with exactly those weights (an ArrayRecord keyed by weight name) and scalar metrics. Audio,
 spectrograms and any other weights never leave the node.
 
@@ -41,7 +46,7 @@ from pathlib import Path  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict  # noqa: E402
+from flwr.app import Array, ArrayRecord, Context, Error, Message, MetricRecord, RecordDict  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
 
 from dsl_fed.config import Config, DataConfig, RobustnessConfig  # noqa: E402
@@ -55,6 +60,7 @@ from dsl_fed.predict import predict_clips  # noqa: E402
 from dsl_fed.robustness import perturb_client  # noqa: E402
 from dsl_fed.train import train_local  # noqa: E402
 from dsl_fed.federated.clipping import clipping_mod  # noqa: E402
+from dsl_fed.federated.protocol import NEEDS_FULL_MODEL, NODE_FAILED  # noqa: E402
 from dsl_fed.federated.run_config import config_from_run_config  # noqa: E402
 
 MODEL_STATE_KEY = "dsl_fed-model"  # context.state entry holding the full model this node received
@@ -67,13 +73,27 @@ def create_app(app_dir: Path | None = None) -> ClientApp:
 
     @app.train(mods=[clipping_mod])  # federated.dp.mode=client: clip the slice update before it leaves
     def _train(msg: Message, context: Context) -> Message:
-        return train(msg, context, app_dir)
+        return handle(train, msg, context, app_dir)
 
     @app.evaluate()
     def _evaluate(msg: Message, context: Context) -> Message:
-        return evaluate(msg, context, app_dir)
+        return handle(evaluate, msg, context, app_dir)
 
     return app
+
+
+def handle(handler, msg: Message, context: Context, app_dir: Path | None) -> Message:
+    """Run `handler`, or answer with the error reply the server acts on (see the module docstring)."""
+    if not bool(msg.content["config"].get("full-model", False)) and MODEL_STATE_KEY not in context.state.array_records:
+        LOG.warning("[dsl_fed] node %s: got only the weight slice but holds no model (restarted); asking the "
+                    "server for the full model", context.node_id)
+        return Message(Error(code=NEEDS_FULL_MODEL, reason="holds no model (restarted)"), reply_to=msg)
+    try:
+        return handler(msg, context, app_dir)
+    except DslFedError as exc:
+        LOG.error("[dsl_fed] %s", exc)
+        reason = str(exc).removeprefix(f"node {context.node_id}: ")  # the server names the node itself
+        return Message(Error(code=NODE_FAILED, reason=reason), reply_to=msg)
 
 
 def train(msg: Message, context: Context, app_dir: Path | None = None) -> Message:
@@ -97,10 +117,8 @@ def train(msg: Message, context: Context, app_dir: Path | None = None) -> Messag
     names = trainable_weight_names(model)
     missing = sorted(set(names) - set(msg.content["arrays"].keys()))
     if missing:
-        raise DslFedError(
-            f"phase {phase} trains {len(names)} weights but the server sent none for {missing[:3]}; "
-            "server and clients must run the same config"
-        )
+        raise _node_error(context, f"phase {phase} trains {len(names)} weights but the server sent none for "
+                                   f"{missing[:3]}; server and clients must run the same config")
     anchor = get_weights_by_name(model, names)
     start = time.perf_counter()
     with proximal_term(model, anchor, float(config.get("proximal-mu", 0.0))):
@@ -176,10 +194,8 @@ def global_model(cfg: Config, num_classes: int, msg: Message, context: Context, 
     stored = context.state[MODEL_STATE_KEY]
     expected = set(weight_names(model))
     if set(stored.keys()) != expected:
-        raise DslFedError(
-            "the model this node received does not match the model it builds from the run config "
-            "(server and clients must run the same config)"
-        )
+        raise _node_error(context, "the model this node received does not match the model it builds from the run "
+                                   "config (server and clients must run the same config)")
     set_weights_by_name(model, _numpy(stored))
     if not msg.content["config"].get("full-model", False):
         set_weights_by_name(model, _numpy(msg.content["arrays"]))
@@ -192,10 +208,7 @@ def remember_full_model(msg: Message, context: Context) -> None:
         received = msg.content["arrays"]
         context.state[MODEL_STATE_KEY] = ArrayRecord({n: Array(a.numpy().astype(np.float32)) for n, a in received.items()})
     elif MODEL_STATE_KEY not in context.state.array_records:
-        raise DslFedError(
-            "received only the weight slice but this node holds no model (its state was lost); "
-            "the server re-sends the full model after a failed reply"
-        )
+        raise _node_error(context, "received only the weight slice but holds no model")
 
 
 @contextlib.contextmanager
@@ -234,10 +247,7 @@ class _Proximal:
 
 
 def local_data(cfg: Config, context: Context, config: Mapping[str, object]) -> NodeData:
-    """This node's clips (`node_data`) with the class list the server sent (simulation: the corpus' own).
-
-    A problem is logged as one line in the node's own log and raised, so the server records a failed client.
-    """
+    """This node's clips (`node_data`) with the class list the server sent (simulation: the corpus' own)."""
     classes = config.get("classes")
     try:
         return node_data(context.node_config, cfg.data, list(classes) if classes else None)
@@ -246,7 +256,6 @@ def local_data(cfg: Config, context: Context, config: Mapping[str, object]) -> N
 
 
 def _node_error(context: Context, message: str) -> DslFedError:
-    LOG.error("[dsl_fed] node %s: %s", context.node_id, message)
     return DslFedError(f"node {context.node_id}: {message}")
 
 

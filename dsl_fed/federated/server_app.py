@@ -71,7 +71,11 @@ app = create_app()
 
 def run_server(grid: Grid, run_config: Mapping[str, Any], node_timeout: float = 120.0,
                app_dir: Path | None = None) -> Result | None:
-    """Run (or resume) the whole federated training on `grid`; returns Flower's `Result` (None if nothing to do)."""
+    """Run (or resume) the whole federated training on `grid`; returns Flower's `Result` (None if nothing to do).
+
+    `node_timeout`: seconds the run waits for ``min_available_nodes`` connected nodes, at the start and again
+    before each round's sampling (then it goes on with fewer, down to ``min_train_nodes``).
+    """
     cfg = config_from_run_config(run_config, app_dir)
     resume = resume_requested(run_config)
     eval_manifest = server_eval_manifest(run_config)
@@ -105,7 +109,7 @@ def run_server(grid: Grid, run_config: Mapping[str, Any], node_timeout: float = 
         return None
     strategy = make_strategy(fed, get_weights_by_name(model, weight_names(model)), slice_names(model, cfg),
                              num_nodes=nodes, round_offset=offset, seed=cfg.training.seed,
-                             client_dropout=cfg.robustness.client_dropout)
+                             client_dropout=cfg.robustness.client_dropout, node_wait=node_timeout)
     if resume:
         strategy.load_state_arrays(run.strategy_state(offset))
     federated = None if held_out else FederatedEvaluation(len(classes))

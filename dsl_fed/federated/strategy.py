@@ -7,6 +7,10 @@ the unfrozen top of the backbone. Flower's `Strategy.start` replaces its global 
 strategy combine the slice updates (mean, median, trimmed mean, Krum, Bulyan, ...), merges the result back and
 returns the full model. Weights are addressed by name, never by list position.
 
+A node that lost the model (a restarted SuperNode keeps its node id, not its state) answers a slice with a
+`NEEDS_FULL_MODEL` error; the strategy sends those nodes the full model through the round's Grid before it
+aggregates, so a rejoining node takes part in the round it rejoined in.
+
 Differential privacy sits between the two: Flower's DP wrapper wraps only the combination rule (`_SliceRule`),
 so what it clips and noises is the update of the slice, and a server optimiser (FedAdam, FedYogi) steps on the
 noised mean afterwards - its state never sees an un-noised aggregate.
@@ -43,6 +47,7 @@ from flwr.serverapp.strategy import (
 
 from dsl_fed.config import DpConfig, FederatedConfig
 from dsl_fed.errors import DslFedError
+from dsl_fed.federated.protocol import NEEDS_FULL_MODEL
 from dsl_fed.federated.run_config import PROGRESS_MARK
 from dsl_fed.robustness import dropped_clients
 
@@ -125,6 +130,8 @@ class SliceAggregation:
         client_dropout: Share of the sampled clients that drop out of each round (seeded by `seed` and round).
         dp: Differential privacy of the slice update (``federated.dp``); None or mode ``none``: off.
         num_nodes: Nodes in the federation (needed with DP: the noise is calibrated to the sample size).
+        node_wait: Seconds a round waits for ``min_available_nodes`` before it goes on with fewer (see
+            `_connected_nodes`).
         **strategy_kwargs: Passed to the Flower strategy (fractions, min nodes, proximal_mu, eta, ...).
     """
 
@@ -140,6 +147,7 @@ class SliceAggregation:
         client_dropout: float = 0.0,
         dp: DpConfig | None = None,
         num_nodes: int | None = None,
+        node_wait: float = 120.0,
         **strategy_kwargs,
     ) -> None:
         strategy_kwargs.setdefault("train_metrics_aggr_fn", aggregate_client_metrics)
@@ -168,7 +176,15 @@ class SliceAggregation:
                 raise ValueError("differential privacy needs num_nodes (the noise depends on the sample size)")
             self._rule = dp_wrapper(self._rule, self.dp, self.sample_size(num_nodes, self.fraction_train,
                                                                           self.min_train_nodes))
+        self.node_wait = node_wait
         self._sent: list[Message] = []  # this round's messages: a reply is matched to the node it was sent to
+        self._grid: Grid | None = None  # the round's Grid, to send the full model to nodes that lost it
+        self._timeout = 3600.0  # how long `start` waits for replies
+
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600, **kwargs):
+        """Flower's round loop; the reply timeout is kept for messages sent again within a round."""
+        self._timeout = timeout
+        return super().start(grid, initial_arrays, num_rounds, timeout, **kwargs)
 
     # ------------------------------------------------------------------------------------------- sending
 
@@ -183,6 +199,7 @@ class SliceAggregation:
         phase = self.schedule.phase(rnd)
         names = self.slice_names[phase]
         self.rounds[rnd] = stats = RoundStats(round=rnd, phase=phase)
+        self._grid = grid
         self._align_optimizer_state(names)
         config["phase"] = phase
         config["transfer-dtype"] = self.transfer_dtype
@@ -206,6 +223,7 @@ class SliceAggregation:
         rnd = server_round + self.round_offset
         names = self.slice_names[self.schedule.phase(rnd)]
         config["transfer-dtype"] = self.transfer_dtype
+        self._grid = grid
         messages = self._sample_messages(rnd, ArrayRecord(), config, grid, MessageType.EVALUATE)
         stats = self.rounds.setdefault(rnd, RoundStats(round=rnd, phase=self.schedule.phase(rnd)))
         return self._address(messages, names, config, stats)
@@ -226,14 +244,38 @@ class SliceAggregation:
         if fraction == 0.0:
             return []
         minimum = self.min_train_nodes if train else self.min_evaluate_nodes
-        size = self.sample_size(len(list(grid.get_node_ids())), fraction, minimum)
-        while len(nodes := sorted(grid.get_node_ids())) < max(self.min_available_nodes, size):
-            LOG.info("waiting for nodes to connect: %d connected, %d needed", len(nodes), max(self.min_available_nodes, size))
-            time.sleep(1)
+        nodes = self._connected_nodes(grid, rnd, max(self.min_available_nodes, minimum), minimum, message_type)
+        size = min(self.sample_size(len(nodes), fraction, minimum), len(nodes))
         sampled = random.Random(f"{message_type}-{self.seed}-{rnd}").sample(nodes, size)
         config["server-round"] = rnd
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         return list(self._construct_messages(record, sampled, message_type))
+
+    def _connected_nodes(self, grid: Grid, rnd: int, wanted: int, minimum: int, message_type: str) -> list[int]:
+        """The connected node ids, once `wanted` are connected or `node_wait` seconds have passed.
+
+        Flower's own sampling waits for ``min_available_nodes`` forever, so one dead SuperNode would stall the
+        run. After `node_wait` the round goes on with the nodes there are (and later rounds stop waiting for
+        the missing ones) if they are at least `minimum`; with fewer the run fails, saying so.
+        """
+        deadline = time.monotonic() + self.node_wait
+        seen = -1
+        while len(nodes := sorted(grid.get_node_ids())) < wanted:
+            if time.monotonic() >= deadline:
+                if len(nodes) < max(minimum, 1):
+                    raise DslFedError(
+                        f"round {rnd}: only {len(nodes)} node(s) connected after waiting {self.node_wait:.0f} s, "
+                        f"but its {message_type} needs at least {max(minimum, 1)}")
+                LOG.warning("%s round %d: %d node(s) connected after waiting %.0f s for min_available_nodes=%d; "
+                            "going on with them, later rounds do not wait for the others", PROGRESS_MARK, rnd,
+                            len(nodes), self.node_wait, self.min_available_nodes)
+                self.min_available_nodes = len(nodes)
+                return nodes
+            if len(nodes) != seen:
+                LOG.info("round %d: waiting for nodes to connect: %d connected, %d wanted", rnd, len(nodes), wanted)
+                seen = len(nodes)
+            time.sleep(1)
+        return nodes
 
     def _address(self, messages: list[Message], names: list[str], config: ConfigRecord, stats: RoundStats) -> list[Message]:
         """Give each message its payload: the full model (float32, once per node) or the slice."""
@@ -255,11 +297,37 @@ class SliceAggregation:
 
     def node_of(self, reply: Message) -> int:
         """The node a reply answers for: Flower's error reply for a lost node comes from the SuperLink's id."""
+        asked = self._asked(reply)
+        return asked.metadata.dst_node_id if asked is not None else reply.metadata.src_node_id
+
+    def _asked(self, reply: Message) -> Message | None:
+        """The message of this round that `reply` answers."""
         asked = reply.metadata.reply_to_message_id
-        for msg in self._sent:
-            if asked and msg.metadata.message_id == asked:
-                return msg.metadata.dst_node_id
-        return reply.metadata.src_node_id
+        return next((m for m in self._sent if asked and m.metadata.message_id == asked), None)
+
+    def _with_full_model_resent(self, replies: Iterable[Message], stats: RoundStats) -> list[Message]:
+        """`replies`, where a node asked for the full model replaced by its answer to the full model.
+
+        The node gets the message it asked about again, same config, with the whole model in float32 (as on
+        its first message), through the round's Grid; the round waits for it before anything is aggregated.
+        """
+        replies = list(replies)
+        asking = [r for r in replies if r.has_error() and r.error.code == NEEDS_FULL_MODEL and self._asked(r)]
+        if not asking or self._grid is None:
+            return replies
+        full = self._record(list(self.model_arrays), "float32")
+        again = []
+        for reply in asking:
+            asked = self._asked(reply)
+            config = ConfigRecord({**dict(asked.content[self.configrecord_key]), "full-model": True})
+            again.append(Message(RecordDict({self.arrayrecord_key: full, self.configrecord_key: config}),
+                                 dst_node_id=asked.metadata.dst_node_id, message_type=asked.metadata.message_type))
+            stats.bytes_down += full.count_bytes()
+            LOG.info("%s round %d: node %d holds no model (restarted); sent it the full model",
+                     PROGRESS_MARK, stats.round, asked.metadata.dst_node_id)
+        answers = list(self._grid.send_and_receive(again, timeout=self._timeout))
+        self._sent.extend(again)
+        return [r for r in replies if not any(r is a for a in asking)] + answers
 
     def _record(self, names: Sequence[str], dtype: str) -> ArrayRecord:
         return ArrayRecord({n: Array(_cast(self.model_arrays[n], dtype)) for n in names})
@@ -274,7 +342,7 @@ class SliceAggregation:
         stats = self.rounds[rnd]
         names = self.slice_names[stats.phase]
         valid = []
-        for msg in replies:
+        for msg in self._with_full_model_resent(replies, stats):
             node = self.node_of(msg)
             if msg.has_error():
                 self._nodes_with_model.discard(node)
@@ -331,8 +399,9 @@ class SliceAggregation:
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Average client-side evaluation over the clients that had held-out clips."""
         rnd = server_round + self.round_offset
+        stats = self.rounds.setdefault(rnd, RoundStats(round=rnd, phase=self.schedule.phase(rnd)))
         valid = []
-        for msg in replies:
+        for msg in self._with_full_model_resent(replies, stats):
             if msg.has_error():
                 self._nodes_with_model.discard(self.node_of(msg))
                 LOG.warning(
@@ -606,6 +675,7 @@ def make_strategy(
     round_offset: int = 0,
     seed: int = 0,
     client_dropout: float = 0.0,
+    node_wait: float = 120.0,
 ) -> SliceAggregation:
     """Build the configured strategy (``federated.strategy``, ``federated.dp``) around the server's full model.
 
@@ -645,6 +715,7 @@ def make_strategy(
         client_dropout=client_dropout,
         dp=fed.dp,
         num_nodes=num_nodes,
+        node_wait=node_wait,
         **kwargs,
     )
 
