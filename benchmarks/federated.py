@@ -3,7 +3,7 @@ float16 on the wire), central vs federated UAR on the demo corpus, and a real de
 
     python benchmarks/federated.py            # quickstart config, 10-speaker demo corpus (~5 min on 2 cores)
     python benchmarks/federated.py --quick    # 8 speakers, 1 + 1 rounds (~2 min)
-    python benchmarks/federated.py --only deployment   # just the simulation vs deployment section (~10 min)
+    python benchmarks/federated.py --only deployment federated.phase2_rounds=3   # that section alone, 1 + 3 rounds
 
 Three runs of ``configs/quickstart.yaml`` (or ``--config``) on a fresh demo corpus: central (`dsl_fed.central`),
 federated float32 and federated float16 (`dsl_fed simulate`, one client per shard: ``data.shards``). Both modes
@@ -47,6 +47,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--only", choices=["deployment"],
                         help="run only the simulation vs deployment comparison; replace that section of --out")
+    parser.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE", help="config overrides (recorded)")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
 
@@ -58,7 +59,8 @@ def main() -> int:
         work = Path(tmp)
         speakers, clips = (8, 3) if args.quick else (10, 6)
         manifest = make_demo_corpus(work / "demo", speakers=speakers, clips=clips, seed=0, progress=False)
-        overrides = [f"data.manifest={manifest}", f"output.directory={work / 'runs'}", "output.name=bench"]
+        overrides = [f"data.manifest={manifest}", f"output.directory={work / 'runs'}", "output.name=bench",
+                     *args.overrides]
         if args.quick:
             overrides += ["federated.phase1_rounds=1", "federated.phase2_rounds=1"]
         if args.only == "deployment":
@@ -86,7 +88,8 @@ def main() -> int:
 def header(args: argparse.Namespace, speakers: int, clips: int, started: float) -> str:
     """Which command ran when, under what load, on which config and corpus."""
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    flags = (" --quick" if args.quick else "") + (f" --only {args.only}" if args.only else "")
+    flags = (" --quick" if args.quick else "") + (f" --only {args.only}" if args.only else "") + \
+        "".join(f" {o}" for o in args.overrides)
     return (
         f"`python benchmarks/federated.py{flags}` on {time.strftime('%Y-%m-%d %H:%M')}, "
         f"{os.cpu_count()} CPUs, load average {load} (shared machine), {time.time() - started:.0f} s in total.\n"
