@@ -6,14 +6,14 @@ comes with every message from the server; a label outside it is an error naming 
 
 A node is told by the server which phase to train (``config["phase"]``). It receives the full model the first
 time it is addressed (kept in ``context.state``, i.e. on the node) and afterwards only the phase's trainable
-slice, which it loads on top. A node that gets a slice but holds no model (its SuperNode restarted) replies
-with a `NEEDS_FULL_MODEL` error and gets the full model again within the round.
-
-A node that cannot take part (data path missing or empty, a label outside the run's classes, ...) writes one
-line to its log and replies with a `NODE_FAILED` error naming itself and the reason: not a raised exception,
-which Flower would log as a traceback on the node. It trains that slice with `dsl_fed.train.train_local` on its own chunks and
+slice, which it loads on top. It trains that slice with `dsl_fed.train.train_local` on its own chunks and
 replies with exactly those weights (an ArrayRecord keyed by weight name) and scalar metrics. Audio,
 spectrograms and any other weights never leave the node.
+
+A node that gets a slice but holds no model (its SuperNode restarted) replies with a `NEEDS_FULL_MODEL` error
+and gets the full model within the same round. A node that cannot take part (data path missing or empty, a
+label outside the run's classes, ...) writes one line to its log and replies with a `NODE_FAILED` error giving
+the reason: a raised exception would put Flower's traceback in the node's log.
 
 The model is rebuilt for every message after ``keras.backend.clear_session()``: Ray reuses one actor for
 many nodes and rounds, and a fresh model seeded per (round, node) makes every update independent of what the
