@@ -453,6 +453,15 @@ def test_fedavgm_steps_on_the_clipped_mean_and_phase2_weights_start_without_mome
     np.testing.assert_allclose(full["top/kernel"].numpy(), np.full(3, 2.0))  # its first step: v = 2 - 0
 
 
+@pytest.mark.parametrize("cls", [SliceFedAvgM, SliceFedAdam, SliceFedYogi])
+def test_server_optimisers_keep_scalar_weights_arrays(cls):
+    """ARELU's alpha and beta are 0-d weights: numpy arithmetic on them gives scalars, which Array refuses."""
+    s = cls(model_arrays={"arelu/alpha": np.array(0.9, np.float32)}, slice_names={1: ["arelu/alpha"]},
+            schedule=PhaseSchedule(1, 0), min_train_nodes=2, min_available_nodes=2, fraction_evaluate=0.0)
+    full, _ = run_round(s, 1, [{"arelu/alpha": np.array(1.0)}] * 2)
+    assert full["arelu/alpha"].numpy().shape == () and full["arelu/alpha"].numpy() > 0.9
+
+
 def test_client_mode_rejects_unclipped_or_zero_updates():
     s = dp_strategy("client", noise=0.0, clip=1.0)
     clipped = {"head/kernel": np.full((2, 2), 0.1), "head/bias": [0.1, 0.1]}  # norm 0.245

@@ -570,7 +570,7 @@ class _ServerAdaptive(SliceAggregation):
             self.m_t[name] = m = self.beta_1 * m + (1 - self.beta_1) * delta
             self.v_t[name] = v = self._second_moment(v, delta)
             self.steps[name] = np.int64(t)
-            out[name] = Array((x + self._step_size(t) * m / (np.sqrt(v) + self.tau)).astype(np.float32))
+            out[name] = Array(np.asarray(x + self._step_size(t) * m / (np.sqrt(v) + self.tau), np.float32))
         return ArrayRecord(out)
 
     def _second_moment(self, v: np.ndarray, delta: np.ndarray) -> np.ndarray:
@@ -624,7 +624,7 @@ class SliceFedAvgM(SliceAggregation, FedAvgM):
             x = self.model_arrays[name].astype(np.float64)
             v = self.server_momentum * self.momentum.get(name, 0.0) + (array.numpy().astype(np.float64) - x)
             self.momentum[name] = v
-            out[name] = Array((x + self.server_learning_rate * v).astype(np.float32))
+            out[name] = Array(np.asarray(x + self.server_learning_rate * v, np.float32))  # 0-d weights stay arrays
         return ArrayRecord(out)
 
 
