@@ -11,11 +11,13 @@ the built-in kernels. Targets (2 cores): TFLite fp32 <= 30 ms per 3 s chunk and 
 <= 8.5 MB and <= 0.6x fp32. The CPU's vector extensions are printed next to the numbers: int8 speed depends on
 them (see the notes the script writes).
 
-Accuracy - DenseNet121 trained from scratch (no pretrained weights offline) on the demo corpus at 64x64 px:
-clip-level test UAR of the Keras model and of every TFLite precision, top-1 agreement and the largest
-probability difference per chunk. Target: int8 UAR drop <= 1 point.
+Accuracy - a real backbone trained from scratch (no pretrained weights offline) with `dsl_fed train --central`
+on the demo corpus (`configs/int8_demo.yaml`: ResNet50 at 64x64 px), exported with `dsl_fed export`'s code to
+every precision: clip-level test UAR of the Keras model and of each export, the test clips whose decision
+changed, top-1 agreement and the largest probability difference per chunk. Target: int8 UAR drop <= 1 point.
+`--model RUN/model.keras` measures a model trained before (its run folder's config.yaml is used).
 
-`--quick` uses a smaller corpus, fewer epochs and 10 timed runs (a smoke test). Timings are wall-clock on a
+`--quick` uses a smaller corpus, 2 epochs and 10 timed runs (a smoke test). Timings are wall-clock on a
 possibly shared machine: every row is measured in `--repeats` interleaved rounds and the round with the lowest
 median is kept; the header records the load average. `--keep DIR` keeps the trained model and exports there
 (a second run reuses the trained model).
@@ -24,6 +26,7 @@ median is kept; the header records the load average. `--keep DIR` keeps the trai
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -33,51 +36,58 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from dsl_fed.export import QUANTIZATIONS as PRECISIONS  # noqa: E402 - after the log level is set
+import numpy as np  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
-TRAINED_SETTINGS = {  # DenseNet121 from scratch at 64 px: 1-3 min per epoch on 2 shared cores
-    "data": {"chunk_seconds": 1.0, "hop_seconds": 0.5},
-    "spectrogram": {"image_size": 64, "n_mels": 64},
-    "model": {"backbone": "densenet121", "weights": None, "units": 64, "dropout": 0.25},
-    "training": {"optimizer": "adam", "learning_rate": 0.001, "phase2_lr_factor": 1.0, "batch_size": 32,
-                 "phase1_epochs": 1, "phase2_epochs": 8, "unfrozen_layers": "all"},
-}
+from dsl_fed.export import CALIBRATION_EXAMPLES, QUANTIZATIONS as PRECISIONS  # noqa: E402 - after the log level is set
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "benchmarks" / "results"
+ACCURACY_CONFIG = REPO / "configs" / "int8_demo.yaml"
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=["latency", "accuracy", "both"], default="both")
-    parser.add_argument("--quick", action="store_true", help="small corpus, few epochs, 10 timed runs")
+    parser.add_argument("--quick", action="store_true", help="small corpus, 2 epochs, 10 timed runs")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=None, help="timed runs per row (default 50, --quick 10)")
     parser.add_argument("--repeats", type=int, default=None, help="interleaved rounds, best kept (default 3, --quick 1)")
+    parser.add_argument("--config", type=Path, default=ACCURACY_CONFIG,
+                        help="accuracy: training config, run on a demo corpus made here (default: %(default)s)")
+    parser.add_argument("--model", type=Path, default=None,
+                        help="accuracy: a model.keras from `dsl_fed train --central` instead of training one")
     parser.add_argument("--keep", type=Path, default=None, help="keep (and reuse) the trained model and exports here")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for inference_<part>.md")
     args = parser.parse_args()
     runs = args.runs or (10 if args.quick else 50)
     repeats = args.repeats or (1 if args.quick else 3)
-    from dsl_fed.data.demo import make_demo_corpus
     from dsl_fed.io import atomic_write
 
     with tempfile.TemporaryDirectory(prefix="dsl_fed_bench_") as tmp:
         work = args.keep or Path(tmp)
-        speakers, clips = (8, 3) if args.quick else (10, 6)
-        manifest_csv = work / "demo" / "manifest.csv"
-        if not manifest_csv.is_file():
-            manifest_csv = make_demo_corpus(work / "demo", speakers=speakers, clips=clips, seed=0, progress=False)
         for part in ("latency", "accuracy") if args.part == "both" else (args.part,):
             started = time.time()
             if part == "latency":
-                section = render_latency(benchmark_latency(manifest_csv, work, args.threads, runs, repeats),
-                                         args.threads, runs, repeats)
+                section = render_latency(benchmark_latency(demo_corpus(work, args.quick), work, args.threads, runs,
+                                                           repeats), args.threads, runs, repeats)
             else:
-                section = render_accuracy(benchmark_accuracy(manifest_csv, work, args.threads, args.quick))
+                section = render_accuracy(benchmark_accuracy(args, work))
             report = render(part, section, args, runs, repeats, time.time() - started)
             target = atomic_write(args.out / f"inference_{part}.md", report)
             print(report)
             print(f"written to {target}", file=sys.stderr)
     return 0
+
+
+def demo_corpus(work: Path, quick: bool) -> Path:
+    """The demo corpus in `work` (made once): `dsl_fed make-demo-data`'s default size, smaller with --quick."""
+    from dsl_fed.data.demo import make_demo_corpus
+
+    manifest_csv = work / "demo" / "manifest.csv"
+    if not manifest_csv.is_file():
+        speakers, clips = (8, 3) if quick else (10, 6)
+        manifest_csv = make_demo_corpus(work / "demo", speakers=speakers, clips=clips, seed=0, progress=False)
+    return manifest_csv
 
 
 def log(text: str) -> None:
@@ -189,9 +199,10 @@ def int8_kernel_note(extensions: list[str], ratio: float) -> str:
     """Which XNNPACK int8 GEMM kernels this CPU gets, and what that implies next to the measured ratio.
 
     Kernel choice as in XNNPACK's ``src/configs/gemm-config.c`` (``init_qs8_qc8w_gemm_config``): AVX-512 VNNI
-    -> ``7x16c8__avx512vnni`` (``vpdpbusd``: 64 int8 multiply-adds per instruction, 4x an fp32 FMA on the same
-    width); AVX-VNNI -> ``5x8c8__avxvnni``; AVX2 alone -> ``3x8c8__avx2``, which sign-extends int8 to int16 and
-    uses ``vpmaddwd``: 16 multiply-adds per instruction, the same as an 8-wide fp32 FMA, plus the widening.
+    -> ``7x16c8__avx512vnni`` (``vpdpbusd``: 64 int8 multiply-adds per instruction, accumulate included, 4x an
+    fp32 FMA on the same width); AVX-VNNI -> ``5x8c8__avxvnni``; AVX2 alone -> ``3x8c8__avx2``, which sign-extends
+    int8 to int16, multiplies with ``vpmaddwd`` and accumulates with a separate ``vpaddd``.
+    `benchmarks/xnnpack_kernels.py` times these kernels against the fp32 ones.
     """
     measured = f"Measured here: int8 / fp32 = {ratio:.2f}."
     if "avx512_vnni" in extensions or "avx_vnni" in extensions:
@@ -199,97 +210,128 @@ def int8_kernel_note(extensions: list[str], ratio: float) -> str:
                 "int8 multiply-adds per instruction of an fp32 FMA of the same width).")
     if "avx2" in extensions:
         return (f"{measured} This CPU has AVX2 without VNNI: XNNPACK's int8 kernels (`3x8c8__avx2`) widen int8 "
-                "to int16 and multiply with `vpmaddwd`, 16 multiply-adds per instruction like an 8-wide fp32 FMA, "
-                "plus the widening, so int8 cannot be much faster than fp32 here; its gains are size and memory.")
+                "to int16, multiply with `vpmaddwd` and accumulate with `vpaddd`, about as fast per multiply-add as the "
+                "fp32 FMA kernels (`benchmarks/xnnpack_kernels.py` times both), so int8 cannot be much faster than "
+                "fp32 here; its gains are size and memory.")
     return f"{measured} No AVX2 reported: XNNPACK falls back to SSE kernels."
 
 
 # ----------------------------------------------------------------------------------------------- accuracy
 
 
-def benchmark_accuracy(manifest_csv: Path, work: Path, threads: int, quick: bool) -> dict:
-    """Clip-level test UAR of a trained DenseNet121 (64 px): Keras vs every TFLite precision."""
-    from dsl_fed.config import from_dict
-    from dsl_fed.data.manifest import read_manifest
-    from dsl_fed.data.pipeline import load_chunks
+def benchmark_accuracy(args: argparse.Namespace, work: Path) -> dict:
+    """Clip-level test UAR of a trained model: Keras vs every TFLite precision, and per-chunk agreement."""
+    from dsl_fed.central import load_partitions
     from dsl_fed.export import export_tflite, verify_tflite
     from dsl_fed.litert import TFLiteRunner
     from dsl_fed.metrics import uar
-    from dsl_fed.models import build_model, load_model
+    from dsl_fed.models import load_model
     from dsl_fed.predict import average_by_clip, predict_clips
     from dsl_fed.stats import QUANT_LABELS
-    from dsl_fed.train import train_local
 
-    settings = {**TRAINED_SETTINGS, "data": {**TRAINED_SETTINGS["data"], "manifest": str(manifest_csv)}}
-    if quick:
-        settings["training"] = {**settings["training"], "phase2_epochs": 2}
-    cfg = from_dict(settings)
-    manifest = read_manifest(manifest_csv)
-    train, devel, test = (load_chunks(manifest.partition(p), cfg.data, manifest.classes, progress=False)
-                          for p in ("train", "devel", "test"))
-    model_path = work / "densenet121_64" / "model.keras"
-    if model_path.is_file():
-        log(f"accuracy: reusing {model_path}")
-        model = load_model(model_path)
-    else:
-        log(f"accuracy: training DenseNet121 64 px from scratch on {len(train)} chunks")
-        model = build_model(cfg, len(manifest.classes))
-        train_local(model, train, None, cfg, phase=1, verbose=0)
-        train_local(model, train, devel, cfg, phase=2, verbose=2)
-        model_path.parent.mkdir(parents=True, exist_ok=True)
-        model.save(model_path)
+    model_path, cfg, metrics = trained_model(args, work)
+    manifest, train, _, test = load_partitions(cfg, progress=False)
+    if test is None:
+        raise SystemExit(f"{cfg.data.manifest}: no test partition to measure on")
+    model = load_model(model_path)
     _, probs, labels, _ = predict_clips(model, test)
-    results = {"Keras": {"uar": uar(labels, probs.argmax(axis=1)), "size": None}}
+    keras_decisions = probs.argmax(axis=1)
+    results = {"Keras": {"uar": uar(labels, keras_decisions), "size": None}}
+    exports = work / "exports" / cfg.output.name
     for quant in PRECISIONS:
         log(f"accuracy: TFLite {QUANT_LABELS[quant]}")
-        path = export_tflite(model, work / "densenet121_64" / QUANT_LABELS[quant] / "model.tflite", quant,
+        path = export_tflite(model, exports / QUANT_LABELS[quant] / "model.tflite", quant,
                              representative=train if quant == "int8" else None, classes=manifest.classes, cfg=cfg)
-        chunk_probs = TFLiteRunner(path, threads=threads).predict(test.waveforms)
+        chunk_probs = TFLiteRunner(path, threads=args.threads).predict(test.waveforms)
         _, clip_probs, clip_labels, _ = average_by_clip(chunk_probs, test)
-        check = verify_tflite(model, path, test, threads=threads)
+        check = verify_tflite(model, path, test, threads=args.threads)
         results[f"TFLite {QUANT_LABELS[quant]}"] = {
             "uar": uar(clip_labels, clip_probs.argmax(axis=1)), "size": path.stat().st_size,
             "agreement": check["top1_agreement"], "max_abs_diff": check["max_abs_diff"],
+            "clips_changed": int(np.sum(clip_probs.argmax(axis=1) != keras_decisions)),
         }
-    return {"results": results, "clips": int(len(labels)), "chunks": int(len(test)), "train_chunks": len(train),
-            "params": int(model.count_params()), "epochs": cfg.training.phase2_epochs}
+    per_class = np.bincount(labels, minlength=len(manifest.classes))
+    return {"results": results, "clips": int(len(labels)), "chunks": int(len(test)), "cfg": cfg,
+            "one_clip": 100 / (len(per_class) * per_class.max()),
+            "train_chunks": len(train), "params": int(model.count_params()), "metrics": metrics,
+            "model": model_path}
+
+
+def trained_model(args: argparse.Namespace, work: Path) -> tuple[Path, object, dict]:
+    """`--model`'s run folder, or a `dsl_fed train --central --config` run on a demo corpus in `work` (reused)."""
+    from dsl_fed.central import run_central
+    from dsl_fed.config import load_config
+
+    if args.model is not None:
+        run_dir = args.model.parent
+        cfg = load_config(run_dir / "config.yaml")
+        return args.model, cfg, json.loads((run_dir / "metrics.json").read_text())
+    overrides = [f"data.manifest={demo_corpus(work, args.quick)}", f"output.directory={work / 'runs'}"]
+    if args.quick:
+        overrides += ["training.phase2_epochs=2"]
+    cfg = load_config(args.config, overrides)
+    model_path = cfg.output.run_dir / "model.keras"
+    if model_path.is_file():
+        log(f"accuracy: reusing {model_path}")
+        return model_path, cfg, json.loads((cfg.output.run_dir / "metrics.json").read_text())
+    log(f"accuracy: dsl_fed train --central {args.config} ({cfg.model.backbone}, {cfg.spectrogram.image_size} px)")
+    metrics = run_central(cfg, verbose=2, command=f"python benchmarks/inference.py --part accuracy --config {args.config}")
+    return model_path, cfg, metrics
 
 
 def render_accuracy(result: dict) -> str:
-    r = result["results"]
+    r, cfg, metrics = result["results"], result["cfg"], result["metrics"]
     keras_uar = r["Keras"]["uar"]
     drop = 100 * (keras_uar - r["TFLite int8"]["uar"])
+    training = metrics.get("training", {})
+    name = f"{cfg.model.backbone} trained from scratch"
     lines = [
-        "## Accuracy: DenseNet121 trained from scratch on the demo corpus (64×64 px, 1 s chunks)",
+        f"## Accuracy: {name} ({cfg.spectrogram.image_size}×{cfg.spectrogram.image_size} px, "
+        f"{cfg.data.chunk_seconds:g} s chunks)",
         "",
-        f"{result['params'] / 1e6:.2f} M parameters, phase 1 (head) 1 epoch + phase 2 (everything) "
-        f"{result['epochs']} epochs on {result['train_chunks']} training chunks, best devel epoch kept; "
-        f"test: {result['clips']} clips / {result['chunks']} chunks.",
+        f"Model: `{result['model']}`, {result['params'] / 1e6:.2f} M parameters, random init (`model.weights: "
+        f"{cfg.model.weights or 'null'}`), "
+        f"phase 1 (head) {training.get('phase1_epochs', '?')} epoch(s) + phase 2 ({cfg.training.unfrozen_layers} "
+        f"layers) {training.get('phase2_epochs', '?')} epochs on {result['train_chunks']} training chunks "
+        f"(`{cfg.data.manifest}`), best devel epoch kept (phase {2 if training.get('phase2_best_epoch') else 1}, "
+        f"epoch {training.get('phase2_best_epoch') or training.get('phase1_best_epoch', '?')}): devel UAR "
+        f"{metrics['devel']['uar']:.3f}, test UAR {metrics['test']['uar']:.3f} (chance {1 / len(metrics['classes']):.3f}). "
+        f"Test: {result['clips']} clips / {result['chunks']} chunks (one clip decided differently moves UAR by "
+        f"at least {result['one_clip']:.1f} points); int8 calibrates on "
+        f"{min(CALIBRATION_EXAMPLES, result['train_chunks'])} training chunks.",
         "",
-        "| model | file size | clip UAR (test) | Δ UAR vs Keras [points] | top-1 agreement (chunks) | max abs prob diff |",
-        "|---|---:|---:|---:|---:|---:|",
-        f"| Keras | – | {keras_uar:.3f} | – | – | – |",
+        "| model | file size | clip UAR (test) | Δ UAR vs Keras [points] | test clips decided differently "
+        "| top-1 agreement (chunks) | max abs prob diff |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+        f"| Keras | – | {keras_uar:.3f} | – | – | – | – |",
     ]
     for name, row in r.items():
         if name == "Keras":
             continue
         lines.append(f"| {name} | {row['size'] / 1e6:.2f} MB | {row['uar']:.3f} | {100 * (row['uar'] - keras_uar):+.1f} | "
-                     f"{100 * row['agreement']:.1f} % | {row['max_abs_diff']:.2e} |")
+                     f"{row['clips_changed']} | {100 * row['agreement']:.1f} % | {row['max_abs_diff']:.2e} |")
     lines += ["", "| target | goal | measured | met |", "|---|---|---|---|",
-              f"| int8 UAR drop (trained DenseNet121, demo test) | ≤ 1 point | {drop:+.1f} points | "
+              f"| int8 UAR drop (Keras − int8, test clips) | ≤ 1 point | {drop:+.1f} points | "
               f"{'yes' if drop <= 1.0 else '**no**'} |"]
     return "\n".join(lines)
 
 
 def render(part: str, section: str, args: argparse.Namespace, runs: int, repeats: int, seconds: float) -> str:
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    from dsl_fed.stats import cpu_vector_extensions
+
     command = f"python benchmarks/inference.py --part {part}{' --quick' if args.quick else ''} --threads {args.threads}"
+    if part == "accuracy" and args.model is not None:
+        command += f" --model {args.model}"
+    elif part == "accuracy" and args.config.resolve() != ACCURACY_CONFIG:
+        command += f" --config {args.config}"
     timing = f"{runs} timed runs per row, best of {repeats} interleaved repeats · " if part == "latency" else ""
     return "\n".join([
         f"# Inference benchmark: {part}",
         "",
         f"Command: `{command}` · {timing}load average at the end {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} "
-        f"(other jobs share the CPU) · {seconds / 60:.1f} min",
+        f"(other jobs share the CPU) · {seconds / 60:.1f} min · CPU vector extensions: "
+        f"{', '.join(cpu_vector_extensions()) or 'none reported'}",
         "",
         section,
         "",
