@@ -122,8 +122,10 @@ class Reference:
             y=x, sr=layer.sample_rate, n_fft=layer.n_fft, hop_length=layer.hop, window="hann", center=True,
             pad_mode="constant", power=2.0, n_mels=layer.n_mels, fmin=layer.fmin, fmax=layer.fmax,
         )
-        db = self.librosa.power_to_db(power, ref=layer.db_ref, amin=layer.db_amin)[:, ::-1]
-        db = np.maximum(db, db.max(axis=(1, 2), keepdims=True) - layer.top_db)  # per chunk: librosa's is per call
+        # librosa's own top_db floor (default 80 dB) is taken from the maximum of the whole call, i.e. of the
+        # batch; the layer floors each chunk at its own maximum, so librosa's is switched off and applied per chunk
+        db = self.librosa.power_to_db(power, ref=layer.db_ref, amin=layer.db_amin, top_db=None)[:, ::-1]
+        db = np.maximum(db, db.max(axis=(1, 2), keepdims=True) - layer.top_db)
         low = db.min(axis=(1, 2), keepdims=True)
         grey = (db - low) * (255.0 / np.maximum(db.max(axis=(1, 2), keepdims=True) - low, 1e-6))
         index = np.minimum(np.floor(grey), 254).astype(np.int64)
