@@ -284,13 +284,13 @@ def render_accuracy(result: dict) -> str:
     keras_uar = r["Keras"]["uar"]
     drop = 100 * (keras_uar - r["TFLite int8"]["uar"])
     training = metrics.get("training", {})
-    name = f"{cfg.model.backbone} trained from scratch"
+    scratch = not cfg.model.weights
     lines = [
-        f"## Accuracy: {name} ({cfg.spectrogram.image_size}×{cfg.spectrogram.image_size} px, "
-        f"{cfg.data.chunk_seconds:g} s chunks)",
+        f"## Accuracy: {cfg.model.backbone} {'trained from scratch' if scratch else 'fine-tuned'} "
+        f"({cfg.spectrogram.image_size}×{cfg.spectrogram.image_size} px, {cfg.data.chunk_seconds:g} s chunks)",
         "",
-        f"Model: `{result['model']}`, {result['params'] / 1e6:.2f} M parameters, random init (`model.weights: "
-        f"{cfg.model.weights or 'null'}`), "
+        f"Model: `{result['model']}`, {result['params'] / 1e6:.2f} M parameters, "
+        f"{'random init (`model.weights: null`)' if scratch else f'initial weights `{cfg.model.weights}`'}, "
         f"phase 1 (head) {training.get('phase1_epochs', '?')} epoch(s) + phase 2 ({cfg.training.unfrozen_layers} "
         f"layers) {training.get('phase2_epochs', '?')} epochs on {result['train_chunks']} training chunks "
         f"(`{cfg.data.manifest}`), best devel epoch kept (phase {2 if training.get('phase2_best_epoch') else 1}, "
@@ -317,9 +317,9 @@ def render_accuracy(result: dict) -> str:
 
 
 def render(part: str, section: str, args: argparse.Namespace, runs: int, repeats: int, seconds: float) -> str:
-    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
     from dsl_fed.stats import cpu_vector_extensions
 
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
     command = f"python benchmarks/inference.py --part {part}{' --quick' if args.quick else ''} --threads {args.threads}"
     if part == "accuracy" and args.model is not None:
         command += f" --model {args.model}"
