@@ -180,6 +180,11 @@ def render(rows: list, args: argparse.Namespace, extensions: list[str], sha: str
             continue
         ratios = [times[int8] / times[fp32] for *_, times in rows]
         lines.append(f"| {label} | {', '.join(f'{r:.2f}' for r in ratios)} | {'yes' if max(ratios) <= 0.6 else '**no**'} |")
+    avx2 = [times[PAIRS[0][1]] / times[PAIRS[0][2]] for *_, times in rows]
+    lines += ["", f"With the kernels XNNPACK gives a CPU that has AVX2 but no VNNI, an int8 multiply-add took "
+              f"{min(avx2):.2f}–{max(avx2):.2f}× the time of an fp32 one here, so a model whose time goes mostly "
+              f"into these GEMMs {'cannot' if min(avx2) > 0.6 else 'can'} reach int8 ≤ 0.6× fp32 latency on such a "
+              "CPU by quantisation settings alone (they do not change the kernel)."]
     if "avx512f" in extensions:
         lines += ["", "The AVX2 + FMA row ran the AVX2 kernels on this AVX-512 CPU; an AVX2-only CPU executes the same "
                   "instructions on another microarchitecture, so its ratio can differ (not measured here)."]
