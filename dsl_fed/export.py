@@ -68,10 +68,9 @@ CALIBRATION_EXAMPLES = 200  # int8 calibration: enough for stable activation ran
 
 # How close each precision must stay to the Keras model: (minimum top-1 agreement, maximum |p_tflite - p_keras|
 # of any class probability). float32 differs only by kernel rounding; float16 weights move probabilities by
-# about 1e-3; the 8-bit precisions usually by a few hundredths to a tenth (quickstart model 0.02; the ResNet50
-# of benchmarks/results/inference_accuracy.md in int8: 0.14 on test chunks, 0.11 on devel chunks), but a small
-# network can move one chunk far more (the tests' tiny CNN in int8: 0.43 on 1 of 141 chunks), which is what
-# --max-prob-diff is for.
+# about 1e-3; the 8-bit precisions usually by a few hundredths to a tenth (quickstart model 0.02; the ResNet50 of
+# benchmarks/results/inference_accuracy.md in int8: 0.14 on test chunks), but a small network can move one chunk
+# far more (the tests' tiny CNN in int8: 0.43 on 1 of 141 chunks), which is what --max-prob-diff is for.
 PARITY_THRESHOLDS: dict[str, tuple[float, float]] = {
     "none": (0.99, 1e-3),
     "float16": (0.98, 0.02),
