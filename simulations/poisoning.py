@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import csv
 import dataclasses
 import json
 import multiprocessing
@@ -129,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     cells = [("fedavg", "none"), *((s, a) for a in attacks for s in strategies)]  # a cut-short grid has whole attacks
     results = finished_cells(args.cells, base)
     todo = [cell for cell in cells if cell not in results and not args.write_only]
-    print(f"{len(cells) - len(todo)} of {len(cells)} runs already in {args.cells}; {len(todo)} to go", flush=True)
+    print(f"{len(results)} of {len(cells)} runs already in {args.cells}; {len(todo)} to go", flush=True)
+    args.clients = count_train_speakers(manifest)
     # One process per run (TensorFlow state stays per run); `--jobs` of them at a time.
     with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = {pool.submit(run_cell, strategy, attack, base): (strategy, attack) for strategy, attack in todo}
@@ -143,6 +145,12 @@ def main(argv: list[str] | None = None) -> int:
                   f"({cell['cpu_seconds']:.0f} s CPU) | {len(results)}/{len(cells)}", flush=True)
     write_results(args, strategies, ["none", *attacks], results)
     return 0
+
+
+def count_train_speakers(manifest: Path) -> int:
+    """Clients of the experiment: one per training speaker."""
+    with manifest.open(newline="") as f:
+        return len({row["speaker"] for row in csv.DictReader(f) if row["partition"] == "train"})
 
 
 def finished_cells(path: Path, base: list[str]) -> dict[tuple[str, str], dict[str, float]]:
@@ -173,8 +181,10 @@ def write_results(args: argparse.Namespace, strategies: list[str], attacks: list
     lines = [
         "# Poisoned clients vs aggregation strategies",
         "",
-        f"`{command}`: quickstart recipe, one client per training speaker, client 0 attacks, {args.rounds} rounds "
-        f"(1 + {args.rounds - 1}); final devel UAR (held-out speakers, 3 classes, chance 0.333). "
+        f"`{command}`: quickstart recipe, {args.speakers}-speaker demo corpus, one client per training speaker "
+        f"({args.clients} clients; Krum and MultiKrum need at least 2f + 3 = 5, Bulyan 4f + 3 = 7 for f = 1 "
+        f"attacker), client 0 attacks, {args.rounds} rounds (1 + {args.rounds - 1}); final devel UAR (held-out "
+        "speakers, 3 classes, chance 0.333). "
         f"{len(results)} runs, {cpu_minutes:.0f} CPU-minutes in all. "
         f"Machine: {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}.",
         "",
@@ -204,17 +214,19 @@ def write_results(args: argparse.Namespace, strategies: list[str], attacks: list
 def _figure(strategies: list[str], attacks: list[str], results: dict[tuple[str, str], float]):
     from matplotlib.figure import Figure
 
+    attacks = [a for a in attacks if any((s, a) in results for s in strategies)]  # a cut-short grid: what ran
     fig = Figure(figsize=(8, 3.8), dpi=100)
     ax = fig.add_subplot()
     width = 0.8 / len(attacks)
     for i, attack in enumerate(attacks):
         xs = np.arange(len(strategies)) + (i - (len(attacks) - 1) / 2) * width
         ax.bar(xs, [results.get((s, attack), np.nan) for s in strategies], width, label=attack)
+    ax.axhline(results[("fedavg", "none")], color="tab:blue", linestyle="--", linewidth=1, label="clean FedAvg")
     ax.axhline(1 / 3, color="grey", linestyle=":", linewidth=1, label="chance")
     ax.set_xticks(np.arange(len(strategies)), strategies)
     ax.set_ylabel("final devel UAR")
     ax.set_ylim(0, 1)
-    ax.legend(fontsize=7, ncol=len(attacks) + 1, loc="upper center", bbox_to_anchor=(0.5, 1.15))
+    ax.legend(fontsize=7, ncol=len(attacks) + 2, loc="upper center", bbox_to_anchor=(0.5, 1.15))
     fig.tight_layout()
     return fig
 

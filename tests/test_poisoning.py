@@ -79,7 +79,7 @@ def test_verdicts_are_computed_from_the_table(tmp_path):
 
     uar = {("fedavg", "none"): 0.9, ("fedavg", "scale"): 0.4, ("fedmedian", "scale"): 0.86, ("krum", "scale"): 0.8}
     results = {cell: {"uar": u, "seconds": 1.0, "cpu_seconds": 30.0} for cell, u in uar.items()}
-    args = argparse.Namespace(rounds=3, speakers=11, strategies="fedavg,fedmedian,krum", attacks="scale",
+    args = argparse.Namespace(rounds=3, speakers=11, clients=7, strategies="fedavg,fedmedian,krum", attacks="scale",
                               overrides=[], out=tmp_path / "p.md")
     write_results(args, ["fedavg", "fedmedian", "krum"], ["none", "scale", "noise"], results)
     text = args.out.read_text()
