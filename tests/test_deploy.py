@@ -100,9 +100,9 @@ def test_faults_server_killed_nodes_killed_and_restarted_unregistered_node_refus
        go on with the others (``federated.allow_missing_clients`` lets the run finish without it);
     4. node 2 SIGKILLed while round 3 trains: the round completes with the others after Flower's heartbeat
        timeout, and the failure is recorded against the right node;
-    5. node 0 stopped (SIGTERM) and started again right after its round-3 update: it lost its state, so the
-       round-3 evaluation's slice is not enough; it asks, gets the full model and scores its devel clips in round 3;
-    6. node 2 restarted as soon as the SuperLink lists it offline: its update is aggregated in round 4.
+    5. node 2 restarted as soon as the SuperLink lists it offline: its update is aggregated in round 4;
+    6. node 0 stopped (SIGTERM) and started again at the same moment: it lost its state, so the round-3
+       evaluation's slice is not enough; it asks, gets the full model and scores its devel clips in round 3.
     """
     from dsl_fed.deploy.certs import write_certificates
     from dsl_fed.deploy.split import split_corpus
@@ -152,16 +152,14 @@ def test_faults_server_killed_nodes_killed_and_restarted_unregistered_node_refus
         lines.clear()
         second = submit(fed, resume=True, name="resumed")
         wait_until(lambda: any("round 2/4" in line for line in lines), "round 2")
-        node_0_round_3 = len(log("node_0"))  # round 3's messages go out after the round-2 line
         time.sleep(3)  # round 3 is training now
         fed.kill("node_2")
         killed = time.monotonic()
-        wait_until(lambda: "Sent successfully" in log("node_0")[node_0_round_3:].partition("Sending: train message")[2],
-                   "round-3 update of node 0")
-        fed.kill("node_0", signal.SIGTERM)  # a clean stop signs the node off: it may start again at once
-        fed.start_node(0)
         wait_until(lambda: fed.online_nodes() <= 3, "node 2 offline", timeout=180)  # Flower: 30-60 s after a crash
         offline_after = time.monotonic() - killed
+        # Round 3's training ends now (node 0 replied long ago); its evaluation waits for 4 nodes.
+        fed.kill("node_0", signal.SIGTERM)  # a clean stop signs the node off: it may start again at once
+        fed.start_node(0)
         fed.start_node(2)
         second.join(timeout=900)
         assert not second.is_alive()
@@ -171,10 +169,10 @@ def test_faults_server_killed_nodes_killed_and_restarted_unregistered_node_refus
     assert "2004" in logs["rogue"] or "Failed to activate" in logs["rogue"], logs["rogue"][-2000:]
     expected, got = saved_weights(uninterrupted / "round_2"), saved_weights(run.round_dir(2))
     for name in expected:  # the configs differ only in keys round 2 does not depend on (all nodes are sampled)
-        # Measured 3.3e-4 apart (replies of the crashed run leaking into the resumed one gave 0.04). The resumed
-        # round equals an in-process replay of it exactly; the uninterrupted deployment's round 2 (slice on top
-        # of the node's stored model) is the one that deviates, for a reason not found yet.
-        np.testing.assert_allclose(got[name], expected[name], rtol=0, atol=1e-3, err_msg=name)
+        # Not bit for bit: two uninterrupted deployments of this job differed by up to 4.8e-3 already in round 1
+        # (in-process runs repeat exactly; the cause in deployment is not isolated). Replies of the crashed run
+        # leaking into the resumed one gave 0.04.
+        np.testing.assert_allclose(got[name], expected[name], rtol=0, atol=1e-2, err_msg=name)
     assert run.latest_round() == 4
     ids = {k: int(re.findall(r"SuperNode ID: (\d+)", logs[f"node_{k}"])[-1]) for k in (0, 2, 3)}
     reason = f"node {ids[3]}: data-path {missing}: does not exist"
