@@ -197,14 +197,14 @@ def write_results(args: argparse.Namespace, strategies: list[str], attacks: list
     lines += ["", f"At most 5 points below clean FedAvg ({clean:.3f}) under each attack:"]
     for attack in attacks[1:]:
         measured = [s for s in strategies if (s, attack) in uar]
-        if len(measured) < len(strategies):
-            missing = ", ".join(s for s in strategies if s not in measured)
-            lines.append(f"- {attack}: not run with {missing} (the grid was cut short)")
-            if not measured:
-                continue
+        missing = ", ".join(s for s in strategies if s not in measured)
+        cut = f" (not run with {missing}: the grid was cut short)" if missing else ""
+        if not measured:
+            lines.append(f"- {attack}: not run (the grid was cut short).")
+            continue
         held = [s for s in measured if uar[(s, attack)] >= clean - 0.05]
         fedavg = "" if "fedavg" in held or "fedavg" not in measured else f"; FedAvg does not ({uar[('fedavg', attack)]:.3f})"
-        lines.append(f"- {attack}: {', '.join(held) or 'none'}{fedavg}.")
+        lines.append(f"- {attack}: {', '.join(held) or 'none'}{fedavg}{cut}.")
     lines += ["", "![final devel UAR per strategy and attack](poisoning.png)", ""]
     atomic_write(args.out, "\n".join(lines))
     save_figure(_figure(strategies, attacks, uar), args.out.with_suffix(".png"))
