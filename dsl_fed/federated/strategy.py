@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -560,18 +560,16 @@ class _ServerAdaptive(SliceAggregation):
         return FedAvg.aggregate_train(self, server_round, replies)
 
     def _server_step(self, aggregated: ArrayRecord) -> ArrayRecord:
-        out = {}
-        for name, array in aggregated.items():
-            x = self.model_arrays[name].astype(np.float64)
-            delta = array.numpy().astype(np.float64) - x
-            m = self.m_t.get(name, np.zeros_like(delta))
-            v = self.v_t.get(name, np.zeros_like(delta))
-            t = int(self.steps.get(name, 0)) + 1
-            self.m_t[name] = m = self.beta_1 * m + (1 - self.beta_1) * delta
-            self.v_t[name] = v = self._second_moment(v, delta)
-            self.steps[name] = np.int64(t)
-            out[name] = Array(np.asarray(x + self._step_size(t) * m / (np.sqrt(v) + self.tau), np.float32))
-        return ArrayRecord(out)
+        return _step_each(self.model_arrays, aggregated, self._adaptive_step)
+
+    def _adaptive_step(self, name: str, delta: np.ndarray) -> np.ndarray:
+        m = self.m_t.get(name, np.zeros_like(delta))
+        v = self.v_t.get(name, np.zeros_like(delta))
+        t = int(self.steps.get(name, 0)) + 1
+        self.m_t[name] = m = self.beta_1 * m + (1 - self.beta_1) * delta
+        self.v_t[name] = v = self._second_moment(v, delta)
+        self.steps[name] = np.int64(t)
+        return self._step_size(t) * m / (np.sqrt(v) + self.tau)
 
     def _second_moment(self, v: np.ndarray, delta: np.ndarray) -> np.ndarray:
         raise NotImplementedError
@@ -619,13 +617,11 @@ class SliceFedAvgM(SliceAggregation, FedAvgM):
         return FedAvg.aggregate_train(self, server_round, replies)
 
     def _server_step(self, aggregated: ArrayRecord) -> ArrayRecord:
-        out = {}
-        for name, array in aggregated.items():
-            x = self.model_arrays[name].astype(np.float64)
-            v = self.server_momentum * self.momentum.get(name, 0.0) + (array.numpy().astype(np.float64) - x)
-            self.momentum[name] = v
-            out[name] = Array(np.asarray(x + self.server_learning_rate * v, np.float32))  # 0-d weights stay arrays
-        return ArrayRecord(out)
+        return _step_each(self.model_arrays, aggregated, self._momentum_step)
+
+    def _momentum_step(self, name: str, delta: np.ndarray) -> np.ndarray:
+        self.momentum[name] = v = self.server_momentum * self.momentum.get(name, 0.0) + delta
+        return self.server_learning_rate * v
 
 
 class SliceFedMedian(SliceAggregation, FedMedian):
@@ -718,6 +714,17 @@ def make_strategy(
         node_wait=node_wait,
         **kwargs,
     )
+
+
+def _step_each(model_arrays: Mapping[str, np.ndarray], aggregated: ArrayRecord,
+               step: Callable[[str, np.ndarray], np.ndarray]) -> ArrayRecord:
+    """``x + step(name, mean - x)`` for every weight of the combined slice, in float64; 0-d weights (ARELU's
+    alpha and beta) stay arrays, which Flower's Array requires."""
+    out = {}
+    for name, array in aggregated.items():
+        x = model_arrays[name].astype(np.float64)
+        out[name] = Array(np.asarray(x + step(name, array.numpy().astype(np.float64) - x), np.float32))
+    return ArrayRecord(out)
 
 
 def short_reason(reason: str | None) -> str:
