@@ -50,12 +50,13 @@ def main() -> int:
     started = time.time()
     rows = []
     for corpus, manifest in corpora.items():
-        candidates = args.candidate if args.candidates_on in ("both", corpus.split()[0]) else []
+        short = corpus.split()[0]  # demo | speech
+        candidates = args.candidate if args.candidates_on in ("both", short) else []
         for k, extra in enumerate([[], *[c.split() for c in candidates]]):
             variant = "quickstart" if k == 0 else f"candidate {k}"
             # One experiment folder per corpus: cells are named by the settings that shape them, so schedules
             # that differ only in federated.* keys share their central cells, and reruns reuse every finished cell.
-            name = f"parity-{'demo' if corpus.startswith('demo') else 'speech'}"
+            name = f"parity-{short}"
             overrides = [f"data.manifest={manifest}", f"output.directory={work / 'parity'}", f"output.name={name}",
                          *extra]
             out = run_experiment(CONFIG, overrides, grid=(("augment.cutmix", ("false",)),), seeds=3)
