@@ -14,9 +14,13 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
+import platform
 import sys
+import time
 from pathlib import Path
 
+EMPTY = "''"  # an axis given as empty on the command line is skipped
 AXES = {  # command-line option -> (config key, label, unit)
     "snr": ("robustness.noise_snr_db", "additive white noise", "SNR dB"),
     "flip": ("robustness.label_flip", "flipped training labels", "share of clips"),
@@ -54,14 +58,17 @@ def run(config: Path, overrides: list[str], levels: dict[str, list[str]], seeds:
     from dsl_fed.experiment import run_experiment
 
     settings = [()] + [((AXES[axis][0], level),) for axis, values in levels.items() for level in values]
+    command = " ".join(["python -m simulations.robustness", str(config), *overrides,
+                        *(f"--{axis} {','.join(values) or EMPTY}" for axis, values in levels.items()),
+                        f"--seeds {seeds}"])
     out = run_experiment(config, overrides, seeds=seeds, modes=("federated",), ray_address=ray_address,
-                         settings=settings, command=" ".join(["python -m simulations.robustness", str(config), *overrides]))
+                         settings=settings, command=command)
     with (out / "results.csv").open(newline="") as f:
-        write(out, list(csv.DictReader(f)), levels)
+        write(out, list(csv.DictReader(f)), levels, command)
     return out
 
 
-def write(out: Path, rows: list[dict[str, str]], levels: dict[str, list[str]]) -> None:
+def write(out: Path, rows: list[dict[str, str]], levels: dict[str, list[str]], command: str = "") -> None:
     """``robustness.md`` (devel / test UAR mean over seeds per axis and level) and ``robustness.png``."""
     import numpy as np
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -81,8 +88,10 @@ def write(out: Path, rows: list[dict[str, str]], levels: dict[str, list[str]]) -
         return float(np.mean(devel)), float(np.mean(test)) if test else float("nan"), float(np.mean(worst)), len(picked)
 
     base = scores(None, None)
-    lines = ["# Federated robustness", "", "Devel UAR at the best devel round, test UAR of that round, worst devel "
-             "speaker; mean over seeds. Each perturbation is applied alone.", "",
+    lines = ["# Federated robustness", "", *([f"`{command}`", ""] if command else []),
+             "Devel UAR at the best devel round, test UAR of that round, worst devel speaker; mean over seeds. Each "
+             f"perturbation is applied alone. Written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on "
+             f"{platform.machine()}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}.", "",
              "| perturbation | level | devel UAR | change vs base | test UAR | worst speaker | seeds |",
              "|---|---|---:|---:|---:|---:|---:|",
              f"| none (base) | - | {base[0]:.3f} | - | {base[1]:.3f} | {base[2]:.3f} | {base[3]} |"]
