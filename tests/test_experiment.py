@@ -73,6 +73,26 @@ def test_a_grid_over_federated_keys_shares_its_central_cells(tmp_path, demo_mani
         cell_id for cell, cell_id in p.cells if cell.mode == "central" and cell.settings[0][1] == "1"}
 
 
+def test_table_gives_the_gap_per_setting_and_over_all_settings(tmp_path):
+    from dsl_fed.experiment.cells import CellResult
+    from dsl_fed.experiment.table import markdown
+
+    def done(mode, setting, seed, devel):
+        cell = Cell(mode, (("augment.cutmix", setting),), seed)
+        result = CellResult(mode, devel, (devel, devel), devel, (devel, devel), devel, devel, "x", 1, "t", 1.0, tmp_path)
+        return cell, f"{mode}-{setting}-{seed}", result
+
+    cells = [done("central", "false", 0, 1.0), done("central", "false", 1, 0.9), done("federated", "false", 0, 0.8),
+             done("federated", "false", 1, 0.8), done("central", "true", 0, 0.6), done("federated", "true", 0, 0.7)]
+    rows = {line.split(" | ")[0]: line for line in markdown("x", cells).splitlines() if line.startswith("| ")}
+    assert rows["| cutmix=false"].endswith("| -15.0 points |")  # 0.80 - 0.95
+    assert rows["| cutmix=true"].endswith("| +10.0 points |")
+    # pooled over the 3 central and 3 federated cells: 0.767 - 0.833
+    assert rows["| all settings"].startswith("| all settings | 0.833 ± 0.208 |") and rows["| all settings"].endswith(
+        "| -6.7 points |")
+    assert "all settings" not in markdown("x", cells[:4])  # one setting: no pooled row
+
+
 @pytest.fixture(scope="module")
 def experiment(demo_manifest, tmp_path_factory):
     """2 settings x 1 seed x both modes (tiny preset, 1 + 1 rounds) on a local Ray: 4 cells."""

@@ -35,11 +35,15 @@ def result_rows(done: Sequence[tuple[Cell, str, CellResult]]) -> list[dict[str, 
     return rows
 
 
-def summary(done: Sequence[tuple[Cell, str, CellResult]]) -> list[dict[str, Any]]:
-    """Per grid setting and mode: seeds, and mean / sample std of devel, test and worst-speaker UAR."""
+ALL_SETTINGS = "all settings"
+
+
+def summary(done: Sequence[tuple[Cell, str, CellResult]], pooled: bool = False) -> list[dict[str, Any]]:
+    """Per grid setting (or, `pooled`, over all settings) and mode: cells, and mean / sample std of devel, test and
+    worst-speaker UAR."""
     groups: dict[tuple[str, str], list[CellResult]] = {}
     for cell, _, r in done:
-        groups.setdefault((cell.label, cell.mode), []).append(r)
+        groups.setdefault((ALL_SETTINGS if pooled else cell.label, cell.mode), []).append(r)
     out = []
     for (label, mode), results in groups.items():
         entry: dict[str, Any] = {"setting": label, "mode": mode, "seeds": len(results)}
@@ -54,22 +58,27 @@ def summary(done: Sequence[tuple[Cell, str, CellResult]]) -> list[dict[str, Any]
 
 def markdown(name: str, done: Sequence[tuple[Cell, str, CellResult]], command: str = "") -> str:
     """``table.md``: settings x modes (mean ± std over seeds), then every cell with its 95 % CIs."""
-    stats = {(s["setting"], s["mode"]): s for s in summary(done)}
     settings = list(dict.fromkeys(cell.label for cell, _, _ in done))
+    # A pooled row when there are several settings: one devel clip moves a small corpus' UAR by points, so a
+    # gap per setting is noisier than the gap over the whole table.
+    pooled = summary(done, pooled=True) if len(settings) > 1 else []
+    stats = {(s["setting"], s["mode"]): s for s in [*summary(done), *pooled]}
     modes = [m for m in MODES if any(cell.mode == m for cell, _, _ in done)]
     seeds = sorted({cell.seed for cell, _, _ in done})
     lines = [f"# Experiment `{name}`", ""]
     if command:
         lines += ["```", command, "```", ""]
     lines += [f"Clip-level UAR, mean ± std over seeds {', '.join(map(str, seeds))} ({SELECTION}). Worst speaker: "
-              "the lowest per-speaker UAR on devel / test.", ""]
+              "the lowest per-speaker UAR on devel / test."
+              + (f" Last row: mean ± std over all cells of a mode ({len(settings)} settings x seeds)." if pooled else ""),
+              ""]
     header = ["setting"]
     for mode in modes:
         header += [f"{mode} devel", f"{mode} test", f"{mode} worst speaker (devel / test)"]
     if len(modes) == 2:
         header += ["devel gap (fed - central)"]
     lines += ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
-    for setting in settings:
+    for setting in [*settings, *([ALL_SETTINGS] if pooled else [])]:
         cells = [setting]
         for mode in modes:
             s = stats.get((setting, mode))
