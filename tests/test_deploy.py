@@ -169,10 +169,9 @@ def test_faults_server_killed_nodes_killed_and_restarted_unregistered_node_refus
     assert "2004" in logs["rogue"] or "Failed to activate" in logs["rogue"], logs["rogue"][-2000:]
     expected, got = saved_weights(uninterrupted / "round_2"), saved_weights(run.round_dir(2))
     for name in expected:  # the configs differ only in keys round 2 does not depend on (all nodes are sampled)
-        # Not bit for bit: two uninterrupted deployments of this job differed by up to 4.8e-3 already in round 1
-        # (in-process runs repeat exactly; the cause in deployment is not isolated). Replies of the crashed run
-        # leaking into the resumed one gave 0.04.
-        np.testing.assert_allclose(got[name], expected[name], rtol=0, atol=1e-2, err_msg=name)
+        # Bit for bit: seeds, node order and the order updates are summed in do not depend on Flower's node ids
+        # or on timing. Replies of the crashed run leaking into the resumed one once made this 0.04 off.
+        np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
     assert run.latest_round() == 4
     ids = {k: int(re.findall(r"SuperNode ID: (\d+)", logs[f"node_{k}"])[-1]) for k in (0, 2, 3)}
     reason = f"node {ids[3]}: data-path {missing}: does not exist"
