@@ -110,8 +110,10 @@ def write(out: Path, rows: list[dict[str, str]], levels: dict[str, list[str]], c
             ys.append(devel)
         clean_x = (max(xs) + 10 if axis == "snr" else 0.0) if xs else 0.0  # no noise = highest SNR
         ax.plot([clean_x, *xs], [base[0], *ys], marker="o")
+        if axis == "snr":
+            ax.set_xticks([*xs, clean_x], [*levels[axis], "none"])
         ax.set_title(label, fontsize=9)
-        ax.set_xlabel(unit + (" (rightmost: no noise)" if axis == "snr" else ""), fontsize=8)
+        ax.set_xlabel(unit, fontsize=8)
         ax.set_ylim(0, 1.05)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("devel UAR (best round)")
