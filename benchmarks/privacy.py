@@ -46,8 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     base = [f"data.manifest={manifest}", "federated.phase1_rounds=1", f"federated.phase2_rounds={args.rounds - 1}",
             "federated.fraction_evaluate=0", "output.name=privacy", *args.overrides]
     noise = [None, *(float(v) for v in args.noise.split(","))]  # None: the run without DP
-    # One process per run (TensorFlow state stays per run); `--jobs` of them at a time.
-    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+    # A fresh process per run (a reused one keeps TensorFlow's state and slows down run by run); `--jobs` at a time.
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(args.jobs, mp_context=spawn, max_tasks_per_child=1) as pool:
         outcomes = dict(zip(noise, pool.map(run_one, noise, [base] * len(noise), [args.clip_norm] * len(noise))))
     for z, (eps, uar, seconds) in outcomes.items():
         print(f"noise {z}: epsilon {eps}, devel UAR {uar:.3f} ({seconds:.0f} s)", flush=True)

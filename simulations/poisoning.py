@@ -132,8 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     todo = [cell for cell in cells if cell not in results and not args.write_only]
     print(f"{len(results)} of {len(cells)} runs already in {args.cells}; {len(todo)} to go", flush=True)
     args.clients = count_train_speakers(manifest)
-    # One process per run (TensorFlow state stays per run); `--jobs` of them at a time.
-    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+    # A fresh process per run (a reused one keeps TensorFlow's state and slows down run by run); `--jobs` at a time.
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(args.jobs, mp_context=spawn, max_tasks_per_child=1) as pool:
         futures = {pool.submit(run_cell, strategy, attack, base): (strategy, attack) for strategy, attack in todo}
         for future in as_completed(futures):
             (strategy, attack), cell = futures[future], future.result()
