@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-EMPTY = "''"  # an axis given as empty on the command line is skipped
+EMPTY = "''"  # how the recorded command shows an axis given empty (that axis is skipped)
 AXES = {  # command-line option -> (config key, label, unit)
     "snr": ("robustness.noise_snr_db", "additive white noise", "SNR dB"),
     "flip": ("robustness.label_flip", "flipped training labels", "share of clips"),
