@@ -6,8 +6,8 @@ and skewed shard sizes, each varied on its own against the unperturbed run.
 
 The cells are `dsl_fed experiment` cells (federated mode, one Ray task each, resumable) over the
 ``robustness.*`` keys, which perturb the clients' in-memory copies and the server's client choice
-(`dsl_fed.robustness`), never the files. Writes ``runs/<name>/experiment/robustness.{md,png}`` next to the
-experiment's ``results.csv`` / ``table.md``.
+(`dsl_fed.robustness`), never the files. Writes ``runs/<name>/robustness/``: ``robustness.{md,png}`` next to
+the cells' ``results.csv`` / ``table.md`` (not ``experiment/``, so a Table-3 run of the same name keeps its table).
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def run(config: Path, overrides: list[str], levels: dict[str, list[str]], seeds:
                         *(f"--{axis} {','.join(values) or EMPTY}" for axis, values in levels.items()),
                         f"--seeds {seeds}"])
     out = run_experiment(config, overrides, seeds=seeds, modes=("federated",), ray_address=ray_address,
-                         settings=settings, command=command)
+                         settings=settings, command=command, folder="robustness")
     with (out / "results.csv").open(newline="") as f:
         write(out, list(csv.DictReader(f)), levels, command)
     return out

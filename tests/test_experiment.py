@@ -69,6 +69,8 @@ def test_a_grid_over_federated_keys_shares_its_central_cells(tmp_path, demo_mani
     p = plan(config, [], grid_settings((("federated.local_epochs", ("1", "2")),)), seeds=2, modes=MODES)
     ids = [(cell.mode, cell_id) for cell, cell_id in p.cells]
     assert len(ids) == 8 and len(set(ids)) == 6  # 2 settings x 2 seeds federated, 2 seeds central
+    assert p.out_dir == tmp_path / "runs" / "tiny" / "experiment"
+    assert plan(config, [], [()], 1, MODES, folder="robustness").out_dir == tmp_path / "runs" / "tiny" / "robustness"
     assert {cell_id for mode, cell_id in ids if mode == "central"} == {
         cell_id for cell, cell_id in p.cells if cell.mode == "central" and cell.settings[0][1] == "1"}
 

@@ -70,13 +70,13 @@ def grid_settings(grid: Sequence[tuple[str, Sequence[str]]]) -> list[tuple[tuple
 
 
 def plan(config_path: str | Path, overrides: Sequence[str], settings: Sequence[tuple[tuple[str, str], ...]],
-         seeds: int, modes: Sequence[str]) -> Plan:
+         seeds: int, modes: Sequence[str], folder: str = "experiment") -> Plan:
     """Validate the config of every cell before anything runs (a bad value is one error naming the key)."""
     if seeds < 1:
         raise DslFedError(f"--seeds must be >= 1, got {seeds}")
     config_path = Path(config_path).resolve()
     base = load_config(config_path, overrides)
-    out_dir = Path(base.output.directory).resolve() / base.output.name / "experiment"
+    out_dir = Path(base.output.directory).resolve() / base.output.name / folder
     cells = []
     for values in settings:
         for seed in range(base.training.seed, base.training.seed + seeds):
@@ -96,8 +96,9 @@ def run_experiment(
     command: str = "",
     echo: Callable[[str], None] = print,
     settings: Sequence[tuple[tuple[str, str], ...]] | None = None,
+    folder: str = "experiment",
 ) -> Path:
-    """Run (or continue) an experiment; returns ``runs/<name>/experiment``.
+    """Run (or continue) an experiment; returns ``runs/<name>/<folder>``.
 
     Args:
         config_path: YAML config; its ``output.name`` names the experiment.
@@ -109,13 +110,15 @@ def run_experiment(
         command: The command line, recorded in ``table.md``.
         echo: Receives the progress lines.
         settings: Explicit settings (``((key, value), ...)`` each) instead of the product of `grid`.
+        folder: Folder under ``runs/<name>/`` for the cells and tables; another study (e.g. robustness) with the
+            same ``output.name`` uses its own, so neither rewrites the other's table.
 
     Raises:
         DslFedError: invalid arguments (before anything runs), or cells that failed (after the others ran).
     """
     from dsl_fed.experiment.table import write_outputs
 
-    p = plan(config_path, overrides, grid_settings(grid) if settings is None else settings, seeds, modes)
+    p = plan(config_path, overrides, grid_settings(grid) if settings is None else settings, seeds, modes, folder)
     # Cells with the same id train the same thing (e.g. central cells of a grid over federated.* keys): run once.
     finished = {cell_id: _finished(p.out_dir, cell_id) for _, cell_id in p.cells}
     todo = list({cell_id: (cell, cell_id) for cell, cell_id in p.cells if finished[cell_id] is None}.values())
