@@ -54,6 +54,23 @@ def test_fast_case(case, corpus, tmp_path):
 
 
 @pytest.mark.slow
+def test_ctrl_c_at_any_moment_of_start_up_exits_130_with_one_line(corpus, tmp_path):
+    """Interrupts landing inside native imports (pybind11 runs Python code there) once ended the process by
+    SIGINT (-2) instead of exit 130; about 1 in 4 of these moments did."""
+    config = probe.Workspace(tmp_path / "ws", corpus).config()
+    outcomes = []
+    for k in range(12):
+        proc = subprocess.Popen([sys.executable, "-m", "dsl_fed", "train", "--central", str(config)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        time.sleep(0.25 + 0.03 * k)
+        proc.send_signal(signal.SIGINT)
+        err = proc.communicate(timeout=120)[1]
+        ours = [line for line in err.splitlines() if line.strip() and not probe._TF_STARTUP.match(line)]
+        outcomes.append((proc.returncode, ours))
+    assert all(code == 130 and len(lines) == 1 and lines[0].endswith(": interrupted") for code, lines in outcomes), outcomes
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("case", SLOW, ids=[c.name for c in SLOW])
 def test_case_needing_tensorflow(case, corpus, tmp_path):
     _run(case, corpus, tmp_path)

@@ -89,6 +89,7 @@ def _run(argv: list[str] | None) -> int:
     except KeyboardInterrupt as exc:
         word = "terminated" if isinstance(exc, Terminated) else "interrupted"
         _print_error(f"{command}: {word}")
+        _forget_unhandled_interrupt()
         return 143 if isinstance(exc, Terminated) else 130
 
 
@@ -102,6 +103,18 @@ def _print_error(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
     except OSError:  # stderr itself is gone; the exit code still tells
         pass
+
+
+def _forget_unhandled_interrupt() -> None:
+    """Keep the exit code of a handled Ctrl-C at 130.
+
+    CPython marks a KeyboardInterrupt as unhandled when it leaves code run through ``PyRun_String`` (pybind11
+    runs such code while SciPy or TensorFlow import) and then ends the process by SIGINT after exit, even though
+    the interrupt was handled here. Every ``PyRun_String`` call clears that mark first, so an empty one does.
+    """
+    import ctypes
+
+    ctypes.pythonapi.PyRun_SimpleString(b"")
 
 
 def _raise_terminated(signum: int, frame: object) -> None:
