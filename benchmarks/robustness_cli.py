@@ -407,6 +407,12 @@ CASES: list[Case] = [
 # ------------------------------------------------------------------------------------------------ running
 
 
+def interruptible() -> None:
+    """Give the command Ctrl-C as in a terminal: a background job (``cmd &``) inherits SIGINT ignored, and
+    Python then never raises KeyboardInterrupt, so the signal cases would test nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_case(case: Case, ws: Workspace, timeout: float = 900) -> Outcome:
     """Run one case in `ws` and judge it."""
     start = time.perf_counter()
@@ -418,7 +424,8 @@ def run_case(case: Case, ws: Workspace, timeout: float = 900) -> Outcome:
     cmd = [sys.executable, "-m", "dsl_fed", *args]
     if case.shell_tail:  # the exit code of dsl_fed, not of the pipe's reader
         cmd = ["bash", "-c", f"{shlex.join(cmd)} {case.shell_tail}; exit ${{PIPESTATUS[0]}}"]
-    proc = subprocess.Popen(cmd, cwd=ws.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=ws.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=interruptible)
     if case.fault is not None:
         case.fault(proc, ws)
     try:

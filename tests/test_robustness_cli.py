@@ -61,7 +61,8 @@ def test_ctrl_c_at_any_moment_of_start_up_exits_130_with_one_line(corpus, tmp_pa
     outcomes = []
     for k in range(12):
         proc = subprocess.Popen([sys.executable, "-m", "dsl_fed", "train", "--central", str(config)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=probe.interruptible)
         time.sleep(0.25 + 0.03 * k)
         proc.send_signal(signal.SIGINT)
         err = proc.communicate(timeout=120)[1]
