@@ -15,6 +15,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from dsl_fed.config import load_config
+from dsl_fed.data.arousal import LEVELS, MAX_SPEAKERS, make_arousal_corpus
 from dsl_fed.data.audio import MIN_SECONDS, load_audio
 from dsl_fed.data.chunking import count_chunks
 from dsl_fed.data.demo import CLASSES, make_demo_corpus
@@ -42,15 +43,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     speech = subparsers.add_parser(
         "make-speech-data",
-        help="write a spoken-command corpus synthesised with espeak-ng (wav files + manifest.csv)",
-        description="Synthesise a speaker-structured keyword corpus with eSpeak NG (5 words: "
-        f"{', '.join(WORDS)}; each speaker a voice, accent, pitch, rate and microphone) with speaker-independent "
-        "train/devel/test partitions. Needs the espeak-ng program. Deterministic by seed.",
+        help="write a speech corpus synthesised with espeak-ng: keywords or arousal (wav files + manifest.csv)",
+        description="Synthesise a speaker-structured corpus with eSpeak NG, with speaker-independent "
+        f"train/devel/test partitions. --task commands: 5 spoken words ({', '.join(WORDS)}), each speaker a voice, "
+        f"accent, pitch, rate and microphone. --task arousal: 3 arousal levels ({', '.join(LEVELS)}) carried by "
+        "rate, pitch level and range, loudness, spectral tilt and pauses around each speaker's own baseline, a "
+        "random sentence per clip (a paralinguistic task like the paper's). Needs the espeak-ng program. "
+        "Deterministic by seed.",
     )
     speech.add_argument("directory", metavar="DIR", type=Path, help="output folder (manifest at DIR/manifest.csv)")
-    speech.add_argument("--speakers", type=int, default=12, metavar="N",
-                        help="speakers, 3-40 (default 12: 8 train / 2 devel / 2 test)")
-    speech.add_argument("--clips", type=int, default=6, metavar="K", help="clips per word per speaker (default 6)")
+    speech.add_argument("--task", choices=("commands", "arousal"), default="commands",
+                        help="what the classes are (default commands)")
+    speech.add_argument("--speakers", type=int, default=None, metavar="N",
+                        help="speakers (commands: 3-40, default 12 = 8 train / 2 devel / 2 test; arousal: "
+                        f"3-{MAX_SPEAKERS}, default 60 = 36 / 12 / 12)")
+    speech.add_argument("--clips", type=int, default=None, metavar="K",
+                        help="clips per class per speaker (default: commands 6, arousal 4)")
     speech.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default 0)")
     speech.set_defaults(func=run_make_speech_data)
 
@@ -74,8 +82,11 @@ def run_make_demo_data(args: argparse.Namespace) -> int:
 
 def run_make_speech_data(args: argparse.Namespace) -> int:
     start = time.perf_counter()
-    manifest_path = make_speech_corpus(args.directory, speakers=args.speakers, clips=args.clips, seed=args.seed)
-    _report_corpus(manifest_path, args.speakers, start)
+    make, speakers, clips = ((make_arousal_corpus, 60, 4) if args.task == "arousal" else (make_speech_corpus, 12, 6))
+    speakers = speakers if args.speakers is None else args.speakers
+    clips = clips if args.clips is None else args.clips
+    manifest_path = make(args.directory, speakers=speakers, clips=clips, seed=args.seed)
+    _report_corpus(manifest_path, speakers, start)
     return 0
 
 

@@ -106,9 +106,12 @@ def record_clip(espeak: str, speaker: Speaker, word: str, rng: np.random.Generat
     return np.clip(clip + noise, -1.0, 1.0).astype(np.float32)
 
 
-def synthesise(espeak: str, text: str, voice: str, pitch: int, rate: int) -> np.ndarray:
-    """eSpeak NG speech for `text` as float samples at 16 kHz (eSpeak writes 22.05 kHz; resampled exactly)."""
-    cmd = [espeak, "-v", voice, "-p", str(pitch), "-s", str(rate), "--stdout", text]
+def synthesise(espeak: str, text: str, voice: str, pitch: int | None = None, rate: int | None = None,
+               ssml: bool = False) -> np.ndarray:
+    """eSpeak NG speech for `text` (SSML if `ssml`) as float samples at 16 kHz (eSpeak writes 22.05 kHz;
+    resampled exactly); `pitch` (0-99) and `rate` (words per minute) are eSpeak's own, None = the voice's."""
+    cmd = [espeak, "-v", voice, *(["-m"] if ssml else []), *(["-p", str(pitch)] if pitch is not None else []),
+           *(["-s", str(rate)] if rate is not None else []), "--stdout", text]
     done = subprocess.run(cmd, capture_output=True, check=False)
     if done.returncode != 0 or not done.stdout:
         raise DslFedError(f"espeak-ng failed for voice {voice!r}: {done.stderr.decode(errors='replace').strip()[:200]}")
