@@ -136,20 +136,3 @@ def test_shipped_configs_load(path):
     header = path.read_text().splitlines()[0]
     assert header.startswith("#"), "each shipped config starts with a comment saying what it is for"
     assert "dsl_fed" in path.read_text().split("\n\n")[0], "the header names the command that runs it"
-
-
-def test_paper_table2_values():
-    table2 = {  # corpus: (units, dropout, lr, epochs1, epochs2, fine-tuned layers, chunk s)
-        "ccs": (512, 0.25, 0.001, 40, 200, 298, 3.0),
-        "css": (700, 0.4, 0.01, 20, 0, 0, None),
-        "ess": (512, 0.25, 0.001, 40, 200, 298, 3.0),
-        "iemocap": (512, 0.25, 0.001, 40, 200, 128, 4.0),
-    }
-    for name, (units, dropout, lr, e1, e2, layers, chunk) in table2.items():
-        cfg = load_config(REPO / "configs" / "paper" / f"{name}.yaml")
-        got = (cfg.model.units, cfg.model.dropout, cfg.training.learning_rate, cfg.training.phase1_epochs,
-               cfg.training.phase2_epochs, cfg.training.unfrozen_layers)
-        assert got == (units, dropout, lr, e1, e2, layers), name
-        if chunk is not None:
-            assert cfg.data.chunk_seconds == chunk, name
-        assert yaml.safe_load((REPO / "configs" / "paper" / f"{name}.yaml").read_text())["model"]["backbone"] == "densenet121"
