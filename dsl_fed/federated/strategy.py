@@ -11,9 +11,9 @@ A node that lost the model (a restarted SuperNode keeps its node id, not its sta
 `NEEDS_FULL_MODEL` error; the strategy sends those nodes the full model through the round's Grid before it
 aggregates, so a rejoining node takes part in the round it rejoined in.
 
-Differential privacy sits between the two: Flower's DP wrapper wraps only the combination rule (`_SliceRule`),
-so what it clips and noises is the update of the slice, and a server optimiser (FedAdam, FedYogi) steps on the
-noised mean afterwards - its state never sees an un-noised aggregate.
+Differential privacy sits between the two: `DpMean` (`dsl_fed.federated.dp`, noise from OS entropy) wraps only
+the combination rule (`_SliceRule`), so what it clips and noises is the update of the slice, and a server
+optimiser (FedAdam, FedYogi) steps on the noised mean afterwards - its state never sees an un-noised aggregate.
 """
 
 from __future__ import annotations
@@ -29,10 +29,6 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
     Bulyan,
-    DifferentialPrivacyClientSideAdaptiveClipping,
-    DifferentialPrivacyClientSideFixedClipping,
-    DifferentialPrivacyServerSideAdaptiveClipping,
-    DifferentialPrivacyServerSideFixedClipping,
     FedAdam,
     FedAvg,
     FedAvgM,
@@ -47,6 +43,7 @@ from flwr.serverapp.strategy import (
 
 from dsl_fed.config import DpConfig, FederatedConfig
 from dsl_fed.errors import DslFedError
+from dsl_fed.federated.dp import DpMean
 from dsl_fed.federated.protocol import NEEDS_FULL_MODEL
 from dsl_fed.federated.run_config import PROGRESS_MARK
 from dsl_fed.robustness import dropped_clients
@@ -514,19 +511,8 @@ class _SliceRule(Strategy):
 
 
 def dp_wrapper(rule: Strategy, dp: DpConfig, num_sampled: int) -> Strategy:
-    """Flower's DP strategy wrapper for ``federated.dp`` around a slice rule.
-
-    Adaptive clipping (Andrew et al., 2021) spends part of the privacy budget on a noisy count of clipped
-    updates. Its usual noise for that count, n/20, suits hundreds of clients; with a handful it cannot reach the
-    requested noise multiplier at all, so the count gets noise `noise_multiplier` (the update then gets
-    1.15 x noise_multiplier, and the pair is as private as one Gaussian release with `noise_multiplier`).
-    """
-    z, c = dp.noise_multiplier, dp.clip_norm
-    if dp.clipping == "fixed":
-        cls = DifferentialPrivacyClientSideFixedClipping if dp.mode == "client" else DifferentialPrivacyServerSideFixedClipping
-        return cls(rule, z, c, num_sampled)
-    cls = DifferentialPrivacyClientSideAdaptiveClipping if dp.mode == "client" else DifferentialPrivacyServerSideAdaptiveClipping
-    return cls(rule, z, num_sampled, initial_clipping_norm=c, clipped_count_stddev=max(num_sampled / 20, z) if z > 0 else None)
+    """``federated.dp`` around a slice rule: clipping and noise drawn from OS entropy (`DpMean`)."""
+    return DpMean(rule, dp, num_sampled)
 
 
 class SliceFedAvg(SliceAggregation, FedAvg):
