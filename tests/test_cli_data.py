@@ -76,7 +76,7 @@ def test_data_stats_columns_are_aligned(demo_manifest, tmp_path, capsys):
 
 def test_silent_clip_is_fine(tmp_path, capsys):
     for i, label in enumerate("aabb"):
-        sf.write(tmp_path / f"{i}.wav", np.zeros(4000) if i == 0 else 0.1 * np.ones(4000), 16000)
+        sf.write(tmp_path / f"{i}.wav", np.zeros(4000) if i == 0 else 0.1 * i * np.ones(4000), 16000)
     (tmp_path / "m.csv").write_text("filename,label,partition\n0.wav,a,train\n1.wav,a,train\n2.wav,b,train\n3.wav,b,devel\n")
     assert main(["data-stats", str(_config(tmp_path, tmp_path / "m.csv"))]) == 0
 
@@ -87,8 +87,8 @@ def _manifest_case(tmp_path: Path, case: str) -> Path:
     labels = ["a", "a", "b", "b"]
     parts = ["train", "train", "train", "test"]
     header = "filename,label,partition"
-    for name in names:
-        sf.write(tmp_path / name, 0.1 * np.ones(4000), 16000)
+    for i, name in enumerate(names):
+        sf.write(tmp_path / name, 0.1 * (i + 1) * np.ones(4000), 16000)  # distinct: a copy in test is an error
     if case == "missing file":
         (tmp_path / "2.wav").unlink()
     elif case == "zero-length audio":

@@ -1,16 +1,23 @@
+import os
+import re
+import shutil
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
 
+from dsl_fed.data import manifest as manifest_module
 from dsl_fed.data.manifest import Clip, Manifest, read_manifest, split_speakers
 from dsl_fed.errors import DslFedError
 
 
 def _wav(path: Path, seconds: float = 0.1) -> Path:
+    """A short clip whose bytes differ from every other path's (byte-identical clips in two partitions are an error)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    sf.write(path, np.zeros(int(16000 * seconds)), 16000)
+    rng = np.random.default_rng(zlib.crc32(str(path).encode()))
+    sf.write(path, 0.1 * rng.standard_normal(int(16000 * seconds)), 16000)
     return path
 
 
@@ -227,3 +234,107 @@ def test_bad_folder_layouts(tmp_path):
 def test_manifest_equality_ignores_source():
     clip = Clip(0, Path("x.wav"), "a", "s", "train")
     assert Manifest([clip], ["a"], Path("one.csv")) == Manifest([clip], ["a"], Path("two.csv"))
+
+
+# ------------------------------------------------------------------------------------------ leakage, names
+
+
+def test_a_hard_link_is_the_same_file_and_a_byte_identical_copy_leaks(tmp_path):
+    """Identity is (device, inode), not the path: a hard link has its own real path. Content is compared too."""
+    csv = _corpus(tmp_path, FULL)
+    os.link(tmp_path / "a/1.wav", tmp_path / "b/link.wav")
+    csv.write_text(csv.read_text() + "b/link.wav,dog,s9,test\n")
+    with pytest.raises(DslFedError, match=r"line 7: 'link.wav' \(test\) is the same file as .*line 2 \(train\)"):
+        read_manifest(csv)
+    (tmp_path / "b/link.wav").unlink()
+    shutil.copy(tmp_path / "a/1.wav", tmp_path / "b/link.wav")
+    with pytest.raises(DslFedError, match=r"line 7: 'link.wav' \(test\) is a byte-identical copy of .*line 2 \(train\)"):
+        read_manifest(csv)
+
+
+def test_copies_within_one_partition_are_counted_and_only_equal_sizes_are_read(tmp_path, monkeypatch):
+    csv = _corpus(tmp_path, FULL)
+    reads = []
+    real = manifest_module._digest
+    monkeypatch.setattr(manifest_module, "_digest", lambda path, limit: reads.append((path.name, limit)) or real(path, limit))
+    assert not any("byte-identical" in w for w in read_manifest(csv).warnings)
+    assert {limit for _, limit in reads} == {manifest_module._PREFIX_BYTES}  # FULL's equal sizes: prefixes differ
+    _wav(tmp_path / "a/long.wav", seconds=0.2)  # the only 0.2 s file: its size alone settles it
+    shutil.copy(tmp_path / "a/1.wav", tmp_path / "a/copy.wav")
+    csv.write_text(csv.read_text() + "a/long.wav,cat,s1,train\na/copy.wav,dog,s1,train\n")
+    reads.clear()
+    warnings = read_manifest(csv).warnings
+    assert warnings[0] == (f"1 clip(s) are byte-identical copies of another clip of the same partition and count "
+                           f"twice (e.g. {csv} line 8 = {csv} line 2)")
+    assert "long.wav" not in {name for name, _ in reads}
+    assert sorted(name for name, limit in reads if limit is None) == ["1.wav", "copy.wav"]  # equal prefixes only
+
+
+def test_speakers_differing_only_in_case_are_one_speaker_written_two_ways(tmp_path):
+    rows = [("1.wav", "a", "SPK02", "test"), ("2.wav", "a", "spk02", "train"), ("3.wav", "b", "s3", "train")]
+    with pytest.raises(DslFedError, match=r"line 3: speaker 'spk02' differs from 'SPK02' \(.*line 2\) only in case"):
+        read_manifest(_corpus(tmp_path, rows))
+    # file names that stand in for speakers are not compared (the file system tells them apart)
+    rows = [("A.wav", "a", "train"), ("a.wav", "b", "train"), ("b.wav", "a", "test")]
+    assert len(read_manifest(_corpus(tmp_path / "implicit", rows, "filename,label,partition")).clips) == 3
+
+
+@pytest.mark.parametrize("column,value,shown", [("label", "rising\u200b", "U+200B ZERO WIDTH SPACE"),
+                                                ("speaker", "s\u20281", "U+2028 LINE SEPARATOR"),
+                                                ("label", "dog\u00ad", "U+00AD SOFT HYPHEN")])
+def test_names_with_characters_that_do_not_print_are_refused_with_their_row(tmp_path, column, value, shown):
+    rows = [("1.wav", "dog", "s1", "train"), ("2.wav", "cat", "s2", "train"), ("3.wav", "dog", "s3", "test")]
+    rows[1] = tuple(value if name == column else v for name, v in zip(("filename", "label", "speaker", "p"), rows[1]))
+    csv = _corpus(tmp_path, rows)
+    csv.write_text(csv.read_text().replace(value, f'"{value}"'))  # quoted: the CSV itself stays valid
+    with pytest.raises(DslFedError, match=f"line 3: {column} .* contains {re.escape(shown)}, which does not print"):
+        read_manifest(csv)
+
+
+def test_a_trained_class_that_devel_never_scores_is_warned_in_one_line(tmp_path):
+    m = read_manifest(_corpus(tmp_path, FULL))  # bird and cat are not in devel, bird and dog not in test
+    assert m.warnings == ["trained classes never scored: 'bird' (no devel clips), 'cat' (no devel clips), "
+                          "'bird' (no test clips), 'dog' (no test clips); UAR there averages the other classes"]
+
+
+def test_fifos_and_device_links_in_a_folder_corpus_are_counted_never_opened(tmp_path):
+    for part, label, name in [("train", "a", "1"), ("train", "b", "2"), ("devel", "a", "3"), ("test", "b", "4")]:
+        _wav(tmp_path / part / label / f"{name}.wav")
+    os.mkfifo(tmp_path / "train" / "a" / "pipe.wav")  # opening it would block forever
+    os.symlink("/dev/zero", tmp_path / "train" / "b" / "zero.wav")  # reading it would never end
+    m = read_manifest(tmp_path)
+    assert len(m.clips) == 4
+    assert m.warnings[0] == (f"{tmp_path}: ignored 2 file(s) of other types (not a regular file; e.g. "
+                             "train/a/pipe.wav); only .wav, .flac, .ogg, .mp3 are read")
+    csv = _corpus(tmp_path / "csv", FULL)
+    os.mkfifo(tmp_path / "csv" / "fifo.wav")
+    csv.write_text(csv.read_text() + "fifo.wav,dog,s1,train\n")
+    with pytest.raises(DslFedError, match="line 7: 'fifo.wav' is not a regular file"):
+        read_manifest(csv)
+
+
+@pytest.mark.parametrize("written,suggested", [("validation", "devel"), ("val", "devel"), ("dev", "devel"),
+                                               ("training", "train"), ("eval", "test"), ("testing", "test"),
+                                               ("tset", "test")])
+def test_unknown_partitions_suggest_the_name_meant(tmp_path, written, suggested):
+    csv = _bad(tmp_path, "filename,label,partition", [("1.wav", "a", "train"), ("2.wav", "b", written)])
+    with pytest.raises(DslFedError, match=f"line 3: unknown partition '{written}'.*did you mean '{suggested}'"):
+        read_manifest(csv)
+
+
+def test_line_breaks_are_the_csv_modules_own(tmp_path):
+    """U+2028 is a character of a file name, not a line break; a quoted newline stays inside its value."""
+    rows = [("a\u2028b.wav", "dog", "s1", "train"), ("2.wav", "cat", "s2", "train"), ("3.wav", "dog", "s3", "test")]
+    csv = _corpus(tmp_path, rows)
+    assert read_manifest(csv).clips[0].path == tmp_path / "a\u2028b.wav"
+    csv.write_text(csv.read_text() + '4.wav,"cat\nnip",s4,test\n5.wav,dog,s5,test,extra\n')
+    _wav(tmp_path / "4.wav")
+    with pytest.raises(DslFedError, match="line 7: expected 4 comma-separated values"):  # line 5-6 is one record
+        read_manifest(csv)
+
+
+def test_an_overlong_cell_is_one_line_naming_its_line(tmp_path):
+    csv = _corpus(tmp_path, FULL)
+    csv.write_text(csv.read_text() + f"1.wav,{'x' * 200_000},s1,train\n")
+    with pytest.raises(DslFedError, match=r"line 7: a value longer than 131072 characters \(an unclosed quote\?\)"):
+        read_manifest(csv)

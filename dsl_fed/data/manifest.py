@@ -19,18 +19,23 @@ Defaults when information is missing:
 
 Everything is checked when the manifest is read, before any audio is decoded; each problem is one
 `DslFedError` naming the file and line. Errors where the protocol would break: the same audio file listed
-twice (under any spelling: ``a/../a/x.wav``, an absolute path, a symlink), labels that differ only in case,
-and a speaker in train and in devel/test (speaker independence) unless ``allow_speaker_overlap`` says it is
-intended - then `Manifest.warnings` says so, as it counts files a folder corpus ignored.
+twice (by file identity: ``a/../a/x.wav``, an absolute path, a symlink, a hard link), a byte-identical copy
+of a clip in another partition (the same recording would leak into devel/test), labels or speakers that
+differ only in case or hold characters that do not print (`dsl_fed.text`), and a speaker in train and in
+devel/test (speaker independence) unless ``allow_speaker_overlap`` says it is intended - then
+`Manifest.warnings` says so, as it counts files a folder corpus ignored (other types, FIFOs, devices), copies
+within one partition and trained classes that devel or test never score.
 """
 
 from __future__ import annotations
 
 import csv
 import difflib
+import hashlib
 import os
+import stat
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +44,7 @@ import numpy as np
 from dsl_fed.config import DataConfig
 from dsl_fed.data.audio import SUPPORTED_EXTENSIONS
 from dsl_fed.errors import DslFedError
+from dsl_fed.text import check_visible, spelling_key
 
 PARTITIONS: tuple[str, ...] = ("train", "devel", "test")
 REQUIRED_COLUMNS: tuple[str, ...] = ("filename", "label")
@@ -46,6 +52,12 @@ OPTIONAL_COLUMNS: tuple[str, ...] = ("speaker", "partition")
 # Speaker-level default split, applied as a repeating pattern over speakers (see `split_speakers`):
 # every 10 speakers give 6 train / 2 devel / 2 test, and 3 speakers already give one of each.
 _SPLIT_PATTERN: tuple[str, ...] = ("train", "devel", "test", "train", "train", "train", "devel", "train", "test", "train")
+# What users write for a partition that has another name here (difflib alone would answer "train" for "validation").
+PARTITION_SYNONYMS: dict[str, str] = {
+    "validation": "devel", "valid": "devel", "val": "devel", "dev": "devel", "development": "devel",
+    "training": "train", "tr": "train", "eval": "test", "evaluation": "test", "testing": "test", "tst": "test",
+}
+_PREFIX_BYTES = 1 << 16  # content check: files of equal size are compared by their first 64 KiB, then in full
 
 
 @dataclass(frozen=True)
@@ -125,10 +137,12 @@ def read_manifest(path: str | Path, seed: int = 0, allow_speaker_overlap: bool =
         raise DslFedError(f"{path}: manifest not found (expected a CSV file or a folder-per-class directory)")
     if not rows:
         raise DslFedError(f"{path}: manifest lists no clips")
-    _check_same_files(rows)
-    _check_label_spellings(rows)
+    sizes = _check_same_files(rows)
+    _check_names(rows)
 
     if classes is not None:
+        rows = [r if r.partition else r.with_partition("train") for r in rows]
+        _check_same_content(rows, sizes, warnings)
         return _with_classes(path, rows, list(classes), warnings)
     if all(r.partition is None for r in rows):
         try:
@@ -136,6 +150,7 @@ def read_manifest(path: str | Path, seed: int = 0, allow_speaker_overlap: bool =
         except DslFedError as exc:
             raise DslFedError(f"{path}: {exc}") from None
         rows = [r.with_partition(assignment[r.speaker]) for r in rows]
+    _check_same_content(rows, sizes, warnings)
 
     train = [r for r in rows if r.partition == "train"]
     if not train:
@@ -151,7 +166,7 @@ def read_manifest(path: str | Path, seed: int = 0, allow_speaker_overlap: bool =
                 f"(train labels: {', '.join(classes)})"
             )
 
-    overlap = sorted({r.speaker for r in train} & {r.speaker for r in rows if r.partition != "train"})
+    overlap = sorted({r.speaker for r in train} & {r.speaker for r in rows if r.partition != "train"})  # one spelling each
     if overlap:
         named = f"{len(overlap)} speaker(s) ({', '.join(overlap[:5])}{', ...' if len(overlap) > 5 else ''})"
         if not allow_speaker_overlap:
@@ -159,6 +174,10 @@ def read_manifest(path: str | Path, seed: int = 0, allow_speaker_overlap: bool =
                               "independent evaluation; fix the partitions or set data.allow_speaker_overlap: true")
         warnings.append(f"{named} are in train and in devel/test (data.allow_speaker_overlap): devel/test scores "
                         "are not speaker-independent")
+    unscored = [f"{label!r} (no {part} clips)" for part in PARTITIONS[1:] if any(r.partition == part for r in rows)
+                for label in sorted(known - {r.label for r in rows if r.partition == part})]
+    if unscored:
+        warnings.append(f"trained classes never scored: {', '.join(unscored)}; UAR there averages the other classes")
 
     clips = [Clip(i, r.path, r.label, r.speaker, r.partition) for i, r in enumerate(rows)]
     return Manifest(clips=clips, classes=classes, source=path, warnings=warnings)
@@ -212,30 +231,79 @@ class _Row:
     label: str
     speaker: str
     partition: str | None
+    named_speaker: bool = True  # False: the speaker is the clip's own file name (no speaker given)
 
     def with_partition(self, partition: str) -> "_Row":
-        return _Row(self.where, self.path, self.label, self.speaker, partition)
+        return _Row(self.where, self.path, self.label, self.speaker, partition, self.named_speaker)
 
 
-def _check_same_files(rows: list[_Row]) -> None:
-    """One recording listed twice (any spelling, any partitions) would be counted twice or leak into test."""
-    seen: dict[str, _Row] = {}
-    for r in rows:
-        real = os.path.realpath(r.path)
-        if real in seen:
-            first = seen[real]
+def _check_same_files(rows: list[_Row]) -> dict[int, int]:
+    """One recording listed twice (any spelling, a symlink or a hard link; any partitions) would be counted twice
+    or leak into test. Compared by file identity (device, inode); returns each row's file size by row index."""
+    seen: dict[tuple[int, int], _Row] = {}
+    sizes: dict[int, int] = {}
+    for i, r in enumerate(rows):
+        info = os.stat(r.path)
+        first = seen.setdefault((info.st_dev, info.st_ino), r)
+        if first is not r:
             raise DslFedError(f"{r.where}: {r.path.name!r} ({r.partition or 'no partition'}) is the same file as "
-                              f"{first.where} ({first.partition or 'no partition'}): {real}")
-        seen[real] = r
+                              f"{first.where} ({first.partition or 'no partition'}): {os.path.realpath(r.path)}")
+        sizes[i] = info.st_size
+    return sizes
 
 
-def _check_label_spellings(rows: list[_Row]) -> None:
-    spellings: dict[str, _Row] = {}
-    for r in rows:
-        first = spellings.setdefault(r.label.casefold(), r)
-        if first.label != r.label:
-            raise DslFedError(f"{r.where}: label {r.label!r} differs from {first.label!r} ({first.where}) only in "
-                              "case; write every label the same way")
+def _check_same_content(rows: list[_Row], sizes: dict[int, int], warnings: list[str]) -> None:
+    """A byte-identical copy of a clip in another partition is the same recording in train and devel/test.
+
+    Only files of equal size are read, first their 64 KiB prefix, and in full only when that matches too, so a
+    corpus is usually settled by its sizes alone. Copies within one partition are counted in a warning.
+    """
+    copies: list[tuple[_Row, _Row]] = []
+    for group in _equal_groups(range(len(rows)), lambda i: sizes[i]):
+        for same_prefix in _equal_groups(group, lambda i: _digest(rows[i].path, _PREFIX_BYTES)):
+            for same in _equal_groups(same_prefix, lambda i: _digest(rows[i].path, None)):
+                first = rows[same[0]]
+                for i in same[1:]:
+                    if rows[i].partition != first.partition:
+                        r = rows[i]
+                        raise DslFedError(f"{r.where}: {r.path.name!r} ({r.partition}) is a byte-identical copy of "
+                                          f"{first.where} ({first.partition}): the same recording in two partitions; "
+                                          "remove one of them")
+                    copies.append((first, rows[i]))
+    if copies:
+        first, copy = copies[0]
+        warnings.append(f"{len(copies)} clip(s) are byte-identical copies of another clip of the same partition and "
+                        f"count twice (e.g. {copy.where} = {first.where})")
+
+
+def _equal_groups(items, key) -> list[list[int]]:
+    """Groups of two or more `items` with the same `key`, in first-seen order."""
+    groups: dict[object, list[int]] = {}
+    for item in items:
+        groups.setdefault(key(item), []).append(item)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def _digest(path: Path, limit: int | None) -> bytes:
+    with open(path, "rb") as f:
+        if limit is not None:
+            return hashlib.sha256(f.read(limit)).digest()
+        return hashlib.file_digest(f, "sha256").digest()
+
+
+def _check_names(rows: list[_Row]) -> None:
+    """Labels and speakers print as what they are: no invisible characters, one spelling per name."""
+    for kind, named in (("label", lambda r: True), ("speaker", lambda r: r.named_speaker)):
+        spellings: dict[str, _Row] = {}
+        for r in rows:
+            if not named(r):
+                continue  # a file name standing in for a speaker: the file system tells files apart
+            value = getattr(r, kind)
+            check_visible(value, f"{r.where}: {kind}")
+            first = spellings.setdefault(spelling_key(value), r)
+            if getattr(first, kind) != value:
+                raise DslFedError(f"{r.where}: {kind} {value!r} differs from {getattr(first, kind)!r} ({first.where}) "
+                                  f"only in case or Unicode form; write every {kind} the same way")
 
 
 def _speaker_labels(rows: list[_Row]) -> dict[str, str]:
@@ -247,12 +315,34 @@ def _speaker_labels(rows: list[_Row]) -> dict[str, str]:
 
 
 def _rows_from_csv(path: Path) -> list[_Row]:
+    """The CSV's rows; line breaks are the csv module's own (a U+2028 inside a file name is just a character)."""
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            return _parse_csv(path, f)
     except (OSError, UnicodeDecodeError) as exc:
         raise DslFedError(f"{path}: cannot read manifest ({exc.__class__.__name__}: {exc})") from None
-    reader = csv.reader(text.splitlines())
-    header = next(reader, None)
+
+
+def _csv_records(path: Path, reader) -> Iterator[tuple[int, list[str]]]:
+    """(first line number, cells) of every record; a CSV error names its line."""
+    line = 1
+    while True:
+        try:
+            cells = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            if "field larger than field limit" in str(exc):
+                raise DslFedError(f"{path} line {reader.line_num}: a value longer than {csv.field_size_limit()} "
+                                  "characters (an unclosed quote?)") from None
+            raise DslFedError(f"{path} line {reader.line_num}: not valid CSV ({exc})") from None
+        yield line, cells
+        line = reader.line_num + 1
+
+
+def _parse_csv(path: Path, f) -> list[_Row]:
+    records = _csv_records(path, csv.reader(f))
+    header = next(records, (1, None))[1]
     if header is None:
         raise DslFedError(f"{path}: manifest CSV is empty (expected a header 'filename,label[,speaker][,partition]')")
     columns = [h.strip().lower() for h in header]
@@ -261,7 +351,7 @@ def _rows_from_csv(path: Path) -> list[_Row]:
 
     rows: list[_Row] = []
     missing: list[tuple[str, str]] = []
-    for line_no, cells in enumerate(reader, start=2):
+    for line_no, cells in records:
         if not cells or all(not c.strip() for c in cells):
             continue  # blank line
         where = f"{path} line {line_no}"
@@ -275,11 +365,14 @@ def _rows_from_csv(path: Path) -> list[_Row]:
         audio = Path(filename) if Path(filename).is_absolute() else path.parent / filename
         _check_extension(audio, where)
         if not audio.is_file():
+            if audio.exists():  # a FIFO or a device: never opened
+                raise DslFedError(f"{where}: {filename!r} is not a regular file (a FIFO, device or socket)")
             missing.append((where, filename))
         partition = value.get("partition")
         if partition is not None:
             partition = _check_partition(partition.lower(), where)
-        rows.append(_Row(where, audio, value["label"], value.get("speaker", filename), partition))
+        rows.append(_Row(where, audio, value["label"], value.get("speaker", filename), partition,
+                         named_speaker="speaker" in value))
 
     if missing:
         where, filename = missing[0]
@@ -310,7 +403,8 @@ def _check_columns(path: Path, columns: list[str]) -> None:
 def _check_partition(name: str, where: str) -> str:
     if name in PARTITIONS:
         return name
-    near = difflib.get_close_matches(name, PARTITIONS, n=1, cutoff=0.4)
+    near = [PARTITION_SYNONYMS[name]] if name in PARTITION_SYNONYMS else \
+        difflib.get_close_matches(name, PARTITIONS, n=1, cutoff=0.6)
     hint = f"; did you mean {near[0]!r}?" if near else ""
     raise DslFedError(f"{where}: unknown partition {name!r} (choose from {', '.join(PARTITIONS)}){hint}")
 
@@ -351,7 +445,8 @@ def _rows_from_folder(root: Path, warnings: list[str]) -> list[_Row]:
     if not rows:
         raise DslFedError(f"{root}: no audio files ({', '.join(SUPPORTED_EXTENSIONS)}) found in its class folders")
     if ignored:
-        types = sorted({p.suffix.lower() or "(no extension)" for p in ignored})
+        types = sorted({(p.suffix.lower() or "(no extension)") if _is_regular(p) else "not a regular file"
+                        for p in ignored})
         warnings.append(f"{root}: ignored {len(ignored)} file(s) of other types ({', '.join(types)}; e.g. "
                         f"{ignored[0].relative_to(root)}); only {', '.join(SUPPORTED_EXTENSIONS)} are read")
     return rows
@@ -361,11 +456,20 @@ def _rows_from_label_dir(root: Path, label_dir: Path, partition: str | None, ign
     rows = []
     for audio in sorted(label_dir.rglob("*")):
         rel = audio.relative_to(label_dir)
-        if not audio.is_file() or any(part.startswith(".") for part in rel.parts):
+        if audio.is_dir() or any(part.startswith(".") for part in rel.parts):
             continue
-        if audio.suffix.lower() not in SUPPORTED_EXTENSIONS:
-            ignored.append(audio)
+        if audio.suffix.lower() not in SUPPORTED_EXTENSIONS or not _is_regular(audio):
+            ignored.append(audio)  # FIFOs, devices, sockets and dangling links are counted, never opened
             continue
-        speaker = rel.parts[0] if len(rel.parts) > 1 else str(audio.relative_to(root))
-        rows.append(_Row(str(audio), audio, label_dir.name, speaker, partition))
+        named = len(rel.parts) > 1
+        speaker = rel.parts[0] if named else str(audio.relative_to(root))
+        rows.append(_Row(str(audio), audio, label_dir.name, speaker, partition, named_speaker=named))
     return rows
+
+
+def _is_regular(path: Path) -> bool:
+    """A regular file (through symlinks); False for FIFOs, devices, sockets and dangling links."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
