@@ -2,11 +2,12 @@
 
     python benchmarks/privacy.py [--rounds 5] [--noise 0.01,0.03,0.1,0.3,1] [--clip-norm 1.0] [section.key=value ...]
 
-The quickstart recipe (3 clients of 2 speakers, 10-speaker demo corpus) with ``federated.dp.mode=client``
-and fixed clipping, trained in-process (`simulations.inprocess`: the project's ClientApp with its clipping mod
-and the project's strategy with Flower's DP wrapper), plus the same run without DP. Epsilon is the RDP
-accountant's after the last round at delta 1e-5 (`dsl_fed.privacy`). Writes ``benchmarks/results/privacy.md``
-and ``privacy.png``; the verdict lines are computed from the measured numbers.
+The quickstart recipe (by default 3 clients of 2 speakers of the 10-speaker demo corpus) with
+``federated.dp.mode=client``, trained in-process (`simulations.inprocess`: the project's ClientApp with its
+clipping mod and the project's strategy with Flower's DP wrapper), plus the same run without DP. Epsilon is the
+RDP accountant's after the last round at ``federated.dp.delta`` (`dsl_fed.privacy`). Writes
+``benchmarks/results/privacy.md`` and ``privacy.png``; the header's counts are counted from the corpus and the
+config (`simulations.run_setting`), the verdict lines computed from the measured numbers.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # simulations/ is a folder of the repo, not an installed package
 
 from simulations.inprocess import run  # noqa: E402
+from simulations.run_setting import RunSetting, run_setting  # noqa: E402
 
 CONFIG = REPO / "configs" / "quickstart.yaml"
 
@@ -45,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         make_demo_corpus(args.data, progress=False)
     base = [f"data.manifest={manifest}", "federated.phase1_rounds=1", f"federated.phase2_rounds={args.rounds - 1}",
             "federated.fraction_evaluate=0", "output.name=privacy", *args.overrides]
+    setting = run_setting(CONFIG, base)
     noise = [None, *(float(v) for v in args.noise.split(","))]  # None: the run without DP
     # A fresh process per run (a reused one keeps TensorFlow's state and slows down run by run); `--jobs` at a time.
     spawn = multiprocessing.get_context("spawn")
@@ -52,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         outcomes = dict(zip(noise, pool.map(run_one, noise, [base] * len(noise), [args.clip_norm] * len(noise))))
     for z, (eps, uar, seconds) in outcomes.items():
         print(f"noise {z}: epsilon {eps}, devel UAR {uar:.3f} ({seconds:.0f} s)", flush=True)
-    write_results(args, outcomes[None][1], [(z, *outcomes[z][:2]) for z in noise[1:]])
+    write_results(args, setting, outcomes[None][1], [(z, *outcomes[z][:2]) for z in noise[1:]])
     return 0
 
 
@@ -64,19 +67,27 @@ def run_one(z: float | None, base: list[str], clip_norm: float) -> tuple[float |
     return outcome.epsilon, outcome.devel_uar, outcome.seconds
 
 
-def write_results(args: argparse.Namespace, baseline: float, rows: list[tuple[float, float, float]]) -> None:
+def header(args: argparse.Namespace, setting: RunSetting) -> str:
+    """The command and what it ran on; every number comes from `args` or from `setting`."""
+    command = " ".join(["python benchmarks/privacy.py", f"--rounds {args.rounds}", f"--noise {args.noise}",
+                        f"--clip-norm {args.clip_norm:g}", *args.overrides])
+    return (
+        f"`{command}`: quickstart recipe, {setting.corpus_speakers}-speaker corpus "
+        f"`{args.data.name}`, {setting.clients_text()} ({setting.sampling_text()}), client-side {setting.clipping} "
+        f"clipping at {args.clip_norm:g}, {args.rounds} rounds; epsilon at delta {setting.delta:g} (RDP accountant), "
+        f"final devel UAR ({setting.devel_text()})."
+    )
+
+
+def write_results(args: argparse.Namespace, setting: RunSetting, baseline: float,
+                  rows: list[tuple[float, float, float]]) -> None:
     from dsl_fed.io import atomic_write
     from dsl_fed.report import save_figure
 
     lines = [
         "# Privacy/utility: devel UAR vs epsilon",
         "",
-        f"`python benchmarks/privacy.py --rounds {args.rounds} --noise {args.noise} --clip-norm {args.clip_norm:g} "
-        f"{' '.join(args.overrides)}`: quickstart recipe, "
-        f"10-speaker demo corpus, 3 clients of 2 speakers (all sampled every round), client-side fixed clipping at "
-        f"{args.clip_norm:g}, {args.rounds} rounds; epsilon at delta 1e-5 (RDP accountant), final devel UAR "
-        f"(2 held-out speakers, 3 classes, chance 0.333). Machine: {os.cpu_count()} CPUs, "
-        f"load {os.getloadavg()[0]:.1f}.",
+        f"{header(args, setting)} Machine: {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}.",
         "",
         "| noise multiplier | epsilon | devel UAR |",
         "|---:|---:|---:|",
@@ -92,11 +103,11 @@ def write_results(args: argparse.Namespace, baseline: float, rows: list[tuple[fl
     )
     lines += ["", "![devel UAR vs epsilon](privacy.png)", ""]
     atomic_write(args.out, "\n".join(lines))
-    save_figure(_figure(baseline, rows), args.out.with_suffix(".png"))
+    save_figure(_figure(setting, baseline, rows), args.out.with_suffix(".png"))
     print("\n".join(lines))
 
 
-def _figure(baseline: float, rows: list[tuple[float, float, float]]):
+def _figure(setting: RunSetting, baseline: float, rows: list[tuple[float, float, float]]):
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(6, 3.5), dpi=100)
@@ -105,9 +116,9 @@ def _figure(baseline: float, rows: list[tuple[float, float, float]]):
     for z, eps, uar in rows:
         ax.annotate(f"z={z:g}", (eps, uar), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.axhline(baseline, color="tab:green", linestyle="--", linewidth=1, label="no DP")
-    ax.axhline(1 / 3, color="grey", linestyle=":", linewidth=1, label="chance")
+    ax.axhline(setting.chance, color="grey", linestyle=":", linewidth=1, label="chance")
     ax.set_xscale("log")
-    ax.set_xlabel("epsilon (delta 1e-5)")
+    ax.set_xlabel(f"epsilon (delta {setting.delta:g})")
     ax.set_ylabel("final devel UAR")
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8)

@@ -6,9 +6,9 @@
 Each finished run is appended to ``runs/poisoning-cells.jsonl`` (``--cells``) with its settings, so an
 interrupted grid continues where it stopped when started again with the same settings; runs go attack by attack.
 
-The quickstart recipe on a demo corpus with one client per training speaker (11 speakers: 7 clients, the fewest
-Bulyan accepts with one attacker), run in-process (`simulations.inprocess`): every strategy without attacker,
-then with each attack. Client 0 is the attacker; every other client trains honestly. With Δ its honest
+The quickstart recipe on a demo corpus with one client per training speaker (by default 11 speakers: 7
+clients, the fewest Bulyan accepts with one attacker), run in-process (`simulations.inprocess`): every strategy
+without attacker, then with each attack. Client 0 is the attacker; every other client trains honestly. With Δ its honest
 slice update and g the global slice it received, the attacker sends:
 
 - ``sign-flip``: g − 10·Δ (the update reversed and boosted: an unboosted flip from 1 of 7 clients only slows a mean)
@@ -16,16 +16,16 @@ slice update and g the global slice it received, the attacker sends:
 - ``noise``: g + N(0, 1) in every coordinate
 - ``label-flip``: an honest update trained on labels shifted by one class
 
-The attack is a hook of this experiment, not an option of the ClientApp. Robust strategies run with
-``federated.num_malicious=1`` (Krum, MultiKrum, Bulyan) and ``trim_fraction=0.2`` (FedTrimmedAvg: 1 of 7 cut
-at each end).
+The attack is a hook of this experiment, not an option of the ClientApp; label-flip shifts labels within the
+corpus's classes. Robust strategies run with ``federated.num_malicious=1`` (Krum, MultiKrum, Bulyan) and
+``trim_fraction=0.2`` (FedTrimmedAvg: 1 of 7 cut at each end). The results header's counts (clients, speakers,
+classes, chance, f) come from the corpus and the config (`simulations.run_setting`).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import dataclasses
 import json
 import multiprocessing
@@ -41,6 +41,7 @@ from flwr.app import Array, ArrayRecord, Message
 
 from dsl_fed.federated import client_app
 from simulations.inprocess import run
+from simulations.run_setting import RunSetting, run_setting
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "quickstart.yaml"
@@ -131,11 +132,12 @@ def main(argv: list[str] | None = None) -> int:
     results = finished_cells(args.cells, base)
     todo = [cell for cell in cells if cell not in results and not args.write_only]
     print(f"{len(results)} of {len(cells)} runs already in {args.cells}; {len(todo)} to go", flush=True)
-    args.clients = count_train_speakers(manifest)
+    setting = run_setting(CONFIG, base)
     # A fresh process per run (a reused one keeps TensorFlow's state and slows down run by run); `--jobs` at a time.
     spawn = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(args.jobs, mp_context=spawn, max_tasks_per_child=1) as pool:
-        futures = {pool.submit(run_cell, strategy, attack, base): (strategy, attack) for strategy, attack in todo}
+        futures = {pool.submit(run_cell, strategy, attack, base, setting.classes): (strategy, attack)
+                   for strategy, attack in todo}
         for future in as_completed(futures):
             (strategy, attack), cell = futures[future], future.result()
             results[(strategy, attack)] = cell
@@ -144,14 +146,8 @@ def main(argv: list[str] | None = None) -> int:
                 f.write(json.dumps({"base": base, "strategy": strategy, "attack": attack, **cell}) + "\n")
             print(f"{strategy:>14} | attack {attack:>10} | devel UAR {cell['uar']:.3f} | {cell['seconds']:.0f} s "
                   f"({cell['cpu_seconds']:.0f} s CPU) | {len(results)}/{len(cells)}", flush=True)
-    write_results(args, strategies, ["none", *attacks], results)
+    write_results(args, setting, strategies, ["none", *attacks], results)
     return 0
-
-
-def count_train_speakers(manifest: Path) -> int:
-    """Clients of the experiment: one per training speaker."""
-    with manifest.open(newline="") as f:
-        return len({row["speaker"] for row in csv.DictReader(f) if row["partition"] == "train"})
 
 
 def finished_cells(path: Path, base: list[str]) -> dict[tuple[str, str], dict[str, float]]:
@@ -162,14 +158,29 @@ def finished_cells(path: Path, base: list[str]) -> dict[tuple[str, str], dict[st
             for r in rows if r["base"] == base}
 
 
-def run_cell(strategy: str, attack: str, base: list[str]) -> dict[str, float]:
+def run_cell(strategy: str, attack: str, base: list[str], num_classes: int) -> dict[str, float]:
     """One federated run: final devel UAR, wall-clock and CPU seconds."""
     cpu = time.process_time()
-    outcome = run(CONFIG, [*base, f"federated.strategy={strategy}"], attack_hook(None if attack == "none" else attack, 3))
+    hook = attack_hook(None if attack == "none" else attack, num_classes)
+    outcome = run(CONFIG, [*base, f"federated.strategy={strategy}"], hook)
     return {"uar": outcome.devel_uar, "seconds": outcome.seconds, "cpu_seconds": time.process_time() - cpu}
 
 
-def write_results(args: argparse.Namespace, strategies: list[str], attacks: list[str],
+def header(args: argparse.Namespace, setting: RunSetting, runs: int, cpu_minutes: float) -> str:
+    """The command and what it ran on; every number comes from `args`, `setting` or the recorded runs."""
+    command = " ".join(["python -m simulations.poisoning", f"--rounds {args.rounds}", f"--speakers {args.speakers}",
+                        f"--strategies {args.strategies}", f"--attacks {args.attacks}", *args.overrides])
+    f = setting.num_malicious
+    return (
+        f"`{command}`: quickstart recipe, {setting.corpus_speakers}-speaker demo corpus, {setting.clients_text()} "
+        f"({setting.sampling_text()}; Krum and MultiKrum need at least 2f + 3 = {2 * f + 3}, Bulyan 4f + 3 = "
+        f"{4 * f + 3} for f = {f} attacker{'' if f == 1 else 's'}), client {ATTACKER} attacks, {args.rounds} rounds "
+        f"(1 + {args.rounds - 1}); final devel UAR ({setting.devel_text()}). {runs} runs, {cpu_minutes:.0f} "
+        "CPU-minutes in all."
+    )
+
+
+def write_results(args: argparse.Namespace, setting: RunSetting, strategies: list[str], attacks: list[str],
                   results: dict[tuple[str, str], dict[str, float]]) -> None:
     from dsl_fed.io import atomic_write
     from dsl_fed.report import save_figure
@@ -177,16 +188,10 @@ def write_results(args: argparse.Namespace, strategies: list[str], attacks: list
     uar = {cell: r["uar"] for cell, r in results.items()}
     clean = uar[("fedavg", "none")]
     cpu_minutes = sum(r["cpu_seconds"] for r in results.values()) / 60
-    command = " ".join(["python -m simulations.poisoning", f"--rounds {args.rounds}", f"--speakers {args.speakers}",
-                        f"--strategies {args.strategies}", f"--attacks {args.attacks}", *args.overrides])
     lines = [
         "# Poisoned clients vs aggregation strategies",
         "",
-        f"`{command}`: quickstart recipe, {args.speakers}-speaker demo corpus, one client per training speaker "
-        f"({args.clients} clients; Krum and MultiKrum need at least 2f + 3 = 5, Bulyan 4f + 3 = 7 for f = 1 "
-        f"attacker), client 0 attacks, {args.rounds} rounds (1 + {args.rounds - 1}); final devel UAR (held-out "
-        "speakers, 3 classes, chance 0.333). "
-        f"{len(results)} runs, {cpu_minutes:.0f} CPU-minutes in all. "
+        f"{header(args, setting, len(results), cpu_minutes)} "
         f"Machine: {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}.",
         "",
         "| strategy | " + " | ".join(attacks) + " |",
@@ -208,11 +213,11 @@ def write_results(args: argparse.Namespace, strategies: list[str], attacks: list
         lines.append(f"- {attack}: {', '.join(held) or 'none'}{fedavg}{cut}.")
     lines += ["", "![final devel UAR per strategy and attack](poisoning.png)", ""]
     atomic_write(args.out, "\n".join(lines))
-    save_figure(_figure(strategies, attacks, uar), args.out.with_suffix(".png"))
+    save_figure(_figure(strategies, attacks, uar, setting.chance), args.out.with_suffix(".png"))
     print("\n".join(lines))
 
 
-def _figure(strategies: list[str], attacks: list[str], results: dict[tuple[str, str], float]):
+def _figure(strategies: list[str], attacks: list[str], results: dict[tuple[str, str], float], chance: float):
     from matplotlib.figure import Figure
 
     attacks = [a for a in attacks if any((s, a) in results for s in strategies)]  # a cut-short grid: what ran
@@ -223,7 +228,7 @@ def _figure(strategies: list[str], attacks: list[str], results: dict[tuple[str, 
         xs = np.arange(len(strategies)) + (i - (len(attacks) - 1) / 2) * width
         ax.bar(xs, [results.get((s, attack), np.nan) for s in strategies], width, label=attack)
     ax.axhline(results[("fedavg", "none")], color="tab:blue", linestyle="--", linewidth=1, label="clean FedAvg")
-    ax.axhline(1 / 3, color="grey", linestyle=":", linewidth=1, label="chance")
+    ax.axhline(chance, color="grey", linestyle=":", linewidth=1, label="chance")
     ax.set_xticks(np.arange(len(strategies)), strategies)
     ax.set_ylabel("final devel UAR")
     ax.set_ylim(0, 1)

@@ -76,12 +76,14 @@ def test_verdicts_are_computed_from_the_table(tmp_path):
     import argparse
 
     from simulations.poisoning import write_results
+    from simulations.run_setting import RunSetting
 
     uar = {("fedavg", "none"): 0.9, ("fedavg", "scale"): 0.4, ("fedmedian", "scale"): 0.86, ("krum", "scale"): 0.8}
     results = {cell: {"uar": u, "seconds": 1.0, "cpu_seconds": 30.0} for cell, u in uar.items()}
-    args = argparse.Namespace(rounds=3, speakers=11, clients=7, strategies="fedavg,fedmedian,krum", attacks="scale",
+    args = argparse.Namespace(rounds=3, speakers=11, strategies="fedavg,fedmedian,krum", attacks="scale",
                               overrides=[], out=tmp_path / "p.md")
-    write_results(args, ["fedavg", "fedmedian", "krum"], ["none", "scale", "noise"], results)
+    setting = RunSetting(11, (1,) * 7, 2, 3, 7, 1e-5, "fixed", 1)
+    write_results(args, setting, ["fedavg", "fedmedian", "krum"], ["none", "scale", "noise"], results)
     text = args.out.read_text()
     assert "- scale: fedmedian; FedAvg does not (0.400)." in text
     assert "- noise: not run (the grid was cut short)." in text
