@@ -1,4 +1,4 @@
-"""Clip-level evaluation: UAR, confusion matrix, bootstrap confidence interval, per-speaker UAR and its spread.
+"""Clip-level evaluation: UAR, confusion matrix, bootstrap confidence intervals, per-speaker UAR and its spread.
 
 UAR (unweighted average recall, the ComParE measure) is the mean recall over the classes that occur in
 ``y_true``. A class that is absent from the ground truth has no recall and is left out - otherwise every
@@ -13,7 +13,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from dsl_fed.bootstrap import bootstrap_ci, ci_fields, confusion_table, outcome_table, table_ci
 from dsl_fed.errors import DslFedError
+
+__all__ = ["bootstrap_ci", "clip_metrics", "confusion", "confusion_metrics", "evaluate_chunks", "per_speaker_uar",
+           "speaker_spread", "uar"]
 
 if TYPE_CHECKING:
     import keras
@@ -34,48 +38,6 @@ def confusion(y_true: Sequence[int] | np.ndarray, y_pred: Sequence[int] | np.nda
     if y_true.max() >= n or y_pred.max() >= n or min(y_true.min(), y_pred.min()) < 0:
         raise DslFedError(f"class indices must be in [0, {n}), got up to {max(y_true.max(), y_pred.max())}")
     return np.bincount(y_true * n + y_pred, minlength=n * n).reshape(n, n).astype(np.int64)
-
-
-def bootstrap_ci(
-    y_true: Sequence[int] | np.ndarray,
-    y_pred: Sequence[int] | np.ndarray,
-    n: int = 1000,
-    seed: int = 0,
-    alpha: float = 0.05,
-) -> tuple[float, float]:
-    """Percentile bootstrap interval of the UAR: resample clips with replacement `n` times.
-
-    Args:
-        y_true: True class per clip.
-        y_pred: Predicted class per clip.
-        n: Number of bootstrap resamples (the paper: 1000).
-        seed: Seed of the resampling (same inputs + seed = same interval).
-        alpha: 0.05 gives the 95 % interval.
-
-    Returns:
-        ``(low, high)``.
-    """
-    y_true, y_pred = _check_pair(y_true, y_pred)
-    if n < 1 or not 0 < alpha < 1:
-        raise DslFedError(f"bootstrap needs n >= 1 and 0 < alpha < 1, got n={n}, alpha={alpha}")
-    rng = np.random.default_rng(seed)
-    size = y_true.size
-    classes = np.unique(y_true)
-    scores = []
-    block = max(1, min(n, 2_000_000 // size))  # bound memory: block x size index matrix
-    for start in range(0, n, block):
-        idx = rng.integers(0, size, size=(min(block, n - start), size))
-        t, p = y_true[idx], y_pred[idx]
-        recalls = []
-        for c in classes:
-            support = (t == c).sum(axis=1)
-            hits = ((t == c) & (p == c)).sum(axis=1)
-            with np.errstate(invalid="ignore", divide="ignore"):
-                recalls.append(np.where(support > 0, hits / np.maximum(support, 1), np.nan))
-        scores.append(np.nanmean(np.stack(recalls, axis=1), axis=1))
-    scores = np.concatenate(scores)
-    low, high = np.quantile(scores, [alpha / 2, 1 - alpha / 2])
-    return float(low), float(high)
 
 
 def per_speaker_uar(
@@ -128,17 +90,21 @@ def clip_metrics(
 ) -> dict[str, Any]:
     """All reported numbers for clip-level predictions, as JSON-ready Python types.
 
+    The primary interval is the two-stage speaker-level bootstrap (`dsl_fed.bootstrap`); the clip-level one is
+    ``ci_clips``.
+
     Returns:
-        ``{"uar", "ci": [low, high], "accuracy", "confusion": [[...]], "per_speaker": {spk: uar},
-        "speaker_spread": `speaker_spread`, "num_clips", "classes"}``.
+        ``{"uar", "ci": [low, high], "ci_level", "ci_groups", "ci_clips": [low, high], ["ci_note"], "accuracy",
+        "confusion": [[...]], "per_speaker": {spk: uar}, "speaker_spread": `speaker_spread`, "num_clips",
+        "classes"}``.
     """
     y_pred = np.argmax(clip_probs, axis=1)
-    low, high = bootstrap_ci(clip_labels, y_pred, n=n_boot, seed=seed)
+    clip_labels, y_pred = _check_pair(clip_labels, y_pred)
     speakers = per_speaker_uar(clip_labels, y_pred, clip_speakers)
     return {
         "uar": uar(clip_labels, y_pred),
-        "ci": [low, high],
-        "accuracy": float(np.mean(y_pred == np.asarray(clip_labels))),
+        **ci_fields(outcome_table(clip_labels, y_pred, clip_speakers), "speakers", n=n_boot, seed=seed),
+        "accuracy": float(np.mean(y_pred == clip_labels)),
         "confusion": confusion(clip_labels, y_pred, len(classes)).tolist(),
         "per_speaker": speakers,
         "speaker_spread": speaker_spread(speakers),
@@ -148,24 +114,39 @@ def clip_metrics(
 
 
 def confusion_metrics(counts: np.ndarray, classes: Sequence[str], n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
-    """`clip_metrics` from summed confusion counts (federated evaluation: nodes send counts, never clips).
+    """`clip_metrics` from confusion counts (federated evaluation: nodes send counts, never clips).
 
-    The counts hold every (true, predicted) pair, so UAR, accuracy and the bootstrap interval are exactly what
-    scoring all those clips in one place gives. Per-speaker UAR needs speaker names, which stay on the nodes.
+    Args:
+        counts: ``(nodes, K, K)`` counts, one matrix per node; their sum holds every (true, predicted) pair, so
+            UAR and accuracy are exactly what scoring all those clips in one place gives. The primary interval
+            resamples nodes, then clips within each (``ci_level`` ``nodes``): per-speaker counts stay on the
+            nodes. A single ``(K, K)`` matrix (nodes unknown) gives the clip-level interval only.
+        classes: Class names (``K``).
+        n_boot: Bootstrap resamples.
+        seed: Seed of the resampling.
     """
-    counts = np.asarray(counts, dtype=np.int64).reshape(len(classes), len(classes))
-    if counts.min() < 0:
+    k = len(classes)
+    counts = np.asarray(counts, dtype=np.int64)
+    per_node = counts.ndim == 3
+    counts = counts.reshape(-1, k, k)
+    if counts.min(initial=0) < 0:
         raise DslFedError("confusion counts must be >= 0")
-    cells = np.arange(counts.size)
-    pairs = np.repeat(cells, counts.reshape(-1))
-    y_true, y_pred = pairs // len(classes), pairs % len(classes)
-    low, high = bootstrap_ci(y_true, y_pred, n=n_boot, seed=seed)
+    total = counts.sum(axis=0)
+    if total.sum() == 0:
+        raise DslFedError("cannot score zero clips")
+    recall = np.diag(total)[total.sum(axis=1) > 0] / total.sum(axis=1)[total.sum(axis=1) > 0]
+    table = confusion_table(counts)
+    if per_node:
+        intervals = ci_fields(table, "nodes", n=n_boot, seed=seed)
+    else:
+        clips = list(table_ci(table, n_boot, seed, two_stage=False))
+        intervals = {"ci": clips, "ci_level": "clips", "ci_clips": clips}
     return {
-        "uar": uar(y_true, y_pred),
-        "ci": [low, high],
-        "accuracy": float(np.mean(y_true == y_pred)),
-        "confusion": counts.tolist(),
-        "num_clips": int(counts.sum()),
+        "uar": float(np.mean(recall)),
+        **intervals,
+        "accuracy": float(np.trace(total) / total.sum()),
+        "confusion": total.tolist(),
+        "num_clips": int(total.sum()),
         "classes": list(classes),
     }
 
