@@ -1,13 +1,18 @@
 """Privacy accounting for client-level DP-FedAvg with Google's dp-accounting library (no Flower here).
 
-Each round releases the mean of the sampled clients' clipped slice updates plus Gaussian noise of standard
-deviation ``noise_multiplier * clip_norm / clients``: a Gaussian mechanism with that noise multiplier on the
-sum. With ``fraction_train < 1`` a round samples each client with probability ``fraction_train``, accounted
-as Poisson subsampling (McMahan et al., 2018; Flower samples a fixed number of clients, which this
-approximates). The RDP accountant composes the rounds and converts to (epsilon, delta).
+Each published round releases the mean of m clipped slice updates plus Gaussian noise of standard deviation
+``noise_multiplier * clip_norm / m`` (`dsl_fed.federated.dp`): a Gaussian mechanism with that noise multiplier
+on the sum, whatever m was. The RDP accountant composes the releases and converts to (epsilon, delta); it agrees
+with Flower 1.42's own accountant (`flwr.supercore.privacy_accounting`, no amplification) and stays within a few
+per cent above dp-accounting's tighter PLD accountant (`tests/test_privacy.py`).
+
+No amplification by sampling is claimed: with ``fraction_train < 1`` a round samples a fixed number of nodes with a
+generator seeded by the public ``training.seed`` and the round manifests publish who was sampled, so each round is
+accounted as if every client had taken part. A round whose update was not released (too few valid replies)
+costs nothing.
 
 One speaker per client makes the guarantee speaker-level: any one speaker's whole contribution changes what
-the server publishes only within epsilon. It covers the model, not the metrics a client reports.
+the server publishes only within epsilon. It covers the published models.
 """
 
 from __future__ import annotations
@@ -27,32 +32,29 @@ from dsl_fed.config import DpConfig, FederatedConfig
 NO_GUARANTEE = "no DP guarantee"
 
 
-def dp_event(noise_multiplier: float, sampling_rate: float, rounds: int) -> dp_accounting.DpEvent:
-    """The dp-accounting event of `rounds` rounds of the (subsampled) Gaussian mechanism."""
-    gaussian = dp_accounting.GaussianDpEvent(noise_multiplier)
-    step = gaussian if sampling_rate >= 1 else dp_accounting.PoissonSampledDpEvent(sampling_rate, gaussian)
-    return dp_accounting.SelfComposedDpEvent(step, rounds)
+def dp_event(noise_multiplier: float, releases: int) -> dp_accounting.DpEvent:
+    """The dp-accounting event of `releases` Gaussian releases (no amplification by sampling)."""
+    return dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(noise_multiplier), releases)
 
 
-def epsilon(noise_multiplier: float, sampling_rate: float, rounds: int, delta: float) -> float | None:
-    """Epsilon after `rounds` rounds at `delta`; None when there is no noise (no guarantee, not infinity)."""
+def epsilon(noise_multiplier: float, releases: int, delta: float) -> float | None:
+    """Epsilon after `releases` noised rounds at `delta`; None when there is no noise (no guarantee, not infinity)."""
     if noise_multiplier <= 0:
         return None
-    if rounds <= 0:
+    if releases <= 0:
         return 0.0
     with _quiet_absl():
         accountant = rdp.RdpAccountant()
-        accountant.compose(dp_event(noise_multiplier, sampling_rate, rounds))
+        accountant.compose(dp_event(noise_multiplier, releases))
         return float(accountant.get_epsilon(delta))
 
 
-def rounds_within_budget(noise_multiplier: float, sampling_rate: float, delta: float, target_epsilon: float,
-                         max_rounds: int) -> int:
-    """The most rounds (up to `max_rounds`) whose epsilon stays <= `target_epsilon` (epsilon grows with rounds)."""
+def rounds_within_budget(noise_multiplier: float, delta: float, target_epsilon: float, max_rounds: int) -> int:
+    """The most rounds (up to `max_rounds`) whose epsilon stays <= `target_epsilon`, each round counted as a release."""
     low, high = 0, max_rounds  # epsilon(low) <= target is invariant; binary search for the last such round
     while low < high:
         mid = (low + high + 1) // 2
-        if epsilon(noise_multiplier, sampling_rate, mid, delta) <= target_epsilon:
+        if epsilon(noise_multiplier, mid, delta) <= target_epsilon:
             low = mid
         else:
             high = mid - 1
@@ -66,31 +68,33 @@ def describe(eps: float | None, delta: float) -> str:
 
 @dataclass(frozen=True)
 class RunPrivacy:
-    """The privacy budget of one federated run: epsilon per round and the last round a target allows."""
+    """The privacy budget of one federated run: epsilon per release and the last round a target allows."""
 
     dp: DpConfig
-    sampling_rate: float  # clients per round / clients
+    clients_per_round: int  # reported only: no amplification is claimed
+    nodes: int
 
     @classmethod
     def of(cls, fed: FederatedConfig, num_nodes: int) -> "RunPrivacy":
-        return cls(fed.dp, min(1.0, fed.clients_per_round(num_nodes) / num_nodes))
+        return cls(fed.dp, fed.clients_per_round(num_nodes), num_nodes)
 
-    def epsilon(self, rounds: int) -> float | None:
-        return epsilon(self.dp.noise_multiplier, self.sampling_rate, rounds, self.dp.delta)
+    def epsilon(self, releases: int) -> float | None:
+        return epsilon(self.dp.noise_multiplier, releases, self.dp.delta)
 
     def last_round(self, scheduled: int) -> int:
-        """`scheduled`, or fewer if ``target_epsilon`` would be exceeded after more rounds."""
+        """`scheduled`, or fewer if ``target_epsilon`` would be exceeded after more (every round may release)."""
         if self.dp.target_epsilon is None:
             return scheduled
-        return rounds_within_budget(self.dp.noise_multiplier, self.sampling_rate, self.dp.delta,
-                                    self.dp.target_epsilon, scheduled)
+        return rounds_within_budget(self.dp.noise_multiplier, self.dp.delta, self.dp.target_epsilon, scheduled)
 
-    def report(self, rounds: int, clip_norm: float) -> dict[str, Any]:
-        """What a round manifest records: every round so far counts, including one whose update was dropped."""
-        eps = self.epsilon(rounds)
+    def report(self, releases: int, clip_norm: float) -> dict[str, Any]:
+        """What a round manifest records: epsilon after the noised means released so far."""
+        eps = self.epsilon(releases)
         return {"mode": self.dp.mode, "clipping": self.dp.clipping, "clip_norm": clip_norm,
-                "noise_multiplier": self.dp.noise_multiplier, "sampling_rate": self.sampling_rate,
-                "rounds": rounds, "epsilon": eps, "delta": self.dp.delta, "target_epsilon": self.dp.target_epsilon,
+                "noise_multiplier": self.dp.noise_multiplier, "releases": releases,
+                "sampling": f"{self.clients_per_round} of {self.nodes} nodes per round, accounted without "
+                            "amplification (the sample is seeded and published)",
+                "epsilon": eps, "delta": self.dp.delta, "target_epsilon": self.dp.target_epsilon,
                 "guarantee": describe(eps, self.dp.delta), "accountant": "dp-accounting RDP"}
 
 

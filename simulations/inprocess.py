@@ -91,7 +91,7 @@ def run(config_path: Path, overrides: list[str], tamper: Tamper | None = None) -
     set_weights_by_name(model, {name: array.numpy() for name, array in result.arrays.items()})
     devel = load_chunks(manifest.partition("devel", required=True), cfg.data, manifest.classes, progress=False)
     score = evaluate_chunks(model, devel, manifest.classes, batch_size=cfg.training.batch_size, seed=cfg.training.seed)
-    return RunResult(float(score["uar"]), rounds, privacy.epsilon(rounds) if privacy else None,
+    return RunResult(float(score["uar"]), rounds, privacy.epsilon(strategy.dp_releases) if privacy else None,
                      time.perf_counter() - start)
 
 

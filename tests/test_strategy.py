@@ -431,6 +431,35 @@ def test_dp_noise_has_the_promised_standard_deviation_on_the_slice_only():
     np.testing.assert_array_equal(full["stem/kernel"].numpy(), np.full(8, 7.0))
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.4])
+def test_dp_noise_is_sized_for_the_updates_averaged_and_only_releases_are_counted(dropout):
+    """5 sampled; one fails (and with client_dropout 0.4 two more drop out): the mean of m updates gets noise
+    z * C / m, so the multiplier on the sum stays z and epsilon composes Gaussian(z) once per published round."""
+    n = 316  # 100 172 noised values: 5 % on the std is about 20 standard errors
+    big = {"head/kernel": np.zeros((n, n), np.float32), "head/bias": np.zeros(n, np.float32)}
+    s = SliceFedAvg(model_arrays=big, slice_names={1: list(big)}, schedule=PhaseSchedule(2, 0), min_train_nodes=2,
+                    min_available_nodes=5, fraction_evaluate=0.0, client_dropout=dropout,
+                    dp=DpConfig(mode="server", clip_norm=3.0, noise_multiplier=1.0), num_nodes=5)
+    grid = FakeGrid(range(11, 16))
+    msgs = list(s.configure_train(1, ArrayRecord(), ConfigRecord(), grid))
+    small = {k: v + 1e-6 for k, v in big.items()}
+    replies = [failure(msgs[0])] + [reply(m, small, 1, i) for i, m in enumerate(msgs[1:])]
+    full, _ = s.aggregate_train(1, replies)
+    m = len(msgs) - 1
+    assert m == (2 if dropout else 4) and s.rounds[1].dropped == (2 if dropout else 0)
+    noise = np.concatenate([full[k].numpy().ravel() for k in big]) - 1e-6
+    assert np.std(noise) == pytest.approx(3.0 / m, rel=0.05)  # not 3 / 5
+    assert s._rule.last_stddev == pytest.approx(3.0 / m) and s.dp_releases == 1
+    msgs = list(s.configure_train(2, ArrayRecord(), ConfigRecord(), grid))
+    assert s.aggregate_train(2, [failure(x) for x in msgs[:-1]] + [reply(msgs[-1], small, 1)]) == (None, None)
+    assert s.dp_releases == 1  # nothing published in round 2: no epsilon spent
+    assert int(s.state_arrays()["dp/releases"]) == 1
+    resumed = SliceFedAvg(model_arrays=big, slice_names={1: list(big)}, schedule=PhaseSchedule(2, 0),
+                          round_offset=1, dp=DpConfig(mode="server"), num_nodes=5, fraction_evaluate=0.0)
+    resumed.load_state_arrays(s.state_arrays())
+    assert resumed.dp_releases == 1
+
+
 def seeded_dp_round(dp: DpConfig | None) -> np.ndarray:
     """One aggregation after seeding the global NumPy RNG as the ServerApp's model build does (training.seed)."""
     s = strategy(dp=dp, num_nodes=3)

@@ -8,6 +8,13 @@ clipping norm (server mode) or take the nodes' clipped updates (client mode), av
 adapt the clipping norm (Andrew et al., 2021) - and draws every random number from a generator seeded with 128
 bits from `secrets`, fresh for every draw: no config, checkpoint, resume or earlier seeding can replay it.
 
+The noise is sized for the updates actually averaged: a round that averages m updates (m may be below the
+planned sample: failed, rejected or dropped clients, fewer nodes connected) gets noise of standard deviation
+``z · clip_norm / m`` on the mean, i.e. ``z · clip_norm`` on the sum of the m clipped updates. Every release is
+thus one Gaussian mechanism with multiplier z and sensitivity ``clip_norm`` (one client's update), whatever m was,
+and `dsl_fed.privacy` composes exactly those releases (`DpMean.releases`). Who took part is published (the round
+manifests list the nodes), so the count m reveals nothing new and the guarantee is conditional on it.
+
 Adaptive clipping releases a noisy count of clipped updates besides the noisy mean. Its usual count noise, n/20,
 suits hundreds of clients; with a handful it cannot reach the requested noise multiplier at all, so the count gets
 noise ``max(n/20, noise_multiplier)`` and the update the multiplier that makes the pair exactly as private as one
@@ -59,6 +66,9 @@ class DpMean(Strategy):
         rule: Samples the nodes and averages the (clipped) replies; every reply must weigh the same.
         dp: ``federated.dp``.
         num_sampled: Clients a round samples (the adaptive count noise is sized for it).
+
+    Attributes:
+        releases: Noised means published so far (a round without an update releases nothing).
     """
 
     def __init__(self, rule: Strategy, dp: DpConfig, num_sampled: int) -> None:
@@ -70,6 +80,7 @@ class DpMean(Strategy):
         self.noise_multiplier, self.count_stddev = noise_split(dp.noise_multiplier, num_sampled,
                                                                dp.clipping == "adaptive")
         self.last_stddev = 0.0  # noise std of the last release (per coordinate of the mean)
+        self.releases = 0
         self._current: dict[str, np.ndarray] = {}  # the round's global slice, what updates are measured from
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
@@ -86,9 +97,10 @@ class DpMean(Strategy):
         aggregated, metrics = self.rule.aggregate_train(server_round, replies)
         if aggregated is None:
             return None, None
-        norm = self.clipping_norm  # the norm this round clipped with sizes its noise
-        self.last_stddev = self.noise_multiplier * norm / self.num_sampled
+        # sized for the m updates in this mean, with the norm they were clipped to
+        self.last_stddev = self.noise_multiplier * self.clipping_norm / len(replies)
         noised = add_noise(aggregated, self.last_stddev)
+        self.releases += 1
         if self.dp.clipping == "adaptive":
             self._adapt(sum(clipped), len(replies))
         return noised, metrics

@@ -253,7 +253,7 @@ class RoundPublisher:
             "seconds": flower_seconds,
         }
         if self.privacy is not None:
-            extra["privacy"] = self.privacy.report(rnd, stats.clip_norm)
+            extra["privacy"] = self.privacy.report(self.strategy.dp_releases, stats.clip_norm)
             extra["privacy"]["last_round"] = self.privacy.last_round(self.strategy.schedule.num_rounds)
         self.run.write_round(rnd, lambda folder: self._write_model(folder, extra), self.strategy.state_arrays())
         if is_best:

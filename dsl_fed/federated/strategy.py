@@ -465,9 +465,16 @@ class SliceAggregation:
     def _align_optimizer_state(self, names: list[str]) -> None:
         """Server optimiser state per weight: a phase change adds weights whose state starts empty."""
 
+    @property
+    def dp_releases(self) -> int:
+        """Noised means released so far under ``federated.dp`` (what epsilon composes); 0 without DP."""
+        return self._rule.releases if self.dp is not None else 0
+
     def state_arrays(self) -> dict[str, np.ndarray]:
-        """Server state to checkpoint: optimiser moments and the adaptive clipping norm (may be empty)."""
+        """Server state to checkpoint: optimiser moments, DP releases and adaptive clipping norm (may be empty)."""
         out = {f"{attr}/{name}": value for attr in self._STATE for name, value in (getattr(self, attr, None) or {}).items()}
+        if self.dp is not None:
+            out["dp/releases"] = np.int64(self._rule.releases)
         if self.dp is not None and self.dp.clipping == "adaptive":
             out["dp/clip_norm"] = np.float64(self._rule.clipping_norm)
         return out
@@ -478,6 +485,9 @@ class SliceAggregation:
             values = {k.split("/", 1)[1]: np.array(v) for k, v in state.items() if k.startswith(f"{attr}/")}
             if values:
                 setattr(self, attr, values)
+        if self.dp is not None:
+            # a checkpoint from before releases were counted: every earlier round counts (an upper bound)
+            self._rule.releases = int(state.get("dp/releases", self.round_offset))
         if "dp/clip_norm" in state and self.dp is not None:
             self._rule.clipping_norm = float(state["dp/clip_norm"])
 
