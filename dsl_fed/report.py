@@ -55,22 +55,24 @@ def plot_history(rows: Sequence[dict[str, Any]], path: Path, title: str = "train
 
 
 def plot_rounds(rows: Sequence[dict[str, Any]], path: Path) -> Path:
-    """Federated devel (and test) UAR with 95 % CI per round; phase-2 rounds shaded."""
+    """Federated devel (and test) UAR with its primary 95 % CI (``<part>_ci_level``) per round; phase 2 shaded."""
     rounds = [int(r["round"]) for r in rows]
     fig = Figure(figsize=(6, 3.5), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.subplots()
+    levels = set()
     for part, colour in (("devel", "tab:blue"), ("test", "tab:orange")):
         if not all(f"{part}_uar" in r for r in rows):
             continue
         uar, low, high = (np.array([float(r[f"{part}_{key}"]) for r in rows]) for key in ("uar", "ci_low", "ci_high"))
+        levels.update(r.get(f"{part}_ci_level") or "clips" for r in rows)
         ax.plot(rounds, uar, marker="o", color=colour, label=f"{part} UAR")
         ax.fill_between(rounds, low, high, color=colour, alpha=0.15)
     phase2 = [k for k, r in zip(rounds, rows) if int(r["phase"]) == 2]
     if phase2:
         ax.axvspan(min(phase2) - 0.5, max(phase2) + 0.5, color="grey", alpha=0.1, label="phase 2")
     ax.set_xlabel("round")
-    ax.set_ylabel("UAR (clip level, 95 % CI)")
+    ax.set_ylabel(f"UAR, 95 % CI ({' / '.join(sorted(levels)) or 'clips'})")
     ax.set_ylim(0, 1)
     ax.set_xticks(rounds)
     ax.grid(alpha=0.3)
@@ -102,7 +104,8 @@ def plot_confusion(matrix: Sequence[Sequence[int]], classes: Sequence[str], path
 
 
 def render_report(name: str, metrics: dict[str, Any], plots: dict[str, str], command: str = "") -> str:
-    """Markdown summary: UAR with 95 % CI per partition, confusion matrices, per-speaker UAR, plot links.
+    """Markdown summary: UAR with speaker- and clip-level 95 % CIs per partition, confusion matrices, per-speaker UAR,
+    plot links.
 
     Args:
         name: Run name (the title).
@@ -115,11 +118,11 @@ def render_report(name: str, metrics: dict[str, Any], plots: dict[str, str], com
         lines += ["```", command, "```", ""]
     lines += [f"> **Warning:** {w}" for w in metrics.get("warnings", [])] + ([""] if metrics.get("warnings") else [])
     results = {k: v for k, v in metrics.items() if isinstance(v, dict) and "uar" in v}
-    lines += ["| partition | clips | UAR | 95 % CI (1000x bootstrap) | accuracy |", "|---|---|---|---|---|"]
+    lines += ["| partition | clips | UAR | 95 % CI (speakers) | 95 % CI (clips) | accuracy |", "|---|---|---|---|---|---|"]
     for part, m in results.items():
-        lo, hi = m["ci"]
-        lines.append(f"| {part} | {m['num_clips']} | {m['uar']:.3f} | [{lo:.3f}, {hi:.3f}] | {m['accuracy']:.3f} |")
-    lines.append("")
+        lines.append(f"| {part} | {m['num_clips']} | {m['uar']:.3f} | {_primary_ci(m)} | {_clip_ci(m)} | "
+                     f"{m['accuracy']:.3f} |")
+    lines += ["", CI_NOTE] + [f"- {part}: {m['ci_note']}" for part, m in results.items() if "ci_note" in m] + [""]
     training = metrics.get("training")
     if isinstance(training, dict):
         lines += ["## Training", ""] + [f"- {k}: {v}" for k, v in training.items()] + [""]
@@ -136,6 +139,23 @@ def render_report(name: str, metrics: dict[str, Any], plots: dict[str, str], com
     if plots:
         lines += ["## Plots", ""] + [f"![{caption}]({rel})" for caption, rel in plots.items()] + [""]
     return "\n".join(lines)
+
+
+CI_NOTE = ("95 % CI: 1000x percentile bootstrap. (speakers): two-stage, resampling speakers with replacement, then "
+           "each drawn speaker's clips; the primary interval, since clips of one speaker are not independent. "
+           "(clips): resampling clips as if independent, narrower.")
+
+
+def _primary_ci(m: dict[str, Any]) -> str:
+    lo, hi = m["ci"]
+    level = m.get("ci_level", "clips")  # metrics written before speaker-level intervals hold the clip-level one
+    groups = f"{m['ci_groups']} " if "ci_groups" in m else ""
+    return f"[{lo:.3f}, {hi:.3f}]" + ("" if level == "speakers" else f" ({groups}{level})")
+
+
+def _clip_ci(m: dict[str, Any]) -> str:
+    lo, hi = m.get("ci_clips", m["ci"])
+    return f"[{lo:.3f}, {hi:.3f}]"
 
 
 def spread_line(spread: dict[str, Any]) -> str:

@@ -53,7 +53,8 @@ def test_central_run_writes_the_run_folder_and_beats_chance(tiny_config, tmp_pat
     assert main(["evaluate", str(run / "model.keras"), "--config", str(config), "--partition", "test",
                  "--json", str(tmp_path / "eval.json")]) == 0
     out = capsys.readouterr().out
-    assert out.startswith(f"test: UAR {test['uar']:.3f} (95 % CI {test['ci'][0]:.3f}-{test['ci'][1]:.3f})")
+    assert out.startswith(f"test: UAR {test['uar']:.3f}, 95 % CI (speakers) [{test['ci'][0]:.3f}, {test['ci'][1]:.3f}], "
+                          f"(clips) [{test['ci_clips'][0]:.3f}, {test['ci_clips'][1]:.3f}]")
     assert json.loads((tmp_path / "eval.json").read_text())["uar"] == pytest.approx(test["uar"])
 
 

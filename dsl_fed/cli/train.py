@@ -3,8 +3,9 @@
 - ``train --central CONFIG [section.key=value ...] [--fuse-dev]``: two-phase training on train with
   selection on devel, report devel and test (see `dsl_fed.central.run_central`), run folder
   ``<output.directory>/<output.name>/``.
-- ``evaluate MODEL --config CONFIG --partition test``: clip-level UAR with 95 % bootstrap CI and per-speaker
-  UAR of a saved ``.keras`` model on one partition of the config's manifest.
+- ``evaluate MODEL --config CONFIG --partition test``: clip-level UAR with 95 % bootstrap CIs (speaker-level, the
+  primary one, and clip-level) and per-speaker UAR of a saved ``.keras`` model on one partition of the config's
+  manifest.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "evaluate",
         help="clip-level UAR (95 %% CI) of a saved model on one partition",
         description="Score a saved .keras model on one partition of the config's manifest: UAR with 95 % bootstrap "
-        "CI, accuracy, per-speaker UAR.",
+        "CIs (speakers: resampling speakers, then their clips; clips: resampling clips), accuracy, per-speaker UAR.",
     )
     p.add_argument("model", type=Path, help="trained model (.keras)")
     p.add_argument("--config", type=Path, required=True, help="YAML config of the data (manifest, chunking)")
@@ -110,6 +111,9 @@ def print_summaries(metrics: dict) -> None:
 
 
 def summary(part: str, m: dict) -> str:
-    """``devel: UAR 0.812 (95 % CI 0.700-0.910), accuracy 0.800, 36 clips``."""
-    lo, hi = m["ci"]
-    return f"{part}: UAR {m['uar']:.3f} (95 % CI {lo:.3f}-{hi:.3f}), accuracy {m['accuracy']:.3f}, {m['num_clips']} clips"
+    """``devel: UAR 0.812, 95 % CI (speakers) [0.610, 0.950], (clips) [0.700, 0.910], accuracy 0.800, 36 clips``,
+    then the interval's note, if any (e.g. every clip its own speaker)."""
+    from dsl_fed.bootstrap import ci_text
+
+    note = f" ({m['ci_note']})" if "ci_note" in m else ""
+    return f"{part}: UAR {m['uar']:.3f}, {ci_text(m)}, accuracy {m['accuracy']:.3f}, {m['num_clips']} clips{note}"
