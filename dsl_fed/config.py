@@ -20,11 +20,15 @@ from typing import Any, Literal
 import yaml
 
 from dsl_fed.errors import DslFedError
+from dsl_fed.text import check_visible, spelling_key
 
 COLORMAPS = ("viridis", "magma", "plasma", "inferno", "cividis", "gray")
 MAX_SECONDS = 600.0  # longest chunk/hop: beyond this a chunk no longer fits a spectrogram image (or memory)
 MAX_COUNT = 100_000  # epochs, rounds, shards: larger is a typo, not a plan
 MAX_TOP_DB = 100.0  # float32 DFT rounding noise sits about 150 dB below a chunk's peak; the floor stays well above
+MAX_SEED = 2**32 - 1  # NumPy's and Keras' global seeds take [0, 2^32 - 1]
+MAX_FFT = 4096  # STFT window in samples: the DFT kernel grows with its square (4096: 67 MB; 16000 would be 1 GB)
+MAX_STFT_VALUES = 2**24  # frames x frequency bins of one chunk (64 MB of float32); the default is 188 x 257
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,12 @@ class DataConfig:
         _require(len(self.classes) != 1, "data.classes", "needs at least two classes (or none: take them from a manifest)")
         _require(len(set(self.classes)) == len(self.classes) and all(c.strip() for c in self.classes), "data.classes",
                  f"must be distinct non-empty names, got {list(self.classes)}")
+        for name in self.classes:
+            check_visible(name, "data.classes: class")
+        spellings = [spelling_key(c) for c in self.classes]
+        _require(len(set(spellings)) == len(spellings), "data.classes",
+                 f"has names that differ only in case or Unicode form, got {list(self.classes)}")
+        _require(0 <= self.seed <= MAX_SEED, "data.seed", f"must be in [0, {MAX_SEED}], got {self.seed}")
 
     @property
     def chunk_samples(self) -> int:
@@ -159,7 +169,9 @@ class TrainingConfig:
         for key in ("phase1_epochs", "phase2_epochs", "early_stopping"):
             value = getattr(self, key)
             _require(0 <= value <= MAX_COUNT, f"training.{key}", f"must be in [0, {MAX_COUNT}], got {value}")
-        _require(self.unfrozen_layers == "all" or self.unfrozen_layers >= 0, "training.unfrozen_layers", "must be >= 0 or 'all'")
+        _require(self.unfrozen_layers == "all" or 0 <= self.unfrozen_layers <= MAX_COUNT, "training.unfrozen_layers",
+                 f"must be in [0, {MAX_COUNT}] or 'all', got {self.unfrozen_layers}")
+        _require(0 <= self.seed <= MAX_SEED, "training.seed", f"must be in [0, {MAX_SEED}], got {self.seed}")
 
     @property
     def phase2_learning_rate(self) -> float:
@@ -237,12 +249,14 @@ class FederatedConfig:
         _require(0 < self.fraction_train <= 1, "federated.fraction_train", f"must be in (0, 1], got {self.fraction_train}")
         _require(0 <= self.fraction_evaluate <= 1, "federated.fraction_evaluate", f"must be in [0, 1], got {self.fraction_evaluate}")
         _require(1 <= self.min_train_nodes <= MAX_COUNT, "federated.min_train_nodes", f"must be in [1, {MAX_COUNT}], got {self.min_train_nodes}")
-        _require(self.min_available_nodes >= self.min_train_nodes, "federated.min_available_nodes", "must be >= federated.min_train_nodes")
+        _require(self.min_train_nodes <= self.min_available_nodes <= MAX_COUNT, "federated.min_available_nodes",
+                 f"must be in [federated.min_train_nodes, {MAX_COUNT}], got {self.min_available_nodes}")
         _require(float(self.client_cpus).is_integer() and 1 <= self.client_cpus <= 64, "federated.client_cpus",
                  f"must be a whole number in [1, 64] (Flower's simulation takes whole CPUs), got {self.client_cpus}")
         _require(0 <= self.server_momentum < 1, "federated.server_momentum", f"must be in [0, 1), got {self.server_momentum}")
         _require(0 <= self.trim_fraction < 0.5, "federated.trim_fraction", f"must be in [0, 0.5), got {self.trim_fraction}")
-        _require(self.num_malicious >= 0, "federated.num_malicious", f"must be >= 0, got {self.num_malicious}")
+        _require(0 <= self.num_malicious <= MAX_COUNT, "federated.num_malicious",
+                 f"must be in [0, {MAX_COUNT}], got {self.num_malicious}")
         self.dp._validate()
         _require(not self.dp.enabled or self.strategy in DP_STRATEGIES, "federated.dp.mode",
                  f"{self.dp.mode!r} works with federated.strategy {', '.join(DP_STRATEGIES)} (its noise is calibrated to a "
@@ -394,7 +408,37 @@ def from_dict(raw: dict[str, Any]) -> Config:
     _require(cfg.spectrogram.fmin < nyquist, "spectrogram.fmin", f"must be below data.sample_rate / 2 = {nyquist:g} Hz")
     _require(cfg.spectrogram.fmax is None or cfg.spectrogram.fmax <= nyquist, "spectrogram.fmax",
              f"must be at most data.sample_rate / 2 = {nyquist:g} Hz, got {cfg.spectrogram.fmax}")
+    _check_frames(cfg.data, cfg.spectrogram)
     return cfg
+
+
+def frame_geometry(sample_rate: int, window_ms: float, hop_fraction: float) -> tuple[int, int]:
+    """Return ``(n_fft, hop)`` in samples: the window length (also the FFT length) and the frame step."""
+    n_fft = int(round(window_ms * sample_rate / 1000.0))
+    hop = max(1, int(round(n_fft * hop_fraction)))
+    return n_fft, hop
+
+
+def num_frames(num_samples: int, n_fft: int, hop: int) -> int:
+    """Frames of a centred (librosa ``center=True``) STFT of `num_samples` samples."""
+    return 1 + (num_samples + 2 * (n_fft // 2) - n_fft) // hop
+
+
+def _check_frames(data: DataConfig, spec: SpectrogramConfig) -> None:
+    """Every chunk must give a spectrogram of a size that fits memory: a window longer than the chunk, a huge
+    window or a tiny hop would otherwise only show as the kernel ending the process for lack of memory."""
+    n_fft, hop = frame_geometry(data.sample_rate, spec.window_ms, spec.hop_fraction)
+    window = f"{spec.window_ms:g} ms is {n_fft} samples at {data.sample_rate} Hz"
+    _require(n_fft >= 2, "spectrogram.window_ms", f"{window}; need at least 2")
+    _require(n_fft <= data.chunk_samples, "spectrogram.window_ms",
+             f"{window}, longer than a chunk (data.chunk_seconds={data.chunk_seconds:g}: {data.chunk_samples} samples)")
+    _require(n_fft <= MAX_FFT, "spectrogram.window_ms", f"{window}; at most {MAX_FFT} (the STFT kernel grows with its square)")
+    frames = num_frames(data.chunk_samples, n_fft, hop)
+    _require(frames >= 1, "spectrogram.window_ms", f"{window}: a chunk gives no STFT frame")
+    values = frames * (n_fft // 2 + 1)
+    _require(values <= MAX_STFT_VALUES, "spectrogram.hop_fraction",
+             f"gives {frames} STFT frames x {n_fft // 2 + 1} bins = {values} values per chunk; at most {MAX_STFT_VALUES} "
+             "(raise hop_fraction or shorten data.chunk_seconds)")
 
 
 _SECTIONS: dict[str, type] = typing.get_type_hints(Config)

@@ -42,7 +42,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from dsl_fed.config import COLORMAPS, MAX_TOP_DB, SpectrogramConfig
+from dsl_fed.config import COLORMAPS, MAX_TOP_DB, SpectrogramConfig, frame_geometry, num_frames  # noqa: F401 (API)
 from dsl_fed.errors import DslFedError
 
 PREPROCESS_MODES: tuple[str, ...] = ("torch", "tf", "caffe", "none")
@@ -54,18 +54,6 @@ _CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 
 
 # ------------------------------------------------------------------------------------------- constants
-
-
-def frame_geometry(sample_rate: int, window_ms: float, hop_fraction: float) -> tuple[int, int]:
-    """Return ``(n_fft, hop)`` in samples: the window length (also the FFT length) and the frame step."""
-    n_fft = int(round(window_ms * sample_rate / 1000.0))
-    hop = max(1, int(round(n_fft * hop_fraction)))
-    return n_fft, hop
-
-
-def num_frames(num_samples: int, n_fft: int, hop: int) -> int:
-    """Frames of a centred (librosa ``center=True``) STFT of `num_samples` samples."""
-    return 1 + (num_samples + 2 * (n_fft // 2) - n_fft) // hop
 
 
 def mel_filterbank(

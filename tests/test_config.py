@@ -89,6 +89,23 @@ def test_replace_returns_validated_copy():
         ({"data": {"manifest": "x"}, "federated": {"dp": {"mode": "local"}}}, r"^federated.dp.mode: expected one of 'none'"),
         ({"data": {"manifest": "x"}, "federated": {"dp": 3}}, r"^federated.dp: expected a mapping of keys, got int$"),
         ({"data": {"manifest": "x"}, "federated": {"trim_fraction": 0.5}}, r"^federated.trim_fraction: must be in \[0, 0.5\)"),
+        # every number a user can type has bounds; combinations too
+        ({"data": {"manifest": "x"}, "training": {"seed": -1}}, r"^training.seed: must be in \[0, 4294967295\], got -1$"),
+        ({"data": {"manifest": "x"}, "training": {"seed": 2**32}}, r"^training.seed: must be in \[0, 4294967295\]"),
+        ({"data": {"manifest": "x", "seed": -1}}, r"^data.seed: must be in \[0, 4294967295\], got -1$"),
+        ({"data": {"manifest": "x"}, "federated": {"num_malicious": 10**30}}, r"^federated.num_malicious: must be in"),
+        ({"data": {"manifest": "x"}, "federated": {"min_available_nodes": 10**9}}, r"^federated.min_available_nodes"),
+        ({"data": {"manifest": "x"}, "training": {"unfrozen_layers": 10**30}}, r"^training.unfrozen_layers: must be in"),
+        ({"data": {"manifest": "x", "chunk_seconds": 0.1}, "spectrogram": {"window_ms": 1000}},
+         r"^spectrogram.window_ms: 1000 ms is 16000 samples at 16000 Hz, longer than a chunk \(data.chunk_seconds=0.1: "
+         r"1600 samples\)$"),
+        ({"data": {"manifest": "x", "chunk_seconds": 0.02}}, r"^spectrogram.window_ms: 32 ms is 512 samples .* longer than a chunk"),
+        ({"data": {"manifest": "x", "sample_rate": 96000}, "spectrogram": {"window_ms": 100}},
+         r"^spectrogram.window_ms: 100 ms is 9600 samples at 96000 Hz; at most 4096"),
+        ({"data": {"manifest": "x", "chunk_seconds": 600, "hop_seconds": 600}, "spectrogram": {"hop_fraction": 0.001}},
+         r"^spectrogram.hop_fraction: gives 9600001 STFT frames x 257 bins"),
+        ({"data": {"manifest": "x", "classes": ["rising\u200b", "rising"]}}, r"^data.classes: class 'rising\\u200b' contains U\+200B"),
+        ({"data": {"manifest": "x", "classes": ["Up", "up"]}}, r"^data.classes: has names that differ only in case"),
     ],
 )
 def test_validation_errors_name_the_key(raw, message):
