@@ -18,12 +18,14 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
 from dsl_fed.errors import DslFedError
 
 VALID_DAYS = 365
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
 
 
 def node_key(folder: str | Path, k: int) -> Path:
@@ -40,6 +42,8 @@ def write_certificates(folder: str | Path, hosts: Sequence[str], nodes: int) -> 
 
     if not hosts:
         raise DslFedError("give at least one --host (a name or IP address the SuperNodes use to reach the SuperLink)")
+    for host in hosts:
+        check_host(host)
     if nodes < 0:
         raise DslFedError(f"--nodes must be >= 0, got {nodes}")
     folder = Path(folder).absolute()
@@ -87,6 +91,31 @@ def write_certificates(folder: str | Path, hosts: Sequence[str], nodes: int) -> 
         public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
         _write(Path(f"{node_key(folder, k)}.pub"), public + f" dsl_fed-node_{k}\n".encode())
     return folder
+
+
+def check_host(host: str) -> None:
+    """Refuse what a certificate cannot name: a host is an IP address or an ASCII DNS name (an IDN as A-label)."""
+    try:
+        ipaddress.ip_address(host)
+        return
+    except ValueError:
+        pass
+    if not host.strip():
+        raise DslFedError(f"--host {host!r}: empty; give the name or IP address the SuperNodes use to reach the SuperLink")
+    if not host.isascii():
+        try:
+            a_label = host.encode("idna").decode("ascii")
+        except UnicodeError:
+            a_label = None
+        hint = f"; write it as {a_label!r} (its ASCII A-label form)" if a_label else ""
+        raise DslFedError(f"--host {host!r}: not an ASCII host name{hint}")
+    name = host[:-1] if host.endswith(".") else host
+    labels = name.split(".")
+    if labels[0] == "*":  # a wildcard certificate for the subdomains
+        labels = labels[1:]
+    if len(name) > 253 or not labels or not all(_HOST_LABEL.fullmatch(label) for label in labels):
+        raise DslFedError(f"--host {host!r}: not a valid host name or IP address (a host name is dot-separated labels "
+                          "of letters, digits and '-', each at most 63 characters)")
 
 
 def _san(host: str):
