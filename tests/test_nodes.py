@@ -122,3 +122,20 @@ def test_malformed_confusion_counts_are_left_out():
     bad = [{"devel-confusion": [1, 2, 3]}, {"devel-confusion": [-1] + [0] * 8}, {"devel-confusion": [0.5] + [0] * 8}]
     sums = sum_confusions([good, good, *bad, {"test-confusion": [0] * 9}], 3)
     assert list(sums) == ["devel"] and sums["devel"].tolist() == [[2, 0, 0], [0, 4, 2], [0, 0, 6]]
+
+
+def test_a_link_out_of_the_node_folder_is_refused_without_naming_what_lies_behind_it(split, tmp_path):
+    """A node's errors travel to the server: another node's file names must not be in them."""
+    theirs = {p.name for p in split[1].rglob("*.wav")}
+    node = tmp_path / "node"
+    node.mkdir()
+    (node / "manifest.csv").symlink_to(split[1] / "manifest.csv")
+    with pytest.raises(DslFedError) as info:
+        node_data({"data-path": str(node)}, DataConfig(manifest="unused"), CLASSES)
+    assert str(info.value) == (f"data-path {node}: manifest.csv is a symbolic link leading out of the folder; "
+                               "a node reads only its own folder")
+    (node / "manifest.csv").unlink()
+    (node / "falling").symlink_to(split[1] / "audio", target_is_directory=True)  # a folder corpus, linked
+    with pytest.raises(DslFedError, match="falling is a symbolic link leading out") as info:
+        node_data({"data-path": str(node)}, DataConfig(manifest="unused"), CLASSES)
+    assert not any(name in str(info.value) for name in theirs)

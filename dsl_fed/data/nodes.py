@@ -15,6 +15,7 @@ see each other's labels, so no node could derive it alone.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,6 +85,8 @@ def _own_folder(path: Path, classes: Sequence[str] | None) -> NodeData:
         raise DslFedError(f"data-path {path}: does not exist")
     if path.is_dir() and not any(path.iterdir()):
         raise DslFedError(f"data-path {path}: the folder is empty")
+    if path.is_dir():
+        _check_links_stay_inside(path)  # before anything is read: errors must not name another folder's files
     if (path / NODE_MANIFEST).is_file():
         path = path / NODE_MANIFEST
     manifest = read_manifest(path, classes=classes)
@@ -93,6 +96,18 @@ def _own_folder(path: Path, classes: Sequence[str] | None) -> NodeData:
             raise DslFedError(f"data-path {path}: {clip.path} lies outside {root}; a node reads only its own folder")
     clips = {part: tuple(manifest.partition(part)) for part in PARTITIONS}
     return NodeData(source=f"data-path {path}", clips=clips, classes=tuple(classes))
+
+
+def _check_links_stay_inside(folder: Path) -> None:
+    """Refuse a symbolic link under `folder` that leads out of it (e.g. ``manifest.csv`` -> another node's), naming
+    only the link: what lies behind it belongs to someone else and would travel to the server in an error."""
+    root = folder.resolve()
+    for current, dirs, files in os.walk(folder):  # does not descend into linked folders; they are checked here
+        for name in dirs + files:
+            entry = Path(current) / name
+            if entry.is_symlink() and not entry.resolve().is_relative_to(root):
+                raise DslFedError(f"data-path {folder}: {entry.relative_to(folder)} is a symbolic link leading out of "
+                                  "the folder; a node reads only its own folder")
 
 
 def _simulated(data: DataConfig, partition: int, num_partitions: int, classes: Sequence[str] | None) -> NodeData:
