@@ -12,7 +12,8 @@ accounted as if every client had taken part. A round whose update was not releas
 costs nothing.
 
 One speaker per client makes the guarantee speaker-level: any one speaker's whole contribution changes what
-the server publishes only within epsilon. It covers the published models.
+the server publishes only within epsilon. It covers the published models; under DP the server publishes none
+of the clients' statistics beside them (no losses, local UARs, example counts, clipped bits or timings).
 """
 
 from __future__ import annotations

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import dp_accounting
 import numpy as np
 import pytest
@@ -67,6 +69,43 @@ def test_no_noise_is_no_guarantee_and_the_budget_picks_the_last_round_within_it(
     assert rounds_within_budget(1.0, 1e-5, epsilon(1.0, 1, 1e-5) / 2, max_rounds=3) == 0
 
 
+UN_NOISED = ("num_examples", "num-examples", "train_loss", "train-loss", "train_uar", "train-uar", "norm_bit",
+             "client_seconds", "client_work_seconds", "train-seconds", "work-seconds", "train_metrics")
+
+
+def logged(caplog) -> str:
+    """The log without Flower's strategy summary, which names the weighting key ("Weighted by: 'num-examples'")."""
+    return "\n".join(line for line in caplog.text.splitlines() if "Weighted by" not in line)
+
+
+@pytest.mark.parametrize("dp", [None, DpConfig(mode="client", clipping="adaptive", noise_multiplier=1.0)])
+def test_under_dp_no_client_statistic_reaches_a_manifest_history_row_or_log(dp, caplog):
+    """Adaptive client clipping: the nodes send norm_bit; without DP the statistics are published as before."""
+    from flwr.serverapp.strategy import Result
+    from test_strategy import FakeGrid, model, strategy
+
+    from dsl_fed.federated.server_app import _history_row
+
+    def client(node, msg):
+        arrays = {n: Array(msg.content["arrays"][n].numpy() + 0.01) for n in ("head/kernel", "head/bias")}
+        metrics = {"num-examples": 7, "partition-id": node, "train-loss": 0.5, "train-uar": 0.6, "train-seconds": 1.0,
+                   "work-seconds": 2.0, **({"norm_bit": 1} if dp else {})}
+        return Message(RecordDict({"arrays": ArrayRecord(arrays), "metrics": MetricRecord(metrics)}), reply_to=msg)
+
+    s = strategy(dp=dp, num_nodes=3)
+    with caplog.at_level(logging.DEBUG):
+        result: Result = s.start(grid=FakeGrid(client=client), initial_arrays=s.full_record(), num_rounds=1)
+    stats = s.rounds[1]
+    assert stats.updated and stats.aggregated == 3
+    published = repr(stats.published(dp=dp is not None)) + repr(_history_row(stats, {}, 1.0, 1.0, {
+        "epsilon": 1.0, "delta": 1e-5, "clip_norm": 1.0} if dp else None)) + logged(caplog) + repr(result)
+    leaked = [key for key in UN_NOISED if key in published]
+    if dp:
+        assert leaked == [] and not result.train_metrics_clientapp
+    else:
+        assert {"num_examples", "train_loss", "train-loss", "client_seconds"} <= set(leaked)
+
+
 def message(arrays: dict[str, np.ndarray], **config) -> Message:
     content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}), "config": ConfigRecord(config)})
     return Message(content, dst_node_id=3, message_type=MessageType.TRAIN)
@@ -110,16 +149,21 @@ def test_client_clipping_mod_leaves_small_updates_and_non_dp_messages_alone():
 
 
 @pytest.mark.slow  # a 3-round federated run of the tiny model in-process: 10-40 s on 2 cores
-def test_client_dp_run_reports_epsilon_every_round_and_stops_within_the_budget(demo_manifest, tmp_path):
-    """Phase 1 for 1 round, phase 2 for 2; the budget allows 2 rounds, so round 2 (phase 2) is the last one."""
+def test_client_dp_run_reports_epsilon_every_round_and_stops_within_the_budget(demo_manifest, tmp_path, caplog):
+    """Phase 1 for 1 round, phase 2 for 2; the budget allows 2 rounds, so round 2 (phase 2) is the last one.
+    No artefact or log line carries a client statistic the noise does not cover."""
     z = 0.8
     target = (epsilon(z, 2, 1e-5) + epsilon(z, 3, 1e-5)) / 2
     dp = {"mode": "client", "noise_multiplier": z, "clip_norm": 0.5, "target_epsilon": target}
     rc = run_config(write_config(tmp_path, demo_manifest, federated={
         "phase1_rounds": 1, "phase2_rounds": 2, "local_epochs": 1, "dp": dp}), server_eval=demo_manifest)
-    run_server(InProcessGrid(rc, 3), rc)
+    with caplog.at_level(logging.DEBUG):
+        run_server(InProcessGrid(rc, 3), rc)
     run = RunDirectory(config_from_run_config(rc).output.run_dir)
     assert run.latest_round() == 2 and not run.round_dir(3).exists()
+    texts = [p.read_text() for p in run.path.rglob("*") if p.suffix in (".json", ".csv", ".md")] + [logged(caplog)]
+    assert len(texts) >= 4 and "Aggregated MetricRecord" not in caplog.text  # 2 manifests, history, the log
+    assert not [key for key in UN_NOISED if any(key in text for text in texts)]
     for k in (1, 2):
         extra = run.manifest(k)["extra"]
         assert extra["clients"]["aggregated"] == 3  # the clipping mod accepted the full-model round too

@@ -7,8 +7,9 @@ comes with every message from the server; a label outside it is an error naming 
 A node is told by the server which phase to train (``config["phase"]``). It receives the full model the first
 time it is addressed (kept in ``context.state``, i.e. on the node) and afterwards only the phase's trainable
 slice, which it loads on top. It trains that slice with `dsl_fed.train.train_local` on its own chunks and
-replies with exactly those weights (an ArrayRecord keyed by weight name) and scalar metrics. Audio,
-spectrograms and any other weights never leave the node.
+replies with exactly those weights (an ArrayRecord keyed by weight name) and scalar metrics (under
+``federated.dp`` only the example count and its id). Audio, spectrograms and any other weights never leave the
+node.
 
 A node that gets a slice but holds no model (its SuperNode restarted) replies with a `NEEDS_FULL_MODEL` error
 and gets the full model within the same round. A node that cannot take part (data path missing or empty, a
@@ -124,21 +125,22 @@ def train(msg: Message, context: Context, app_dir: Path | None = None) -> Messag
     with proximal_term(model, anchor, float(config.get("proximal-mu", 0.0))):
         result = train_local(model, chunks, None, cfg, phase, epochs=cfg.federated.local_epochs, verbose=0, seed=seed)
     seconds = time.perf_counter() - start
-    _, probs, labels, _ = predict_clips(model, chunks, batch_size=cfg.training.batch_size)
+    metrics: dict[str, int | float] = {"num-examples": int(result.num_examples), "partition-id": partition}
+    if "dp-clipping" not in config:  # under DP the node reports nothing the noise does not cover
+        _, probs, labels, _ = predict_clips(model, chunks, batch_size=cfg.training.batch_size)
+        metrics.update({
+            "train-loss": float(result.loss),
+            "train-uar": float(uar(labels, probs.argmax(axis=1))),
+            "train-seconds": float(seconds),  # train_local alone
+            "work-seconds": float(time.perf_counter() - began),  # + model build, loading, local UAR
+        })
     dtype = str(config.get("transfer-dtype", "float32"))
     update = get_weights_by_name(model, names)
     keras.backend.clear_session()
     return Message(
         RecordDict({
             "arrays": ArrayRecord({n: Array(w.astype(dtype)) for n, w in update.items()}),
-            "metrics": MetricRecord({
-                "num-examples": int(result.num_examples),
-                "train-loss": float(result.loss),
-                "train-uar": float(uar(labels, probs.argmax(axis=1))),
-                "train-seconds": float(seconds),  # train_local alone
-                "work-seconds": float(time.perf_counter() - began),  # + model build, loading, local UAR
-                "partition-id": partition,
-            }),
+            "metrics": MetricRecord(metrics),
         }),
         reply_to=msg,
     )

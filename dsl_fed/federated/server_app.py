@@ -246,7 +246,7 @@ class RoundPublisher:
             "evaluation": evaluation,
             **scores,
             "best_round": self.best[0] if self.best else None,
-            "clients": dataclasses.asdict(stats),
+            "clients": stats.published(dp=self.privacy is not None),
             "never_contributed": never_contributed(self.strategy),
             "bytes_up": stats.bytes_up,
             "bytes_down": stats.bytes_down,
@@ -319,16 +319,18 @@ def _history_row(stats: RoundStats, scores: Mapping[str, Mapping[str, Any]], flo
         "clients_aggregated": stats.aggregated,
         "clients_failed": len(stats.failed),
         "clients_rejected": len(stats.rejected),
-        "num_examples": stats.num_examples,
-        "train_loss": stats.train_metrics.get("train-loss", ""),
-        "train_uar": stats.train_metrics.get("train-uar", ""),
-        "bytes_up": stats.bytes_up,
-        "bytes_down": stats.bytes_down,
-        "client_seconds": round(stats.client_seconds, 3),
-        "client_work_seconds": round(stats.client_work_seconds, 3),
-        "seconds": round(flower_seconds, 3),
-        "server_seconds": round(server_seconds, 3),
     })
+    if privacy is None:  # under DP the clients' un-noised statistics are not published
+        row.update({
+            "num_examples": stats.num_examples,
+            "train_loss": stats.train_metrics.get("train-loss", ""),
+            "train_uar": stats.train_metrics.get("train-uar", ""),
+        })
+    row.update({"bytes_up": stats.bytes_up, "bytes_down": stats.bytes_down})
+    if privacy is None:
+        row.update({"client_seconds": round(stats.client_seconds, 3),
+                    "client_work_seconds": round(stats.client_work_seconds, 3)})
+    row.update({"seconds": round(flower_seconds, 3), "server_seconds": round(server_seconds, 3)})
     if privacy is not None:  # empty epsilon: noise multiplier 0, no guarantee
         row.update({"epsilon": "" if privacy["epsilon"] is None else privacy["epsilon"], "delta": privacy["delta"],
                     "clip_norm": privacy["clip_norm"]})

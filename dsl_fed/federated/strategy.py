@@ -18,11 +18,13 @@ optimiser (FedAdam, FedYogi) steps on the noised mean afterwards - its state nev
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -97,6 +99,16 @@ class RoundStats:
     clip_norm: float = 0.0  # differential privacy: the round's clipping norm (0 without DP)
     nodes: list[int] = field(default_factory=list)  # node ids sent a training message
     contributors: list[int] = field(default_factory=list)  # node ids whose update was aggregated
+
+    def published(self, dp: bool) -> dict[str, Any]:
+        """The stats as a round manifest records them; under DP without the clients' un-noised statistics."""
+        out = dataclasses.asdict(self)
+        return {k: v for k, v in out.items() if k not in CLIENT_STATISTICS} if dp else out
+
+
+CLIENT_STATISTICS = ("num_examples", "client_seconds", "client_work_seconds", "train_metrics")
+"""RoundStats fields computed from what clients report about their data and work: never published under DP,
+where only the noised model is covered by epsilon."""
 
 
 def aggregate_client_metrics(records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
@@ -379,6 +391,8 @@ class SliceAggregation:
         stats.aggregated = len(valid)
         stats.contributors = [self.node_of(m) for m in valid]
         stats.updated = True
+        if self.dp is not None:
+            return self.full_record(), None  # client statistics are neither kept nor logged: only the model is noised
         stats.num_examples = int(sum(num_examples))
         stats.client_seconds = float(sum(float(_metrics(m.content).get("train-seconds", 0.0)) for m in valid))
         stats.client_work_seconds = float(sum(float(_metrics(m.content).get("work-seconds", 0.0)) for m in valid))
@@ -440,8 +454,8 @@ class SliceAggregation:
             return "the update is exactly zero (Flower's clipping divides by the update's norm)"
         if self.dp.mode == "client":
             bound = float(self._rule.clipping_norm)
-            if norm > bound * 1.01:  # 1 %: float16 transfer rounding
-                return f"update norm {norm:.4g} above the clipping norm {bound:.4g}: the node did not clip it"
+            if norm > bound * 1.01:  # 1 %: float16 transfer rounding; the norm itself is not logged (un-noised)
+                return "update norm above the clipping norm: the node did not clip it"
             if self.dp.clipping == "adaptive" and "norm_bit" not in metrics:
                 return "no norm_bit metric: the node did not run the adaptive clipping mod"
         return None
