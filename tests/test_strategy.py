@@ -389,6 +389,52 @@ def test_bulyan_ignores_the_outlier_and_fedavgm_applies_momentum():
     np.testing.assert_allclose(full["head/bias"].numpy(), [2.5, 2.5])
 
 
+def test_krum_ranks_tiny_updates_on_a_large_slice_correctly():
+    """Updates of 1e-5 per weight on a 525 000-weight slice: ranking absolute float32 weights by
+    ||x||² + ||y||² - 2x·y (Flower's formula) errs by ~1e-3, more than the distances (~1e-4), and picks another
+    client; ranking the float64 updates picks the one exact Krum picks."""
+    from flwr.serverapp.strategy.multikrum import select_multikrum
+
+    d, n = 525_000, 5
+    rng = np.random.default_rng(0)
+    start = rng.normal(0, 0.05, d).astype(np.float32)
+    replies = [(start + rng.normal(0, 1e-5, d)).astype(np.float32) for _ in range(n)]
+    x = np.stack([r.astype(np.float64) - start for r in replies])
+    exact = ((x[:, None, :] - x[None, :, :]) ** 2).sum(-1)
+    scores = [np.sort(np.delete(row, i))[:n - 1 - 2].sum() for i, row in enumerate(exact)]
+    right = int(np.argmin(scores))
+    contents = [RecordDict({"a": ArrayRecord({"w": Array(r)})}) for r in replies]
+    flower_pick = contents.index(select_multikrum(contents, num_malicious_nodes=1, num_nodes_to_select=1)[0])
+    assert flower_pick != right  # the float32 ranking on absolute weights really fails here
+    fed = FederatedConfig(strategy="krum", num_malicious=1, min_train_nodes=n, min_available_nodes=n, fraction_evaluate=0.0)
+    s = make_strategy(fed, {"head/kernel": start}, {1: ["head/kernel"], 2: ["head/kernel"]}, num_nodes=n)
+    full, _ = run_round(s, 1, [{"head/kernel": r} for r in replies])
+    np.testing.assert_array_equal(full["head/kernel"].numpy(), replies[right])
+
+
+def test_multikrum_mean_is_unweighted_so_an_inflated_example_count_buys_nothing():
+    """Honest updates 1, 2, 2.5, 4.5 and an attacker at 3 claiming 1e9 examples: Krum scores (2 nearest) 3.25,
+    1.25, 0.5, 6.25 and 1.25 select 1, 2, 2.5 and 3; their plain mean is 2.125 (weighted it would be ~3)."""
+    fed = FederatedConfig(strategy="multikrum", num_malicious=1, min_train_nodes=5, min_available_nodes=5,
+                          fraction_evaluate=0.0)
+    s = make_strategy(fed, {"head/bias": np.zeros(1, np.float32)}, {1: ["head/bias"], 2: ["head/bias"]}, num_nodes=5)
+    msgs = sorted(s.configure_train(1, ArrayRecord(), ConfigRecord(), FakeGrid(range(11, 16))),
+                  key=lambda m: m.metadata.dst_node_id)
+    values, examples = [1.0, 2.0, 2.5, 4.5, 3.0], [10, 10, 10, 10, 10**9]
+    full, _ = s.aggregate_train(1, [reply(m, {"head/bias": np.array([v], np.float32)}, k, i)
+                                    for i, (m, v, k) in enumerate(zip(msgs, values, examples))])
+    np.testing.assert_allclose(full["head/bias"].numpy(), [2.125], rtol=1e-6)
+
+
+@pytest.mark.parametrize("fraction, nodes, need", [(0.2, 4, 5), (0.2, 3, 5), (0.3, 3, 4), (0.0, 9, None)])
+def test_fedtrimmedavg_that_would_trim_nothing_is_a_config_error(fraction, nodes, need):
+    fed = FederatedConfig(strategy="fedtrimmedavg", trim_fraction=fraction, min_train_nodes=2, min_available_nodes=2)
+    with pytest.raises(DslFedError, match=f"at least {need} clients per round" if need else "use federated.strategy fedavg"):
+        make_strategy(fed, model(), {1: HEAD, 2: HEAD}, num_nodes=nodes)
+    if need:
+        make_strategy(fed, model(), {1: HEAD, 2: HEAD}, num_nodes=need)  # enough: one client cut at each end
+
+
 def test_robust_strategies_need_enough_clients_for_num_malicious():
     with pytest.raises(DslFedError, match=r"federated.num_malicious: bulyan .* at least 7 clients"):
         make_strategy(FederatedConfig(strategy="bulyan", num_malicious=1), model(), {1: HEAD, 2: HEAD}, num_nodes=6)

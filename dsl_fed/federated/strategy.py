@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import random
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -642,19 +643,42 @@ class SliceFedTrimmedAvg(SliceAggregation, FedTrimmedAvg):
     """Coordinate-wise mean after cutting the `beta` share of largest and smallest values."""
 
 
-class SliceKrum(SliceAggregation, Krum):
-    """Krum: the one update closest to its n - f - 2 nearest neighbours."""
+class _RankOnUpdates(SliceAggregation):
+    """The distance-based rules (Krum, MultiKrum, Bulyan) see float64 updates, every reply weighing the same.
+
+    Flower ranks replies by ``||x||² + ||y||² - 2x·y`` on whatever arrays it gets. On float32 absolute weights the
+    rounding error of that formula (about 1e-7 of ``||x||²``) exceeds the distances between small updates, and
+    Krum picks the wrong client. So the rule gets each update (reply minus the global slice) in float64, and the
+    global slice is added back to its result. Its mean is unweighted, as in the papers: a client-reported example
+    count must not buy an attacker influence.
+    """
+
+    def _combine(self, server_round: int, replies: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        base = {name: array.astype(np.float64) for name, array in self.model_arrays.items()}
+        for msg in replies:
+            (array_key, arrays), (metric_key, metrics) = *msg.content.array_records.items(), *msg.content.metric_records.items()
+            update = ArrayRecord({n: Array(a.numpy().astype(np.float64) - base[n]) for n, a in arrays.items()})
+            msg.content = RecordDict({array_key: update, metric_key: MetricRecord({**dict(metrics), self.weighted_by_key: 1})})
+        aggregated, metrics = super()._combine(server_round, replies)
+        if aggregated is None:
+            return None, None
+        return ArrayRecord({n: Array(base[n] + a.numpy().astype(np.float64)) for n, a in aggregated.items()}), metrics
 
 
-class SliceMultiKrum(SliceAggregation, MultiKrum):
-    """MultiKrum: the example-weighted mean of the n - f updates with the best Krum scores."""
+class SliceKrum(_RankOnUpdates, Krum):
+    """Krum (Blanchard et al., 2017): the one update closest to its n - f - 2 nearest neighbours."""
+
+
+class SliceMultiKrum(_RankOnUpdates, MultiKrum):
+    """MultiKrum (Blanchard et al., 2017): the plain (unweighted) mean of the n - f updates with the best Krum
+    scores."""
 
     def _combine(self, server_round: int, replies: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         self.num_nodes_to_select = max(1, len(replies) - self.num_malicious_nodes)
         return super()._combine(server_round, replies)
 
 
-class SliceBulyan(SliceAggregation, Bulyan):
+class SliceBulyan(_RankOnUpdates, Bulyan):
     """Bulyan: Krum selection, then a coordinate-wise trimmed mean around the median (needs n >= 4f + 3)."""
 
 
@@ -694,6 +718,13 @@ def make_strategy(
             f"federated.num_malicious: {fed.strategy} tolerates {fed.num_malicious} attacker(s) only with at least "
             f"{MIN_NODES[fed.strategy](fed.num_malicious)} clients per round, but a round samples {sampled}"
         )
+    if fed.strategy == "fedtrimmedavg" and int(fed.trim_fraction * sampled) < 1:
+        need = min_clients_to_trim(fed.trim_fraction)
+        raise DslFedError(
+            f"federated.trim_fraction: {fed.trim_fraction:g} of {sampled} clients per round trims nothing (a plain "
+            f"mean); fedtrimmedavg needs at least {need} clients per round at this fraction"
+            if need else f"federated.trim_fraction: 0 trims nothing (a plain mean); use federated.strategy fedavg"
+        )
     kwargs: dict = dict(
         fraction_train=fed.fraction_train,
         fraction_evaluate=fed.fraction_evaluate,
@@ -724,6 +755,16 @@ def make_strategy(
         node_wait=node_wait,
         **kwargs,
     )
+
+
+def min_clients_to_trim(fraction: float) -> int | None:
+    """Fewest clients n with ``int(fraction * n) >= 1`` (Flower's cut per end), None for fraction 0."""
+    if fraction <= 0:
+        return None
+    n = max(1, math.floor(1 / fraction))
+    while int(fraction * n) < 1:
+        n += 1
+    return n
 
 
 def _step_each(model_arrays: Mapping[str, np.ndarray], aggregated: ArrayRecord,
