@@ -36,7 +36,7 @@ import numpy as np
 
 from dsl_fed.config import Config
 from dsl_fed.errors import DslFedError
-from dsl_fed.io import atomic_write
+from dsl_fed.io import atomic_write, check_output_file
 from dsl_fed.litert import TFLiteRunner, flex_operators
 from dsl_fed.stats import QUANT_LABELS
 
@@ -224,6 +224,34 @@ def read_export_manifest(model_path: str | Path, check_sha256: bool = True) -> E
     return manifest
 
 
+def check_export_target(path: Path, reading: Sequence[Path] = ()) -> None:
+    """Refuse an export onto anything but an earlier export of the same file name (the ``.tflite`` and the
+    ``manifest.json`` beside it), or onto a file in `reading` (the command's inputs).
+
+    Raises:
+        DslFedError: a name not ending in ``.tflite``, a folder holding another model's manifest, or a file
+            there that `dsl_fed export` did not write.
+    """
+    if path.suffix != ".tflite":
+        raise DslFedError(f"{path}: exported model file name must end in .tflite")
+    existing = manifest_path(path)
+    described = _described_file(existing)
+    if described not in (None, path.name):
+        raise DslFedError(f"{existing}: already describes {described}; export {path.name} into its own folder")
+    check_output_file(existing, reading, lambda p: _described_file(p) == path.name, "export manifest")
+    check_output_file(path, reading, lambda p: _described_file(manifest_path(p)) == p.name, "exported model")
+
+
+def _described_file(manifest: Path) -> str | None:
+    """``model_file`` of an export manifest, or None (no file, or not an export manifest)."""
+    try:
+        data = json.loads(manifest.read_text())
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(data, dict) and isinstance(data.get("model_file"), str) and "sha256" in data
+    return data["model_file"] if ok else None
+
+
 # --------------------------------------------------------------------------------------------- export
 
 
@@ -284,20 +312,11 @@ def export_tflite(
     path = Path(path)
     _check_choice(quantization, QUANTIZATIONS, "quantization")
     _check_choice(input, INPUT_KINDS, "input")
-    if path.suffix != ".tflite":
-        raise DslFedError(f"{path}: exported model file name must end in .tflite")
+    check_export_target(path)
     classes = tuple(str(c) for c in classes)
     num_outputs = int(model.output_shape[-1])
     if len(classes) != num_outputs:
         raise DslFedError(f"{len(classes)} class names given for a model with {num_outputs} outputs")
-    existing = manifest_path(path)
-    if existing.is_file():
-        try:
-            other = json.loads(existing.read_text()).get("model_file")
-        except (json.JSONDecodeError, AttributeError):
-            other = None
-        if other not in (None, path.name):
-            raise DslFedError(f"{existing}: already describes {other}; export {path.name} into its own folder")
 
     spectrogram, classifier = split_model(model)
     if input == "audio":

@@ -110,24 +110,31 @@ def test_a_failed_rerun_leaves_the_earlier_run_byte_identical(tmp_path):
     assert probe.tree_hash(run) == before
 
 
-def test_a_finished_run_replaces_the_earlier_one_and_a_failed_new_name_is_kept(tmp_path):
+def test_a_finished_run_replaces_the_earlier_one_and_only_a_resumable_failed_new_name_is_kept(tmp_path):
     run, _ = _earlier(tmp_path)
     with staged_run(run, overwrite=True) as new:
         assert new.name == run.name and new.parent != run.parent and not (new / "latest").exists()
         (new / "model.keras").write_text("new")
     assert sorted(p.name for p in run.iterdir()) == ["model.keras"]
     assert sorted(p.name for p in run.parent.iterdir()) == ["run"]  # no staging or replaced folder left
-    with pytest.raises(DslFedError, match="the incomplete run is in"):
-        with staged_run(run.parent / "fresh") as new:
-            (new / "round_1").mkdir()
+    with pytest.raises(DslFedError, match="this attempt is in .*until the next run of this name"):
+        with staged_run(run.parent / "central") as new:  # e.g. an error found only when the model is built
             raise DslFedError("stopped")
+    assert not (run.parent / "central").exists()  # the corrected command is not refused
+    with staged_run(run.parent / "central") as new:
+        pass
+    with pytest.raises(DslFedError, match=r"stopped; see .*/fresh/logs/x.log \(the incomplete run is in .*fresh\)"):
+        with staged_run(run.parent / "fresh", resumable=lambda attempt: (attempt / "round_1").is_dir()) as new:
+            (new / "round_1").mkdir()
+            raise DslFedError(f"stopped; see {new / 'logs' / 'x.log'}")
     assert (run.parent / "fresh" / "round_1").is_dir()  # a federated run can resume from it
+    assert sorted(p.name for p in run.parent.iterdir()) == ["central", "fresh", "run"]
 
 
 def test_a_second_writer_of_a_run_is_refused_until_the_first_ends(tmp_path):
     run = tmp_path / "runs" / "x"
     with run_lock(run):
-        with pytest.raises(DslFedError, match=rf"another dsl_fed command \(PID {os.getpid()}\) is writing"):
+        with pytest.raises(DslFedError, match=rf"another dsl_fed command \(PID {os.getpid()}\) is writing this run"):
             with run_lock(run):
                 pass
     with run_lock(run):  # released

@@ -28,6 +28,9 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, raised where the program happens to be, so the same cleanup as for Ctrl-C runs."""
 
 
+_SIGTERM_SEEN: list[bool] = []  # Ray turns any KeyboardInterrupt raised inside its waits into a plain one
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dsl_fed",
@@ -52,6 +55,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argpa
 
 
 def main(argv: list[str] | None = None) -> int:
+    _SIGTERM_SEEN.clear()
     try:
         previous = signal.signal(signal.SIGTERM, _raise_terminated)
     except ValueError:  # not the main thread (a library caller): leave signals alone
@@ -87,10 +91,10 @@ def _run(argv: list[str] | None) -> int:
     except MemoryError:
         return _fail(command, "out of memory; use smaller data.chunk_seconds, training.batch_size or images")
     except KeyboardInterrupt as exc:
-        word = "terminated" if isinstance(exc, Terminated) else "interrupted"
-        _print_error(f"{command}: {word}")
+        terminated = isinstance(exc, Terminated) or bool(_SIGTERM_SEEN)
+        _print_error(f"{command}: {'terminated' if terminated else 'interrupted'}")
         _forget_unhandled_interrupt()
-        return 143 if isinstance(exc, Terminated) else 130
+        return 143 if terminated else 130
 
 
 def _fail(command: str, message: str) -> int:
@@ -119,6 +123,7 @@ def _forget_unhandled_interrupt() -> None:
 
 def _raise_terminated(signum: int, frame: object) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once is enough; cleanup must not be interrupted again
+    _SIGTERM_SEEN.append(True)
     raise Terminated()
 
 

@@ -30,6 +30,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     local.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE", help="config overrides")
     local.add_argument("--nodes", type=int, default=3, help="SuperNodes (speaker groups), default 3")
     local.add_argument("--resume", action="store_true", help="continue from runs/<name>/latest (same config required)")
+    local.add_argument("--overwrite", action="store_true",
+                       help="replace an existing run of this name (only once the new run has finished)")
     local.set_defaults(func=run_local)
 
     certs = sub.add_parser(
@@ -62,7 +64,7 @@ def run_local(args: argparse.Namespace) -> int:
     from dsl_fed.deploy.local import deploy_local
 
     run_dir = deploy_local(args.config, args.overrides, nodes=args.nodes, resume=args.resume,
-                           echo=lambda line: print(line, file=sys.stderr, flush=True))
+                           echo=lambda line: print(line, file=sys.stderr, flush=True), overwrite=args.overwrite)
     print(summary(run_dir))
     return 0
 

@@ -14,6 +14,7 @@ the ``config.yaml`` of its run folder (the model's folder or the one above, e.g.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import sys
@@ -101,16 +102,32 @@ def _context_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from dsl_fed.models import load_model
-    from dsl_fed.export import ParityCheck, export_tflite, read_export_manifest, synthetic_chunks
+    from dsl_fed.export import check_export_target
+    from dsl_fed.io import run_lock
 
     if args.min_agreement is not None and not 0.0 <= args.min_agreement <= 1.0:
         raise DslFedError(f"--min-agreement must be between 0 and 1, got {args.min_agreement}")
     if args.max_prob_diff is not None and not 0.0 <= args.max_prob_diff <= 1.0:
         raise DslFedError(f"--max-prob-diff must be between 0 and 1, got {args.max_prob_diff}")
+    out = args.out or args.model.parent / f"tflite_{QUANT_LABELS[args.quantization]}" / "model.tflite"
+    check_export_target(out, [p for p in (args.model, args.config) if p is not None])
+    made = not out.parent.exists()
+    try:
+        with run_lock(out, what="export"):  # two exports to one folder would mix model and manifest
+            return _export(args, out)
+    except BaseException:
+        if made:  # a failed export leaves no empty folder behind
+            with contextlib.suppress(OSError):
+                out.parent.rmdir()
+        raise
+
+
+def _export(args: argparse.Namespace, out: Path) -> int:
+    from dsl_fed.models import load_model
+    from dsl_fed.export import ParityCheck, export_tflite, read_export_manifest, synthetic_chunks
+
     model = load_model(args.model)
     cfg, classes = _model_context(args.model, args.config, args.classes, args.overrides, model)
-    out = args.out or args.model.parent / f"tflite_{QUANT_LABELS[args.quantization]}" / "model.tflite"
     representative = None
     if args.quantization == "int8":
         representative = _chunks(cfg, classes, "train", required=True, purpose="int8 calibration")

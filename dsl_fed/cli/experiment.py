@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import signal
 import sys
 from pathlib import Path
 
@@ -32,13 +31,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from dsl_fed.experiment import parse_grid, run_experiment
 
-    signal.signal(signal.SIGTERM, _interrupt)  # `kill`/timeouts stop the running cells cleanly, like Ctrl-C
     modes = ("central", "federated") if args.mode == "both" else (args.mode,)
     command = shlex.join(["dsl_fed", "experiment", *sys.argv[2:]]) if sys.argv[1:2] == ["experiment"] else ""
     run_experiment(args.config, args.overrides, parse_grid(args.grid), args.seeds, modes, args.ray_address,
                    command=command, echo=lambda line: print(line, flush=True))
     return 0
-
-
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt

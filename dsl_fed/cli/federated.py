@@ -19,7 +19,7 @@ from pathlib import Path
 from dsl_fed.config import Config, load_config
 from dsl_fed.data.manifest import load_manifest
 from dsl_fed.errors import DslFedError
-from dsl_fed.io import refuse_existing, run_lock, staged_run
+from dsl_fed.io import refuse_existing, run_lock, settle_attempts, staged_run
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -65,6 +65,8 @@ def simulate(
     Everything that can be checked without Flower is checked first (config, manifest, partitions, federation
     size, whether the run can be resumed). A new run is written into a staging folder and replaces an earlier
     run of the same name only when it has finished (`dsl_fed.io.staged_run`); a resumed run continues in place.
+    A run that stopped (failed, interrupted or killed) after a finished round is kept as ``runs/<name>/`` and
+    can be resumed; without a finished round there is nothing to keep.
     One command at a time writes a run name (`dsl_fed.io.run_lock`), and every process the run started is
     gone when this returns or raises, or soon after this process is killed (`dsl_fed.federated.watchdog`).
 
@@ -97,17 +99,26 @@ def simulate(
         manifest.partition("test", required=True)
     num_shards = count_shards(cfg, manifest)
     check_federation_size(cfg, num_shards)  # fail before Flower starts, not 20 s later in the ServerApp
-    check_decodable(manifest.clips, cfg.data.sample_rate)
-    if not resume:
-        refuse_existing(run_dir, overwrite)
     with run_lock(run_dir):
+        settle_attempts(run_dir, has_round)  # what a killed run left: its finished rounds can be resumed
         if resume:
             RunDirectory(run_dir).check_resume(cfg)
+        else:
+            refuse_existing(run_dir, overwrite, resumable=True)
+        check_decodable(manifest.clips, cfg.data.sample_rate)
+        if resume:
             _run_flower(config_path, overrides, output_dir, run_dir, cfg, num_shards, resume, echo, ray_cpus)
         else:
-            with staged_run(run_dir, overwrite) as staging:
+            with staged_run(run_dir, overwrite, has_round) as staging:
                 _run_flower(config_path, overrides, staging.parent, staging, cfg, num_shards, resume, echo, ray_cpus)
     return run_dir
+
+
+def has_round(run_dir: Path) -> bool:
+    """Whether a federated run folder holds a finished round (so it can be resumed, and is worth keeping)."""
+    from dsl_fed.federated.checkpoint import RunDirectory
+
+    return RunDirectory(run_dir).latest_round() is not None
 
 
 def _run_flower(config_path: Path, overrides: Sequence[str], output_dir: Path, run_dir: Path, cfg: Config,

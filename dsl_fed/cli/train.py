@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from dsl_fed.errors import DslFedError
+from dsl_fed.io import check_output_file
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -62,15 +63,17 @@ def run_train(args: argparse.Namespace) -> int:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     from dsl_fed.config import load_config
-    from dsl_fed.data.manifest import load_manifest
-    from dsl_fed.report import spread_line
-    from dsl_fed.data.pipeline import load_chunks
-    from dsl_fed.metrics import evaluate_chunks
-    from dsl_fed.report import write_metrics_json
-
-    from dsl_fed.models import load_model
 
     cfg = load_config(args.config, args.overrides)
+    if args.json is not None:  # before TensorFlow loads: a refused path costs no time
+        check_output_file(args.json, (args.model, args.config, cfg.data.manifest), _is_metrics_json, "--json file")
+
+    from dsl_fed.data.manifest import load_manifest
+    from dsl_fed.data.pipeline import load_chunks
+    from dsl_fed.metrics import evaluate_chunks
+    from dsl_fed.models import load_model
+    from dsl_fed.report import spread_line, write_metrics_json
+
     model = load_model(args.model)
     manifest = load_manifest(cfg.data)
     if int(model.output_shape[-1]) != len(manifest.classes):
@@ -91,6 +94,14 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if args.json is not None:
         write_metrics_json(args.json, metrics)
     return 0
+
+
+def _is_metrics_json(path: Path) -> bool:
+    """An earlier ``evaluate --json`` output (the only kind of existing file it may replace)."""
+    import json
+
+    data = json.loads(path.read_text())
+    return isinstance(data, dict) and {"uar", "ci", "accuracy"} <= data.keys()
 
 
 def verbosity(requested: int | None) -> int:

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dsl_fed.errors import DslFedError
+from dsl_fed.io import publish_folder
 
 VALID_DAYS = 365
 _HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
@@ -49,7 +50,6 @@ def write_certificates(folder: str | Path, hosts: Sequence[str], nodes: int) -> 
     folder = Path(folder).absolute()
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise DslFedError(f"{folder}: exists and is not empty; keys there may be in use (nothing was written)")
-    folder.mkdir(parents=True, exist_ok=True)
 
     now = datetime.datetime.now(datetime.timezone.utc)
 
@@ -80,16 +80,21 @@ def write_certificates(folder: str | Path, hosts: Sequence[str], nodes: int) -> 
     pem = serialization.Encoding.PEM
     private = dict(encoding=pem, format=serialization.PrivateFormat.PKCS8,
                    encryption_algorithm=serialization.NoEncryption())
-    _write(folder / "ca.crt", ca.public_bytes(pem))
-    _write(folder / "ca.key", ca_key.private_bytes(**private), secret=True)
-    _write(folder / "server.crt", server.public_bytes(pem))
-    _write(folder / "server.key", server_key.private_bytes(**private), secret=True)
-    for k in range(nodes):
-        key = ec.generate_private_key(ec.SECP384R1())
-        _write(node_key(folder, k), key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                                      serialization.NoEncryption()), secret=True)
-        public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-        _write(Path(f"{node_key(folder, k)}.pub"), public + f" dsl_fed-node_{k}\n".encode())
+
+    def write(target: Path) -> None:  # a hidden folder, renamed onto `folder` when complete
+        _write(target / "ca.crt", ca.public_bytes(pem))
+        _write(target / "ca.key", ca_key.private_bytes(**private), secret=True)
+        _write(target / "server.crt", server.public_bytes(pem))
+        _write(target / "server.key", server_key.private_bytes(**private), secret=True)
+        for k in range(nodes):
+            key = ec.generate_private_key(ec.SECP384R1())
+            _write(node_key(target, k), key.private_bytes(serialization.Encoding.PEM,
+                                                          serialization.PrivateFormat.OpenSSH,
+                                                          serialization.NoEncryption()), secret=True)
+            public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+            _write(Path(f"{node_key(target, k)}.pub"), public + f" dsl_fed-node_{k}\n".encode())
+
+    publish_folder(folder, write)
     return folder
 
 

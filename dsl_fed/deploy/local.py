@@ -26,8 +26,10 @@ import time
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from dsl_fed.errors import DslFedError
+from dsl_fed.io import refuse_existing, run_lock, settle_attempts, staged_run
 from dsl_fed.federated.runtime import QUIET_ENV, executable, flwr_run, free_port, stop_process_tree
 
 CONNECTION = "dsl-fed-deploy"  # the connection name in the private FLWR_HOME
@@ -191,45 +193,66 @@ def _last_line(text: str) -> str:
 
 
 def deploy_local(config_path: str | Path, overrides: Sequence[str] = (), nodes: int = 3, resume: bool = False,
-                 echo: Callable[[str], None] = print) -> Path:
+                 echo: Callable[[str], None] = print, overwrite: bool = False) -> Path:
     """Split the config's corpus into `nodes` folders, make certificates and keys, run the federated job on a
     loopback federation with TLS and node authentication, and stop everything; returns the run folder.
 
     The nodes get only their own folders; the server gets no manifest, so it evaluates federated. The class
     list (``data.classes``, else the corpus' train labels) is passed to the run as an override. Node folders,
     keys, the SuperLink database and the logs are in ``<output.directory>/<name>.deploy/`` (replaced on the
-    next call).
+    next call). The run itself is written like `dsl_fed simulate`'s: one command per name at a time, a new run
+    staged and published when finished (replacing an earlier one only with `overwrite`), a run that stopped
+    after a finished round kept for `resume`.
     """
-    from dsl_fed.cli.federated import ServerLines, check_complete
+    from dsl_fed.cli.federated import has_round
     from dsl_fed.config import load_config
     from dsl_fed.data import load_manifest
     from dsl_fed.data.nodes import check_decodable
-    from dsl_fed.deploy.certs import write_certificates
-    from dsl_fed.deploy.split import split_corpus
     from dsl_fed.federated.checkpoint import RunDirectory
-    from dsl_fed.federated.run_config import check_federation_size, run_config_toml, write_app
-    from dsl_fed.federated.watchdog import guard
+    from dsl_fed.federated.run_config import check_federation_size
 
+    if resume and overwrite:
+        raise DslFedError("--resume continues the existing run and --overwrite replaces it: give one of them")
     config_path = Path(config_path).resolve()
     cfg = load_config(config_path, overrides)
     manifest = load_manifest(cfg.data)
     check_federation_size(cfg, nodes)
-    check_decodable(manifest.clips, cfg.data.sample_rate)
     overrides = [*overrides, f"data.classes={','.join(cfg.data.classes or manifest.classes)}"]
     output_dir = Path(cfg.output.directory).resolve()
     run_dir = output_dir / cfg.output.name
-    if resume:  # the checks the ServerApp makes, before any process starts
-        RunDirectory(run_dir).check_resume(load_config(config_path, overrides))
-    else:
-        RunDirectory(run_dir).check_new()
-    workdir = output_dir / f"{cfg.output.name}.deploy"
+    with run_lock(run_dir):
+        settle_attempts(run_dir, has_round)  # what a killed run left: its finished rounds can be resumed
+        if resume:  # the checks the ServerApp makes, before any process starts
+            RunDirectory(run_dir).check_resume(load_config(config_path, overrides))
+        else:
+            refuse_existing(run_dir, overwrite, resumable=True)
+        check_decodable(manifest.clips, cfg.data.sample_rate)
+        if resume:
+            _federate(config_path, overrides, output_dir, run_dir, cfg, manifest.source, nodes, resume, echo)
+        else:
+            with staged_run(run_dir, overwrite, has_round) as staging:
+                _federate(config_path, overrides, staging.parent, staging, cfg, manifest.source, nodes, resume, echo)
+    return run_dir
+
+
+def _federate(config_path: Path, overrides: list[str], output_dir: Path, run_dir: Path, cfg: Any, corpus: Path,
+              nodes: int, resume: bool, echo: Callable[[str], None]) -> None:
+    """Prepare ``<name>.deploy/``, run the job on a loopback federation writing ``output_dir/<name>``; raises
+    unless every round was written."""
+    from dsl_fed.cli.federated import ServerLines, check_complete
+    from dsl_fed.deploy.certs import write_certificates
+    from dsl_fed.deploy.split import split_corpus
+    from dsl_fed.federated.run_config import run_config_toml, write_app
+    from dsl_fed.federated.watchdog import guard
+
+    workdir = Path(cfg.output.directory).resolve() / f"{cfg.output.name}.deploy"
     if workdir.exists():
         if not (workdir / WORKDIR_TAG).is_file():
             raise DslFedError(f"{workdir}: exists but was not made by `dsl_fed deploy local`; move it away")
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True)
     (workdir / WORKDIR_TAG).write_text("node folders, keys, state and logs of `dsl_fed deploy local`\n")
-    folders = split_corpus(manifest.source, workdir / "nodes", nodes, cfg.data.seed)
+    folders = split_corpus(corpus, workdir / "nodes", nodes, cfg.data.seed)
     certs = write_certificates(workdir / "certs", ["127.0.0.1"], nodes)
     run_config = workdir / "run_config.toml"
     run_config.write_text(run_config_toml(config_path, overrides, output_dir, resume))
@@ -244,4 +267,3 @@ def deploy_local(config_path: str | Path, overrides: Sequence[str] = (), nodes: 
              f"authentication on; {nodes} SuperNodes with their own data in {workdir / 'nodes'}; logs {fed.logs}")
         code = fed.run(write_app(workdir / "app"), run_config, lines)
     check_complete(run_dir, cfg, lines.errors, code, fed.logs / "flower.log")
-    return run_dir

@@ -3,20 +3,20 @@
 Node k gets the speakers that simulation node k trains and evaluates on (`dsl_fed.data.nodes.assign_speakers`),
 copied into ``OUTDIR/node_<k>/audio/`` with its own ``manifest.csv`` (``filename,label,speaker,partition``,
 paths relative to it). That folder is what a SuperNode's ``data-path`` names. The whole split is written into
-a hidden folder and renamed into place, and an existing non-empty OUTDIR is never touched.
+a hidden folder of a unique name and renamed into place, and an existing non-empty OUTDIR is never touched.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import os
 import shutil
 from pathlib import Path
 
 from dsl_fed.data.manifest import Clip, read_manifest
 from dsl_fed.data.nodes import NODE_MANIFEST, assign_speakers
 from dsl_fed.errors import DslFedError
+from dsl_fed.io import publish_folder
 
 
 def node_folder(outdir: Path, k: int) -> Path:
@@ -37,17 +37,12 @@ def split_corpus(manifest_path: str | Path, outdir: str | Path, nodes: int, seed
     if outdir.exists() and (not outdir.is_dir() or any(outdir.iterdir())):
         raise DslFedError(f"{outdir}: exists and is not empty; choose a new folder (nothing was written)")
     root = (manifest.source if manifest.source.is_dir() else manifest.source.parent).resolve()
-    staging = outdir.parent / f".{outdir.name}.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
+
+    def write(staging: Path) -> None:
         for k, speakers in enumerate(groups):
-            mine = [c for c in manifest.clips if c.speaker in speakers[c.partition]]
-            _write_node(node_folder(staging, k), mine, root)
-        if outdir.exists():
-            outdir.rmdir()  # empty, checked above
-        os.replace(staging, outdir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+            _write_node(node_folder(staging, k), [c for c in manifest.clips if c.speaker in speakers[c.partition]], root)
+
+    publish_folder(outdir, write)
     return [node_folder(outdir, k) for k in range(len(groups))]
 
 

@@ -19,10 +19,14 @@ Layout of ``runs/<name>/experiment/``: ``cells/<cell>/`` (the cell's run folder)
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
+import signal
+import threading
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +34,7 @@ from pathlib import Path
 from dsl_fed.config import load_config
 from dsl_fed.errors import DslFedError
 from dsl_fed.experiment.cells import MODES, Cell, CellResult
-from dsl_fed.io import atomic_write
+from dsl_fed.io import atomic_write, run_lock
 
 DEFAULT_GRID = (("augment.cutmix", ("false", "true")), ("augment.specaugment", ("false", "true")))
 
@@ -119,37 +123,38 @@ def run_experiment(
     from dsl_fed.experiment.table import write_outputs
 
     p = plan(config_path, overrides, grid_settings(grid) if settings is None else settings, seeds, modes, folder)
-    # Cells with the same id train the same thing (e.g. central cells of a grid over federated.* keys): run once.
-    finished = {cell_id: _finished(p.out_dir, cell_id) for _, cell_id in p.cells}
-    todo = list({cell_id: (cell, cell_id) for cell, cell_id in p.cells if finished[cell_id] is None}.values())
-    echo(f"experiment {p.name}: {len(finished)} cells ({len(finished) - len(todo)} already finished), "
-         f"{p.cpus_per_cell} CPU per cell -> {p.out_dir}")
+    with run_lock(p.out_dir.parent):  # one command per output.name: no two experiments write one table
+        # Cells with the same id train the same thing (e.g. central cells of a grid over federated.* keys): run once.
+        finished = {cell_id: _finished(p.out_dir, cell_id) for _, cell_id in p.cells}
+        todo = list({cell_id: (cell, cell_id) for cell, cell_id in p.cells if finished[cell_id] is None}.values())
+        echo(f"experiment {p.name}: {len(finished)} cells ({len(finished) - len(todo)} already finished), "
+             f"{p.cpus_per_cell} CPU per cell -> {p.out_dir}")
 
-    def done():
-        return [(cell, cell_id, finished[cell_id]) for cell, cell_id in p.cells if finished[cell_id] is not None]
+        def done():
+            return [(cell, cell_id, finished[cell_id]) for cell, cell_id in p.cells if finished[cell_id] is not None]
 
-    write_outputs(p.out_dir, p.name, done(), command)
-    failed: list[str] = []
-    if todo:
-        started = time.monotonic()
-        for k, (cell, cell_id, outcome) in enumerate(_run_on_ray(p, todo, ray_address), start=1):
-            elapsed = time.monotonic() - started
-            eta = elapsed / k * (len(todo) - k)
-            if isinstance(outcome, CellResult):
-                finished[cell_id] = outcome
-                write_outputs(p.out_dir, p.name, done(), command)
-                test = f" test {outcome.test_uar:.3f}" if outcome.test_uar is not None else ""
-                count = sum(r is not None for r in finished.values())
-                echo(f"[{count}/{len(finished)}] {cell.mode} {cell.label} seed {cell.seed}: devel "
-                     f"{outcome.devel_uar:.3f}{test} ({outcome.selected}) in {outcome.seconds:.0f} s; "
-                     f"ETA {_duration(eta)}")
-            else:
-                failed.append(f"{cell_id}: {outcome}")
-                echo(f"[failed] {cell.mode} {cell.label} seed {cell.seed}: {outcome}; ETA {_duration(eta)}")
-    if failed:
-        raise DslFedError(f"{len(failed)} of {len(finished)} cells failed (rerun to retry them): {failed[0]}")
-    echo(f"table: {p.out_dir / 'table.md'}")
-    return p.out_dir
+        write_outputs(p.out_dir, p.name, done(), command)
+        failed: list[str] = []
+        if todo:
+            started = time.monotonic()
+            for k, (cell, cell_id, outcome) in enumerate(_run_on_ray(p, todo, ray_address), start=1):
+                elapsed = time.monotonic() - started
+                eta = elapsed / k * (len(todo) - k)
+                if isinstance(outcome, CellResult):
+                    finished[cell_id] = outcome
+                    write_outputs(p.out_dir, p.name, done(), command)
+                    test = f" test {outcome.test_uar:.3f}" if outcome.test_uar is not None else ""
+                    count = sum(r is not None for r in finished.values())
+                    echo(f"[{count}/{len(finished)}] {cell.mode} {cell.label} seed {cell.seed}: devel "
+                         f"{outcome.devel_uar:.3f}{test} ({outcome.selected}) in {outcome.seconds:.0f} s; "
+                         f"ETA {_duration(eta)}")
+                else:
+                    failed.append(f"{cell_id}: {outcome}")
+                    echo(f"[failed] {cell.mode} {cell.label} seed {cell.seed}: {outcome}; ETA {_duration(eta)}")
+        if failed:
+            raise DslFedError(f"{len(failed)} of {len(finished)} cells failed (rerun to retry them): {failed[0]}")
+        echo(f"table: {p.out_dir / 'table.md'}")
+        return p.out_dir
 
 
 def execute_cell(cell: Cell, cell_id: str, config_path: str, overrides: list[str], out_dir: str,
@@ -173,11 +178,27 @@ def execute_cell(cell: Cell, cell_id: str, config_path: str, overrides: list[str
 
 
 def _run_on_ray(p: Plan, todo, ray_address: str | None):
-    """Yield ``(cell, cell_id, CellResult | error message)`` as the Ray tasks finish."""
+    """Yield ``(cell, cell_id, CellResult | error message)`` as the Ray tasks finish.
+
+    Every process of the local Ray (and of the cells' Flower runs, which nest their own marks inside) carries
+    this experiment's watchdog mark, so none outlives it, even when it is killed.
+    """
+    from dsl_fed.federated.watchdog import guard
+
+    with guard() as marker, _environment(marker):
+        yield from _ray_cells(p, todo, ray_address)
+
+
+def _ray_cells(p: Plan, todo, ray_address: str | None):
     import ray
 
-    ray.init(address=ray_address or "local", num_cpus=None if ray_address else os.cpu_count(),
-             include_dashboard=False, log_to_driver=False, configure_logging=False)
+    handler = signal.getsignal(signal.SIGTERM)
+    with warnings.catch_warnings():  # a tip about GPU variables in a future Ray, printed on every start
+        warnings.filterwarnings("ignore", message="Tip: In future versions of Ray", category=FutureWarning)
+        ray.init(address=ray_address or "local", num_cpus=None if ray_address else os.cpu_count(),
+                 include_dashboard=False, log_to_driver=False, configure_logging=False)
+    if callable(handler) and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)  # Ray's own exits 1 after a native stack dump; ours cleans up
     try:
         total = int(ray.cluster_resources().get("CPU", 0))
         if p.cpus_per_cell > total:
@@ -203,6 +224,21 @@ def _run_on_ray(p: Plan, todo, ray_address: str | None):
             raise
     finally:
         ray.shutdown()
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]):
+    """Set `values` in this process's environment for the block (Ray's daemons inherit it when they start)."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _finished(out_dir: Path, cell_id: str) -> CellResult | None:

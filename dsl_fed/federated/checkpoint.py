@@ -87,11 +87,11 @@ class RunDirectory:
         return int(os.readlink(link).removeprefix("round_")) if link.is_symlink() else None
 
     def check_new(self) -> None:
-        """Refuse to start a run over an earlier one of the same name (`dsl_fed simulate --overwrite` stages a
-        new run and replaces the old one only when it has finished)."""
+        """Refuse to start a run over an earlier one of the same name (`dsl_fed simulate --overwrite` and
+        `dsl_fed deploy local --overwrite` stage a new run and replace the old one only when it has finished)."""
         if self.path.is_dir() and any(p.name != "logs" for p in self.path.iterdir()):  # logs: this run's own
-            raise DslFedError(f"{self.path}: holds an earlier run of this name; resume it, choose another "
-                              "output.name, or replace it with `dsl_fed simulate --overwrite`")
+            raise DslFedError(f"{self.path}: holds an earlier run of this name; resume it (--resume, or resume=true "
+                              "in the run config), choose another output.name, or replace it (--overwrite)")
 
     def check_resume(self, cfg: Config) -> int:
         """The round a resumed run of `cfg` continues from; raises unless the run exists with the same config."""

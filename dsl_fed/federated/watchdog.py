@@ -6,13 +6,18 @@ run is marked instead: the command puts a unique value into ``DSL_FED_RUN`` in i
 which every descendant inherits, and "the run's processes" are exactly the processes on the machine whose
 environment carries it (`marked_processes`).
 
+Guards nest: the variable holds the marks of every guard a process runs under (an experiment's, then its
+federated cell's), so ending the outer run also ends the processes of the runs inside it.
+
 Three paths end them:
 
 - normal end, Ctrl-C, SIGTERM: the command calls `end_marked` itself before it returns;
 - SIGKILL of the command (or a crash of the interpreter): a watchdog process (``python -m
   dsl_fed.federated.watchdog MARKER [DIR ...]``, started by `guard`, unmarked, in a session of its own) waits
   on a pipe from the command; the kernel closes the pipe when the command dies, and the watchdog kills the
-  marked processes at once and removes the command's temporary folders.
+  marked processes at once and removes the command's temporary folders. The watchdog forks once and lets
+  its first process exit, so it is nobody's child: whoever ends the command's children (Ray ends a worker's
+  children with the worker) does not end it too.
 """
 
 from __future__ import annotations
@@ -31,14 +36,14 @@ MARKER_ENV = "DSL_FED_RUN"
 
 
 def processes_with(variable: str, value: str) -> list[psutil.Process]:
-    """Every live process on the machine (that we may inspect) but this one whose environment has
-    ``variable=value``."""
+    """Every live process on the machine (that we may inspect) but this one whose environment has `value` as
+    ``variable`` or as one of its space-separated words."""
     found = []
     for proc in psutil.process_iter():
         if proc.pid == os.getpid():
             continue
         try:
-            if proc.environ().get(variable) == value and proc.status() != psutil.STATUS_ZOMBIE:
+            if value in proc.environ().get(variable, "").split() and proc.status() != psutil.STATUS_ZOMBIE:
                 found.append(proc)
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
@@ -82,20 +87,24 @@ def guard(cleanup: tuple[os.PathLike | str, ...] = ()) -> Iterator[dict[str, str
     env = {k: v for k, v in os.environ.items() if k != MARKER_ENV}
     watchdog = subprocess.Popen(
         [sys.executable, "-m", "dsl_fed.federated.watchdog", marker, *map(str, cleanup)],
-        stdin=subprocess.PIPE, env=env, start_new_session=True,
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, start_new_session=True,
     )
     try:
-        yield {MARKER_ENV: marker}
+        yield {MARKER_ENV: " ".join([*os.environ.get(MARKER_ENV, "").split(), marker])}
     finally:
         try:
             end_marked(marker)
         finally:
             watchdog.stdin.close()  # the watchdog finds nothing left, removes nothing that still exists, exits
+            watchdog.stdout.read()  # end of file once the (forked) watchdog has exited
+            watchdog.stdout.close()
             watchdog.wait()
 
 
 def main(argv: list[str]) -> int:
     marker, *cleanup = argv
+    if os.fork() > 0:  # the parent exits at once: the watchdog goes on as an orphan (see the module docstring)
+        os._exit(0)
     while sys.stdin.buffer.read(4096):  # b"" once the command closed its end or died
         pass
     end_marked(marker, grace=0)
