@@ -259,7 +259,8 @@ def predict_file(
 
     Offline (default): the file is cut like training data (`chunk_signal`: hop-spaced windows, last one
     zero-padded). With `stream`, the file is replayed through `dsl_fed.stream.StreamPredictor` in blocks of
-    `block` samples (default: one hop), optionally at real-time pace, giving one prediction per hop.
+    `block` samples (default: one hop), optionally at real-time pace, giving one prediction per hop. Either
+    way the file is decoded block by block (`AudioStream`): memory does not grow with the recording's length.
 
     Args:
         runner: The loaded model.
@@ -275,14 +276,14 @@ def predict_file(
     Raises:
         DslFedError: the file cannot be read (see `load_audio`).
     """
-    from dsl_fed.data.audio import load_audio
-    from dsl_fed.data.chunking import chunk_signal
+    from dsl_fed.data.audio import AudioStream
+    from dsl_fed.data.chunking import iter_chunks
     from dsl_fed.stream import StreamPredictor, replay
 
     path = Path(path)
     if runner.input_shape != (window,):
         raise DslFedError(f"{runner.path}: takes input {runner.input_shape}, not a raw-audio window of {window} samples")
-    signal = load_audio(path, sample_rate)
+    signal = AudioStream(path, sample_rate)
     chunks: list[ChunkPrediction] = []
 
     def emit(c: ChunkPrediction) -> None:
@@ -295,10 +296,10 @@ def predict_file(
         for p in replay(signal, predictor, block or hop, sample_rate, realtime=realtime):
             emit(ChunkPrediction(p.index, p.start / sample_rate, p.end / sample_rate, p.probabilities, p.latency_ms))
     else:
-        for i, x in enumerate(chunk_signal(signal, window, hop)):
+        for i, x in enumerate(iter_chunks(signal, window, hop)):
             t0 = time.perf_counter()
             probs = runner.predict_one(x)
             latency = (time.perf_counter() - t0) * 1000.0
             emit(ChunkPrediction(i, i * hop / sample_rate, (i * hop + window) / sample_rate, probs, latency))
     clip = np.mean([c.probabilities for c in chunks], axis=0)
-    return FilePrediction(path, len(signal) / sample_rate, native_sample_rate(path), chunks, clip, int(np.argmax(clip)))
+    return FilePrediction(path, signal.samples / sample_rate, native_sample_rate(path), chunks, clip, int(np.argmax(clip)))

@@ -10,14 +10,14 @@ also zero-pads a last partial window (a live stream cannot know that the speaker
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
 from dsl_fed.errors import DslFedError
 
-__all__ = ["RingBuffer", "StreamPrediction", "StreamPredictor", "expected_predictions", "replay"]
+__all__ = ["RingBuffer", "StreamPrediction", "StreamPredictor", "expected_predictions", "reblock", "replay"]
 
 
 class RingBuffer:
@@ -130,24 +130,39 @@ class StreamPredictor:
         return pred
 
 
-def replay(signal: np.ndarray, predictor: StreamPredictor, block: int, sample_rate: int,
+def replay(signal: np.ndarray | Iterable[np.ndarray], predictor: StreamPredictor, block: int, sample_rate: int,
            realtime: bool = False, sleep: Callable[[float], None] = time.sleep,
            clock: Callable[[], float] = time.perf_counter) -> Iterator[StreamPrediction]:
     """Play `signal` into `predictor` in blocks of `block` samples, as a microphone would deliver it.
 
-    With `realtime`, each block is released only when it would have been recorded (block / sample_rate
-    seconds apart), so a model slower than real time visibly falls behind.
+    `signal` is an array or its consecutive pieces of any sizes (e.g. a file decoded block by block). With
+    `realtime`, each block is released only when it would have been recorded (block / sample_rate seconds
+    apart), so a model slower than real time visibly falls behind.
     """
     if block < 1:
         raise DslFedError(f"stream block size must be >= 1 sample, got {block}")
     start = clock()
-    for pos in range(0, len(signal), block):
-        chunk = signal[pos : pos + block]
+    pos = 0
+    for chunk in reblock([signal] if isinstance(signal, np.ndarray) else signal, block):
         if realtime:
             due = start + (pos + len(chunk)) / sample_rate
             wait = due - clock()
             if wait > 0:
                 sleep(wait)
+        pos += len(chunk)
         yield from predictor.push(chunk)
     yield from predictor.finish()
+
+
+def reblock(pieces: Iterable[np.ndarray], size: int) -> Iterator[np.ndarray]:
+    """The samples of `pieces` again, in blocks of exactly `size` (the last one shorter)."""
+    pending = np.zeros(0, dtype=np.float32)
+    for piece in pieces:
+        pending = np.concatenate([pending, np.asarray(piece, dtype=np.float32).reshape(-1)])
+        full = len(pending) - len(pending) % size
+        for pos in range(0, full, size):
+            yield pending[pos : pos + size]
+        pending = pending[full:]
+    if len(pending):
+        yield pending
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from dsl_fed.data.chunking import chunk_signal, count_chunks, normalise_chunks
+from dsl_fed.data.chunking import chunk_signal, count_chunks, iter_chunks, normalise_chunks
 from dsl_fed.errors import DslFedError
 
 W, H = 8, 3  # window and hop in samples
@@ -95,3 +95,14 @@ def test_normalise_random_chunks_is_exactly_idempotent():
 
 def test_normalise_single_chunk():
     np.testing.assert_allclose(normalise_chunks(np.array([0.0, -4.0, 2.0])), [0.0, -1.0, 0.5])
+
+
+def test_chunks_of_a_stream_of_blocks_equal_chunk_signal():
+    """Any block sizes, hop shorter, equal or longer than the window, signals shorter and longer than one."""
+    rng = np.random.default_rng(1)
+    for _ in range(500):
+        n, chunk, hop = int(rng.integers(0, 300)), int(rng.integers(1, 50)), int(rng.integers(1, 70))
+        x = rng.standard_normal(n).astype(np.float32)
+        blocks = np.split(x, np.sort(rng.integers(0, n + 1, size=int(rng.integers(0, 5)))))
+        got = list(iter_chunks(iter(blocks), chunk, hop))
+        np.testing.assert_array_equal(np.array(got).reshape(-1, chunk), chunk_signal(x, chunk, hop))

@@ -85,3 +85,63 @@ def test_bad_sizes_are_user_errors():
         list(replay(np.zeros(10), StreamPredictor(lambda w: w, 4, 2), block=0, sample_rate=16000))
     with pytest.raises(DslFedError, match="capacity"):
         RingBuffer(0)
+
+
+# ------------------------------------------------------------------------------------- files of any length
+
+
+class FakeRunner:
+    """The part of `TFLiteRunner` that `predict_file` uses: two "probabilities" from each window's ends."""
+
+    def __init__(self, window):
+        self.input_shape, self.path = (window,), "fake.tflite"
+
+    def predict_one(self, x):
+        return np.array([x[0], x[-1]], dtype=np.float32)
+
+
+def test_a_file_streams_block_by_block_with_the_samples_of_a_whole_decode(tmp_path):
+    import soundfile as sf
+
+    from dsl_fed.data.audio import AudioStream, load_audio
+
+    rng = np.random.default_rng(0)
+    for rate in (16000, 22050):  # as stored, and resampled by soxr's stream (the same filter as librosa's soxr_hq)
+        path = tmp_path / f"{rate}.wav"
+        sf.write(path, 0.3 * rng.standard_normal((rate * 3 + 17, 2)), rate)
+        stream = AudioStream(path, 16000, block=1000)
+        blocks = list(stream)
+        assert max(len(b) for b in blocks) <= 2000 and stream.samples == sum(len(b) for b in blocks)
+        np.testing.assert_array_equal(np.concatenate(blocks), load_audio(path, 16000))
+
+
+def test_predicting_a_long_recording_keeps_memory_bounded(tmp_path):
+    """20 minutes at 16 kHz: decoded whole it would be 77 MB of float32 (a 24-hour file 5.5 GB)."""
+    import tracemalloc
+
+    import soundfile as sf
+
+    from dsl_fed.data.audio import load_audio
+    from dsl_fed.data.chunking import chunk_signal, count_chunks
+    from dsl_fed.litert import predict_file
+
+    rate, window, hop, minutes = 16000, 48000, 24000, 20
+    path = tmp_path / "long.wav"
+    rng = np.random.default_rng(0)
+    with sf.SoundFile(path, "w", rate, 1, subtype="PCM_16") as f:
+        for _ in range(minutes):
+            f.write(0.1 * rng.standard_normal(rate * 60).astype(np.float32))
+    for stream in (False, True):
+        tracemalloc.start()
+        result = predict_file(FakeRunner(window), path, rate, window, hop, stream=stream)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert result.duration_s == minutes * 60
+        count = expected_predictions if stream else count_chunks
+        assert len(result.chunks) == count(minutes * 60 * rate, window, hop) == 799
+        assert peak < 8e6, f"{peak / 1e6:.0f} MB traced"
+    short = tmp_path / "short.wav"  # and the windows are exactly those of the whole file's chunking
+    sf.write(short, 0.1 * rng.standard_normal(rate * 7 + 123), rate)
+    chunks = chunk_signal(load_audio(short, rate), window, hop)
+    got = np.array([c.probabilities for c in predict_file(FakeRunner(window), short, rate, window, hop).chunks])
+    np.testing.assert_array_equal(got, chunks[:, [0, -1]])

@@ -16,9 +16,7 @@ import signal
 import sys
 
 from dsl_fed.errors import DslFedError
-
-# Before any sub-command imports TensorFlow: keep its C++ start-up chatter off the user's terminal.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from dsl_fed.quiet import VERBOSE_ENV, quiet_libraries
 
 # Sub-command modules, in the order `dsl_fed --help` lists them.
 COMMAND_MODULES: list[str] = ["data", "device", "train", "baseline", "federated", "experiment", "deploy", "plot"]
@@ -31,11 +29,20 @@ class Terminated(KeyboardInterrupt):
 _SIGTERM_SEEN: list[bool] = []  # Ray turns any KeyboardInterrupt raised inside its waits into a plain one
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line, like every other user error (sub-commands inherit it)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="dsl_fed",
         description="Federated DeepSpectrumLite: audio -> spectrogram images -> CNN, trained across speakers.",
     )
+    parser.add_argument("--verbose", dest="library_logs", action="store_true",
+                        help=f"show the libraries' own start-up logs (TensorFlow, absl); also {VERBOSE_ENV}=1")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
         importlib.import_module(f"dsl_fed.cli.{name}").register(sub)
@@ -43,8 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
-    """Parse, accepting ``section.key=value`` overrides anywhere on the line (also after options)."""
+    """Parse, accepting ``section.key=value`` overrides anywhere on the line (also after options), and
+    ``--verbose`` after the command too where the command has no ``--verbose`` of its own."""
     args, extra = parser.parse_known_args(argv)
+    if "--verbose" in extra:
+        args.library_logs = True
+        extra = [a for a in extra if a != "--verbose"]
     late = [a for a in extra if "=" in a and not a.startswith("-")]
     if late and hasattr(args, "overrides"):
         args.overrides = [*args.overrides, *late]
@@ -72,6 +83,9 @@ def _run(argv: list[str] | None) -> int:
     try:
         args = parse_args(build_parser(), argv)
         command = f"dsl_fed {args.command}"
+        if args.library_logs:
+            os.environ[VERBOSE_ENV] = "1"  # also for the processes this command starts
+        quiet_libraries()
         code = int(args.func(args) or 0)
         sys.stdout.flush()  # a closed pipe shows here, inside the handlers, not at interpreter exit
         return code

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from dsl_fed.cli.arguments import int_in, seed
 from dsl_fed.config import load_config
 from dsl_fed.data.arousal import LEVELS, MAX_SPEAKERS, make_arousal_corpus
 from dsl_fed.data.audio import MIN_SECONDS, load_audio
@@ -34,11 +35,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         f"{', '.join(CLASSES)}) with speaker-independent train/devel/test partitions. Deterministic by seed.",
     )
     demo.add_argument("directory", metavar="DIR", type=Path, help="output folder (manifest at DIR/manifest.csv)")
-    demo.add_argument(
-        "--speakers", type=int, default=10, metavar="N", help="speakers, >= 3 (default 10: 6 train / 2 devel / 2 test)"
-    )
-    demo.add_argument("--clips", type=int, default=6, metavar="K", help="clips per class per speaker (default 6)")
-    demo.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default 0)")
+    demo.add_argument("--speakers", type=int_in(3, 1000), default=10, metavar="N",
+                      help="speakers, 3-1000 (default 10: 6 train / 2 devel / 2 test)")
+    demo.add_argument("--clips", type=int_in(1, 1000), default=6, metavar="K",
+                      help="clips per class per speaker, 1-1000 (default 6)")
+    demo.add_argument("--seed", type=seed, default=0, metavar="S", help="random seed (default 0)")
     demo.set_defaults(func=run_make_demo_data)
 
     speech = subparsers.add_parser(
@@ -54,12 +55,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     speech.add_argument("directory", metavar="DIR", type=Path, help="output folder (manifest at DIR/manifest.csv)")
     speech.add_argument("--task", choices=("commands", "arousal"), default="commands",
                         help="what the classes are (default commands)")
-    speech.add_argument("--speakers", type=int, default=None, metavar="N",
+    speech.add_argument("--speakers", type=int_in(3, MAX_SPEAKERS), default=None, metavar="N",
                         help="speakers (commands: 3-40, default 12 = 8 train / 2 devel / 2 test; arousal: "
                         f"3-{MAX_SPEAKERS}, default 60 = 36 / 12 / 12)")
-    speech.add_argument("--clips", type=int, default=None, metavar="K",
-                        help="clips per class per speaker (default: commands 6, arousal 4)")
-    speech.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default 0)")
+    speech.add_argument("--clips", type=int_in(1, 1000), default=None, metavar="K",
+                        help="clips per class per speaker, 1-1000 (default: commands 6, arousal 4)")
+    speech.add_argument("--seed", type=seed, default=0, metavar="S", help="random seed (default 0)")
     speech.set_defaults(func=run_make_speech_data)
 
     stats = subparsers.add_parser(

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from dsl_fed.cli.arguments import int_in, seed
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -28,7 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     local.add_argument("config", type=Path, help="YAML config (see configs/quickstart.yaml)")
     local.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE", help="config overrides")
-    local.add_argument("--nodes", type=int, default=3, help="SuperNodes (speaker groups), default 3")
+    local.add_argument("--nodes", type=int_in(1, 256), default=3, help="SuperNodes (speaker groups), 1-256, default 3")
     local.add_argument("--resume", action="store_true", help="continue from runs/<name>/latest (same config required)")
     local.add_argument("--overwrite", action="store_true",
                        help="replace an existing run of this name (only once the new run has finished)")
@@ -42,7 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     certs.add_argument("directory", type=Path, metavar="DIR", help="new or empty folder")
     certs.add_argument("--host", action="append", required=True,
                        help="name or IP address SuperNodes use to reach the SuperLink (repeatable)")
-    certs.add_argument("--nodes", type=int, required=True, help="number of SuperNode key pairs")
+    certs.add_argument("--nodes", type=int_in(0, 100_000), required=True, help="number of SuperNode key pairs")
     certs.set_defaults(func=run_certs)
 
     split = sub.add_parser(
@@ -52,8 +54,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     split.add_argument("manifest", type=Path, metavar="MANIFEST", help="manifest CSV or folder corpus")
     split.add_argument("outdir", type=Path, metavar="OUTDIR", help="new or empty folder")
-    split.add_argument("--nodes", type=int, required=True, help="number of node folders")
-    split.add_argument("--seed", type=int, default=0, help="speaker grouping seed (= data.seed), default 0")
+    split.add_argument("--nodes", type=int_in(1, 100_000), required=True, help="number of node folders")
+    split.add_argument("--seed", type=seed, default=0, help="speaker grouping seed (= data.seed), default 0")
     split.set_defaults(func=run_split)
 
 

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from dsl_fed.cli.arguments import int_in, threads
 from dsl_fed.errors import DslFedError
 from dsl_fed.export import PARITY_THRESHOLDS
 from dsl_fed.stats import QUANT_LABELS
@@ -65,9 +66,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--stream", action="store_true",
                    help="replay each file as a live microphone stream: ring buffer, one prediction per hop")
     p.add_argument("--realtime", action="store_true", help="with --stream: release audio at recording pace")
-    p.add_argument("--block", type=int, default=None,
+    p.add_argument("--block", type=int_in(1, 1 << 24), default=None,
                    help="with --stream: samples per microphone block (default: one hop)")
-    p.add_argument("--threads", type=int, default=2, help="LiteRT CPU threads (default: 2)")
+    p.add_argument("--threads", type=threads, default=2, help="LiteRT CPU threads, at most 4 per CPU (default: 2)")
     p.add_argument("--format", choices=["table", "csv", "json"], default="table", help="output format (default: table)")
     p.set_defaults(func=run_predict)
 
@@ -79,9 +80,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "A .tflite MODEL gives its single row.",
     )
     p.add_argument("model", type=Path, help="trained model (.keras) or an exported .tflite")
-    p.add_argument("--threads", type=int, default=2, help="CPU threads for every row (default: 2)")
-    p.add_argument("--runs", type=int, default=50, help="timed runs per row (default: 50)")
-    p.add_argument("--repeats", type=int, default=1,
+    p.add_argument("--threads", type=threads, default=2, help="CPU threads for every row, at most 4 per CPU (default: 2)")
+    p.add_argument("--runs", type=int_in(1, 100_000), default=50, help="timed runs per row (default: 50)")
+    p.add_argument("--repeats", type=int_in(1, 1000), default=1,
                    help="interleaved measurement rounds; the best (lowest median) is kept (default: 1)")
     p.add_argument("--keep-exports", type=Path, default=None, metavar="DIR",
                    help="keep the TFLite files made for the table in DIR (default: temporary)")
@@ -252,6 +253,10 @@ def run_predict(args: argparse.Namespace) -> int:
         raise DslFedError(f"{args.model}: is an image-input export; predict needs a raw-audio export "
                           "(dsl_fed export --input audio)")
     runner = TFLiteRunner(args.model, threads=args.threads)
+    if runner.num_outputs != len(manifest.classes):
+        raise DslFedError(f"{manifest_path(args.model)}: lists {len(manifest.classes)} classes "
+                          f"({', '.join(manifest.classes)}) but {args.model} has {runner.num_outputs} outputs; "
+                          "export the model again (dsl_fed export) so the two belong together")
     files, skipped = _audio_files(args.audio, SUPPORTED_EXTENSIONS)
     out = _Printer(args.format, manifest.classes, args.stream)
     failed = 0

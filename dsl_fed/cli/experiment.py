@@ -7,6 +7,9 @@ import shlex
 import sys
 from pathlib import Path
 
+from dsl_fed.cli.arguments import int_in
+from dsl_fed.experiment.runner import MAX_CELLS
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -21,7 +24,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE", help="config overrides for every cell")
     p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
                    help="a grid axis (repeatable); default: augment.cutmix=false,true and augment.specaugment=false,true")
-    p.add_argument("--seeds", type=int, default=1, help="seeds per setting: training.seed, +1, ... (default 1)")
+    p.add_argument("--seeds", type=int_in(1, MAX_CELLS), default=1,
+                   help=f"seeds per setting: training.seed, +1, ... (default 1; at most {MAX_CELLS} cells in all)")
     p.add_argument("--mode", choices=["central", "federated", "both"], default="both")
     p.add_argument("--ray-address", default=None, metavar="HOST:PORT",
                    help="run the cells on this existing Ray cluster (default: a private local Ray)")

@@ -7,6 +7,7 @@ window are zero-padded, so every sample of every clip reaches the model and ever
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 
@@ -49,6 +50,35 @@ def chunk_signal(x: np.ndarray, chunk_samples: int, hop_samples: int) -> np.ndar
     padded[:used] = x[:used]
     windows = np.lib.stride_tricks.sliding_window_view(padded, chunk_samples)[::hop_samples]
     return np.ascontiguousarray(windows[:n])
+
+
+def iter_chunks(blocks: Iterable[np.ndarray], chunk_samples: int, hop_samples: int) -> Iterator[np.ndarray]:
+    """`chunk_signal` of the concatenated `blocks`, window by window, holding at most one window and one block.
+
+    A window is yielded as soon as its samples have arrived; when the blocks end, the windows `count_chunks`
+    adds for the tail are yielded zero-padded, exactly as `chunk_signal` pads them.
+    """
+    _check_sizes(chunk_samples, hop_samples)
+    buffer = np.zeros(0, dtype=np.float32)
+    offset = 0  # stream position of buffer[0]
+    k = 0  # next window; it starts at k * hop
+    total = 0
+    for block in blocks:
+        block = np.asarray(block, dtype=np.float32).reshape(-1)
+        total += len(block)
+        buffer = np.concatenate([buffer, block])
+        while k * hop_samples + chunk_samples <= offset + len(buffer):
+            start = k * hop_samples - offset
+            yield buffer[start : start + chunk_samples].copy()
+            k += 1
+        drop = min(k * hop_samples - offset, len(buffer))  # samples no later window needs
+        buffer, offset = buffer[drop:], offset + drop
+    for k in range(k, count_chunks(total, chunk_samples, hop_samples)):
+        window = np.zeros(chunk_samples, dtype=np.float32)
+        start = k * hop_samples - offset
+        tail = buffer[max(start, 0) : start + chunk_samples]
+        window[: len(tail)] = tail
+        yield window
 
 
 def normalise_chunks(chunks: np.ndarray) -> np.ndarray:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import math
 import os
 import signal
 import threading
@@ -31,12 +32,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from dsl_fed.config import load_config
+from dsl_fed.config import MAX_SEED, load_config
 from dsl_fed.errors import DslFedError
 from dsl_fed.experiment.cells import MODES, Cell, CellResult
 from dsl_fed.io import atomic_write, run_lock
 
 DEFAULT_GRID = (("augment.cutmix", ("false", "true")), ("augment.specaugment", ("false", "true")))
+MAX_CELLS = 1000  # grid settings x seeds x modes: each cell is a training run, and each is validated up front
 
 
 @dataclass(frozen=True)
@@ -70,16 +72,26 @@ def parse_grid(specs: Sequence[str]) -> tuple[tuple[str, tuple[str, ...]], ...]:
 
 def grid_settings(grid: Sequence[tuple[str, Sequence[str]]]) -> list[tuple[tuple[str, str], ...]]:
     """The Cartesian product of a grid as a list of settings (``((key, value), ...)`` each)."""
+    size = math.prod(len(options) for _, options in grid)
+    if size > MAX_CELLS:
+        raise DslFedError(f"--grid: {' x '.join(str(len(o)) for _, o in grid)} = {size} settings; at most {MAX_CELLS} cells")
     return [tuple(values) for values in itertools.product(*[[(key, v) for v in options] for key, options in grid])]
 
 
 def plan(config_path: str | Path, overrides: Sequence[str], settings: Sequence[tuple[tuple[str, str], ...]],
          seeds: int, modes: Sequence[str], folder: str = "experiment") -> Plan:
     """Validate the config of every cell before anything runs (a bad value is one error naming the key)."""
-    if seeds < 1:
-        raise DslFedError(f"--seeds must be >= 1, got {seeds}")
+    if not 1 <= seeds <= MAX_CELLS:
+        raise DslFedError(f"--seeds must be in [1, {MAX_CELLS}], got {seeds}")
+    count = len(settings) * seeds * len(modes)
+    if count > MAX_CELLS:
+        raise DslFedError(f"{len(settings)} setting(s) x {seeds} seed(s) x {len(modes)} mode(s) = {count} cells; "
+                          f"at most {MAX_CELLS}")
     config_path = Path(config_path).resolve()
     base = load_config(config_path, overrides)
+    if base.training.seed + seeds - 1 > MAX_SEED:
+        raise DslFedError(f"--seeds {seeds} from training.seed={base.training.seed} reaches seed "
+                          f"{base.training.seed + seeds - 1}, above {MAX_SEED}")
     out_dir = Path(base.output.directory).resolve() / base.output.name / folder
     cells = []
     for values in settings:
