@@ -28,6 +28,7 @@ from typing import Any
 
 import keras
 
+from dsl_fed.config import BACKBONE_NAMES
 from dsl_fed.errors import DslFedError, first_line
 
 BACKBONE_LAYER_NAME = "backbone"
@@ -77,6 +78,8 @@ def register_backbone(
     def decorate(build: Builder) -> Builder:
         if name in BACKBONES:
             raise ValueError(f"backbone {name!r} registered twice")
+        if name not in BACKBONE_NAMES:  # the config validates model.backbone against that list
+            raise ValueError(f"backbone {name!r}: add it to dsl_fed.config.BACKBONE_NAMES too")
         BACKBONES[name] = BackboneSpec(name, preprocess, default_size, min_size, build, weights_file, weights_url)
         return build
 

@@ -23,6 +23,9 @@ from dsl_fed.errors import DslFedError
 from dsl_fed.text import check_visible, spelling_key
 
 COLORMAPS = ("viridis", "magma", "plasma", "inferno", "cividis", "gray")
+# `dsl_fed.backbones` registers exactly these (it imports Keras, so the config cannot ask it without TensorFlow)
+BACKBONE_NAMES = ("densenet121", "densenet169", "densenet201", "mobilenet_v2", "mobilenet_v3_small",
+                  "mobilenet_v3_large", "efficientnet_b0", "resnet50", "tiny")
 MAX_SECONDS = 600.0  # longest chunk/hop: beyond this a chunk no longer fits a spectrogram image (or memory)
 MAX_COUNT = 100_000  # epochs, rounds, shards: larger is a typo, not a plan
 MAX_TOP_DB = 100.0  # float32 DFT rounding noise sits about 150 dB below a chunk's peak; the floor stays well above
@@ -113,7 +116,7 @@ class ModelConfig:
     arelu_beta: float = 2.0
 
     def _validate(self) -> None:
-        _require(self.backbone != "", "model.backbone", "must name a registered backbone")
+        _choice(self.backbone, BACKBONE_NAMES, "model.backbone")  # before any run folder, not when the model is built
         _require(1 <= self.units <= 65536, "model.units", f"must be in [1, 65536], got {self.units}")
         _require(0 <= self.dropout < 1, "model.dropout", f"must be in [0, 1), got {self.dropout}")
         _require(0.01 <= self.arelu_alpha <= 0.99, "model.arelu_alpha", f"must be in [0.01, 0.99], got {self.arelu_alpha}")

@@ -59,6 +59,15 @@ def test_registry_has_the_required_backbones_with_their_preprocessing():
     assert get_spec("tiny").default_size == 32
 
 
+def test_the_config_knows_every_registered_backbone_and_refuses_a_typo_without_keras():
+    """model.backbone is checked with the config (before a run folder exists), against this very registry."""
+    from dsl_fed.config import BACKBONE_NAMES, from_dict
+
+    assert tuple(BACKBONES) == BACKBONE_NAMES
+    with pytest.raises(DslFedError, match="model.backbone: unknown value 'densnet121'.*did you mean 'densenet121'"):
+        from_dict({"data": {"manifest": "m.csv"}, "model": {"backbone": "densnet121"}})
+
+
 def test_typo_lists_known_backbones():
     with pytest.raises(DslFedError) as err:
         create_backbone("densenet12", None)
