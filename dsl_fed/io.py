@@ -271,8 +271,7 @@ def check_output_file(path: str | Path, reading: Sequence[str | Path] = (),
 
 def publish_folder(outdir: Path, write: Callable[[Path], object]) -> None:
     """Let `write` fill a new hidden folder beside `outdir` (a unique name: no one else's folder is touched),
-    then rename it onto `outdir`, which must not exist or be empty: the kernel refuses the rename if anything
-    appeared there meanwhile (a second command writing the same OUTDIR), and that command's files stay.
+    then move it onto `outdir` with `rename_onto_empty`.
 
     Raises:
         DslFedError: `outdir` was filled by someone else while writing (nothing of ours is left).
@@ -280,15 +279,24 @@ def publish_folder(outdir: Path, write: Callable[[Path], object]) -> None:
     outdir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.partial-", dir=outdir.parent))
     try:
-        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp's folder is private; the published one is not
         write(staging)
-        try:
-            os.rename(staging, outdir)  # replaces an empty folder atomically, fails on a non-empty one
-        except OSError as exc:
-            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
-                raise
-            raise DslFedError(f"{outdir}: was filled by another command meanwhile; choose a new folder "
-                              "(nothing of this one was kept)") from None
+        rename_onto_empty(staging, outdir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
+
+def rename_onto_empty(folder: Path, outdir: Path) -> None:
+    """Rename `folder` onto `outdir`, which must not exist or be empty: the kernel refuses the rename if
+    anything appeared there meanwhile (a second command writing the same folder), and those files stay.
+
+    Raises:
+        DslFedError: `outdir` is not empty (or not a folder); `folder` is left where it is.
+    """
+    os.chmod(folder, 0o777 & ~_umask())  # mkdtemp's folders are private; the published one is not
+    try:
+        os.rename(folder, outdir)  # replaces an empty folder atomically, fails on a non-empty one
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+            raise
+        raise DslFedError(f"{outdir}: was filled by another command meanwhile; choose a new folder "
+                          "(nothing of this one was kept)") from None

@@ -20,7 +20,7 @@ def test_same_seed_gives_identical_bytes_other_seed_differs(tmp_path):
     b = make_demo_corpus(tmp_path / "b", seed=1, **SMALL).parent
     c = make_demo_corpus(tmp_path / "c", seed=2, **SMALL).parent
     files_a, files_b, files_c = _files(a), _files(b), _files(c)
-    assert len(files_a) == 3 * 3 * 1 + 1
+    assert len(files_a) == 3 * 3 * 1 + 2  # the clips, manifest.csv and the record of what was written
     assert files_a == files_b
     assert files_a.keys() == files_c.keys()  # same names ...
     differing = [name for name in files_a if name.endswith(".wav") and files_a[name] != files_c[name]]
@@ -31,6 +31,27 @@ def test_regenerating_into_the_same_folder_is_stable(tmp_path):
     first = _files(make_demo_corpus(tmp_path, seed=0, **SMALL).parent)
     assert _files(make_demo_corpus(tmp_path, seed=0, **SMALL).parent) == first
     assert not list(tmp_path.rglob("*.tmp*"))  # atomic writes leave no temp files behind
+
+
+def test_a_folder_is_written_only_if_new_empty_or_an_earlier_corpus_of_ours(tmp_path):
+    """A user's manifest.csv is never overwritten; an earlier generated corpus is replaced file by file, and
+    nothing else in its folder is touched."""
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "manifest.csv").write_text("filename,label\nmine.wav,x\n")
+    with pytest.raises(DslFedError, match="manifest.csv was not written by dsl_fed .*nothing was written"):
+        make_demo_corpus(theirs, **SMALL)
+    assert _files(theirs) == {"manifest.csv": b"filename,label\nmine.wav,x\n"}
+    ours = tmp_path / "ours"
+    make_demo_corpus(ours, speakers=4, clips=1, min_seconds=1.0, max_seconds=1.5, progress=False)
+    (ours / "notes.txt").write_text("keep me")
+    make_demo_corpus(ours, **SMALL)  # one speaker fewer: its clips go, the notes stay
+    assert not (ours / "audio" / "spk04").exists() and (ours / "notes.txt").read_text() == "keep me"
+    assert _files(ours).keys() - {"notes.txt"} == _files(make_demo_corpus(tmp_path / "fresh", **SMALL).parent).keys()
+    (ours / "manifest.csv").write_text((ours / "manifest.csv").read_text() + "audio/x.wav,flat,spkX,train\n")
+    with pytest.raises(DslFedError, match="was not written by dsl_fed \\(or was edited since\\)"):
+        make_demo_corpus(ours, **SMALL)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh", "ours", "theirs"]  # no staging folder left
 
 
 def test_manifest_structure(demo_manifest):

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from dsl_fed.data.corpus_folder import corpus_folder
 from dsl_fed.data.demo import SAMPLE_RATE, assign_partitions, lfilter, write_manifest, write_wav
 from dsl_fed.data.speech import ACCENTS, VARIANTS, espeak_executable, synthesise
 from dsl_fed.errors import DslFedError
@@ -92,16 +93,17 @@ def make_arousal_corpus(out_dir: str | Path, speakers: int = 60, clips: int = 4,
     out_dir = Path(out_dir)
     names = [f"spk{k + 1:04d}" for k in range(speakers)]
     partition = assign_partitions(names, seed)
-    tasks = [(espeak, out_dir, name, k, clips, seed) for k, name in enumerate(names)]
     rows: list[tuple[str, str, str, str]] = []
     bar = tqdm(total=speakers, desc="synthesising arousal corpus", unit="speaker",
                disable=None if progress else True, file=sys.stderr, leave=False)
     workers = max(1, min(jobs or os.cpu_count() or 1, speakers))
-    with bar, ProcessPoolExecutor(workers) as pool:
+    with corpus_folder(out_dir) as folder, bar, ProcessPoolExecutor(workers) as pool:
+        tasks = [(espeak, folder, name, k, clips, seed) for k, name in enumerate(names)]
         for name, speaker_rows in zip(names, pool.map(_write_speaker, tasks, chunksize=4)):
             rows += [(rel, label, name, partition[name]) for rel, label in speaker_rows]
             bar.update()
-    return write_manifest(out_dir, rows)
+        write_manifest(folder, rows)
+    return out_dir / "manifest.csv"
 
 
 def draw_speaker(rng: np.random.Generator) -> Speaker:

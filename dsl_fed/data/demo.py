@@ -29,6 +29,7 @@ import soundfile as sf
 from tqdm import tqdm
 
 from dsl_fed.errors import DslFedError
+from dsl_fed.data.corpus_folder import corpus_folder
 from dsl_fed.io import atomic_path, atomic_write
 
 CLASSES: tuple[str, ...] = ("falling", "flat", "rising")
@@ -68,7 +69,8 @@ def make_demo_corpus(
     """Write the demo corpus: ``out_dir/audio/<speaker>/<class>_<k>.wav`` (16 kHz, 16-bit) and a manifest.
 
     Args:
-        out_dir: Target folder (created; existing files of the same names are overwritten).
+        out_dir: Target folder: new, empty, or holding an earlier corpus this tool wrote, which is replaced
+            (`dsl_fed.data.corpus_folder`: nothing else there is ever overwritten or removed).
         speakers: Number of speakers (>= 3); about 20 % go to devel and 20 % to test (at least one each), the
             rest to train. 10 speakers -> 6 / 2 / 2.
         clips: Clips per class per speaker.
@@ -96,7 +98,7 @@ def make_demo_corpus(
     total = speakers * len(CLASSES) * clips
     bar = tqdm(total=total, desc="synthesising demo corpus", unit="clip", disable=None if progress else True,
                file=sys.stderr, leave=False)
-    with bar:
+    with corpus_folder(out_dir) as folder, bar:
         for k, name in enumerate(names):
             voice = _draw_voice(np.random.default_rng([seed, k]))
             for c, label in enumerate(CLASSES):
@@ -105,11 +107,11 @@ def make_demo_corpus(
                     seconds = rng.uniform(min_seconds, max_seconds)
                     audio = synthesise_clip(voice, label, seconds, rng)
                     rel = f"audio/{name}/{label}_{j:02d}.wav"
-                    write_wav(out_dir / rel, audio)
+                    write_wav(folder / rel, audio)
                     rows.append((rel, label, name, partition[name]))
                     bar.update()
-
-    return write_manifest(out_dir, rows)
+        write_manifest(folder, rows)
+    return out_dir / "manifest.csv"
 
 
 def synthesise_clip(voice: Voice, label: str, seconds: float, rng: np.random.Generator) -> np.ndarray:

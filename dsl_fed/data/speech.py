@@ -29,6 +29,7 @@ import soundfile as sf
 from scipy.signal import lfilter, resample_poly
 from tqdm import tqdm
 
+from dsl_fed.data.corpus_folder import corpus_folder
 from dsl_fed.data.demo import SAMPLE_RATE, assign_partitions, write_manifest, write_wav
 from dsl_fed.errors import DslFedError
 
@@ -57,7 +58,7 @@ def make_speech_corpus(out_dir: str | Path, speakers: int = 12, clips: int = 6, 
     """Write the spoken-command corpus and return ``out_dir/manifest.csv``.
 
     Args:
-        out_dir: Target folder (created; files of the same names are overwritten).
+        out_dir: Target folder: new, empty, or an earlier corpus this tool wrote (`dsl_fed.data.corpus_folder`).
         speakers: Number of speakers (3-40); about 20 % devel, 20 % test, the rest train (12 -> 8 / 2 / 2).
         clips: Clips per word per speaker.
         seed: Voices, phrases, noise and partitions are a deterministic function of the arguments.
@@ -77,7 +78,7 @@ def make_speech_corpus(out_dir: str | Path, speakers: int = 12, clips: int = 6, 
     rows: list[tuple[str, str, str, str]] = []
     bar = tqdm(total=speakers * len(WORDS) * clips, desc="synthesising speech corpus", unit="clip",
                disable=None if progress else True, file=sys.stderr, leave=False)
-    with bar:
+    with corpus_folder(out_dir) as folder, bar:
         for k, name in enumerate(names):
             speaker = _draw_speaker(np.random.default_rng([seed, k, 0x5EEC]), VARIANTS[variants[k % len(VARIANTS)]])
             for c, word in enumerate(WORDS):
@@ -85,10 +86,11 @@ def make_speech_corpus(out_dir: str | Path, speakers: int = 12, clips: int = 6, 
                     rng = np.random.default_rng([seed, k, c, j, 2])
                     audio = record_clip(espeak, speaker, word, rng)
                     rel = f"audio/{name}/{word}_{j:02d}.wav"
-                    write_wav(out_dir / rel, audio)
+                    write_wav(folder / rel, audio)
                     rows.append((rel, word, name, partition[name]))
                     bar.update()
-    return write_manifest(out_dir, rows)
+        write_manifest(folder, rows)
+    return out_dir / "manifest.csv"
 
 
 def record_clip(espeak: str, speaker: Speaker, word: str, rng: np.random.Generator) -> np.ndarray:
