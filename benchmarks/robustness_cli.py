@@ -150,10 +150,11 @@ class Case:
     kind: str = "error"  # "error" | "warn" | "ok" | "pipe" | "signal"
     fast: bool = True  # needs no TensorFlow
     flower: bool = False  # starts a Flower simulation (minutes; serialise with other Flower users)
-    protect: str | None = None  # run name whose earlier run must stay byte-identical
+    protect: str | None = None  # folder under runs/ that must stay byte-identical (an earlier run, a user's files)
     fault: Callable[[subprocess.Popen, Workspace], None] | None = None  # acts on the running command
     shell_tail: str = ""  # e.g. "| head -1": run through a bash pipe
     leaves_nothing: bool = False  # a refused command must not create the run folder (not even logs/)
+    in_suite: bool = True  # False: minutes of Flower/Ray, probe only (the test suite checks the mechanism directly)
 
 
 @dataclass
@@ -296,6 +297,80 @@ def _wait_for_line(proc: subprocess.Popen, text: str) -> None:
             return
 
 
+def _while_locked(args: Callable[[Workspace], list[str]]) -> Callable[[Workspace], list[str]]:
+    """Another live command holds the lock of run name ``run`` while `args` runs (as `_locked_run`)."""
+    def setup(ws: Workspace) -> list[str]:
+        _locked_run(ws)
+        return args(ws)
+    return setup
+
+
+def _deploy_workdir(ws: Workspace) -> None:
+    """The live ``runs/run.deploy/`` of a first `deploy local` (keys, node folders, state)."""
+    work = ws.runs / "run.deploy"
+    (work / "certs").mkdir(parents=True)
+    (work / ".dsl_fed-deploy").write_text("made by deploy local\n")
+    (work / "certs" / "ca.key").write_text("the live federation's key\n")
+
+
+def _killed_attempt(ws: Workspace, *changes: str) -> None:
+    """What SIGKILL after round 1 of a new run leaves: the finished round in the marked staging folder (its
+    config changed by ``section.key=value`` `changes`)."""
+    from dsl_fed.config import load_config
+    from dsl_fed.io import STAGING_TAG
+
+    run = ws.earlier_run()
+    (run / "config.yaml").write_text(load_config(ws.config(), list(changes)).to_yaml())
+    staging = ws.runs / ".run.partial-killed01"
+    staging.mkdir()
+    (staging / STAGING_TAG).write_text("writing\n")
+    run.rename(staging / "run")
+
+
+def _user_files(folder: str, *names: str) -> Callable[[Workspace], None]:
+    def make(ws: Workspace) -> None:
+        for name in names:
+            (ws.runs / folder / name).parent.mkdir(parents=True, exist_ok=True)
+            (ws.runs / folder / name).write_text(f"the user's {name}\n")
+    return make
+
+
+def _then(prepare: Callable[[Workspace], None], args: Callable[[Workspace], list[str]]) -> Callable[[Workspace], list[str]]:
+    def setup(ws: Workspace) -> list[str]:
+        prepare(ws)
+        return args(ws)
+    return setup
+
+
+def _first_run_killed_after_round_1(ws: Workspace) -> list[str]:
+    """Start `simulate` (3 rounds), SIGKILL it once round 1 is written, wait for its processes; then resume."""
+    config = ws.config(federated={"phase1_rounds": 3})
+    first = uuid.uuid4().hex
+    ws.probes = [first]
+    proc = subprocess.Popen([sys.executable, "-m", "dsl_fed", "simulate", str(config)], cwd=ws.root, text=True,
+                            env={**os.environ, PROBE_ENV: first}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _wait_for_line(proc, "round 1/3")
+    proc.kill()
+    proc.wait()
+    wait_gone(first, 60)
+    return ["simulate", str(config), "--resume"]
+
+
+def _signal_during_federated_cell(signum: int) -> Callable[[subprocess.Popen, Workspace], None]:
+    """Signal `dsl_fed experiment` once its federated cell's Flower SuperExec runs (in a Ray worker's tree)."""
+    def fault(proc: subprocess.Popen, ws: Workspace) -> None:
+        probe = psutil.Process(proc.pid).environ()[PROBE_ENV]
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and proc.poll() is None:
+            if any("flower-superexec" in " ".join(p.cmdline()) for p in probe_processes(probe) if p.is_running()):
+                break
+            time.sleep(1)
+        time.sleep(5)
+        ws.killed_at = time.time()
+        proc.send_signal(signum)
+    return fault
+
+
 CASES: list[Case] = [
     # config values
     Case("learning rate inf", _override("training.learning_rate=inf"), "training.learning_rate: must be a finite"),
@@ -366,6 +441,42 @@ CASES: list[Case] = [
         manifest=ws.manifest(lambda rows: [r.__setitem__(3, "test") for r in rows if r[3] == "devel"]))), "--overwrite"]),
         "partition 'devel' is empty", protect="run"),
     Case("second writer of a run", _locked_run, "is writing this run"),
+    # one lock, staging and overwrite discipline for every command that writes
+    Case("deploy local while another writes the name", _while_locked(_then(_deploy_workdir, lambda ws: [
+        "deploy", "local", str(ws.config()), "--nodes", "2"])), "is writing this run", protect="run.deploy"),
+    Case("experiment while another writes the name", _while_locked(_then(_user_files("run", "experiment/results.csv"),
+        lambda ws: ["experiment", str(ws.config()), "--mode", "central"])), "is writing this run", protect="run"),
+    Case("deploy local over an existing run", _earlier_run_then(lambda ws: ["deploy", "local", str(ws.config()),
+        "--nodes", "2"]), "pass --overwrite", protect="run"),
+    Case("deploy local --resume --overwrite", lambda ws: ["deploy", "local", str(ws.config()), "--resume",
+        "--overwrite"], "give one of them", leaves_nothing=True),
+    Case("simulate after SIGKILL left a finished round", _then(_killed_attempt, lambda ws: [
+        "simulate", str(ws.config())]), "--resume to continue it"),
+    Case("simulate --resume after SIGKILL left a finished round", _then(lambda ws: _killed_attempt(
+        ws, "training.learning_rate=0.1"), lambda ws: ["simulate", str(ws.config()), "--resume"]),
+        "resuming needs the same config, but training.learning_rate changed"),
+    Case("a lock file that is not ours", _then(lambda ws: (ws.runs.mkdir(), ws.runs.joinpath(".run.lock").write_text(
+        "notes\n")), lambda ws: ["simulate", str(ws.config())]), "is not a dsl_fed lock file"),
+    Case("evaluate MODEL --json MODEL", _then(_user_files("model", "m.keras"), lambda ws: [
+        "evaluate", str(ws.runs / "model" / "m.keras"), "--config", str(ws.config()), "--json",
+        str(ws.runs / "model" / "m.keras")]), "an input of this command", protect="model"),
+    Case("evaluate --json onto a user's file", _then(_user_files("notes", "n.json"), lambda ws: [
+        "evaluate", "m.keras", "--config", str(ws.config()), "--json", str(ws.runs / "notes" / "n.json")]),
+        "is not an earlier --json file", protect="notes"),
+    Case("export --out onto a user's .tflite", _then(_user_files("mine", "m.tflite"), lambda ws: [
+        "export", "m.keras", "--out", str(ws.runs / "mine" / "m.tflite")]), "is not an earlier exported model",
+        protect="mine"),
+    Case("export into a folder with a user's manifest.json", _then(_user_files("mine", "manifest.json"), lambda ws: [
+        "export", "m.keras", "--out", str(ws.runs / "mine" / "model.tflite")]), "is not an earlier export manifest",
+        protect="mine"),
+    Case("make-demo-data into a DIR with a user's manifest.csv", _then(_user_files("d", "manifest.csv"), lambda ws: [
+        "make-demo-data", str(ws.runs / "d")]), "manifest.csv was not written by dsl_fed", protect="d"),
+    Case("deploy split beside a user's .OUT.partial", _then(_user_files(".out.partial", "keep.txt"), lambda ws: [
+        "deploy", "split", str(ws.corpus / "manifest.csv"), str(ws.runs / "out"), "--nodes", "2"]),
+        "audio files + manifest.csv", kind="ok", protect=".out.partial"),
+    Case("deploy certs beside a user's .DIR.partial-*", _then(_user_files(".keys.partial-abcd1234", "keep.txt"),
+        lambda ws: ["deploy", "certs", str(ws.runs / "keys"), "--host", "127.0.0.1", "--nodes", "1"]), "node key pair",
+        kind="ok", protect=".keys.partial-abcd1234"),
     # need TensorFlow
     Case("train over an existing run", _earlier_run_then(lambda ws: ["train", "--central", str(ws.config())]),
          "pass --overwrite", fast=False, protect="run"),
@@ -373,6 +484,8 @@ CASES: list[Case] = [
         b"junk" * 10), ["train", "--central", str(ws.config(manifest=ws.manifest(lambda rows: next(
             r for r in rows if r[3] == "devel").__setitem__(0, str(ws.root / "bad.wav"))))), "--overwrite"])[1]),
         "cannot decode audio", fast=False, protect="run"),
+    Case("train, model.weights file missing: no run folder", lambda ws: ["train", "--central", str(ws.config()),
+        "model.weights=missing.weights.h5"], "weights file", fast=False, leaves_nothing=True),
     Case("evaluate MODEL --config C k=v", lambda ws: ["evaluate", str(_trained_model(ws)), "--config", str(ws.config()),
                                                       "training.batch_size=8"], "test: UAR", kind="ok", fast=False),
     Case("evaluate --json under a file", lambda ws: (ws.root.joinpath("f").write_text("x"), [
@@ -401,6 +514,14 @@ CASES: list[Case] = [
         fast=False, flower=True, protect="run", fault=_sigkill_when_round_starts),
     Case("normal simulate: nothing left running", lambda ws: ["simulate", str(ws.config())], "round 1/1",
          kind="ok", fast=False, flower=True),
+    Case("simulate SIGKILLed after round 1, then --resume", _first_run_killed_after_round_1, "round 3/3", kind="ok",
+         fast=False, flower=True, in_suite=False),
+    Case("SIGKILL of experiment during a federated cell", lambda ws: ["experiment", str(ws.config()), "--mode",
+        "federated", "--grid", "augment.cutmix=false"], "", kind="signal", fast=False, flower=True, in_suite=False,
+        fault=_signal_during_federated_cell(signal.SIGKILL)),
+    Case("SIGTERM of experiment during a federated cell", lambda ws: ["experiment", str(ws.config()), "--mode",
+        "federated", "--grid", "augment.cutmix=false"], "terminated", kind="signal", fast=False, flower=True,
+        in_suite=False, fault=_signal_during_federated_cell(signal.SIGTERM)),
 ]
 
 
@@ -438,7 +559,7 @@ def run_case(case: Case, ws: Workspace, timeout: float = 900) -> Outcome:
     if holder is not None:
         holder.kill()
         holder.wait()
-    left = wait_gone(probe, 60)
+    left = wait_gone(probe, 60) + [p for extra in getattr(ws, "probes", []) for p in wait_gone(extra, 5)]
     verdict = _verdict(case, code, out, err)
     if verdict == "clean" and case.leaves_nothing and (ws.runs / "run").exists():
         verdict = "messy"
