@@ -220,3 +220,16 @@ def test_thread_limits_take_effect_before_the_first_op_and_say_so_when_too_late(
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
     assert "the limit of 2 (federated.client_cpus) cannot apply" in out.stderr
+
+
+def test_a_deployed_node_reports_its_random_folder_id_and_a_simulated_node_its_share(tmp_path):
+    from dsl_fed.data.nodes import NODE_ID_FILE
+    from dsl_fed.federated.client_app import client_id
+
+    deployed = Context(run_id=1, node_id=7, node_config={"data-path": str(tmp_path)}, state=RecordDict(), run_config={})
+    first = client_id(deployed)
+    assert first == client_id(deployed) == int((tmp_path / NODE_ID_FILE).read_text())
+    assert client_id(node({}, partition=2)) == 2
+    (tmp_path / NODE_ID_FILE).write_text("x")
+    with pytest.raises(DslFedError, match=r"^node 7: .*not a node id"):
+        client_id(deployed)

@@ -139,3 +139,31 @@ def test_a_link_out_of_the_node_folder_is_refused_without_naming_what_lies_behin
     with pytest.raises(DslFedError, match="falling is a symbolic link leading out") as info:
         node_data({"data-path": str(node)}, DataConfig(manifest="unused"), CLASSES)
     assert not any(name in str(info.value) for name in theirs)
+
+
+def test_a_deployed_node_id_is_random_kept_in_its_folder_and_not_derived_from_its_speakers(split, tmp_path):
+    import os
+    import zlib
+
+    from dsl_fed.data.nodes import NODE_ID_FILE, persistent_node_id
+
+    folders = []
+    for k, source in enumerate(list(split)[:2] + list(split)[:1]):  # the third holds the first one's speakers
+        folder = tmp_path / f"node_{k}"
+        folder.mkdir()
+        (folder / "manifest.csv").write_bytes((source / "manifest.csv").read_bytes())
+        folders.append(folder)
+    ids = [persistent_node_id(f) for f in folders]
+    assert [persistent_node_id(f / "manifest.csv") for f in folders] == ids  # a restart: the same id, file or folder
+    assert len(set(ids)) == 3 and all((f / NODE_ID_FILE).is_file() for f in folders)
+    with open(folders[0] / "manifest.csv", newline="") as f:
+        speakers = ",".join(sorted({row["speaker"] for row in csv.DictReader(f) if row["partition"] == "train"}))
+    assert ids[0] != zlib.crc32(speakers.encode()) % 100_000  # what the id used to be
+    (folders[2] / NODE_ID_FILE).write_text("not a number\n")
+    with pytest.raises(DslFedError, match=r"not a node id written by dsl_fed .*delete the file"):
+        persistent_node_id(folders[2])
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    if not os.access(locked, os.W_OK):  # root may write anyway
+        with pytest.raises(DslFedError, match="the node folder must be writable"):
+            persistent_node_id(locked)

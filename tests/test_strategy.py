@@ -61,12 +61,18 @@ def stamp(msg: Message) -> Message:
     return msg
 
 
-def reply(msg: Message, arrays: dict[str, np.ndarray], num_examples: float, partition: int = 0, **metrics) -> Message:
+def reply(msg: Message, arrays: dict[str, np.ndarray], num_examples: int, partition: int = 0, **metrics) -> Message:
+    """A node's training reply; arrays not already float16/float32 travel as float32, as a node sends them."""
     content = RecordDict({
-        "arrays": ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()}),
+        "arrays": ArrayRecord({k: Array(_wire(v)) for k, v in arrays.items()}),
         "metrics": MetricRecord({"num-examples": num_examples, "partition-id": partition, **metrics}),
     })
     return Message(content, reply_to=msg)
+
+
+def _wire(values) -> np.ndarray:
+    array = np.asarray(values)
+    return array if array.dtype in (np.float16, np.float32) else array.astype(np.float32)
 
 
 def failure(msg: Message, reason: str = "ClientAppException: boom") -> Message:
@@ -269,7 +275,7 @@ def test_a_node_that_lost_its_model_gets_it_within_the_round_and_trains_and_eval
         elif node not in holds:
             return Message(Error(code=NEEDS_FULL_MODEL, reason=f"node {node} holds no model"), reply_to=msg)
         if msg.metadata.message_type == "evaluate":
-            return Message(RecordDict({"metrics": MetricRecord({"num-examples": 1, "devel-score": float(node)})}),
+            return Message(RecordDict({"metrics": MetricRecord({"num-examples": node, "devel-confusion": [node, 0, 0, 0]})}),
                            reply_to=msg)
         return reply(msg, {n: np.full(model()[n].shape, float(node)) for n in HEAD}, 1, node)
 
@@ -282,7 +288,8 @@ def test_a_node_that_lost_its_model_gets_it_within_the_round_and_trains_and_eval
     stats = s.rounds[2]
     assert stats.failed == [] and stats.aggregated == 3 and sorted(stats.contributors) == [11, 12, 13]
     np.testing.assert_array_equal(result.arrays["head/bias"].numpy(), [12.0, 12.0])  # mean of 11, 12, 13
-    assert result.evaluate_metrics_clientapp[2]["devel-score"] == pytest.approx(12.0)  # all three evaluated
+    # all three evaluated: Flower's example-weighted mean of the counts' first cell, (11² + 12² + 13²) / 36
+    assert result.evaluate_metrics_clientapp[2]["devel-confusion"][0] == pytest.approx(434 / 36)
     again = [m for m in grid.sent if m.content["config"]["server-round"] == 2 and m.content["config"]["full-model"]]
     assert [(m.metadata.dst_node_id, m.metadata.message_type) for m in again] == [(12, "train"), (13, "evaluate")]
     assert sent_names(again[0]) == set(model()) and again[0].content["config"]["phase"] == 1
@@ -576,3 +583,100 @@ def test_client_mode_rejects_unclipped_or_zero_updates():
     assert full is None  # 1 valid < min_train_nodes = 2
     assert any("above the clipping norm: the node did not clip it" in r for r in s.rounds[1].rejected)
     assert any("exactly zero" in r for r in s.rounds[1].rejected)
+
+
+# Replies are untrusted input: each malformed reply is refused with a reason, never raised on.
+GOOD_ARRAYS = {"head/kernel": np.ones((2, 2), np.float32), "head/bias": np.ones(2, np.float32)}
+GOOD_METRICS = {"num-examples": 3, "partition-id": 1, "train-loss": 0.5}
+
+
+def train_content(arrays=None, metrics=None, **records) -> RecordDict:
+    arrays = GOOD_ARRAYS if arrays is None else arrays
+    content = {"arrays": ArrayRecord({k: v if isinstance(v, Array) else Array(v) for k, v in arrays.items()}),
+               "metrics": MetricRecord(GOOD_METRICS if metrics is None else metrics)}
+    return RecordDict({**content, **records})
+
+
+@pytest.mark.parametrize("content, reason", [
+    (train_content(metrics={**GOOD_METRICS, "partition-id": [1, 2]}), "partition-id must be a whole number, got list"),
+    (train_content(metrics={**GOOD_METRICS, "partition-id": 2.0}), "partition-id must be a whole number, got float"),
+    (train_content(metrics={**GOOD_METRICS, "partition-id": -1}), "partition-id -1 outside"),
+    (train_content(metrics={**GOOD_METRICS, "num-examples": 2.5}), "num-examples must be a whole number, got float"),
+    (train_content(metrics={**GOOD_METRICS, "num-examples": 0}), "num-examples 0 outside"),
+    (train_content(metrics={**GOOD_METRICS, "train-loss": float("nan")}), "train-loss must be a finite number"),
+    (train_content(metrics={**GOOD_METRICS, "train-loss": [0.5]}), "train-loss must be a finite number, got list"),
+    (train_content(metrics={**GOOD_METRICS, "extra": 1}), "unexpected ['extra']"),
+    (train_content(metrics={**GOOD_METRICS, "norm_bit": 1}), "unexpected ['norm_bit']"),  # no DP: not expected
+    (train_content(metrics={"num-examples": 3}), "missing ['partition-id']"),
+    (train_content(arrays={**GOOD_ARRAYS, "head/kernel": np.full((2, 2), np.nan, np.float32)}), "non-finite values in head/kernel"),
+    (train_content(arrays={**GOOD_ARRAYS, "head/kernel": np.ones((3, 2), np.float32)}), "head/kernel has shape (3, 2)"),
+    (train_content(arrays={**GOOD_ARRAYS, "head/kernel": np.ones((2, 2), np.int32)}), "head/kernel has dtype int32"),
+    (train_content(arrays={**GOOD_ARRAYS, "head/kernel": np.ones((2, 2))}), "head/kernel has dtype float64"),
+    (train_content(arrays={"head/bias": GOOD_ARRAYS["head/bias"]}), "missing ['head/kernel']"),
+    (train_content(arrays={**GOOD_ARRAYS, "stem/kernel": np.ones((2, 2), np.float32)}), "unexpected ['stem/kernel']"),
+    (train_content(arrays={**GOOD_ARRAYS, "head/kernel": Array(dtype="float32", shape=(2, 2), stype="numpy.ndarray",
+                                                                data=b"not an npy file")}), "unreadable reply"),
+    (train_content(config=ConfigRecord({"a": 1})), "expected ConfigRecord none, got ['config']"),
+    (RecordDict({"weights": ArrayRecord({k: Array(v) for k, v in GOOD_ARRAYS.items()}),
+                 "metrics": MetricRecord(GOOD_METRICS)}), "expected ArrayRecord ['arrays'], got ['weights']"),
+    (RecordDict({"metrics": MetricRecord(GOOD_METRICS)}), "expected ArrayRecord ['arrays'], got none"),
+])
+def test_a_malformed_train_reply_is_refused_with_its_reason(content, reason):
+    from dsl_fed.federated.replies import check_train_reply
+
+    shapes = {"head/kernel": (2, 2), "head/bias": (2,)}
+    assert check_train_reply(train_content(), shapes, {"float32"}) is None
+    assert reason in check_train_reply(content, shapes, {"float32"})
+
+
+@pytest.mark.parametrize("metrics, reason", [
+    ({"num-examples": 3, "devel-confusion": [1, 0, 0]}, "3 counts, expected 2 x 2"),
+    ({"num-examples": 3, "devel-confusion": [1, 0, 2, 0, 0, 0, 0, 0, 0]}, "9 counts, expected 2 x 2"),
+    ({"num-examples": 3, "devel-confusion": [1, -1, 3, 0]}, "whole counts >= 0"),
+    ({"num-examples": 3, "devel-confusion": [1.0, 0.0, 2.0, 0.0]}, "whole counts >= 0"),
+    ({"num-examples": 4, "devel-confusion": [1, 0, 2, 0]}, "num-examples 4 is not the 3 clips"),
+    ({"num-examples": 3, "devel-confusion": [1, 0, 2, 0], "devel-uar": 0.5}, "unexpected ['devel-uar']"),
+    ({"num-examples": 3}, "missing ['devel-confusion']"),
+    ({"num-examples": [3], "devel-confusion": [1, 0, 2, 0]}, "num-examples must be a whole number, got list"),
+])
+def test_a_malformed_evaluation_reply_is_refused_with_its_reason(metrics, reason):
+    from dsl_fed.federated.replies import check_evaluate_reply
+
+    good = RecordDict({"metrics": MetricRecord({"num-examples": 3, "devel-confusion": [1, 0, 2, 0]})})
+    assert check_evaluate_reply(good, ["devel"], 2) is None
+    assert reason in check_evaluate_reply(RecordDict({"metrics": MetricRecord(metrics)}), ["devel"], 2)
+
+
+def test_malformed_replies_are_rejected_against_their_node_and_the_run_goes_on(caplog):
+    """Two honest nodes and four that send a list as partition-id, NaN weights, float64 arrays, or an extra metric
+    (one honest node omits an optional metric: Flower would raise on the differing keys); evaluation replies of
+    two nodes are malformed too. Flower's round loop finishes both rounds on the honest updates alone."""
+    bad = {13: dict(metrics={"partition-id": [1, 2]}), 14: dict(value=np.nan), 15: dict(dtype=np.float64),
+           16: dict(metrics={"surprise": 1.0})}
+
+    def client(node, msg):
+        if msg.metadata.message_type == "evaluate":
+            counts = [1, 0, 0, 1] if node not in (13, 14) else ([1, 0, 0] if node == 13 else [1.0, 0.0, 0.0, 1.0])
+            return Message(RecordDict({"metrics": MetricRecord({"num-examples": 2, "devel-confusion": counts})}),
+                           reply_to=msg)
+        spec = bad.get(node, {})
+        arrays = {n: Array(np.full(model()[n].shape, spec.get("value", float(node)), spec.get("dtype", np.float32)))
+                  for n in HEAD}
+        metrics = {"num-examples": 2, "partition-id": node, **({} if node == 12 else {"train-loss": 0.1}),
+                   **spec.get("metrics", {})}
+        return Message(RecordDict({"arrays": ArrayRecord(arrays), "metrics": MetricRecord(metrics)}), reply_to=msg)
+
+    s = strategy(fraction_evaluate=1.0, min_evaluate_nodes=1)
+    with caplog.at_level(logging.WARNING, logger="flwr.dsl_fed"):
+        result = s.start(grid=FakeGrid(range(11, 17), client=client), initial_arrays=s.full_record(), num_rounds=2,
+                         evaluate_config=ConfigRecord({"classes": ["a", "b"]}))
+    for rnd in (1, 2):
+        stats = s.rounds[rnd]
+        assert stats.updated and sorted(stats.contributors) == [11, 12] and len(stats.rejected) == 4
+        assert [r.split(":")[0] for r in sorted(stats.rejected)] == ["node 13", "node 14 (partition 14)",
+                                                                    "node 15 (partition 15)", "node 16 (partition 16)"]
+    np.testing.assert_array_equal(result.arrays["head/bias"].numpy(), [11.5, 11.5])
+    assert s.rounds[1].train_metrics["train-loss"] == pytest.approx(0.1)  # from the node that reported it
+    assert "rejected the evaluation of node 13: devel-confusion has 3 counts" in caplog.text
+    assert "rejected the evaluation of node 14: devel-confusion must be a list of whole counts" in caplog.text
+    assert result.evaluate_metrics_clientapp[2]["devel-confusion"] == pytest.approx([1, 0, 0, 1])  # the 4 valid

@@ -9,6 +9,8 @@ One function, `node_data`, turns a Flower node config into the node's clips, whi
 * ``partition-id`` + ``num-partitions`` (simulation): the configured corpus is split as `deploy split` splits
   it onto separate machines (`assign_speakers`), and the node takes share ``partition-id``.
 
+A deployed node's id (`persistent_node_id`) is random and kept in its folder; a simulated node's is its share.
+
 Labels are checked against the run's class list, which the server sends with every message: nodes cannot
 see each other's labels, so no node could derive it alone.
 """
@@ -16,6 +18,7 @@ see each other's labels, so no node could derive it alone.
 from __future__ import annotations
 
 import os
+import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +29,8 @@ from dsl_fed.data.partition import partition_speakers
 from dsl_fed.errors import DslFedError
 
 NODE_MANIFEST = "manifest.csv"  # in a node folder, this file (not the folder layout) lists the clips
+NODE_ID_FILE = ".dsl_fed_node_id"  # in a node folder: the node's random id, drawn once
+NODE_ID_RANGE = 10**9  # ids are drawn below this (a seed offset: client seeds stay far below 2**32)
 
 
 @dataclass(frozen=True)
@@ -129,6 +134,35 @@ def _simulated(data: DataConfig, partition: int, num_partitions: int, classes: S
     clips = {part: tuple(c for c in manifest.partition(part) if c.speaker in mine[part]) for part in PARTITIONS}
     return NodeData(source=f"partition {partition} of {num_partitions} ({data.manifest})", clips=clips,
                     classes=tuple(classes or manifest.classes))
+
+
+def persistent_node_id(data_path: str | Path) -> int:
+    """A deployed node's id: drawn at random (OS entropy) the first time and kept in its folder.
+
+    A restarted or resumed node keeps its id, so its seeds and its place in the server's fixed summation order
+    stay the same; unlike a number derived from its speaker ids, the id tells nothing about whom the node holds.
+
+    Raises:
+        DslFedError: the folder cannot be written, or the file holds something other than an id.
+    """
+    path = Path(data_path)
+    folder = path if path.is_dir() else path.parent
+    id_file = folder / NODE_ID_FILE
+    if not id_file.exists():
+        try:  # O_EXCL: of two processes starting at once, the first one's id is kept
+            fd = os.open(id_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            with os.fdopen(fd, "w") as out:
+                out.write(f"{secrets.randbelow(NODE_ID_RANGE)}\n")
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise DslFedError(f"{folder}: cannot keep the node's id in {NODE_ID_FILE} ({exc.strerror or exc}); the "
+                              "node folder must be writable") from None
+    text = id_file.read_text().strip()
+    if not text.isdigit() or int(text) >= NODE_ID_RANGE:
+        raise DslFedError(f"{id_file}: not a node id written by dsl_fed (expected a number below {NODE_ID_RANGE}); "
+                          "delete the file and the node draws a new one")
+    return int(text)
 
 
 def check_decodable(clips: Sequence[Clip], sample_rate: int) -> None:

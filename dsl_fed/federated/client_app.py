@@ -40,7 +40,6 @@ import dataclasses  # noqa: E402
 import functools  # noqa: E402
 import logging  # noqa: E402
 import time  # noqa: E402
-import zlib  # noqa: E402
 from collections.abc import Iterator, Mapping, Sequence  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -52,7 +51,7 @@ from flwr.clientapp import ClientApp  # noqa: E402
 
 from dsl_fed.config import Config, DataConfig, RobustnessConfig  # noqa: E402
 from dsl_fed.data import ChunkSet, load_chunks  # noqa: E402
-from dsl_fed.data.nodes import NodeData, node_data  # noqa: E402
+from dsl_fed.data.nodes import NodeData, node_data, persistent_node_id  # noqa: E402
 from dsl_fed.errors import DslFedError  # noqa: E402
 from dsl_fed.metrics import confusion, uar  # noqa: E402
 from dsl_fed.models import build_model, get_weights_by_name, set_phase, set_weights_by_name  # noqa: E402
@@ -105,7 +104,7 @@ def train(msg: Message, context: Context, app_dir: Path | None = None) -> Messag
     config = msg.content["config"]
     server_round, phase = int(config["server-round"]), int(config["phase"])
     data = local_data(cfg, context, config)
-    partition = client_id(context, data)
+    partition = client_id(context)
     chunks = train_chunks(cfg, data, partition)
     if chunks is None:
         raise _node_error(context, f"{data.source}: no training clips (partition train or no partition)")
@@ -167,7 +166,7 @@ def evaluate(msg: Message, context: Context, app_dir: Path | None = None) -> Mes
         chunks = _chunks(cfg.data, data, part)
         if chunks is not None:
             if model is None:
-                seed = client_seed(cfg.training.seed, int(config["server-round"]), client_id(context, data))
+                seed = client_seed(cfg.training.seed, int(config["server-round"]), client_id(context))
                 model = global_model(cfg, k, msg, context, seed)
             _, probs, labels, _ = predict_clips(model, chunks, batch_size=cfg.training.batch_size)
             counts = confusion(labels, probs.argmax(axis=1), k)
@@ -282,15 +281,20 @@ def _decode(data_cfg: DataConfig, clips: tuple, classes: Sequence[str]) -> Chunk
 # ------------------------------------------------------------------------------------------------ misc
 
 
-def client_id(context: Context, data: NodeData) -> int:
-    """The simulation's partition id; in a deployment a number derived from the node's training speakers.
+def client_id(context: Context) -> int:
+    """The simulation's partition id; in a deployment a random id kept in the node's folder.
 
     Not Flower's node id: that changes when a node registers with another SuperLink, and seeds (and the order
-    updates are summed in) must not, so that a resumed or repeated deployment reproduces a run.
+    updates are summed in) must not, so that a resumed run reproduces an uninterrupted one. Not derived from the
+    node's speaker ids either: the id travels with every update, and a hash of speaker ids would tell anyone
+    holding a public corpus's speaker list whom the node holds.
     """
     if "partition-id" in context.node_config:
         return int(context.node_config["partition-id"])
-    return zlib.crc32(",".join(sorted({c.speaker for c in data.clips.get("train", ())})).encode()) % 100_000
+    try:
+        return persistent_node_id(str(context.node_config["data-path"]))
+    except DslFedError as exc:
+        raise _node_error(context, str(exc)) from None
 
 
 def client_seed(seed: int, server_round: int, partition: int) -> int:

@@ -48,13 +48,14 @@ from dsl_fed.config import DpConfig, FederatedConfig
 from dsl_fed.errors import DslFedError
 from dsl_fed.federated.dp import DpMean
 from dsl_fed.federated.protocol import NEEDS_FULL_MODEL
+from dsl_fed.federated.replies import ARRAYS, METRICS, NORM_BIT, check_evaluate_reply, check_train_reply
 from dsl_fed.federated.run_config import PROGRESS_MARK
 from dsl_fed.robustness import dropped_clients
 
 LOG = logging.getLogger("flwr").getChild("dsl_fed")  # Flower's handler streams it to `flwr run --stream`
 
 SUMMED_METRICS = ("train-seconds", "work-seconds")  # per-client totals; the rest are example-weighted means
-DROPPED_METRICS = ("partition-id",)  # identifies the client, meaningless once averaged
+DROPPED_METRICS = ("partition-id", NORM_BIT)  # identify or describe one client, meaningless once averaged
 
 
 @dataclass(frozen=True)
@@ -113,16 +114,21 @@ where only the noised model is covered by epsilon."""
 
 
 def aggregate_client_metrics(records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
-    """Example-weighted mean of the clients' scalar metrics; totals for examples and training seconds."""
+    """Example-weighted mean of the clients' scalar metrics over the clients that report each; totals for
+    examples and training seconds."""
     weights = [float(_metrics(r)[weighted_by_key]) for r in records]
-    total = sum(weights)
-    out = MetricRecord({weighted_by_key: int(total)})
+    sums: dict[str, float] = {}
+    totals: dict[str, float] = {}
     for record, weight in zip(records, weights, strict=True):
         for key, value in _metrics(record).items():
             if key == weighted_by_key or key in DROPPED_METRICS or isinstance(value, list):
                 continue
-            part = float(value) if key in SUMMED_METRICS else float(value) * weight / total
-            out[key] = float(out[key]) + part if key in out else part
+            summed = key in SUMMED_METRICS
+            sums[key] = sums.get(key, 0.0) + float(value) * (1.0 if summed else weight)
+            totals[key] = totals.get(key, 0.0) + weight
+    out = MetricRecord({weighted_by_key: int(sum(weights))})
+    for key, value in sums.items():
+        out[key] = value if key in SUMMED_METRICS else value / totals[key]
     return out
 
 
@@ -190,6 +196,8 @@ class SliceAggregation:
         self._sent: list[Message] = []  # this round's messages: a reply is matched to the node it was sent to
         self._grid: Grid | None = None  # the round's Grid, to send the full model to nodes that lost it
         self._timeout = 3600.0  # how long `start` waits for replies
+        self._evaluate_parts: tuple[str, ...] = ("devel",)  # what an evaluation reply must carry (its config says)
+        self._num_classes: int | None = None
 
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600, **kwargs):
         """Flower's round loop; the reply timeout is kept for messages sent again within a round."""
@@ -234,6 +242,8 @@ class SliceAggregation:
         names = self.slice_names[self.schedule.phase(rnd)]
         config["transfer-dtype"] = self.transfer_dtype
         self._grid = grid
+        self._evaluate_parts = ("devel", "test") if bool(config.get("evaluate-test", False)) else ("devel",)
+        self._num_classes = len(config["classes"]) if isinstance(config.get("classes"), list) else None
         messages = self._sample_messages(rnd, ArrayRecord(), config, grid, MessageType.EVALUATE)
         stats = self.rounds.setdefault(rnd, RoundStats(round=rnd, phase=self.schedule.phase(rnd)))
         return self._address(messages, names, config, stats)
@@ -347,11 +357,16 @@ class SliceAggregation:
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Drop failed and invalid replies, aggregate the slice, merge it into the full model and return that."""
+        """Drop failed and invalid replies, aggregate the slice, merge it into the full model and return that.
+
+        Every reply is untrusted (`dsl_fed.federated.replies`): a malformed one is logged against its node and
+        left out, never raised on. The rule sees only the validated slice (float32, the server's order) and the
+        weight, so Flower's consistency checks cannot fail; client statistics come from the validated metrics.
+        """
         rnd = server_round + self.round_offset
         stats = self.rounds[rnd]
         names = self.slice_names[stats.phase]
-        valid = []
+        valid: list[tuple[Message, MetricRecord]] = []
         for msg in self._with_full_model_resent(replies, stats):
             node = self.node_of(msg)
             if msg.has_error():
@@ -360,44 +375,49 @@ class SliceAggregation:
                 stats.failed.append(f"node {node}: {reason}")
                 LOG.warning("%s round %d: node %d failed and is left out: %s", PROGRESS_MARK, rnd, node, reason)
                 continue
-            stats.bytes_up += sum(r.count_bytes() for r in msg.content.array_records.values())
+            stats.bytes_up += _payload_bytes(msg)
             problem = self._check_update(msg.content, names)
+            if problem is None and any(self.node_of(m) == node for m, _ in valid):
+                problem = "a second reply in the same round"
             if problem:
-                who = f"node {node} (partition {_metrics(msg.content).get('partition-id', '?')})"
+                pid = _metrics(msg.content).get("partition-id")  # named only if it is a valid id
+                who = f"node {node}" + (f" (partition {pid})" if type(pid) is int else "")
                 stats.rejected.append(f"{who}: {problem}")
                 LOG.warning("%s round %d: rejected the update of %s: %s", PROGRESS_MARK, rnd, who, problem)
                 continue
+            metrics = MetricRecord(dict(msg.content[METRICS]))
             msg.content = self._as_float32(msg.content, names)
-            valid.append(msg)
+            valid.append((msg, metrics))
         # A fixed order makes the float sums, and so a resumed run, reproducible.
-        valid.sort(key=lambda m: (_metrics(m.content).get("partition-id", 0), m.metadata.src_node_id))
+        valid.sort(key=lambda pair: (pair[1]["partition-id"], pair[0].metadata.src_node_id))
         if len(valid) < max(self.min_train_nodes, 1):
             LOG.warning(
                 "%s round %d: %d valid update(s), fewer than min_train_nodes=%d; the global model is unchanged",
                 PROGRESS_MARK, rnd, len(valid), self.min_train_nodes,
             )
             return None, None
-        num_examples = [float(_metrics(m.content)[self.weighted_by_key]) for m in valid]
         if self.dp is not None:
             # The noise is calibrated to the *plain* mean of clipped updates (one client moves it by at most
             # clip_norm / n); an example-weighted mean would let a large client move it further.
-            for msg in valid:
-                _metrics(msg.content)[self.weighted_by_key] = 1
-        aggregated, metrics = self._rule.aggregate_train(rnd, valid)
+            for msg, _ in valid:
+                msg.content[METRICS][self.weighted_by_key] = 1
+        aggregated, _ = self._rule.aggregate_train(rnd, [msg for msg, _ in valid])
         if aggregated is None:
             return None, None
         aggregated = self._server_step(aggregated)
         for name, array in aggregated.items():
             self.model_arrays[name] = array.numpy().astype(self.model_arrays[name].dtype)
         stats.aggregated = len(valid)
-        stats.contributors = [self.node_of(m) for m in valid]
+        stats.contributors = [self.node_of(m) for m, _ in valid]
         stats.updated = True
         if self.dp is not None:
             return self.full_record(), None  # client statistics are neither kept nor logged: only the model is noised
-        stats.num_examples = int(sum(num_examples))
-        stats.client_seconds = float(sum(float(_metrics(m.content).get("train-seconds", 0.0)) for m in valid))
-        stats.client_work_seconds = float(sum(float(_metrics(m.content).get("work-seconds", 0.0)) for m in valid))
-        stats.train_metrics = {k: float(v) for k, v in (metrics or {}).items() if not isinstance(v, list)}
+        reported = [metrics for _, metrics in valid]
+        stats.num_examples = int(sum(m[self.weighted_by_key] for m in reported))
+        stats.client_seconds = float(sum(float(m.get("train-seconds", 0.0)) for m in reported))
+        stats.client_work_seconds = float(sum(float(m.get("work-seconds", 0.0)) for m in reported))
+        metrics = aggregate_client_metrics([RecordDict({METRICS: m}) for m in reported], self.weighted_by_key)
+        stats.train_metrics = {k: float(v) for k, v in metrics.items() if not isinstance(v, list)}
         return self.full_record(), metrics
 
     def _combine(self, server_round: int, replies: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -409,46 +429,38 @@ class SliceAggregation:
         return aggregated
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Average client-side evaluation over the clients that had held-out clips."""
+        """Aggregate client-side evaluation over the clients that had held-out clips and sent a valid reply."""
         rnd = server_round + self.round_offset
         stats = self.rounds.setdefault(rnd, RoundStats(round=rnd, phase=self.schedule.phase(rnd)))
-        valid = []
+        valid: list[Message] = []
         for msg in self._with_full_model_resent(replies, stats):
+            node = self.node_of(msg)
             if msg.has_error():
-                self._nodes_with_model.discard(self.node_of(msg))
-                LOG.warning(
-                    "%s round %d: evaluation on node %d failed: %s",
-                    PROGRESS_MARK, rnd, self.node_of(msg), short_reason(msg.error.reason),
-                )
-            elif float(_metrics(msg.content).get(self.weighted_by_key, 0)) > 0:
+                self._nodes_with_model.discard(node)
+                LOG.warning("%s round %d: evaluation on node %d failed: %s", PROGRESS_MARK, rnd, node,
+                            short_reason(msg.error.reason))
+                continue
+            problem = check_evaluate_reply(msg.content, self._evaluate_parts, self._num_classes)
+            if problem is None and any(self.node_of(m) == node for m in valid):
+                problem = "a second reply in the same round"
+            if problem:
+                LOG.warning("%s round %d: rejected the evaluation of node %d: %s", PROGRESS_MARK, rnd, node, problem)
+            elif msg.content[METRICS][self.weighted_by_key] > 0:
                 valid.append(msg)
         return super().aggregate_evaluate(rnd, valid) if valid else None
 
     def _check_update(self, content: RecordDict, names: list[str]) -> str | None:
         """Why a client's update must not be aggregated, or None if it is fine."""
-        if len(content.array_records) != 1 or len(content.metric_records) != 1:
-            return "expected exactly one ArrayRecord and one MetricRecord"
-        arrays = next(iter(content.array_records.values()))
-        missing, extra = sorted(set(names) - set(arrays)), sorted(set(arrays) - set(names))
-        if missing or extra:
-            return f"weights do not match the phase's slice (missing {missing[:3]}, unexpected {extra[:3]})"
-        weight = _metrics(content).get(self.weighted_by_key)
-        if not isinstance(weight, (int, float)) or not weight > 0:
-            return f"{self.weighted_by_key} must be a positive number, got {weight!r}"
-        for name in names:
-            array = arrays[name].numpy()
-            if array.shape != self.model_arrays[name].shape:
-                return f"{name} has shape {array.shape}, expected {self.model_arrays[name].shape}"
-            if not np.all(np.isfinite(array)):
-                return f"non-finite values in {name}"
-        for key, value in _metrics(content).items():
-            if not np.all(np.isfinite(np.asarray(value, dtype=float))):
-                return f"non-finite metric {key}={value}"
-        return self._check_dp_update(arrays, _metrics(content), names) if self.dp is not None else None
+        adaptive_client = self.dp is not None and self.dp.mode == "client" and self.dp.clipping == "adaptive"
+        problem = check_train_reply(content, {n: self.model_arrays[n].shape for n in names},
+                                    {"float32", self.transfer_dtype}, norm_bit=adaptive_client)
+        if problem is None and self.dp is not None:
+            return self._check_dp_update(content[ARRAYS], names)
+        return problem
 
-    def _check_dp_update(self, arrays: ArrayRecord, metrics: MetricRecord, names: list[str]) -> str | None:
-        """What Flower's DP wrappers cannot take: a zero update (they divide by its norm), and in client mode
-        an update the node did not clip (the noise would not cover it) or, adaptive, without its clipped bit."""
+    def _check_dp_update(self, arrays: ArrayRecord, names: list[str]) -> str | None:
+        """What DP cannot take: a zero update (clipping divides by its norm), and in client mode an update the
+        node did not clip (the noise would not cover it)."""
         norm = float(np.sqrt(sum(np.sum((arrays[n].numpy().astype(np.float64) - self.model_arrays[n]) ** 2)
                                  for n in names)))
         if norm == 0:
@@ -457,8 +469,6 @@ class SliceAggregation:
             bound = float(self._rule.clipping_norm)
             if norm > bound * 1.01:  # 1 %: float16 transfer rounding; the norm itself is not logged (un-noised)
                 return "update norm above the clipping norm: the node did not clip it"
-            if self.dp.clipping == "adaptive" and "norm_bit" not in metrics:
-                return "no norm_bit metric: the node did not run the adaptive clipping mod"
         return None
 
     @staticmethod
@@ -467,9 +477,10 @@ class SliceAggregation:
 
         Flower's DP wrappers pair reply arrays with the sent ones by position, so the order must be the server's.
         """
-        (array_key, arrays), (metric_key, metrics) = *content.array_records.items(), *content.metric_records.items()
+        arrays, metrics = content[ARRAYS], content[METRICS]
         float32 = ArrayRecord({n: Array(arrays[n].numpy().astype(np.float32)) for n in names})
-        return RecordDict({array_key: float32, metric_key: MetricRecord(dict(metrics))})
+        kept = {k: metrics[k] for k in ("num-examples", NORM_BIT) if k in metrics}  # what the rule reads
+        return RecordDict({ARRAYS: float32, METRICS: MetricRecord(kept)})
 
     # ----------------------------------------------------------------------------------------- state
 
@@ -786,6 +797,14 @@ def short_reason(reason: str | None) -> str:
         text = message
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return (lines[-1] if lines else "unknown error").removesuffix("'>")[:300]
+
+
+def _payload_bytes(msg: Message) -> int:
+    """Bytes of a reply's arrays, as far as they can be counted (a malformed reply is refused afterwards)."""
+    try:
+        return sum(r.count_bytes() for r in msg.content.array_records.values())
+    except Exception:  # noqa: BLE001
+        return 0
 
 
 def _metrics(content: RecordDict) -> MetricRecord:
