@@ -1,16 +1,22 @@
 """`pip install .` (not editable) into a fresh virtual environment, then `dsl_fed simulate` from a folder outside the repo.
 
-The environment sees the system's site-packages (TensorFlow, Ray, ... are not reinstalled), so the dev
+The environment sees the site-packages of the interpreter running the tests (TensorFlow, Ray, ... are not
+reinstalled), whether that is a system Python or a virtualenv: `venv --system-site-packages` would show the
+*base* interpreter's, which inside a virtualenv lacks the dependencies and the build requirements. So the dev
 machine's editable dsl_fed is visible too; the venv's own site-packages come first on its path, and Flower's
 commands are installed into the venv as well, so every process of the run (CLI, SuperLink, SuperExec,
 ServerApp, Ray workers) runs the venv's interpreter and imports the installed copy. The test checks that.
+The wheel is built without build isolation (no network), with this interpreter's setuptools and wheel (the
+``dev`` extra installs them).
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.util
 import os
 import shutil
+import site
 import subprocess
 import sys
 from pathlib import Path
@@ -32,6 +38,21 @@ def _run(args: list, cwd: Path, env: dict, timeout: float = 600) -> subprocess.C
     return proc
 
 
+def make_venv_over_this_environment(venv: Path, cwd: Path, env: dict) -> Path:
+    """A venv (without its own pip) that sees this interpreter's site-packages after its own; returns its python.
+
+    A ``.pth`` file in the venv runs `site.addsitedir` on each of them, so their own ``.pth`` files (editable
+    installs, ...) apply as they do here.
+    """
+    _run([sys.executable, "-m", "venv", "--without-pip", venv], cwd, env)
+    python = venv / "bin" / "python"
+    purelib = Path(_run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], cwd, env).stdout.strip())
+    outer = [*site.getsitepackages(), *([site.getusersitepackages()] if site.ENABLE_USER_SITE else [])]
+    lines = [f"import site; site.addsitedir({path!r})" for path in outer if Path(path).is_dir() and Path(path) != purelib]
+    (purelib / "_tested_interpreter.pth").write_text("\n".join(lines) + "\n")
+    return python
+
+
 def test_wheel_in_a_fresh_venv_runs_simulate_outside_the_repo(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     venv = tmp_path / "venv"
@@ -43,8 +64,7 @@ def test_wheel_in_a_fresh_venv_runs_simulate_outside_the_repo(tmp_path):
     text = run_config.read_text()
     assert 'PROGRESS_MARK = "[dsl_fed]"' in text
     run_config.write_text(text.replace('PROGRESS_MARK = "[dsl_fed]"', 'PROGRESS_MARK = "[dsl_fed wheel]"'))
-    _run([sys.executable, "-m", "venv", "--without-pip", "--system-site-packages", venv], tmp_path, env)  # pip: the system one
-    python = venv / "bin" / "python"
+    python = make_venv_over_this_environment(venv, tmp_path, env)
     _run([python, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", source], tmp_path, env)
     # Flower's commands bound to the venv's interpreter (dsl_fed starts them from beside sys.executable)
     flwr = f"flwr=={importlib.metadata.version('flwr')}"
@@ -56,6 +76,9 @@ def test_wheel_in_a_fresh_venv_runs_simulate_outside_the_repo(tmp_path):
     site = _run([python, "-c", "import dsl_fed, sysconfig; print(dsl_fed.__file__); print(sysconfig.get_paths()['purelib'])"],
                 work, env).stdout.split()
     assert Path(site[0]).is_relative_to(site[1]) and Path(site[1]).is_relative_to(venv)  # the wheel, not the checkout
+    # the dependencies are the ones this interpreter uses (in a virtualenv: its own, not the base Python's)
+    keras_there = _run([python, "-c", "import importlib.util; print(importlib.util.find_spec('keras').origin)"], work, env)
+    assert keras_there.stdout.strip() == importlib.util.find_spec("keras").origin
     assert not any((Path(site[1]) / name).exists() for name in ("server", "clients", "simulations"))
     assert (venv / "bin" / "flower-superlink").read_text().splitlines()[0] == f"#!{python}"
 
