@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
+import yaml
 
 from dsl_fed.errors import DslFedError
 from dsl_fed.io import atomic_write, run_lock, staged_run
@@ -155,6 +156,59 @@ def test_the_lock_dies_with_a_killed_holder(tmp_path):
     holder.wait()
     with run_lock(run):
         pass
+
+
+def test_resume_reads_a_saved_config_without_later_keys_and_refuses_a_damaged_run(tmp_path):
+    """A key added after the run was saved has its default; what the server reads first is checked before Flower."""
+    import shutil
+
+    from dsl_fed.config import from_dict
+    from dsl_fed.federated.checkpoint import RunDirectory
+
+    run = probe.Workspace(tmp_path, tmp_path).earlier_run()
+    shutil.make_archive(str(tmp_path / "model"), "zip", tmp_path, "runs/run/config.yaml")
+    shutil.move(tmp_path / "model.zip", run / "round_1" / "model.keras")  # any intact zip passes the check
+    cfg = from_dict({"data": {"manifest": "m.csv"}, "federated": {"dp": {"clip_norm": 2.0}}})
+    saved = cfg.to_dict()
+    del saved["robustness"], saved["training"]["tensorboard"], saved["federated"]["dp"]["delta"]
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert RunDirectory(run).check_resume(cfg) == 1
+    saved["training"]["learning_rate"] = 0.5
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    with pytest.raises(DslFedError, match="but training.learning_rate changed$"):
+        RunDirectory(run).check_resume(cfg)
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+    (run / "history.csv").write_text("Round,devel_uar\n1,0.5\n")  # a renamed column
+    with pytest.raises(DslFedError, match=r"history.csv line 2: no whole number in column 'round' \(columns: Round, "):
+        RunDirectory(run).check_resume(cfg)
+    (run / "history.csv").write_text("round,devel_uar\n1,0.5\n")
+    model = run / "round_1" / "model.keras"
+    model.write_bytes(model.read_bytes()[:-30])  # truncated
+    with pytest.raises(DslFedError, match=r"round_1/model.keras: damaged"):
+        RunDirectory(run).check_resume(cfg)
+
+
+def test_a_failed_federated_run_says_why_from_the_log(tmp_path):
+    """The root cause of the last traceback chain in Flower's log; an earlier, unrelated traceback is not it."""
+    from dsl_fed.cli.federated import failure_reason
+
+    log = tmp_path / "flower.log"
+    log.write_text("Traceback (most recent call last):\n  File x\nKeyError: 'old'\nrecovered\n"
+                   "Traceback (most recent call last):\n  File y\nValueError: ActorPool is empty. Stopping Simulation.\n"
+                   "\nThe above exception was the direct cause of the following exception:\n\n"
+                   "Traceback (most recent call last):\n  File z\nRuntimeError: Simulation Runtime crashed.\n")
+    assert failure_reason(log) == "ValueError: ActorPool is empty. Stopping Simulation."
+    assert failure_reason(tmp_path / "missing.log") is None
+
+
+def test_clients_needing_more_cpus_than_the_simulation_has_are_refused_before_it_starts():
+    from dsl_fed.config import from_dict
+    from dsl_fed.federated.run_config import check_client_cpus
+
+    cfg = from_dict({"data": {"manifest": "m.csv"}, "federated": {"client_cpus": 3}})
+    check_client_cpus(cfg, ray_cpus=3)
+    with pytest.raises(DslFedError, match=r"^federated.client_cpus=3 but the simulation has 2 CPU\(s\) \(experiment"):
+        check_client_cpus(cfg, ray_cpus=2)
 
 
 def test_atomic_writes_respect_the_umask(tmp_path):

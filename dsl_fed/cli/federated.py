@@ -12,6 +12,7 @@ This module does not import Flower: it drives the ``flwr`` and ``flower-superlin
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -87,7 +88,7 @@ def simulate(
     """
     from dsl_fed.data.nodes import check_decodable
     from dsl_fed.federated.checkpoint import RunDirectory
-    from dsl_fed.federated.run_config import check_federation_size, count_shards
+    from dsl_fed.federated.run_config import check_client_cpus, check_federation_size, count_shards
 
     config_path = Path(config_path).resolve()
     cfg = load_config(config_path, overrides)
@@ -99,6 +100,7 @@ def simulate(
         manifest.partition("test", required=True)
     num_shards = count_shards(cfg, manifest)
     check_federation_size(cfg, num_shards)  # fail before Flower starts, not 20 s later in the ServerApp
+    check_client_cpus(cfg, ray_cpus)
     with run_lock(run_dir):
         settle_attempts(run_dir, has_round)  # what a killed run left: its finished rounds can be resumed
         if resume:
@@ -176,7 +178,30 @@ def check_complete(run_dir: Path, cfg: Config, errors: list[str], code: int, log
         return
     if errors:
         raise DslFedError(errors[-1])
-    raise DslFedError(f"federated run stopped after round {done or 0} of {total} (flwr run exit code {code}); see {log}")
+    reason = failure_reason(log)
+    raise DslFedError(f"federated run stopped after round {done or 0} of {total}"
+                      f"{f': {reason}' if reason else f' (flwr run exit code {code})'}; log {log}")
+
+
+_EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception)): (.+)$")
+
+
+def failure_reason(log: Path) -> str | None:
+    """The root cause of the last traceback in Flower's log (``ValueError: ActorPool is empty...``): in a chain
+    of tracebacks ("The above exception was the direct cause ...") the root cause is printed first."""
+    try:
+        lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return None
+    reason, chained = None, False
+    for line in lines:
+        if line.startswith("Traceback (most recent call last)") and not chained:
+            reason = None  # a new, unrelated traceback
+        chained = line.startswith(("The above exception was", "During handling of the above exception"))
+        match = _EXCEPTION_LINE.match(line)
+        if match and reason is None:
+            reason = f"{match.group(1)}: {match.group(2)}"[:300]
+    return reason
 
 
 def summary(run_dir: Path) -> str:

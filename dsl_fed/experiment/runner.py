@@ -35,6 +35,7 @@ from pathlib import Path
 from dsl_fed.config import MAX_SEED, load_config
 from dsl_fed.errors import DslFedError
 from dsl_fed.experiment.cells import MODES, Cell, CellResult
+from dsl_fed.federated.run_config import check_client_cpus
 from dsl_fed.io import atomic_write, run_lock
 
 DEFAULT_GRID = (("augment.cutmix", ("false", "true")), ("augment.specaugment", ("false", "true")))
@@ -98,7 +99,10 @@ def plan(config_path: str | Path, overrides: Sequence[str], settings: Sequence[t
         for seed in range(base.training.seed, base.training.seed + seeds):
             for mode in modes:
                 cell = Cell(mode, tuple(values), seed)
-                cells.append((cell, cell.cell_id(load_config(config_path, [*overrides, *cell.overrides]))))
+                cell_cfg = load_config(config_path, [*overrides, *cell.overrides])
+                if mode == "federated":  # its simulation gets the cell's CPUs
+                    check_client_cpus(cell_cfg, cell_cfg.experiment.cpus_per_cell)
+                cells.append((cell, cell.cell_id(cell_cfg)))
     return Plan(config_path, tuple(overrides), tuple(cells), out_dir, base.output.name, base.experiment.cpus_per_cell)
 
 

@@ -19,6 +19,7 @@ afterwards, so it always names a complete round.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -105,9 +106,10 @@ class RunDirectory:
             saved = yaml.safe_load(saved_path.read_text()) or {}
         except (yaml.YAMLError, UnicodeDecodeError) as exc:
             raise DslFedError(f"{saved_path}: not valid YAML ({first_line(exc)}); start without resume") from None
-        changed = _changed_keys(saved, cfg.to_dict())
+        changed = _changed_keys(_with_defaults(saved), cfg.to_dict())
         if changed:
             raise DslFedError(f"{saved_path}: resuming needs the same config, but {', '.join(changed)} changed")
+        _check_readable(self.round_dir(k) / "model.keras", self.path / HISTORY)
         return k
 
     def write_round(
@@ -162,6 +164,44 @@ class RunDirectory:
         rows.append(dict(row))
         atomic_write_csv(self.path / HISTORY, rows)
         return rows
+
+
+def _check_readable(model: Path, history: Path) -> None:
+    """What a resumed server reads first must be intact, or the run would fail inside Flower with a bare
+    traceback: the round's model (a complete Keras zip) and ``history.csv`` (a whole number in every ``round``)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(model) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError) as exc:
+        bad = first_line(exc)
+    if bad is not None:
+        raise DslFedError(f"{model}: damaged ({bad}); resume from an intact round (point `latest` at it) or start "
+                          "without resume")
+    try:
+        rows = read_history(history)
+    except (csv.Error, UnicodeDecodeError, OSError) as exc:
+        raise DslFedError(f"{history}: unreadable ({first_line(exc)}); start without resume") from None
+    for line, row in enumerate(rows, start=2):
+        if not isinstance(row.get("round"), int):
+            raise DslFedError(f"{history} line {line}: no whole number in column 'round' (columns: "
+                              f"{', '.join(row) or 'none'}); the run's history is damaged, start without resume")
+
+
+def _with_defaults(saved: Any) -> dict[str, Any]:
+    """A saved config as it reads today: a key added since it was written has its default (which the run used)."""
+    defaults = Config().to_dict()
+    merged = dict(defaults)
+    for section, values in (saved.items() if isinstance(saved, dict) else ()):
+        if not (isinstance(values, dict) and isinstance(defaults.get(section), dict)):
+            merged[section] = values
+            continue
+        merged[section] = {**defaults[section], **values}
+        for key, value in values.items():  # a sub-section such as federated.dp
+            if isinstance(value, dict) and isinstance(defaults[section].get(key), dict):
+                merged[section][key] = {**defaults[section][key], **value}
+    return merged
 
 
 def _changed_keys(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:

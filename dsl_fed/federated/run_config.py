@@ -24,6 +24,7 @@ This module imports neither Flower nor TensorFlow: the CLI uses it to build ``--
 from __future__ import annotations
 
 import json
+import os
 import shlex
 from collections.abc import Mapping
 from pathlib import Path
@@ -111,6 +112,16 @@ def check_federation_size(cfg: Config, num_shards: int) -> None:
                 f"federated.{key}={value} but {cfg.data.manifest} gives only {num_shards} training shard(s) "
                 f"(data.shards={cfg.data.shards}); lower it or add speakers"
             )
+
+
+def check_client_cpus(cfg: Config, ray_cpus: int | None = None) -> None:
+    """A client needing more CPUs than the simulation has would leave Ray's actor pool empty: the run would start,
+    then stop with no round and the reason only in Flower's log."""
+    available = ray_cpus if ray_cpus is not None else os.cpu_count() or 1
+    if cfg.federated.client_cpus > available:
+        source = "experiment.cpus_per_cell" if ray_cpus is not None else "this machine"
+        raise DslFedError(f"federated.client_cpus={cfg.federated.client_cpus:g} but the simulation has {available} CPU(s) "
+                          f"({source}), so no client could start; use at most {available}")
 
 
 def run_config_toml(config_path: str | Path, overrides: list[str], output_directory: str | Path, resume: bool,

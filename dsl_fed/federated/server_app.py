@@ -37,7 +37,7 @@ from flwr.serverapp.strategy import Result  # noqa: E402
 
 from dsl_fed.config import Config  # noqa: E402
 from dsl_fed.data import ChunkSet, Manifest, load_chunks, read_manifest  # noqa: E402
-from dsl_fed.errors import DslFedError  # noqa: E402
+from dsl_fed.errors import DslFedError, first_line  # noqa: E402
 from dsl_fed.export import export_tflite  # noqa: E402
 from dsl_fed.io import atomic_write  # noqa: E402
 from dsl_fed.metrics import confusion_metrics, evaluate_chunks  # noqa: E402
@@ -56,11 +56,15 @@ def create_app(app_dir: Path | None = None) -> ServerApp:
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        """Entry point Flower calls; user errors are logged as one marked line before the run fails."""
+        """Entry point Flower calls; every failure is logged as one marked line (the reason `dsl_fed simulate`
+        and `deploy local` print last) before the run fails."""
         try:
             run_server(grid, context.run_config, app_dir=app_dir)
         except DslFedError as exc:
             LOG.error("%s error: %s", PROGRESS_MARK, exc)
+            raise
+        except Exception as exc:  # a bug or a damaged run folder: the terminal still learns why
+            LOG.error("%s error: the ServerApp failed: %s: %s", PROGRESS_MARK, type(exc).__name__, first_line(exc))
             raise
 
     return app
