@@ -86,7 +86,12 @@ def run_evaluate(args: argparse.Namespace) -> int:
             f"{args.model}: the model takes {model.input_shape[-1]} samples per chunk but the config gives "
             f"data.chunk_seconds x data.sample_rate = {cfg.data.chunk_samples}"
         )
-    chunks = load_chunks(manifest.partition(args.partition, required=True), cfg.data, manifest.classes)
+    clips = manifest.partition(args.partition, required=True)
+    unscored = [c for c in manifest.classes if c not in {clip.label for clip in clips}]
+    if unscored:
+        print(f"warning: {args.partition} has no clips of the trained class(es) {', '.join(unscored)}; its UAR averages "
+              f"the other {len(manifest.classes) - len(unscored)} classes", file=sys.stderr)
+    chunks = load_chunks(clips, cfg.data, manifest.classes)
     metrics = evaluate_chunks(model, chunks, manifest.classes, cfg.training.batch_size, seed=cfg.training.seed)
     print(summary(args.partition, metrics))
     print("per-speaker UAR: " + ", ".join(f"{s} {u:.3f}" for s, u in metrics["per_speaker"].items()))

@@ -26,11 +26,10 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
-from scipy.signal import lfilter, resample_poly
 from tqdm import tqdm
 
 from dsl_fed.data.corpus_folder import corpus_folder
-from dsl_fed.data.demo import SAMPLE_RATE, assign_partitions, write_manifest, write_wav
+from dsl_fed.data.demo import SAMPLE_RATE, assign_partitions, lfilter, write_manifest, write_wav
 from dsl_fed.errors import DslFedError
 
 WORDS: tuple[str, ...] = ("down", "go", "left", "stop", "up")
@@ -122,6 +121,8 @@ def synthesise(espeak: str, text: str, voice: str, pitch: int | None = None, rat
         raise DslFedError(f"espeak-ng wrote {rate_in} Hz audio, expected {ESPEAK_RATE}")
     trimmed = np.flatnonzero(np.abs(audio) > 1e-3)
     audio = audio[trimmed[0]:trimmed[-1] + 1] if trimmed.size else audio
+    from scipy.signal import resample_poly  # on first use: scipy.signal takes seconds to import (every dsl_fed command)
+
     return resample_poly(audio, 320, 441)  # 22050 * 320 / 441 = 16000
 
 
