@@ -119,3 +119,16 @@ def test_a_new_folder_appears_whole_and_never_over_a_folder_someone_filled_meanw
         publish_folder(other, racing)
     assert [p.name for p in other.iterdir()] == ["theirs"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["other", "out"]  # no staging folder left
+
+
+@pytest.mark.parametrize("command", ["export", "make-demo-data"])
+def test_a_second_command_on_the_same_output_is_refused_before_it_writes(command, tmp_path, capsys):
+    from dsl_fed.cli import main
+
+    out = tmp_path / ("fp32/model.tflite" if command == "export" else "corpus")
+    args = ["export", str(tmp_path / "m.keras"), "--out", str(out)] if command == "export" else [command, str(out)]
+    what = "export" if command == "export" else "corpus folder"
+    with run_lock(out, what=what):
+        assert main(args) == 2
+    assert f"is writing this {what}; wait for it to finish" in capsys.readouterr().err
+    assert not out.exists()

@@ -89,6 +89,7 @@ def guard(cleanup: tuple[os.PathLike | str, ...] = ()) -> Iterator[dict[str, str
         [sys.executable, "-m", "dsl_fed.federated.watchdog", marker, *map(str, cleanup)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, start_new_session=True,
     )
+    watchdog.stdout.readline()  # it watches from now on (a child started earlier could outlive a quick kill)
     try:
         yield {MARKER_ENV: " ".join([*os.environ.get(MARKER_ENV, "").split(), marker])}
     finally:
@@ -105,6 +106,7 @@ def main(argv: list[str]) -> int:
     marker, *cleanup = argv
     if os.fork() > 0:  # the parent exits at once: the watchdog goes on as an orphan (see the module docstring)
         os._exit(0)
+    print("watching", flush=True)
     while sys.stdin.buffer.read(4096):  # b"" once the command closed its end or died
         pass
     end_marked(marker, grace=0)
