@@ -469,6 +469,8 @@ CASES: list[Case] = [
     Case("export into a folder with a user's manifest.json", _then(_user_files("mine", "manifest.json"), lambda ws: [
         "export", "m.keras", "--out", str(ws.runs / "mine" / "model.tflite")]), "is not an earlier export manifest",
         protect="mine"),
+    Case("stats beside a user's <model>_stats.md", _then(_user_files("mine", "m.tflite", "m_stats.md"), lambda ws: [
+        "stats", str(ws.runs / "mine" / "m.tflite")]), "is not an earlier statistics table", protect="mine"),
     Case("make-demo-data into a DIR with a user's manifest.csv", _then(_user_files("d", "manifest.csv"), lambda ws: [
         "make-demo-data", str(ws.runs / "d")]), "manifest.csv was not written by dsl_fed", protect="d"),
     Case("deploy split beside a user's .OUT.partial", _then(_user_files(".out.partial", "keep.txt"), lambda ws: [

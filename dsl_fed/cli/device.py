@@ -396,14 +396,21 @@ class _Printer:
 # ---------------------------------------------------------------------------------------------- stats
 
 
+def _is_stats_table(path: Path) -> bool:
+    """An earlier table of `dsl_fed stats` (the only existing file beside the model it may replace)."""
+    text = path.read_text()
+    return text.startswith("### ") and "| model | params | FLOPs |" in text
+
+
 def run_stats(args: argparse.Namespace) -> int:
-    from dsl_fed.io import atomic_write
+    from dsl_fed.io import atomic_write, check_output_file
     from dsl_fed.stats import model_stats, stats_path, stats_table, tflite_row
 
     if args.threads < 1 or args.runs < 1 or args.repeats < 1:
         raise DslFedError("--threads, --runs and --repeats must be >= 1")
     if not args.model.is_file():
         raise DslFedError(f"{args.model}: model file not found")
+    check_output_file(stats_path(args.model), [args.model], _is_stats_table, "statistics table")
     if args.model.suffix == ".tflite":
         rows = [tflite_row(args.model, args.threads, args.runs)]
     else:
