@@ -455,6 +455,8 @@ CASES: list[Case] = [
     Case("simulate --resume after SIGKILL left a finished round", _then(lambda ws: _killed_attempt(
         ws, "training.learning_rate=0.1"), lambda ws: ["simulate", str(ws.config()), "--resume"]),
         "resuming needs the same config, but training.learning_rate changed"),
+    Case("simulate --overwrite onto a folder that is no run", _then(_user_files("run", "experiment/results.csv"),
+        lambda ws: ["simulate", str(ws.config()), "--overwrite"]), "is not a dsl_fed run", protect="run"),
     Case("a lock file that is not ours", _then(lambda ws: (ws.runs.mkdir(), ws.runs.joinpath(".run.lock").write_text(
         "notes\n")), lambda ws: ["simulate", str(ws.config())]), "is not a dsl_fed lock file"),
     Case("evaluate MODEL --json MODEL", _then(_user_files("model", "m.keras"), lambda ws: [

@@ -154,11 +154,18 @@ def run_lock(run_dir: str | Path, what: str = "run") -> Iterator[None]:
 
 
 def refuse_existing(run_dir: Path, overwrite: bool, resumable: bool = False) -> None:
-    """Starting over on an existing run name must be explicit; call early, before any slow work."""
-    if (run_dir.exists() or run_dir.is_symlink()) and not overwrite:
+    """Starting over on an existing run name must be explicit, and only a run is ever replaced (a folder with
+    the ``config.yaml`` every run writes first; not, say, the corpus' audio folder or an experiment's tables
+    under a name no run has had). Call early, before any slow work."""
+    if not (run_dir.exists() or run_dir.is_symlink()):
+        return
+    if not overwrite:
         resume = ", --resume to continue it" if resumable else ""
         raise DslFedError(f"{run_dir}: a run of this name exists; pass --overwrite to replace it once the new run "
                           f"has finished{resume}, or choose another output.name")
+    if not (run_dir / "config.yaml").is_file():
+        raise DslFedError(f"{run_dir}: holds no config.yaml, so it is not a dsl_fed run, and --overwrite replaces "
+                          "only runs; choose another output.name (nothing was written)")
 
 
 @contextlib.contextmanager

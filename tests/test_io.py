@@ -42,6 +42,7 @@ def test_a_killed_attempt_with_a_finished_round_becomes_the_run_and_can_be_resum
 def test_a_killed_attempt_without_a_finished_round_is_removed_and_the_earlier_run_stays(tmp_path):
     run = tmp_path / "runs" / "fed"
     (run / "round_1").mkdir(parents=True)
+    (run / "config.yaml").write_text("earlier: run\n")
     _killed_in_staged_run(run, "(attempt / 'round_1').mkdir()")  # an --overwrite attempt: the earlier run stays
     settle_attempts(run, _has_round)
     assert sorted(p.name for p in run.parent.iterdir()) == ["fed"] and (run / "round_1").is_dir()
@@ -97,6 +98,17 @@ def test_an_output_never_lands_on_an_input_or_on_a_file_another_program_wrote(tm
     check_output_file(tmp_path / "notes.json", [model], ours=lambda p: p.read_text() == "{}")  # an earlier output
     check_output_file(tmp_path / "new.json", [model])
     assert model.read_bytes() == b"model"
+
+
+def test_overwrite_replaces_only_a_run(tmp_path):
+    """Not the corpus' audio folder (output.directory=corpus output.name=audio), nor an experiment's tables."""
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    (audio / "a.wav").write_bytes(b"RIFF")
+    with pytest.raises(DslFedError, match="holds no config.yaml, so it is not a dsl_fed run"):
+        with staged_run(audio, overwrite=True):
+            pass
+    assert [p.name for p in tmp_path.iterdir()] == ["audio"] and (audio / "a.wav").read_bytes() == b"RIFF"
 
 
 def test_a_new_folder_appears_whole_and_never_over_a_folder_someone_filled_meanwhile(tmp_path):
