@@ -12,8 +12,8 @@ no traceback) or success, possibly with a warning. Counted:
 - clean: the expected outcome;
 - tracebacks: a Python traceback on stderr;
 - silent acceptances: exit 0 where an error was expected, or a missing warning;
-- messy errors: any other failure (several lines, wrong exit code, a message that does not name the problem;
-  TensorFlow's own native start-up log lines are not counted);
+- messy errors: any other failure (several lines, wrong exit code, a message that does not name the problem,
+  library start-up chatter such as TensorFlow's native log);
 - runs lost: an earlier run of the same name changed (it is hashed before and after);
 - processes left: processes with the case's ``DSL_FED_PROBE`` still alive 60 s after the command ended.
 
@@ -371,6 +371,87 @@ def _signal_during_federated_cell(signum: int) -> Callable[[subprocess.Popen, Wo
     return fault
 
 
+# -- leakage, names, bounds and messages (each case one class of problem; see the README's "Failures")
+
+
+def _train_and_test(rows: list[list[str]]) -> tuple[list[str], list[str]]:
+    return next(r for r in rows if r[3] == "train"), next(r for r in rows if r[3] == "test")
+
+
+def _train_clip_in_test(link: Callable[[Path, Path], object]) -> Callable[[Workspace], list[str]]:
+    """A test row naming `link(train clip, new path)`: a hard link or a byte-identical copy of a train clip."""
+    def setup(ws: Workspace) -> list[str]:
+        def edit(rows: list[list[str]]) -> None:
+            train, test = _train_and_test(rows)
+            link(Path(train[0]), ws.root / "same.wav")
+            test[0] = str(ws.root / "same.wav")
+        return ["data-stats", str(ws.config(manifest=ws.manifest(edit)))]
+    return setup
+
+
+def _folder_corpus_with_special_files(ws: Workspace) -> list[str]:
+    """A FIFO (opening it blocks forever) and a /dev/zero link (reading it never ends), both named .wav."""
+    args = _folder_corpus_with_extra_files(ws)
+    os.mkfifo(ws.root / "folder" / "train" / "flat" / "pipe.wav")
+    os.symlink("/dev/zero", ws.root / "folder" / "train" / "rising" / "zero.wav")
+    return args
+
+
+def _new_clip_row(name: str, label: str = "flat", speaker: str = "spkX", part: str = "train"):
+    """A manifest edit adding a clip of its own (random, so no copy of another) under file name `name`."""
+    def edit(ws: Workspace) -> Callable[[list[list[str]]], None]:
+        path = ws.wav(name, 0.1 * np.random.default_rng(7).standard_normal(16000).astype(np.float32))
+        return lambda rows: rows.append([str(path), label, speaker, part])
+    return lambda ws: ["data-stats", str(ws.config(manifest=ws.manifest(edit(ws))))]
+
+
+def _fifo_row(ws: Workspace) -> list[str]:
+    os.mkfifo(ws.root / "fifo.wav")
+    return ["data-stats", str(ws.config(manifest=ws.manifest(lambda rows: rows[1].__setitem__(0, str(ws.root / "fifo.wav")))))]
+
+
+def _resumable_run(damage: Callable[[Path], None]) -> Callable[[Workspace], list[str]]:
+    """An earlier run saved without a config key added later (robustness), an intact round zip, then `damage`."""
+    def setup(ws: Workspace) -> list[str]:
+        import shutil
+
+        from dsl_fed.config import load_config
+
+        config = ws.config()
+        run = ws.earlier_run()
+        saved = load_config(config).to_dict()
+        del saved["robustness"]
+        (run / "config.yaml").write_text(yaml.safe_dump(saved))
+        shutil.make_archive(str(ws.root / "m"), "zip", ws.root, config.name)
+        shutil.move(ws.root / "m.zip", run / "round_1" / "model.keras")
+        damage(run)
+        return ["simulate", str(config), "--resume"]
+    return setup
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:-30])
+
+
+def _model_with_fewer_classes(ws: Workspace) -> Path:
+    """The exported model beside a manifest.json that lists one class fewer than the model outputs."""
+    import json
+    import shutil
+
+    tflite = _tflite(ws)
+    folder = ws.root / "export"
+    folder.mkdir()
+    shutil.copy(tflite, folder / "model.tflite")
+    manifest = json.loads((tflite.parent / "manifest.json").read_text())
+    manifest["classes"] = manifest["classes"][:-1]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder / "model.tflite"
+
+
+def _devel_without(label: str) -> Callable[[list[list[str]]], None]:
+    return lambda rows: [r.__setitem__(3, "test") for r in rows if r[3] == "devel" and r[1] == label]
+
+
 CASES: list[Case] = [
     # config values
     Case("learning rate inf", _override("training.learning_rate=inf"), "training.learning_rate: must be a finite"),
@@ -481,6 +562,77 @@ CASES: list[Case] = [
     Case("deploy certs beside a user's .DIR.partial-*", _then(_user_files(".keys.partial-abcd1234", "keep.txt"),
         lambda ws: ["deploy", "certs", str(ws.runs / "keys"), "--host", "127.0.0.1", "--nodes", "1"]), "node key pair",
         kind="ok", protect=".keys.partial-abcd1234"),
+    # leakage checks: identity, content, spelling, invisible characters, unscored classes, special files
+    Case("train clip hard-linked as a test clip", _train_clip_in_test(lambda src, dst: os.link(src, dst)),
+         "is the same file as"),
+    Case("byte-identical copy of a train clip in test", _train_clip_in_test(
+        lambda src, dst: dst.write_bytes(src.read_bytes())), "is a byte-identical copy of"),
+    Case("speakers SPK02 (test) and spk02 (train)", _with_manifest(lambda rows: (
+        _train_and_test(rows)[1].__setitem__(2, _train_and_test(rows)[0][2].upper()))), "only in case"),
+    Case("label rising + U+200B (zero-width space)", _with_manifest(lambda rows: next(
+        r for r in rows if r[1] == "rising").__setitem__(1, "rising\u200b")), "contains U+200B ZERO WIDTH SPACE"),
+    Case("speaker with U+2028 (line separator)", _with_manifest(lambda rows: rows[0].__setitem__(2, "spk\u2028x")),
+         "contains U+2028 LINE SEPARATOR"),
+    Case("data.classes with U+200B", _override("data.classes=up,up\u200b"), "data.classes: class"),
+    Case("class absent from devel: warns", _with_manifest(_devel_without("rising")),
+         "trained classes never scored: 'rising' (no devel clips)", kind="warn"),
+    Case("folder corpus: FIFO and /dev/zero link counted", _folder_corpus_with_special_files, "ignored 3 file(s)",
+         kind="warn"),
+    Case("manifest row naming a FIFO", _fifo_row, "is not a regular file"),
+    Case("deploy certs --host 'bad host!'", lambda ws: ["deploy", "certs", str(ws.root / "k"), "--host", "bad host!",
+                                                        "--nodes", "1"], "not a valid host name"),
+    Case("deploy certs --host ''", lambda ws: ["deploy", "certs", str(ws.root / "k"), "--host", "", "--nodes", "1"],
+         "--host '': empty"),
+    Case("deploy certs --host münchen.example (IDN)", lambda ws: ["deploy", "certs", str(ws.root / "k"), "--host",
+         "münchen.example", "--nodes", "1"], "xn--mnchen-3ya.example"),
+    # bounds for every number a user can type
+    Case("training.seed=-1", _override("training.seed=-1"), "training.seed: must be in [0, 4294967295]"),
+    Case("training.seed=2^32", _override("training.seed=4294967296"), "training.seed: must be in"),
+    Case("data.seed=-1", _override("data.seed=-1"), "data.seed: must be in"),
+    Case("federated.num_malicious=1e30", _override("federated.num_malicious=1000000000000000000000000000000"),
+         "federated.num_malicious: must be in"),
+    Case("window 1000 ms, chunk 0.1 s (was 23 GB)", _override("spectrogram.window_ms=1000", "data.chunk_seconds=0.1"),
+         "longer than a chunk"),
+    Case("window 1000 ms (a 1 GB STFT kernel)", _override("spectrogram.window_ms=1000"), "at most 4096"),
+    Case("STFT hop of one sample", _override("spectrogram.hop_fraction=0.0001", "data.chunk_seconds=60",
+                                             "data.hop_seconds=60"), "spectrogram.hop_fraction: gives"),
+    Case("manifest cell of 200 000 characters", _with_manifest(lambda rows: rows[1].__setitem__(1, "x" * 200_000)),
+         "a value longer than 131072 characters"),
+    Case("experiment --seeds 1000000", lambda ws: ["experiment", str(ws.config()), "--seeds", "1000000"],
+         "--seeds: must be in [1, 1000]"),
+    Case("experiment grid x seeds over 1000 cells", lambda ws: ["experiment", str(ws.config()), "--seeds", "600"],
+         "= 4800 cells; at most 1000"),
+    Case("experiment grid of 10^9 settings", lambda ws: ["experiment", str(ws.config()), *(
+        f"--grid={key}={','.join(map(str, range(1, 1001)))}"
+        for key in ("training.batch_size", "training.phase1_epochs", "model.units"))], "= 1000000000 settings"),
+    Case("predict --threads 100000 (was SIGSEGV)", lambda ws: ["predict", "m.tflite", "a.wav", "--threads", "100000"],
+         "--threads: must be in [1, "),
+    Case("stats --runs 0", lambda ws: ["stats", "m.tflite", "--runs", "0"], "--runs: must be in [1, 100000]"),
+    Case("make-demo-data --speakers 10^9", lambda ws: ["make-demo-data", str(ws.root / "d"), "--speakers", "1000000000"],
+         "--speakers: must be in [3, 1000]"),
+    Case("deploy split --seed -1", lambda ws: ["deploy", "split", str(ws.corpus / "manifest.csv"), str(ws.root / "o"),
+                                               "--nodes", "2", "--seed", "-1"], "--seed: must be in [0, 4294967295]"),
+    Case("deploy local --nodes 100000", lambda ws: ["deploy", "local", str(ws.config()), "--nodes", "100000"],
+         "--nodes: must be in [1, 256]"),
+    Case("unknown option: one line", lambda ws: ["data-stats", str(ws.config()), "--frobnicate"],
+         "unrecognized arguments: --frobnicate"),
+    # messages that say what is wrong and what was meant
+    Case("partition 'validation'", _with_manifest(lambda rows: rows[-1].__setitem__(3, "validation")),
+         "did you mean 'devel'?"),
+    Case("partition 'training'", _with_manifest(lambda rows: rows[-1].__setitem__(3, "training")),
+         "did you mean 'train'?"),
+    Case("file name with U+2028 (a valid CSV)", _new_clip_row("a\u2028b.wav"), "clips", kind="ok"),
+    Case("simulate federated.client_cpus=64 on this machine", lambda ws: [
+        "simulate", str(ws.config()), "federated.client_cpus=64"], "federated.client_cpus=64 but the simulation has",
+        leaves_nothing=True),
+    Case("experiment: client_cpus above cpus_per_cell", lambda ws: [
+        "experiment", str(ws.config()), "federated.client_cpus=2", "--mode", "federated"],
+        "(experiment.cpus_per_cell), so no client could start"),
+    Case("--resume, saved config lacks a later key; history column renamed", _resumable_run(
+        lambda run: (run / "history.csv").write_text("Round,devel_uar\n1,0.5\n")), "no whole number in column 'round'",
+        protect="run"),
+    Case("--resume, saved config lacks a later key; round model truncated", _resumable_run(
+        lambda run: _truncate(run / "round_1" / "model.keras")), "model.keras: damaged", protect="run"),
     # need TensorFlow
     Case("train over an existing run", _earlier_run_then(lambda ws: ["train", "--central", str(ws.config())]),
          "pass --overwrite", fast=False, protect="run"),
@@ -504,6 +656,12 @@ CASES: list[Case] = [
     Case("plot --out under a file", lambda ws: (ws.root.joinpath("f").write_text("x"), [
         "plot", str(next(ws.corpus.rglob("*.wav"))), "--out", str(ws.root / "f" / "png")])[1], "Not a directory",
         fast=False),
+    Case("predict: manifest.json lists fewer classes than the model", lambda ws: [
+        "predict", str(_model_with_fewer_classes(ws)), str(next(ws.corpus.rglob("*.wav")))],
+        "lists 2 classes (falling, flat) but", fast=False),
+    Case("evaluate a devel without one trained class: warns", lambda ws: [
+        "evaluate", str(_trained_model(ws)), "--config", str(ws.config(manifest=ws.manifest(_devel_without("rising")))),
+        "--partition", "devel"], "devel has no clips of the trained class(es) rising", kind="warn", fast=False),
     # signals
     Case("Ctrl-C while importing", lambda ws: ["train", "--central", str(ws.config())], "interrupted", kind="signal",
          fast=False, fault=_signal_while_importing(signal.SIGINT)),
@@ -579,15 +737,15 @@ def run_case(case: Case, ws: Workspace, timeout: float = 900) -> Outcome:
     return outcome
 
 
-# TensorFlow 2.21's native start-up log, written to the stderr descriptor before any setting can silence it
-# (TF_CPP_MIN_LOG_LEVEL applies only after absl's log initialisation); not ours to judge.
+# TensorFlow 2.21's native start-up log, written to the stderr descriptor before any log level applies. `dsl_fed`
+# drops it (dsl_fed/quiet.py), so the verdicts count it like any other extra line.
 _TF_STARTUP = re.compile(r"^(WARNING: All log messages before absl::InitializeLog\(\)|I0000 \d\d:\d\d:\S+\s+\d+ port\.cc)")
 
 
 def _verdict(case: Case, code: int, out: str, err: str) -> str:
     if "Traceback (most recent call last)" in err:
         return "traceback"
-    lines = [line for line in err.strip().splitlines() if line.strip() and not _TF_STARTUP.match(line)]
+    lines = [line for line in err.strip().splitlines() if line.strip()]
     if case.kind == "error":
         if code == 0:
             return "silent"

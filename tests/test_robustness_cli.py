@@ -211,6 +211,26 @@ def test_clients_needing_more_cpus_than_the_simulation_has_are_refused_before_it
         check_client_cpus(cfg, ray_cpus=2)
 
 
+def test_library_start_up_chatter_is_dropped_unless_verbose(tmp_path):
+    """What TensorFlow writes to the stderr descriptor while it loads (a stand-in package writes the same lines):
+    its absl notice and INFO lines go, anything else stays; DSL_FED_VERBOSE=1 keeps everything."""
+    fake = tmp_path / "fake" / "tensorflow"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text(
+        "import os\n"
+        "os.write(2, b'WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\\n')\n"
+        "os.write(2, b'I0000 00:00:1796424882.820301    9389 port.cc:153] oneDNN custom operations are on.\\n')\n"
+        "os.write(2, b'E0000 a real problem\\n')\n")
+    code = "from dsl_fed.quiet import quiet_libraries\nquiet_libraries()\nimport tensorflow\nprint('imported')\n"
+    env = {k: v for k, v in os.environ.items() if k != "DSL_FED_VERBOSE"}
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path / "fake"), str(REPO)])
+    quiet = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert (quiet.stdout, quiet.stderr) == ("imported\n", "E0000 a real problem\n")
+    loud = subprocess.run([sys.executable, "-c", code], env={**env, "DSL_FED_VERBOSE": "1"}, capture_output=True,
+                          text=True, timeout=60)
+    assert "absl::InitializeLog" in loud.stderr and "oneDNN" in loud.stderr and "a real problem" in loud.stderr
+
+
 def test_atomic_writes_respect_the_umask(tmp_path):
     old = os.umask(0o022)
     try:
