@@ -46,6 +46,7 @@ class DataConfig:
     seed: int = 0
     allow_speaker_overlap: bool = False  # a speaker in train and devel/test breaks speaker independence: opt in
     classes: tuple[str, ...] = ()  # class list of a federated run whose server sees no labels; () = from a manifest
+    clip_level_privacy: bool = False  # federated.dp on a corpus without speaker ids: accept epsilon per clip, not speaker
 
     def _validate(self) -> None:
         _require(self.manifest != "", "data.manifest", "is required (a manifest CSV or a folder-per-class directory)")
@@ -204,6 +205,12 @@ class DpConfig:
     def _validate(self) -> None:
         _require(self.clip_norm > 0, "federated.dp.clip_norm", f"must be > 0, got {self.clip_norm}")
         _require(self.noise_multiplier >= 0, "federated.dp.noise_multiplier", f"must be >= 0, got {self.noise_multiplier}")
+        # beyond these the noise or the clipped update overflows float32 (a run of inf weights, not a privacy setting)
+        _require(self.clip_norm <= 1e6, "federated.dp.clip_norm", f"must be at most 1e6, got {self.clip_norm}")
+        _require(self.noise_multiplier <= 1e3, "federated.dp.noise_multiplier",
+                 f"must be at most 1000, got {self.noise_multiplier}")
+        _require(self.target_epsilon is None or self.target_epsilon <= 1e6, "federated.dp.target_epsilon",
+                 f"must be at most 1e6 or null, got {self.target_epsilon}")
         _require(0 < self.delta < 1, "federated.dp.delta", f"must be in (0, 1), got {self.delta}")
         _require(self.target_epsilon is None or self.target_epsilon > 0, "federated.dp.target_epsilon",
                  f"must be > 0 or null, got {self.target_epsilon}")
@@ -307,6 +314,7 @@ class OutputConfig:
             self.name != "" and not self.name.startswith(".") and not any(c in self.name for c in "/\\\0"),
             "output.name", f"must be a plain folder name (no '/', not starting with '.'), got {self.name!r}",
         )
+        check_visible(self.name, "output.name:")
 
     @property
     def run_dir(self) -> Path:

@@ -11,6 +11,9 @@ generator seeded by the public ``training.seed`` and the round manifests publish
 accounted as if every client had taken part. A round whose update was not released (too few valid replies)
 costs nothing.
 
+One speaker per client makes the guarantee speaker-level - if the corpus names its speakers: without a speaker
+column every clip is its own speaker, and `check_speakers` refuses DP on such a corpus unless
+``data.clip_level_privacy`` accepts that epsilon then protects single clips (reported as clip-level).
 One speaker per client makes the guarantee speaker-level: any one speaker's whole contribution changes what
 the server publishes only within epsilon. It covers the published models; under DP the server publishes none
 of the clients' statistics beside them (no losses, local UARs, example counts, clipped bits or timings).
@@ -23,12 +26,16 @@ import logging
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dp_accounting
 from dp_accounting import rdp
 
-from dsl_fed.config import DpConfig, FederatedConfig
+from dsl_fed.config import Config, DpConfig, FederatedConfig
+from dsl_fed.errors import DslFedError
+
+if TYPE_CHECKING:
+    from dsl_fed.data import Manifest
 
 NO_GUARANTEE = "no DP guarantee"
 
@@ -67,6 +74,28 @@ def describe(eps: float | None, delta: float) -> str:
     return NO_GUARANTEE if eps is None else f"ε {eps:.3g} (δ {delta:g})" if math.isfinite(eps) else f"ε inf (δ {delta:g})"
 
 
+def check_speakers(cfg: Config, manifest: "Manifest") -> None:
+    """Refuse ``federated.dp`` on a corpus whose clips name no speaker, unless clip-level privacy is accepted.
+
+    Without speaker ids every clip is its own speaker: one person's clips spread over many clients, and epsilon
+    bounds what the models reveal about one clip, not about one speaker.
+    """
+    if cfg.federated.dp.enabled and manifest.unattributed and not cfg.data.clip_level_privacy:
+        raise DslFedError(
+            f"federated.dp: {manifest.source or 'the manifest'}: {manifest.unattributed} of {len(manifest.clips)} clips "
+            "have no speaker, so each is its own speaker and epsilon would protect single clips, not speakers; add "
+            "a speaker column (or speaker folders) or set data.clip_level_privacy: true to accept clip-level privacy")
+
+
+def privacy_unit(cfg: Config) -> str:
+    """What one client's worth of data is, i.e. what epsilon protects, in words for reports."""
+    if cfg.data.clip_level_privacy:
+        return "clip-level (data.clip_level_privacy: clips without a speaker count as their own speaker)"
+    if cfg.data.shards == 0:
+        return "speaker-level (one speaker per client)"
+    return "client-level (each client's group of speakers, so each of its speakers)"
+
+
 @dataclass(frozen=True)
 class RunPrivacy:
     """The privacy budget of one federated run: epsilon per release and the last round a target allows."""
@@ -74,10 +103,11 @@ class RunPrivacy:
     dp: DpConfig
     clients_per_round: int  # reported only: no amplification is claimed
     nodes: int
+    unit: str = "client-level"  # what epsilon protects (`privacy_unit`)
 
     @classmethod
-    def of(cls, fed: FederatedConfig, num_nodes: int) -> "RunPrivacy":
-        return cls(fed.dp, fed.clients_per_round(num_nodes), num_nodes)
+    def of(cls, fed: FederatedConfig, num_nodes: int, unit: str = "client-level") -> "RunPrivacy":
+        return cls(fed.dp, fed.clients_per_round(num_nodes), num_nodes, unit)
 
     def epsilon(self, releases: int) -> float | None:
         return epsilon(self.dp.noise_multiplier, releases, self.dp.delta)
@@ -96,7 +126,12 @@ class RunPrivacy:
                 "sampling": f"{self.clients_per_round} of {self.nodes} nodes per round, accounted without "
                             "amplification (the sample is seeded and published)",
                 "epsilon": eps, "delta": self.dp.delta, "target_epsilon": self.dp.target_epsilon,
-                "guarantee": describe(eps, self.dp.delta), "accountant": "dp-accounting RDP"}
+                "unit": self.unit, "guarantee": self.guarantee(eps), "accountant": "dp-accounting RDP"}
+
+    def guarantee(self, eps: float | None) -> str:
+        """`describe`, saying when the unit is a clip rather than a speaker or client."""
+        text = describe(eps, self.dp.delta)
+        return f"{text}, clip-level" if eps is not None and self.unit.startswith("clip") else text
 
 
 @contextlib.contextmanager

@@ -26,7 +26,7 @@ from dsl_fed.federated.server_app import slice_names
 from dsl_fed.federated.strategy import make_strategy
 from dsl_fed.metrics import evaluate_chunks
 from dsl_fed.models import build_model, get_weights_by_name, set_weights_by_name, weight_names
-from dsl_fed.privacy import RunPrivacy
+from dsl_fed.privacy import RunPrivacy, privacy_unit
 
 Tamper = Callable[[int, Message, Callable[[Message], Message]], Message]  # (partition, msg, honest) -> reply
 
@@ -81,7 +81,7 @@ def run(config_path: Path, overrides: list[str], tamper: Tamper | None = None) -
     model = build_model(cfg, len(manifest.classes))
     strategy = make_strategy(cfg.federated, get_weights_by_name(model, weight_names(model)), slice_names(model, cfg),
                              num_nodes=num_nodes, seed=cfg.training.seed)
-    privacy = RunPrivacy.of(cfg.federated, num_nodes) if cfg.federated.dp.enabled else None
+    privacy = RunPrivacy.of(cfg.federated, num_nodes, privacy_unit(cfg)) if cfg.federated.dp.enabled else None
     rounds = privacy.last_round(strategy.schedule.num_rounds) if privacy else strategy.schedule.num_rounds
     grid = InProcessGrid(config_path, overrides, num_nodes, tamper)
     with task_identity():

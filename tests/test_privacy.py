@@ -13,6 +13,7 @@ from flower_helpers import task_identity  # noqa: F401 (autouse fixture)
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 
 from dsl_fed.config import DpConfig, FederatedConfig
+from dsl_fed.errors import DslFedError
 from dsl_fed.federated.checkpoint import RunDirectory
 from dsl_fed.federated.clipping import clipping_mod
 from dsl_fed.federated.run_config import config_from_run_config
@@ -177,3 +178,47 @@ def test_client_dp_run_reports_epsilon_every_round_and_stops_within_the_budget(d
     before, after = saved_weights(run.round_dir(1)), saved_weights(run.round_dir(2))
     changed = {n for n in before if not np.array_equal(before[n], after[n])}
     assert changed == set(slices[2]) and set(slices[2]) - set(slices[1]) and len(before) > len(changed)
+
+
+@pytest.fixture
+def speakerless(demo_manifest, tmp_path):
+    """The demo corpus without its speaker column: every clip is its own speaker."""
+    import csv
+
+    with open(demo_manifest, newline="") as f:
+        rows = list(csv.DictReader(f))
+    path = tmp_path / "no_speakers.csv"
+    with open(path, "w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(["filename", "label", "partition"])
+        out.writerows([str((demo_manifest.parent / r["filename"]).resolve()), r["label"], r["partition"]] for r in rows)
+    return path
+
+
+def test_without_a_speaker_column_every_report_says_clips_are_their_own_speakers_and_dp_is_refused(
+        speakerless, demo_manifest, tmp_path, capsys):
+    from dsl_fed.cli import main
+    from dsl_fed.config import load_config
+    from dsl_fed.data import read_manifest
+    from dsl_fed.federated.run_config import count_shards
+    from dsl_fed.privacy import privacy_unit
+
+    manifest = read_manifest(speakerless)
+    assert manifest.unattributed == len(manifest.clips) == 72 and read_manifest(demo_manifest).unattributed == 0
+    assert any("72 of 72 clips have no speaker" in w and "treated as its own speaker" in w for w in manifest.warnings)
+    config = write_config(tmp_path, speakerless)
+    assert main(["data-stats", str(config)]) == 0
+    assert "WARNING: 72 of 72 clips have no speaker" in capsys.readouterr().out
+    dp = ["federated.dp.mode=server", "federated.dp.noise_multiplier=1.0"]
+    assert count_shards(load_config(config)) == 3  # without DP a speakerless corpus is fine
+    with pytest.raises(DslFedError, match=r"federated.dp: .*72 of 72 clips have no speaker.*data.clip_level_privacy"):
+        count_shards(load_config(config, dp))
+    accepted = load_config(config, [*dp, "data.clip_level_privacy=true"])
+    assert count_shards(accepted) == 3
+    privacy = RunPrivacy.of(accepted.federated, 3, privacy_unit(accepted))
+    report = privacy.report(2, 1.0)
+    assert report["unit"].startswith("clip-level") and report["guarantee"].endswith(", clip-level")
+    assert privacy_unit(load_config(write_config(tmp_path / "s", demo_manifest, data={"shards": 0}))).startswith(
+        "speaker-level")
+    with pytest.raises(DslFedError, match="unknown config key data.clip_level_privacyy"):
+        load_config(config, ["data.clip_level_privacyy=true"])

@@ -68,7 +68,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if args.json is not None:  # before TensorFlow loads: a refused path costs no time
         check_output_file(args.json, (args.model, args.config, cfg.data.manifest), _is_metrics_json, "--json file")
 
-    from dsl_fed.data.manifest import load_manifest
+    from dsl_fed.data.manifest import load_manifest, own_speaker_warning
     from dsl_fed.data.pipeline import load_chunks
     from dsl_fed.metrics import evaluate_chunks
     from dsl_fed.models import load_model
@@ -91,6 +91,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if unscored:
         print(f"warning: {args.partition} has no clips of the trained class(es) {', '.join(unscored)}; its UAR averages "
               f"the other {len(manifest.classes) - len(unscored)} classes", file=sys.stderr)
+    if manifest.unattributed:  # the per-speaker numbers below are per clip for these clips
+        print(f"warning: {own_speaker_warning(manifest.unattributed, len(manifest.clips))}", file=sys.stderr)
     chunks = load_chunks(clips, cfg.data, manifest.classes)
     metrics = evaluate_chunks(model, chunks, manifest.classes, cfg.training.batch_size, seed=cfg.training.seed)
     print(summary(args.partition, metrics))

@@ -12,7 +12,8 @@ Accepted inputs:
 Defaults when information is missing:
 
 * no speaker (no ``speaker`` column, or a file directly inside its label folder): every clip is its own
-  speaker, named after its filename, so splits and federated shards treat clips as independent;
+  speaker, named after its filename, so splits and federated shards treat clips as independent (a warning
+  says so; ``federated.dp`` refuses such a corpus unless ``data.clip_level_privacy``);
 * no partition (no ``partition`` column / no partition folders): speakers are split speaker-independently,
   60 % train / 20 % devel / 20 % test, deterministically from ``seed``, stratified by each speaker's most
   frequent label (see `split_speakers`).
@@ -30,6 +31,7 @@ within one partition and trained classes that devel or test never score.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import difflib
 import hashlib
 import os
@@ -83,6 +85,7 @@ class Manifest:
     classes: list[str]
     source: Path | None = field(default=None, compare=False)
     warnings: list[str] = field(default_factory=list, compare=False)  # odd but allowed; every report repeats them
+    unattributed: int = field(default=0, compare=False)  # clips without a speaker: each counts as its own speaker
 
     def partition(self, name: str, required: bool = False) -> list[Clip]:
         """Clips of partition `name` in manifest order.
@@ -102,6 +105,13 @@ class Manifest:
         """Sorted unique speakers of one partition (or of the whole corpus when `partition` is None)."""
         clips = self.clips if partition is None else self.partition(partition)
         return sorted({c.speaker for c in clips})
+
+
+def own_speaker_warning(unattributed: int, total: int) -> str:
+    """What every report says about clips without a speaker."""
+    return (f"{unattributed} of {total} clips have no speaker (no speaker column, or a file directly in its label "
+            "folder): each is treated as its own speaker, so speaker-independent splits, federated shards, per-speaker "
+            "scores and speaker-level privacy hold only per clip for them")
 
 
 def load_manifest(data: DataConfig) -> Manifest:
@@ -139,11 +149,14 @@ def read_manifest(path: str | Path, seed: int = 0, allow_speaker_overlap: bool =
         raise DslFedError(f"{path}: manifest lists no clips")
     sizes = _check_same_files(rows)
     _check_names(rows)
+    unattributed = sum(not r.named_speaker for r in rows)
+    if unattributed:
+        warnings.append(own_speaker_warning(unattributed, len(rows)))
 
     if classes is not None:
         rows = [r if r.partition else r.with_partition("train") for r in rows]
         _check_same_content(rows, sizes, warnings)
-        return _with_classes(path, rows, list(classes), warnings)
+        return dataclasses.replace(_with_classes(path, rows, list(classes), warnings), unattributed=unattributed)
     if all(r.partition is None for r in rows):
         try:
             assignment = split_speakers(_speaker_labels(rows), seed)
@@ -180,7 +193,7 @@ def read_manifest(path: str | Path, seed: int = 0, allow_speaker_overlap: bool =
         warnings.append(f"trained classes never scored: {', '.join(unscored)}; UAR there averages the other classes")
 
     clips = [Clip(i, r.path, r.label, r.speaker, r.partition) for i, r in enumerate(rows)]
-    return Manifest(clips=clips, classes=classes, source=path, warnings=warnings)
+    return Manifest(clips=clips, classes=classes, source=path, warnings=warnings, unattributed=unattributed)
 
 
 def _with_classes(path: Path, rows: list["_Row"], classes: list[str], warnings: list[str]) -> Manifest:

@@ -210,12 +210,14 @@ def deploy_local(config_path: str | Path, overrides: Sequence[str] = (), nodes: 
     from dsl_fed.data.nodes import check_decodable
     from dsl_fed.federated.checkpoint import RunDirectory
     from dsl_fed.federated.run_config import check_federation_size
+    from dsl_fed.privacy import check_speakers
 
     if resume and overwrite:
         raise DslFedError("--resume continues the existing run and --overwrite replaces it: give one of them")
     config_path = Path(config_path).resolve()
     cfg = load_config(config_path, overrides)
     manifest = load_manifest(cfg.data)
+    check_speakers(cfg, manifest)
     check_federation_size(cfg, nodes)
     overrides = [*overrides, f"data.classes={','.join(cfg.data.classes or manifest.classes)}"]
     output_dir = Path(cfg.output.directory).resolve()

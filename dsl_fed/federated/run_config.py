@@ -96,10 +96,17 @@ def server_eval_manifest(run_config: Mapping[str, object]) -> str:
 
 
 def count_shards(cfg: Config, manifest: Manifest | None = None) -> int:
-    """Training shards of the config's corpus (`data.shards` groups of speakers) = SuperNodes needed."""
+    """Training shards of the config's corpus (`data.shards` groups of speakers) = SuperNodes needed.
+
+    Raises:
+        DslFedError: also for ``federated.dp`` on a corpus without speaker ids (`dsl_fed.privacy.check_speakers`):
+            every federated simulation counts its shards here before it starts.
+    """
     from dsl_fed.data import load_manifest, shard_clips
+    from dsl_fed.privacy import check_speakers
 
     manifest = manifest or load_manifest(cfg.data)
+    check_speakers(cfg, manifest)
     return len(shard_clips(manifest.partition("train", required=True), cfg.data.shards, cfg.data.seed))
 
 

@@ -43,7 +43,7 @@ from dsl_fed.io import atomic_write  # noqa: E402
 from dsl_fed.metrics import confusion_metrics, evaluate_chunks  # noqa: E402
 from dsl_fed.models import build_model, get_weights_by_name, set_phase, set_weights_by_name  # noqa: E402
 from dsl_fed.models import trainable_weight_names, weight_names  # noqa: E402
-from dsl_fed.privacy import RunPrivacy, describe  # noqa: E402
+from dsl_fed.privacy import RunPrivacy, describe, privacy_unit  # noqa: E402
 from dsl_fed.report import plot_rounds  # noqa: E402
 from dsl_fed.federated.checkpoint import PLOT, RunDirectory  # noqa: E402
 from dsl_fed.federated.run_config import PROGRESS_MARK, config_from_run_config, resume_requested  # noqa: E402
@@ -106,7 +106,7 @@ def run_server(grid: Grid, run_config: Mapping[str, Any], node_timeout: float = 
         LOG.info("%s %s already has all %d rounds; nothing to resume", PROGRESS_MARK, run.path, schedule.num_rounds)
         return None
     nodes = _wait_for_nodes(grid, fed.min_available_nodes, node_timeout)
-    privacy = RunPrivacy.of(cfg.federated, nodes) if cfg.federated.dp.enabled else None  # nodes: the population
+    privacy = RunPrivacy.of(cfg.federated, nodes, privacy_unit(cfg)) if cfg.federated.dp.enabled else None
     last_round = _last_round(privacy, schedule.num_rounds)
     if offset >= last_round:
         LOG.info("%s %s already has all %d rounds its privacy budget allows", PROGRESS_MARK, run.path, last_round)
