@@ -106,6 +106,9 @@ def test_replace_returns_validated_copy():
          r"^spectrogram.hop_fraction: gives 9600001 STFT frames x 257 bins"),
         ({"data": {"manifest": "x", "classes": ["rising\u200b", "rising"]}}, r"^data.classes: class 'rising\\u200b' contains U\+200B"),
         ({"data": {"manifest": "x", "classes": ["Up", "up"]}}, r"^data.classes: has names that differ only in case"),
+        ({"data": {"manifest": "x"}, "federated": {"dp": {"noise_multiplier": 1e300}}}, r"^federated.dp.noise_multiplier: must be at most"),
+        ({"data": {"manifest": "x"}, "federated": {"dp": {"clip_norm": 1e30}}}, r"^federated.dp.clip_norm: must be at most 1e6"),
+        ({"data": {"manifest": "x"}, "output": {"name": "run\u2028"}}, r"^output.name: 'run\\u2028' contains U\+2028 LINE SEPARATOR"),
     ],
 )
 def test_validation_errors_name_the_key(raw, message):

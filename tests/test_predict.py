@@ -206,3 +206,22 @@ def test_export_cli_without_audio_checks_on_synthetic_chunks(deployed_tiny, tmp_
     assert "verified on 64 synthetic chunks (tones and noise; no devel or train audio found)" in out
     parity = json.loads((out_path.parent / "manifest.json").read_text())["extra"]["parity"]
     assert parity["top1_agreement"] == 1.0 and parity["max_abs_diff"] <= 1e-3
+
+
+def test_fifos_and_devices_are_never_opened(tmp_path):
+    """A FIFO would block forever and /dev/zero never ends: named as what they are, counted among the skipped."""
+    import os
+
+    from dsl_fed.cli.device import _audio_files
+    from dsl_fed.errors import DslFedError
+
+    (tmp_path / "d").mkdir()
+    sf.write(tmp_path / "d" / "a.wav", np.zeros(1600, np.float32), 16000)
+    os.mkfifo(tmp_path / "d" / "pipe.wav")
+    os.symlink("/dev/zero", tmp_path / "d" / "zero.wav")
+    assert _audio_files(tmp_path / "d", (".wav",)) == ([tmp_path / "d" / "a.wav"],
+                                                       [tmp_path / "d" / "pipe.wav", tmp_path / "d" / "zero.wav"])
+    with pytest.raises(DslFedError, match="pipe.wav: not a regular file or folder"):
+        _audio_files(tmp_path / "d" / "pipe.wav", (".wav",))
+    with pytest.raises(DslFedError, match="zero.wav: not a regular file"):
+        list(load_audio(tmp_path / "d" / "zero.wav"))

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from dsl_fed.cli.arguments import int_in, threads
+from dsl_fed.text import check_visible
 from dsl_fed.errors import DslFedError
 from dsl_fed.export import PARITY_THRESHOLDS
 from dsl_fed.stats import QUANT_LABELS
@@ -177,6 +178,8 @@ def _model_context(model_path: Path, config: Path | None, classes_arg: str | Non
                           f"but {model_path} takes {samples}; pass the config the model was trained with")
     if classes_arg:
         classes = [c.strip() for c in classes_arg.split(",") if c.strip()]
+        for name in classes:
+            check_visible(name, "--classes: class")
     else:
         classes = _run_classes(run_dirs) or _manifest_classes(cfg)
     outputs = int(model.output_shape[-1])
@@ -306,9 +309,14 @@ def _audio_files(target: Path, extensions: tuple[str, ...]) -> tuple[list[Path],
         return [target], []  # a single file goes to load_audio, which names any problem precisely
     if not target.exists():
         raise DslFedError(f"{target}: audio file or folder not found")
+    if not target.is_dir():
+        raise DslFedError(f"{target}: not a regular file or folder (a FIFO, device or socket)")
     audio, skipped = [], []
-    for path in sorted(p for p in target.rglob("*") if p.is_file()):
-        if path.suffix.lower() in extensions:
+    for path in sorted(p for p in target.rglob("*") if not p.is_dir()):
+        if not path.is_file():  # FIFOs, devices, sockets, dangling links: never opened
+            skipped.append(path)
+            print(f"warning: skipping {path} (not a regular file)", file=sys.stderr)
+        elif path.suffix.lower() in extensions:
             audio.append(path)
         else:
             skipped.append(path)
