@@ -18,6 +18,7 @@ from pathlib import Path
 
 from dsl_fed.config import load_config
 from dsl_fed.experiment.cells import CellResult, run_central, run_federated
+from dsl_fed.experiment.table import CELL_CI_NOTE, with_ci
 
 __all__ = ["compare", "markdown", "run_central", "run_federated"]
 
@@ -37,11 +38,11 @@ def markdown(outcomes: list[CellResult]) -> str:
     lines = ["| mode | selected on devel | devel UAR [95 % CI] | test UAR [95 % CI] | worst speaker devel / test "
              "| bytes moved | what travels | wall time |", "|---|---|---|---|---|---:|---|---:|"]
     for o in outcomes:
-        test = f"{o.test_uar:.3f} [{o.test_ci[0]:.3f}, {o.test_ci[1]:.3f}]" if o.test_uar is not None else "-"
+        test = with_ci(o.test_uar, o.test_ci, o.test_ci_level) if o.test_uar is not None else "-"
         worst = " / ".join("-" if v is None else f"{v:.3f}" for v in (o.devel_worst_speaker, o.test_worst_speaker))
-        lines.append(f"| {o.mode} | best {o.selected} | {o.devel_uar:.3f} [{o.devel_ci[0]:.3f}, {o.devel_ci[1]:.3f}] | "
+        lines.append(f"| {o.mode} | best {o.selected} | {with_ci(o.devel_uar, o.devel_ci, o.devel_ci_level)} | "
                      f"{test} | {worst} | {o.bytes_moved / 1e6:.2f} MB | {o.traffic} | {o.seconds:.0f} s |")
-    return "\n".join(lines)
+    return "\n".join(lines + ["", CELL_CI_NOTE])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -65,7 +65,10 @@ def test_loopback_deployment_with_tls_and_node_auth_trains_and_scores_federated(
     devel = load_chunks(manifest.partition("devel"), cfg.data, manifest.classes, progress=False)
     for k in (1, 2):
         extra = run.manifest(k)["extra"]
-        assert extra["evaluation"] == {"kind": "federated", "nodes": 2, "parts": ["devel"]}  # node 2 has no devel
+        evaluation = extra["evaluation"]  # node 2 has no devel
+        assert {key: evaluation[key] for key in ("kind", "nodes", "parts", "best_eligible")} == {
+            "kind": "federated", "nodes": 2, "parts": ["devel"], "best_eligible": True}
+        assert len(evaluation["devel_nodes"]) == 2 and evaluation["devel_clips"] == len(manifest.partition("devel"))
         assert extra["clients"]["aggregated"] == 3
         direct = evaluate_chunks(load_model(run.round_dir(k) / "model.keras"), devel, manifest.classes)
         assert extra["devel"]["confusion"] == direct["confusion"]

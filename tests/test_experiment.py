@@ -95,6 +95,30 @@ def test_table_gives_the_gap_per_setting_and_over_all_settings(tmp_path):
     assert "all settings" not in markdown("x", cells[:4])  # one setting: no pooled row
 
 
+def test_table_and_results_csv_label_which_interval_is_which(tmp_path):
+    from dsl_fed.experiment.cells import CellResult
+    from dsl_fed.experiment.table import markdown, result_rows
+
+    central = CellResult("central", 0.7, (0.4, 0.9), 0.6, (0.3, 0.8), 0.2, 0.1, "epoch 3/4", 1, "t", 1.0, tmp_path,
+                         devel_ci_level="speakers", devel_ci_clips=(0.65, 0.75), test_ci_level="speakers",
+                         test_ci_clips=(0.55, 0.65))
+    federated = CellResult("federated", 0.5, (0.2, 0.8), None, None, None, None, "round 2/3", 1, "t", 1.0, tmp_path,
+                           devel_ci_level="nodes", devel_ci_clips=(0.45, 0.55))
+    done = [(Cell("central", (), 0), "c", central), (Cell("federated", (), 0), "f", federated)]
+    table = markdown("x", done)
+    assert "| central | base | 0 | epoch 3/4 | 0.700 [0.400, 0.900] (speakers) | 0.600 [0.300, 0.800] (speakers) |" in table
+    assert "| federated | base | 0 | round 2/3 | 0.500 [0.200, 0.800] (nodes) | - |" in table
+    assert "(nodes) under federated evaluation" in table
+    rows = result_rows(done)
+    assert {k: rows[0][k] for k in ("devel_ci_low", "devel_ci_level", "devel_ci_clips_low", "test_ci_clips_high")} == {
+        "devel_ci_low": 0.4, "devel_ci_level": "speakers", "devel_ci_clips_low": 0.65, "test_ci_clips_high": 0.65}
+    assert (rows[1]["devel_ci_level"], rows[1]["test_ci_level"], rows[1]["test_ci_clips_low"]) == ("nodes", "", "")
+    # A cell finished before speaker-level intervals existed held the clip-level one: it says so.
+    old = {k: v for k, v in central.to_json().items() if "level" not in k and "clips" not in k}
+    assert CellResult.from_json(old).devel_ci_level == "clips" and CellResult.from_json(old).devel_ci == (0.4, 0.9)
+    assert CellResult.from_json(central.to_json()) == central
+
+
 @pytest.fixture(scope="module")
 def experiment(demo_manifest, tmp_path_factory):
     """2 settings x 1 seed x both modes (tiny preset, 1 + 1 rounds) on a local Ray: 4 cells."""

@@ -230,20 +230,78 @@ def test_a_server_without_audio_scores_by_summing_the_nodes_confusion_counts(dem
     manifest = read_manifest(demo_manifest)
     for k in (1, 2):
         extra = run.manifest(k)["extra"]
-        assert extra["evaluation"] == {"kind": "federated", "nodes": 2, "parts": ["devel", "test"]}
+        evaluation = extra["evaluation"]
+        assert {key: evaluation[key] for key in ("kind", "nodes", "parts", "best_eligible")} == {
+            "kind": "federated", "nodes": 2, "parts": ["devel", "test"], "best_eligible": True}
+        assert sum(evaluation["devel_support"]) == evaluation["devel_clips"] == extra["devel"]["num_clips"]
         model = keras.saving.load_model(run.round_dir(k) / "model.keras")
         for part in ("devel", "test"):  # the same numbers as scoring every held-out clip in one place
             direct = evaluate_chunks(model, load_chunks(manifest.partition(part), load_config(run.path / "config.yaml").data,
                                                         manifest.classes, progress=False), manifest.classes)
             assert extra[part]["confusion"] == direct["confusion"] and extra[part]["num_clips"] == direct["num_clips"]
             assert extra[part]["uar"] == pytest.approx(direct["uar"], abs=1e-12)
-            assert extra[part]["ci"] == pytest.approx(direct["ci"], abs=1e-12)
+            assert extra[part]["ci_clips"] == pytest.approx(direct["ci_clips"], abs=1e-12)
+            # the server sees nodes, not speakers: its primary interval resamples the nodes that held clips
+            assert extra[part]["ci_level"] in ("nodes", "nodes = clips") and direct["ci_level"] == "speakers"
+        assert extra["devel"]["ci_groups"] == len(evaluation["devel_nodes"]) and set(evaluation["devel_nodes"]) <= {100, 101}
     uars = {k: run.manifest(k)["extra"]["devel"]["uar"] for k in (1, 2)}
     best = 1 if uars[1] >= uars[2] else 2
     assert run.best_round() == best and os.readlink(run.path / "best") == f"round_{best}"
     assert run.manifest(2)["extra"]["best_round"] == best
     sent = [m for m in grid.sent if m.metadata.message_type == "evaluate"]
     assert len(sent) == 4 and all(list(m.content["config"]["classes"]) == manifest.classes for m in sent)
+
+
+def test_best_counts_only_rounds_scored_on_the_full_devel_set():
+    """A round a node did not answer is scored on fewer clips; its higher UAR must not make it best."""
+    from dsl_fed.federated.checkpoint import best_round
+
+    rows = [{"round": 1, "devel_uar": 0.60, "devel_support": "10 10 10"},
+            {"round": 2, "devel_uar": 0.90, "devel_support": "6 7 5"},  # one node missing: its clips are not scored
+            {"round": 3, "devel_uar": 0.70, "devel_support": "10 10 10"},
+            {"round": 4, "devel_uar": 0.70, "devel_support": "10 10 10"}]  # a tie: the earlier round stays best
+    assert best_round(rows) == 3
+    assert best_round(rows[:2]) == 1 and best_round(rows[1:2]) == 2  # alone, the partial round is the full set
+    # A node heard from only later shows that the earlier rounds missed it: they stop counting.
+    assert best_round([*rows, {"round": 5, "devel_uar": 0.65, "devel_support": "12 10 10"}]) == 5
+    assert best_round([{"round": 1, "devel_uar": 0.5}, {"round": 2, "devel_uar": 0.8}]) == 2  # older history.csv
+    assert best_round([{"round": 1, "devel_uar": 0.5, "devel_support": 36}, {"round": 2, "devel_uar": 0.6,
+                                                                               "devel_support": "36"}]) == 2
+    assert best_round([{"round": 1}]) is None
+
+
+@pytest.mark.slow  # a federated run of the tiny model in-process: 10-40 s on 2 cores
+def test_a_round_missing_an_evaluation_node_is_recorded_and_never_best(demo_manifest, tmp_path):
+    from flwr.app import Error
+
+    from dsl_fed.deploy.split import split_corpus
+
+    folders = split_corpus(demo_manifest, tmp_path / "nodes", nodes=2)
+    rc = run_config(write_config(tmp_path, demo_manifest, data={"manifest": "/nonexistent/manifest.csv"},
+                                 federated={"phase1_rounds": 2, "phase2_rounds": 1, "min_available_nodes": 2}),
+                    overrides="data.classes=falling,flat,rising")
+
+    def lost_evaluation(index, msg, reply):
+        if index == 1 and msg.metadata.message_type == "evaluate" and msg.content["config"]["server-round"] == 2:
+            return Message(Error(code=0, reason="connection lost"), reply_to=msg)
+        return reply
+
+    run_server(InProcessGrid(rc, 2, sabotage=lost_evaluation, node_configs=[{"data-path": str(f)} for f in folders]), rc)
+    run = RunDirectory(tmp_path / "runs" / "fed")
+    extra = {k: run.manifest(k)["extra"] for k in (1, 2, 3)}
+    full = extra[1]["evaluation"]
+    assert sorted(full["devel_nodes"]) == [100, 101] and full["best_eligible"] and extra[3]["evaluation"]["best_eligible"]
+    partial = extra[2]["evaluation"]
+    assert partial["nodes"] == 1 and partial["devel_nodes"] == [100] and partial["best_eligible"] is False
+    assert partial["devel_clips"] < full["devel_clips"] == extra[1]["devel"]["num_clips"]
+    assert partial["best_note"] == (f"not eligible for best: scored on {partial['devel_clips']} devel clips, the run's "
+                                    f"full devel set has {full['devel_clips']}")
+    uars = {k: extra[k]["devel"]["uar"] for k in (1, 3)}
+    best = 1 if uars[1] >= uars[3] else 3
+    assert run.best_round() == best and extra[3]["best_round"] == best
+    rows = run.read_history()
+    assert [r["devel_clips"] for r in rows] == [full["devel_clips"], partial["devel_clips"], full["devel_clips"]]
+    assert rows[0]["devel_ci_level"] == "nodes" and rows[0]["devel_ci_clips_low"] <= rows[0]["devel_uar"]
 
 
 def test_a_run_whose_every_client_fails_round_1_fails_with_the_reason(demo_manifest, tmp_path, monkeypatch):

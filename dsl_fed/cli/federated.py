@@ -211,7 +211,9 @@ def summary(run_dir: Path) -> str:
     run = RunDirectory(run_dir)
     k = run.latest_round()
     extra = run.manifest(k)["extra"]
-    scores = ", ".join(f"{part} UAR {extra[part]['uar']:.3f} [{extra[part]['ci'][0]:.3f}, {extra[part]['ci'][1]:.3f}]"
+    from dsl_fed.bootstrap import ci_text
+
+    scores = ", ".join(f"{part} UAR {extra[part]['uar']:.3f} {ci_text(extra[part], clips=False)}"
                        for part in ("devel", "test") if part in extra)
     privacy = f", DP {extra['privacy']['guarantee']}" if "privacy" in extra else ""
     line = f"{run_dir}: round {k}/{extra['num_rounds']}, {scores}{privacy}; latest {run_dir / 'latest' / 'model.tflite'}"

@@ -1,9 +1,11 @@
 """One experiment cell: a config (grid setting + seed) trained centrally or federated, scored like for like.
 
 Both modes select on devel the way the paper does: central keeps its best devel epoch (`dsl_fed.central`),
-federated keeps its best devel round (the first round with the highest devel UAR in ``history.csv``; the
-server scores every round on devel and, here, test). Test UAR is always that of the selected model, so neither
-mode reports its last epoch/round while the other reports its best.
+federated keeps its best devel round (the first round with the highest devel UAR among the rounds scored on the
+full devel set, `dsl_fed.federated.checkpoint.best_round`; the server scores every round on devel and, here,
+test). Test UAR is always that of the selected model, so neither mode reports its last epoch/round while the
+other reports its best. The 95 % CIs are the primary ones of the scores (``ci_level``: speakers, or nodes
+under federated evaluation) and the clip-level ones.
 
 This module does not import Flower: federated cells drive ``dsl_fed simulate``.
 """
@@ -25,7 +27,11 @@ MODES = ("central", "federated")
 
 @dataclass(frozen=True)
 class CellResult:
-    """Scores and costs of one trained cell (``devel`` / ``test``: UAR of the selected model)."""
+    """Scores and costs of one trained cell (``devel`` / ``test``: UAR of the selected model).
+
+    ``*_ci`` is the primary 95 % CI, resampling ``*_ci_level`` (speakers, nodes, or clips for cells finished
+    before speaker-level intervals existed); ``*_ci_clips`` the clip-level one.
+    """
 
     mode: str
     devel_uar: float
@@ -39,6 +45,10 @@ class CellResult:
     traffic: str
     seconds: float
     run_dir: Path
+    devel_ci_level: str = "clips"
+    devel_ci_clips: tuple[float, float] | None = None
+    test_ci_level: str | None = None
+    test_ci_clips: tuple[float, float] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "run_dir": str(self.run_dir)}
@@ -46,8 +56,8 @@ class CellResult:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "CellResult":
         data = dict(data)
-        data["devel_ci"] = tuple(data["devel_ci"])
-        data["test_ci"] = tuple(data["test_ci"]) if data["test_ci"] is not None else None
+        for key in ("devel_ci", "test_ci", "devel_ci_clips", "test_ci_clips"):
+            data[key] = tuple(data[key]) if data.get(key) is not None else None
         data["run_dir"] = Path(data["run_dir"])
         return cls(**data)
 
@@ -126,11 +136,14 @@ def run_federated(config_path: str | Path, overrides: list[str], ray_cpus: int |
 
 
 def best_round(rows: list[dict[str, str]]) -> int:
-    """The round with the highest devel UAR in a federated ``history.csv`` (the earliest one on ties)."""
-    if not rows:
-        raise DslFedError("the federated run has no rounds in history.csv")
-    best = max(rows, key=lambda r: (float(r["devel_uar"]), -int(r["round"])))
-    return int(best["round"])
+    """The round the run's ``best`` names, from its ``history.csv``: the highest devel UAR among the rounds scored
+    on the full devel set (the earliest one on ties)."""
+    from dsl_fed.federated.checkpoint import best_round as select
+
+    best = select(rows)
+    if best is None:
+        raise DslFedError("the federated run has no round with devel scores in history.csv")
+    return best
 
 
 def _result(mode: str, devel: dict | None, test: dict | None, selected: str, moved: int, traffic: str,
@@ -140,9 +153,9 @@ def _result(mode: str, devel: dict | None, test: dict | None, selected: str, mov
     return CellResult(
         mode=mode,
         devel_uar=float(devel["uar"]),
-        devel_ci=(float(devel["ci"][0]), float(devel["ci"][1])),
+        devel_ci=_pair(devel["ci"]),
         test_uar=float(test["uar"]) if test else None,
-        test_ci=(float(test["ci"][0]), float(test["ci"][1])) if test else None,
+        test_ci=_pair(test["ci"]) if test else None,
         devel_worst_speaker=_worst(devel),
         test_worst_speaker=_worst(test),
         selected=selected,
@@ -150,7 +163,15 @@ def _result(mode: str, devel: dict | None, test: dict | None, selected: str, mov
         traffic=traffic,
         seconds=round(seconds, 1),
         run_dir=Path(run_dir),
+        devel_ci_level=devel.get("ci_level", "clips"),
+        devel_ci_clips=_pair(devel.get("ci_clips", devel["ci"])),
+        test_ci_level=test.get("ci_level", "clips") if test else None,
+        test_ci_clips=_pair(test.get("ci_clips", test["ci"])) if test else None,
     )
+
+
+def _pair(values) -> tuple[float, float]:
+    return float(values[0]), float(values[1])
 
 
 def _worst(scores: dict | None) -> float | None:

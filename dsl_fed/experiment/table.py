@@ -16,7 +16,8 @@ SELECTION = "central: best devel epoch, federated: best devel round; test UAR of
 
 
 def result_rows(done: Sequence[tuple[Cell, str, CellResult]]) -> list[dict[str, Any]]:
-    """One flat row per finished cell (the columns of ``results.csv``)."""
+    """One flat row per finished cell (the columns of ``results.csv``): ``*_ci_low/high`` is the primary 95 % CI
+    over ``*_ci_level`` (speakers; nodes under federated evaluation), ``*_ci_clips_low/high`` the clip-level one."""
     rows = []
     for cell, cell_id, r in done:
         row: dict[str, Any] = {"cell": cell_id, "mode": cell.mode, "setting": cell.label, "seed": cell.seed}
@@ -24,9 +25,13 @@ def result_rows(done: Sequence[tuple[Cell, str, CellResult]]) -> list[dict[str, 
         row.update({
             "selected": r.selected,
             "devel_uar": round(r.devel_uar, 4), "devel_ci_low": round(r.devel_ci[0], 4),
-            "devel_ci_high": round(r.devel_ci[1], 4),
+            "devel_ci_high": round(r.devel_ci[1], 4), "devel_ci_level": r.devel_ci_level,
+            "devel_ci_clips_low": _r(r.devel_ci_clips and r.devel_ci_clips[0]),
+            "devel_ci_clips_high": _r(r.devel_ci_clips and r.devel_ci_clips[1]),
             "test_uar": _r(r.test_uar), "test_ci_low": _r(r.test_ci and r.test_ci[0]),
-            "test_ci_high": _r(r.test_ci and r.test_ci[1]),
+            "test_ci_high": _r(r.test_ci and r.test_ci[1]), "test_ci_level": r.test_ci_level or "",
+            "test_ci_clips_low": _r(r.test_ci_clips and r.test_ci_clips[0]),
+            "test_ci_clips_high": _r(r.test_ci_clips and r.test_ci_clips[1]),
             "devel_worst_speaker_uar": _r(r.devel_worst_speaker),
             "test_worst_speaker_uar": _r(r.test_worst_speaker),
             "bytes_moved": r.bytes_moved, "traffic": r.traffic, "seconds": r.seconds, "run_dir": str(r.run_dir),
@@ -57,7 +62,8 @@ def summary(done: Sequence[tuple[Cell, str, CellResult]], pooled: bool = False) 
 
 
 def markdown(name: str, done: Sequence[tuple[Cell, str, CellResult]], command: str = "") -> str:
-    """``table.md``: settings x modes (mean ± std over seeds), then every cell with its 95 % CIs."""
+    """``table.md``: settings x modes (mean ± std over seeds), then every cell with its primary 95 % CIs, each
+    saying what it resampled."""
     settings = list(dict.fromkeys(cell.label for cell, _, _ in done))
     # A pooled row when there are several settings: one devel clip moves a small corpus' UAR by points, so a
     # gap per setting is noisier than the gap over the whole table.
@@ -90,13 +96,14 @@ def markdown(name: str, done: Sequence[tuple[Cell, str, CellResult]], command: s
             cells.append(f"{100 * (f['devel_uar'][0] - c['devel_uar'][0]):+.1f} points" if c and f else "-")
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "## Cells", "",
+              CELL_CI_NOTE, "",
               "| mode | setting | seed | selected | devel UAR [95 % CI] | test UAR [95 % CI] | worst speaker devel / test "
               "| bytes moved | wall time |", "|---|---|---:|---|---|---|---|---:|---:|"]
     for cell, _, r in sorted(done, key=lambda d: (settings.index(d[0].label), MODES.index(d[0].mode), d[0].seed)):
-        test = f"{r.test_uar:.3f} [{r.test_ci[0]:.3f}, {r.test_ci[1]:.3f}]" if r.test_uar is not None else "-"
+        test = with_ci(r.test_uar, r.test_ci, r.test_ci_level) if r.test_uar is not None else "-"
         worst = f"{_f3(r.devel_worst_speaker)} / {_f3(r.test_worst_speaker)}"
-        lines.append(f"| {cell.mode} | {cell.label} | {cell.seed} | {r.selected} | {r.devel_uar:.3f} "
-                     f"[{r.devel_ci[0]:.3f}, {r.devel_ci[1]:.3f}] | {test} | {worst} "
+        lines.append(f"| {cell.mode} | {cell.label} | {cell.seed} | {r.selected} | "
+                     f"{with_ci(r.devel_uar, r.devel_ci, r.devel_ci_level)} | {test} | {worst} "
                      f"| {r.bytes_moved / 1e6:.2f} MB ({r.traffic}) | {r.seconds:.0f} s |")
     return "\n".join(lines) + "\n"
 
@@ -140,6 +147,17 @@ def write_outputs(out_dir: Path, name: str, done: Sequence[tuple[Cell, str, Cell
     atomic_write_csv(out_dir / "results.csv", result_rows(done))
     atomic_write(out_dir / "table.md", markdown(name, done, command))
     plot(done, out_dir / "table.png", f"{name}: {SELECTION}")
+
+
+CELL_CI_NOTE = ("95 % CI: 1000x percentile bootstrap of the selected model's UAR; in brackets after it, what was "
+                "resampled: (speakers) speakers, then each drawn speaker's clips; (nodes) under federated evaluation, "
+                "where the server sees each node's confusion counts but no speakers, nodes, then their clips; "
+                "(clips) clips as if independent. results.csv also holds the clip-level interval of every cell.")
+
+
+def with_ci(value: float, ci: tuple[float, float], level: str | None) -> str:
+    """``0.700 [0.400, 0.900] (speakers)``: a UAR, its primary 95 % CI and what that resampled."""
+    return f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] ({level or 'clips'})"
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:

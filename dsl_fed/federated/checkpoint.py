@@ -9,7 +9,8 @@ Layout of ``runs/<name>/``::
                                 per-speaker UAR, clients, bytes up/down of the round
     round_<k>/strategy_state.npz  server optimiser moments (FedAdam/FedYogi only)
     latest -> round_<k>         symlink to the last complete round
-    best -> round_<k>           symlink to the round with the best devel UAR so far (earliest on ties)
+    best -> round_<k>           symlink to the round with the best devel UAR so far among the rounds scored
+                                on the full devel set (`best_round`; earliest on ties)
     history.csv                 one row per round
     plots/federated_uar.png     devel (and test) UAR per round
 
@@ -23,7 +24,7 @@ import csv
 import json
 import os
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -202,6 +203,38 @@ def _with_defaults(saved: Any) -> dict[str, Any]:
             if isinstance(value, dict) and isinstance(defaults[section].get(key), dict):
                 merged[section][key] = {**defaults[section][key], **value}
     return merged
+
+
+def best_round(rows: Sequence[Mapping[str, Any]]) -> int | None:
+    """The round ``best`` names: the highest devel UAR among the rounds scored on the full devel set (the earliest
+    on ties), or None when no round has devel scores.
+
+    Rounds compare only on the same clips. With federated evaluation, a round in which an evaluation node did not
+    answer is scored on fewer clips and speakers, and can look better by chance (without its hardest speaker,
+    say). Each node's clips are fixed, so the full set is the one with the most devel clips of the run, and a
+    round is eligible when its clips per class (``devel_support`` in ``history.csv``) are that set's. A node
+    heard from for the first time in a later round makes the earlier rounds ineligible, and ``best`` moves.
+
+    Args:
+        rows: ``history.csv`` rows (``round``, ``devel_uar``, ``devel_support``); rows written before
+            ``devel_support`` existed all count as the same set.
+    """
+    scored = [r for r in rows if r.get("devel_uar") not in ("", None)]
+    if not scored:
+        return None
+    full = full_devel_support(scored)
+    eligible = [r for r in scored if devel_support(r) == full]
+    return int(max(eligible, key=lambda r: (float(r["devel_uar"]), -int(r["round"])))["round"])
+
+
+def full_devel_support(rows: Sequence[Mapping[str, Any]]) -> str:
+    """``devel_support`` of the round scored on the most devel clips (the earliest such round)."""
+    return devel_support(max(rows, key=lambda r: (sum(int(n) for n in devel_support(r).split()), -int(r["round"]))))
+
+
+def devel_support(row: Mapping[str, Any]) -> str:
+    """A row's devel clips per class, e.g. ``"12 12 11"`` (`read_history` turns a single number into an int)."""
+    return " ".join(str(row.get("devel_support", "")).split())
 
 
 def _changed_keys(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:

@@ -4,11 +4,13 @@ The server builds the same model as every client from the run config, sends the 
 per node, then only the phase's trainable slice (`dsl_fed.federated.strategy`). After each round it merges the
 aggregated slice into its full model, scores it on devel (and test, if ``federated.evaluate_test``), and
 publishes ``runs/<name>/round_<k>/`` (`dsl_fed.federated.checkpoint`); ``best`` points to the round with the
-best devel UAR, ``latest`` to the last one. ``resume`` continues from ``latest``.
+best devel UAR among the rounds scored on the full devel set (`best_round`), ``latest`` to the last one.
+``resume`` continues from ``latest``.
 
 The server needs no audio. With a ``server-eval-manifest`` it scores that manifest's devel (and test) clips
-itself; otherwise the nodes score the global model on their own held-out clips and return confusion counts,
-which the server sums into the exact clip-level UAR (`FederatedEvaluation`). The class list is
+itself (95 % CI over speakers); otherwise the nodes score the global model on their own held-out clips and
+return confusion counts, which the server sums into the exact clip-level UAR (`FederatedEvaluation`; 95 % CI
+over nodes, the only clusters it can see). The class list is
 ``data.classes`` or the server manifest's train labels, and travels to the nodes with every message.
 
 A run fails (the ServerApp raises, so ``dsl_fed simulate`` / ``deploy local`` exit non-zero with the reason)
@@ -35,6 +37,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDic
 from flwr.serverapp import Grid, ServerApp  # noqa: E402
 from flwr.serverapp.strategy import Result  # noqa: E402
 
+from dsl_fed.bootstrap import ci_text  # noqa: E402
 from dsl_fed.config import Config  # noqa: E402
 from dsl_fed.data import ChunkSet, Manifest, load_chunks, read_manifest  # noqa: E402
 from dsl_fed.errors import DslFedError, first_line  # noqa: E402
@@ -45,7 +48,7 @@ from dsl_fed.models import build_model, get_weights_by_name, set_phase, set_weig
 from dsl_fed.models import trainable_weight_names, weight_names  # noqa: E402
 from dsl_fed.privacy import RunPrivacy, describe, privacy_unit  # noqa: E402
 from dsl_fed.report import plot_rounds  # noqa: E402
-from dsl_fed.federated.checkpoint import PLOT, RunDirectory  # noqa: E402
+from dsl_fed.federated.checkpoint import PLOT, RunDirectory, best_round, devel_support, full_devel_support  # noqa: E402
 from dsl_fed.federated.run_config import PROGRESS_MARK, config_from_run_config, resume_requested  # noqa: E402
 from dsl_fed.federated.run_config import server_eval_manifest  # noqa: E402
 from dsl_fed.federated.strategy import LOG, PhaseSchedule, RoundStats, SliceAggregation, make_strategy  # noqa: E402
@@ -94,6 +97,9 @@ def run_server(grid: Grid, run_config: Mapping[str, Any], node_timeout: float = 
         fed = dataclasses.replace(fed, fraction_evaluate=0.0)  # the server scores the model itself
     elif fed.fraction_evaluate == 0:
         raise DslFedError("federated.fraction_evaluate=0 and no server-eval-manifest: nothing would score the model")
+    elif fed.fraction_evaluate < 1:
+        LOG.warning("%s federated.fraction_evaluate=%g: each round is scored on a sample of the nodes, so only the "
+                    "rounds whose sample holds the most devel clips can be best", PROGRESS_MARK, fed.fraction_evaluate)
     schedule = PhaseSchedule.from_config(fed)
     run = RunDirectory(cfg.output.run_dir)
     for warning in held_out.warnings if held_out is not None else []:
@@ -146,46 +152,55 @@ def run_server(grid: Grid, run_config: Mapping[str, Any], node_timeout: float = 
 
 
 class FederatedEvaluation:
-    """`evaluate_metrics_aggr_fn` of the strategy: sum the nodes' confusion counts per partition.
+    """`evaluate_metrics_aggr_fn` of the strategy: the nodes' confusion counts per partition.
 
     UARs of nodes must not be averaged (each node's mix of classes differs); summed counts give exactly the
-    confusion matrix of all their clips together. `take` hands the last sums to the round's publisher.
+    confusion matrix of all their clips together. The counts are kept per node too: the node-level bootstrap
+    interval resamples them. `take` hands the last replies' counts to the round's publisher.
     """
 
     def __init__(self, num_classes: int) -> None:
         self.num_classes = num_classes
-        self._sums: dict[str, np.ndarray] = {}
-        self._nodes = 0
+        self._replies: list[dict[str, np.ndarray]] = []
 
     def __call__(self, records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
-        self._sums, self._nodes = sum_confusions([next(iter(r.metric_records.values())) for r in records],
-                                                 self.num_classes), len(records)
+        self._replies = [node_confusions(next(iter(r.metric_records.values())), self.num_classes) for r in records]
         return MetricRecord({f"{part}-confusion": [int(c) for c in counts.reshape(-1)]
-                             for part, counts in self._sums.items()})
+                             for part, counts in _summed(self._replies).items()})
 
-    def take(self) -> tuple[dict[str, np.ndarray], int]:
-        """The confusion sums of the last aggregation and how many nodes gave them (then cleared)."""
-        sums, nodes = self._sums, self._nodes
-        self._sums, self._nodes = {}, 0
-        return sums, nodes
+    def take(self) -> list[dict[str, np.ndarray]]:
+        """``{part: (K, K) counts}`` of each reply of the last aggregation, in reply order (then cleared)."""
+        replies, self._replies = self._replies, []
+        return replies
 
 
-def sum_confusions(metrics: list[Mapping[str, Any]], num_classes: int) -> dict[str, np.ndarray]:
-    """Sum ``<part>-confusion`` lists over nodes into ``{part: (K, K) counts}`` (parts with no clip dropped).
+def node_confusions(record: Mapping[str, Any], num_classes: int) -> dict[str, np.ndarray]:
+    """One node's ``<part>-confusion`` lists as ``{part: (K, K) counts}``.
 
     A malformed list (wrong length, negative or fractional counts) is left out with a warning.
     """
+    out = {}
+    for key, value in record.items():
+        if not key.endswith("-confusion"):
+            continue
+        counts = np.asarray(value, dtype=np.float64).reshape(-1)
+        if counts.size != num_classes ** 2 or not np.all((counts >= 0) & (counts == np.round(counts))):
+            LOG.warning("%s left out a node's %s: expected %d whole counts >= 0", PROGRESS_MARK, key, num_classes ** 2)
+            continue
+        out[key.removesuffix("-confusion")] = counts.astype(np.int64).reshape(num_classes, num_classes)
+    return out
+
+
+def sum_confusions(metrics: list[Mapping[str, Any]], num_classes: int) -> dict[str, np.ndarray]:
+    """Sum ``<part>-confusion`` lists over nodes into ``{part: (K, K) counts}`` (parts with no clip dropped)."""
+    return _summed([node_confusions(record, num_classes) for record in metrics])
+
+
+def _summed(replies: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     sums: dict[str, np.ndarray] = {}
-    for record in metrics:
-        for key, value in record.items():
-            if not key.endswith("-confusion"):
-                continue
-            counts = np.asarray(value, dtype=np.float64).reshape(-1)
-            if counts.size != num_classes ** 2 or not np.all((counts >= 0) & (counts == np.round(counts))):
-                LOG.warning("%s left out a node's %s: expected %d whole counts >= 0", PROGRESS_MARK, key, num_classes ** 2)
-                continue
-            part = key.removesuffix("-confusion")
-            sums[part] = sums.get(part, 0) + counts.astype(np.int64).reshape(num_classes, num_classes)
+    for reply in replies:
+        for part, counts in reply.items():
+            sums[part] = sums.get(part, 0) + counts
     return {part: counts for part, counts in sums.items() if counts.sum() > 0}
 
 
@@ -222,7 +237,6 @@ class RoundPublisher:
             parts = ("devel", "test") if cfg.federated.evaluate_test else ("devel",)
             self.sets = {part: load_chunks(held_out.partition(part, required=True), cfg.data, classes, progress=False)
                          for part in parts}
-        self.best = _best_so_far(run, strategy.round_offset)
         self._last = time.perf_counter()
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -235,11 +249,8 @@ class RoundPublisher:
         if server_round == 1 and not stats.updated and stats.failed and not stats.contributors:
             raise DslFedError(f"every client failed round {rnd}, so nothing was trained: {stats.failed[0]}")
         set_weights_by_name(self.model, {name: array.numpy() for name, array in arrays.items()})
-        scores, evaluation = self._score()
-        devel = scores.get("devel", {}).get("uar")
-        is_best = devel is not None and (self.best is None or devel > self.best[1])
-        if is_best:
-            self.best = (rnd, devel)
+        scores, evaluation = self._score(stats)
+        best = self._select_best(rnd, scores, evaluation)
         extra = {
             "round": rnd,
             "phase": stats.phase,
@@ -249,7 +260,7 @@ class RoundPublisher:
             "warnings": self.warnings,
             "evaluation": evaluation,
             **scores,
-            "best_round": self.best[0] if self.best else None,
+            "best_round": best,
             "clients": stats.published(dp=self.privacy is not None),
             "never_contributed": never_contributed(self.strategy),
             "bytes_up": stats.bytes_up,
@@ -260,31 +271,59 @@ class RoundPublisher:
             extra["privacy"] = self.privacy.report(self.strategy.dp_releases, stats.clip_norm)
             extra["privacy"]["last_round"] = self.privacy.last_round(self.strategy.schedule.num_rounds)
         self.run.write_round(rnd, lambda folder: self._write_model(folder, extra), self.strategy.state_arrays())
-        if is_best:
-            self.run.point_best(rnd)
+        if best is not None and best != self.run.best_round():
+            self.run.point_best(best)
         server_seconds = time.perf_counter() - start
         rows = self.run.append_history(_history_row(stats, scores, flower_seconds, server_seconds, extra.get("privacy")))
         plot_rounds(rows, self.run.path / PLOT)
         self._last = time.perf_counter()
         LOG.info("%s %s", PROGRESS_MARK,
                  progress_line(stats, scores, self.strategy.schedule.num_rounds, self._last - start + flower_seconds,
-                               extra.get("privacy")))
+                               extra.get("privacy"), evaluation))
         return MetricRecord({f"{part}-{key}": float(value) for part, s in scores.items()
-                             for key, value in (("uar", s["uar"]), ("ci-low", s["ci"][0]), ("ci-high", s["ci"][1]))})
+                             for key, value in (("uar", s["uar"]), ("ci-low", s["ci"][0]), ("ci-high", s["ci"][1]),
+                                                ("ci-clips-low", s["ci_clips"][0]), ("ci-clips-high", s["ci_clips"][1]))})
 
-    def _score(self) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
-        """Scores per partition, and how they were obtained (for the round manifest)."""
+    def _score(self, stats: RoundStats) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+        """Scores per partition, and how they were obtained (for the round manifest): with federated evaluation
+        which nodes scored devel clips (`stats.evaluated` lists the replies in the order `federated` got them)."""
         seed = self.cfg.training.seed
         if self.federated is None:
             scores = {part: evaluate_chunks(self.model, chunks, self.classes, batch_size=self.cfg.training.batch_size,
                                             seed=seed) for part, chunks in self.sets.items()}
             return scores, {"kind": "server", "parts": list(scores)}
-        sums, nodes = self.federated.take()
-        scores = {part: confusion_metrics(counts, self.classes, seed=seed) for part, counts in sums.items()}
+        replies = self.federated.take()
+        nodes = stats.evaluated
+        if len(nodes) != len(replies):  # the strategy records every reply it aggregates, so this means a bug
+            LOG.warning("%s %d evaluation replies but %d node ids; the nodes are not named", PROGRESS_MARK,
+                        len(replies), len(nodes))
+            nodes = [None] * len(replies)
+        scores = {}
+        for part in ("devel", "test"):
+            counts = [reply[part] for reply in replies if part in reply and reply[part].sum() > 0]
+            if counts:
+                scores[part] = confusion_metrics(np.stack(counts), self.classes, seed=seed)
         if "devel" not in scores:
             LOG.warning("%s no node returned devel scores this round (no node holds devel clips, or all failed)",
                         PROGRESS_MARK)
-        return scores, {"kind": "federated", "nodes": nodes, "parts": list(scores)}
+        devel_nodes = [node for node, reply in zip(nodes, replies) if "devel" in reply and reply["devel"].sum() > 0]
+        return scores, {"kind": "federated", "nodes": len(replies), "parts": list(scores), "devel_nodes": devel_nodes}
+
+    def _select_best(self, rnd: int, scores: Mapping[str, Mapping[str, Any]], evaluation: dict[str, Any]) -> int | None:
+        """The best round once round `rnd` counts (`best_round`); notes in `evaluation` whether `rnd` is eligible."""
+        row = {"round": rnd, **_selection_fields(scores)}
+        rows = [r for r in self.run.read_history() if int(r["round"]) < rnd] + [row]
+        if "devel" in scores:
+            full = full_devel_support(rows)
+            evaluation["devel_clips"] = scores["devel"]["num_clips"]
+            evaluation["devel_support"] = [int(n) for n in devel_support(row).split()]
+            evaluation["best_eligible"] = devel_support(row) == full
+            if not evaluation["best_eligible"]:
+                evaluation["best_note"] = (f"not eligible for best: scored on {scores['devel']['num_clips']} devel "
+                                           f"clips, the run's full devel set has {sum(int(n) for n in full.split())}")
+        else:
+            evaluation["best_eligible"] = False
+        return best_round(rows)
 
     def _write_model(self, folder: Path, extra: dict[str, Any]) -> None:
         self.model.save(folder / "model.keras")
@@ -292,11 +331,13 @@ class RoundPublisher:
 
 
 def progress_line(stats: RoundStats, scores: Mapping[str, Mapping[str, Any]], num_rounds: int, seconds: float,
-                  privacy: Mapping[str, Any] | None = None) -> str:
+                  privacy: Mapping[str, Any] | None = None, evaluation: Mapping[str, Any] | None = None) -> str:
     """One human line per round (``dsl_fed simulate`` prints exactly these)."""
     parts = [f"round {stats.round}/{num_rounds} phase {stats.phase}"]
     for part, s in scores.items():
-        parts.append(f"{part} UAR {s['uar']:.3f} [{s['ci'][0]:.3f}, {s['ci'][1]:.3f}]")
+        parts.append(f"{part} UAR {s['uar']:.3f}, {ci_text(s, clips=False)}")
+    if evaluation and "best_note" in evaluation:
+        parts.append(evaluation["best_note"])
     clients = f"clients {stats.aggregated}/{stats.sampled}"
     if stats.dropped:
         clients += f" ({stats.dropped} dropped out)"
@@ -316,7 +357,10 @@ def _history_row(stats: RoundStats, scores: Mapping[str, Mapping[str, Any]], flo
     """``seconds``: the round in Flower (send, local training, replies); ``server_seconds``: scoring + publishing."""
     row: dict[str, Any] = {"round": stats.round, "phase": stats.phase}
     for part, s in scores.items():
-        row.update({f"{part}_uar": s["uar"], f"{part}_ci_low": s["ci"][0], f"{part}_ci_high": s["ci"][1]})
+        row.update({f"{part}_uar": s["uar"], f"{part}_ci_low": s["ci"][0], f"{part}_ci_high": s["ci"][1],
+                    f"{part}_ci_level": s.get("ci_level", "clips"), f"{part}_ci_clips_low": s["ci_clips"][0],
+                    f"{part}_ci_clips_high": s["ci_clips"][1], f"{part}_clips": s["num_clips"]})
+    row.update(_selection_fields(scores))
     row.update({
         "clients_sampled": stats.sampled,
         "clients_dropped": stats.dropped,
@@ -380,14 +424,12 @@ def _resume(run: RunDirectory, cfg: Config, model: keras.Model) -> int:
     return k
 
 
-def _best_so_far(run: RunDirectory, offset: int) -> tuple[int, float] | None:
-    """(round, devel UAR) of the best round before `offset` (resume), from ``history.csv``."""
-    best = None
-    for row in run.read_history():
-        k, value = int(row["round"]), row.get("devel_uar", "")
-        if k <= offset and value not in ("", None) and (best is None or float(value) > best[1]):
-            best = (k, float(value))
-    return best
+def _selection_fields(scores: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """What `best_round` reads from a round's ``history.csv`` row: devel UAR and devel clips per class."""
+    if "devel" not in scores:
+        return {}
+    return {"devel_uar": scores["devel"]["uar"],
+            "devel_support": " ".join(str(sum(row)) for row in scores["devel"]["confusion"])}
 
 
 def _wait_for_nodes(grid: Grid, minimum: int, timeout: float, settle: float = 2.0) -> int:

@@ -101,6 +101,7 @@ class RoundStats:
     clip_norm: float = 0.0  # differential privacy: the round's clipping norm (0 without DP)
     nodes: list[int] = field(default_factory=list)  # node ids sent a training message
     contributors: list[int] = field(default_factory=list)  # node ids whose update was aggregated
+    evaluated: list[int] = field(default_factory=list)  # node ids whose evaluation reply was scored, in reply order
 
     def published(self, dp: bool) -> dict[str, Any]:
         """The stats as a round manifest records them; under DP without the clients' un-noised statistics."""
@@ -447,6 +448,7 @@ class SliceAggregation:
                 LOG.warning("%s round %d: rejected the evaluation of node %d: %s", PROGRESS_MARK, rnd, node, problem)
             elif msg.content[METRICS][self.weighted_by_key] > 0:
                 valid.append(msg)
+        stats.evaluated = [self.node_of(m) for m in valid]  # the order the aggregation function gets them in
         return super().aggregate_evaluate(rnd, valid) if valid else None
 
     def _check_update(self, content: RecordDict, names: list[str]) -> str | None:
