@@ -475,9 +475,9 @@ class SliceAggregation:
 
     @staticmethod
     def _as_float32(content: RecordDict, names: list[str]) -> RecordDict:
-        """Aggregate in float32 even when the update travelled as float16, in the slice's order.
+        """Aggregate in float32 even when the update travelled as float16, in the slice's (the server's) order.
 
-        Flower's DP wrappers pair reply arrays with the sent ones by position, so the order must be the server's.
+        The metrics keep only what the rule reads, so Flower's checks see the same keys in every reply.
         """
         arrays, metrics = content[ARRAYS], content[METRICS]
         float32 = ArrayRecord({n: Array(arrays[n].numpy().astype(np.float32)) for n in names})
@@ -525,8 +525,8 @@ class SliceAggregation:
 class _SliceRule(Strategy):
     """A SliceAggregation's node sampling and combination rule as a Strategy object of its own.
 
-    Flower's DP wrappers wrap a Strategy; wrapping this one puts clipping and noise exactly around the
-    combination of slice updates - inside the slice bookkeeping, before any server optimiser step.
+    `DpMean` wraps a Strategy; wrapping this one puts clipping and noise exactly around the combination of
+    slice updates - inside the slice bookkeeping, before any server optimiser step.
     """
 
     def __init__(self, owner: SliceAggregation) -> None:
