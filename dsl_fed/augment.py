@@ -166,6 +166,15 @@ class SapAugment:
         self.cfg = cfg
         self.fill = np.asarray(fill, dtype=np.float32).reshape(-1)
 
+    def __eq__(self, other: object) -> bool:
+        """Same configuration and fill: the same graph ops (a model re-traces its train step only for another policy)."""
+        if not isinstance(other, SapAugment):
+            return NotImplemented
+        return self.cfg == other.cfg and np.array_equal(self.fill, other.fill)
+
+    def __hash__(self) -> int:
+        return hash((self.cfg, self.fill.tobytes()))
+
     def __call__(self, images: Any, labels: Any, losses: Any, seed: Any) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
         """Augment a batch.
 

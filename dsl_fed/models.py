@@ -47,8 +47,9 @@ class DslModel(keras.Model):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._augmentation: SapAugment | None = None
-        self._augmentation_seed = 0
-        # A plain tf.Variable, not a Keras weight: never saved, exported or sent; survives recompiling.
+        # Plain tf.Variables, not Keras weights: never saved, exported or sent; survive recompiling. Variables (not
+        # Python numbers) so that a traced train step serves every seed.
+        self._augmentation_seed = tf.Variable(0, dtype=tf.int64, trainable=False, name="augmentation_seed")
         self._augmentation_steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="augmentation_steps")
 
     @property
@@ -66,18 +67,24 @@ class DslModel(keras.Model):
         return self.classifier.get_layer(BACKBONE_LAYER_NAME)
 
     def set_augmentation(self, augmentation: SapAugment | None, seed: int = 0) -> None:
-        """Attach (or with None remove) the training-time augmentation policy; forces a re-trace of ``fit``.
+        """Attach (or with None remove) the training-time augmentation policy.
 
         Augmented step k (counted over every ``fit`` since the seed was set) draws its randomness from the
         stateless seed ``[seed, k]``: a later phase or epoch with the same seed continues the stream instead of
         repeating it, a new seed starts a new one at k = 0, and the same seed on a fresh model reproduces it.
+        Only a different policy re-traces ``fit``; a new seed does not.
         """
-        if augmentation is not None and int(seed) != self._augmentation_seed:
+        if augmentation is not None and int(seed) != int(self._augmentation_seed.numpy()):
             self._augmentation_steps.assign(0)
         if augmentation is not None:
-            self._augmentation_seed = int(seed)
+            self._augmentation_seed.assign(int(seed))
+        if augmentation != self._augmentation:
+            self.train_function = None
         self._augmentation = augmentation
-        self.train_function = None
+
+    def restart_augmentation(self) -> None:
+        """Start the augmentation stream at step 0 again, as on a freshly built model (same seed included)."""
+        self._augmentation_steps.assign(0)
 
     @property
     def augmentation_steps(self) -> int:
@@ -92,7 +99,7 @@ class DslModel(keras.Model):
         """
         losses = keras.losses.categorical_crossentropy(y, self.classifier(images, training=False))
         step = self._augmentation_steps.assign_add(1) - 1
-        seed = tf.stack([tf.constant(self._augmentation_seed, tf.int64), step])
+        seed = tf.stack([tf.convert_to_tensor(self._augmentation_seed), step])
         images, y, _ = self._augmentation(images, y, losses, seed)
         return images, y
 

@@ -25,8 +25,24 @@ def predict_clips(
     Returns:
         ``(clip_ids, clip_probs, clip_labels, clip_speakers)`` sorted by clip id; ``clip_probs`` is ``(n, C)``.
     """
-    probs = model.predict(chunks.waveforms, batch_size=batch_size, verbose=0)
-    return average_by_clip(probs, chunks)
+    return average_by_clip(predict_batches(model, chunks.waveforms, batch_size), chunks)
+
+
+def predict_batches(model: "keras.Model", x: np.ndarray, batch_size: int) -> np.ndarray:
+    """``model.predict(x)`` in batches of exactly `batch_size`: a short last batch is padded, the padding dropped.
+
+    One batch shape means one traced predict step however many chunks come (a client process predicts shards
+    of every size), and the same computation whether or not the model predicted other sizes before. The padding
+    repeats the last chunk, so it never feeds the model an input it would not see anyway.
+    """
+    full = len(x) - len(x) % batch_size
+    parts = [model.predict(x[:full], batch_size=batch_size, verbose=0)] if full else []
+    if full < len(x):
+        tail = np.concatenate([x[full:], np.repeat(x[-1:], batch_size - (len(x) - full), axis=0)])
+        parts.append(model.predict(tail, batch_size=batch_size, verbose=0)[: len(x) - full])
+    if not parts:
+        return model.predict(x, batch_size=batch_size, verbose=0)
+    return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
 
 def average_by_clip(probs: np.ndarray, chunks: "ChunkSet") -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

@@ -135,14 +135,8 @@ def train_local(
     if epochs > 0:
         dataset = make_dataset(train_chunks, num_classes, tcfg.batch_size, shuffle=True, seed=seed)
         weights = class_weights(train_chunks.labels, num_classes) if tcfg.class_balance == "class_weight" else None
-        try:
-            fit = model.fit(dataset, epochs=epochs, verbose=verbose, callbacks=callbacks, class_weight=weights, shuffle=False)
-        finally:
-            if isinstance(model, DslModel):
-                model.set_augmentation(None)
+        fit = model.fit(dataset, epochs=epochs, verbose=verbose, callbacks=callbacks, class_weight=weights, shuffle=False)
         history = {k: [float(v) for v in vs] for k, vs in fit.history.items()}
-    elif isinstance(model, DslModel):
-        model.set_augmentation(None)
 
     val_metrics = None
     best_epoch = None
@@ -165,20 +159,54 @@ def train_local(
 def compile_for_phase(model: keras.Model, cfg: Config, phase: int, seed: int = 0) -> float:
     """Freeze for `phase`, compile with the phase's learning rate and attach SapAugment if configured.
 
+    Compiling a model again for the same phase, optimizer and loss terms only puts its optimizer back into the
+    state a new one starts in (step 0, zero slots, the phase's learning rate): the model keeps its traced train
+    step, so a model reused for many short trainings (a federated client process) traces it once. The SapAugment
+    policy stays attached after training (it is a plain object: never saved or exported) until the next call.
+
     Returns:
         The learning rate used.
     """
     tcfg = cfg.training
     set_phase(model, phase, tcfg.unfrozen_layers)
     learning_rate = tcfg.learning_rate if phase == 1 else tcfg.phase2_learning_rate
-    model.compile(
-        optimizer=make_optimizer(tcfg, learning_rate),
-        loss=keras.losses.CategoricalCrossentropy(),
-        metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
-        jit_compile=False,  # plain TF graph mode: what the tests and benchmarks measure (XLA never was)
-    )
+    key = (phase, tcfg.unfrozen_layers, tcfg.optimizer, _loss_terms(model))
+    compiled = getattr(model, "_dsl_compiled", None)
+    if isinstance(compiled, _Compiled) and compiled.key == key and compiled.optimizer is model.optimizer:
+        compiled.reset(learning_rate)
+    else:
+        model.compile(
+            optimizer=make_optimizer(tcfg, learning_rate),
+            loss=keras.losses.CategoricalCrossentropy(),
+            metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
+            jit_compile=False,  # plain TF graph mode: what the tests and benchmarks measure (XLA never was)
+        )
+        model.optimizer.build(model.trainable_variables)  # now rather than in the first step: its start is recorded
+        model._dsl_compiled = _Compiled(key, model.optimizer)
     _attach_augmentation(model, cfg, seed)
     return learning_rate
+
+
+class _Compiled:
+    """What a model was compiled for, and its optimizer's starting values (to reset it instead of recompiling)."""
+
+    def __init__(self, key: tuple, optimizer: keras.optimizers.Optimizer) -> None:
+        self.key = key
+        self.optimizer = optimizer
+        # a new optimizer's variables are zero (step, slots) except a few scalars such as the learning rate
+        self.start = [(v, v.numpy()) for v in optimizer.variables if np.any(v.numpy())]
+
+    def reset(self, learning_rate: float) -> None:
+        for variable in self.optimizer.variables:
+            variable.assign(np.zeros(variable.shape, variable.dtype))
+        for variable, value in self.start:
+            variable.assign(value)
+        self.optimizer.learning_rate = learning_rate
+
+
+def _loss_terms(model: keras.Model) -> tuple:
+    """The regularisers on trainable weights (e.g. FedProx's): the traced train step computes them as they are now."""
+    return tuple((v.path, v.regularizer) for v in model.trainable_weights if v.regularizer is not None)
 
 
 def make_optimizer(tcfg: TrainingConfig, learning_rate: float) -> keras.optimizers.Optimizer:

@@ -73,7 +73,7 @@ def test_train_step_without_augmentation_equals_plain_fit(augment):
     assert not np.allclose(mine["hidden/kernel"], build_model(cfg, 3).get_weights()[-6])  # training did happen
 
 
-def test_augmentation_changes_the_update():
+def test_augmentation_changes_the_update(tmp_path):
     cfg = _config(augment={"cutmix": True, "specaugment": True, "p_min": 1.0, "p_max": 1.0})
     chunks = _tones()
     ours, reference = build_model(cfg, 3), build_model(cfg, 3)
@@ -82,7 +82,9 @@ def test_augmentation_changes_the_update():
     diff = np.abs(get_weights_by_name(ours)["hidden/kernel"] - get_weights_by_name(reference, ["hidden/kernel"])["hidden/kernel"])
     assert diff.max() > 1e-4
     assert np.isfinite(result.loss)
-    assert ours._augmentation is None  # detached again after training: never saved, never exported
+    assert ours._augmentation is not None  # stays attached (no re-trace next time) but is never saved:
+    ours.save(tmp_path / "m.keras")
+    assert keras.saving.load_model(tmp_path / "m.keras")._augmentation is None
     before = get_weights_by_name(ours, ["tiny_conv3/kernel"])["tiny_conv3/kernel"]
     result = train_local(ours, chunks, None, cfg, phase=2, epochs=1, verbose=0)  # gradients reach the backbone
     assert np.isfinite(result.loss) and not np.array_equal(before, get_weights_by_name(ours, ["tiny_conv3/kernel"])["tiny_conv3/kernel"])

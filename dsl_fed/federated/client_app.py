@@ -16,11 +16,11 @@ and gets the full model within the same round. A node that cannot take part (dat
 label outside the run's classes, ...) writes one line to its log and replies with a `NODE_FAILED` error giving
 the reason: a raised exception would put Flower's traceback in the node's log.
 
-The model is rebuilt for every message after ``keras.backend.clear_session()``: Ray reuses one actor for
-many nodes and rounds, and a fresh model seeded per (round, node) makes every update independent of what the
-actor ran before - a resumed run reproduces an uninterrupted one bit for bit. Building costs milliseconds for
-the tiny backbone and a few seconds for DenseNet121 (no ImageNet file is read: the server's weights arrive
-anyway), small next to local training. The decoded clips are cached per process (`_chunks`).
+A process keeps the model of its run (`dsl_fed.federated.model_cache`): Ray reuses one actor for many nodes and
+rounds, and building and tracing the model anew per message cost more than training it on a few chunks. Each
+message loads every weight and resets the optimizer and every random stream from its (round, node) seed, so an
+update never depends on what the actor ran before - a resumed run reproduces an uninterrupted one bit for bit.
+The decoded clips are cached per process too (`_chunks`, least recently used dropped beyond `DECODED_BYTES`).
 
 Evaluation replies carry confusion-matrix counts of the node's devel (and test) clips, so the server can sum
 them into the exact global clip-level UAR without seeing a clip.
@@ -36,10 +36,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
 
 import contextlib  # noqa: E402
-import dataclasses  # noqa: E402
 import functools  # noqa: E402
 import logging  # noqa: E402
 import time  # noqa: E402
+import weakref  # noqa: E402
+from collections import OrderedDict  # noqa: E402
 from collections.abc import Iterator, Mapping, Sequence  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -54,16 +55,18 @@ from dsl_fed.data import ChunkSet, load_chunks  # noqa: E402
 from dsl_fed.data.nodes import NodeData, node_data, persistent_node_id  # noqa: E402
 from dsl_fed.errors import DslFedError  # noqa: E402
 from dsl_fed.metrics import confusion, uar  # noqa: E402
-from dsl_fed.models import build_model, get_weights_by_name, set_phase, set_weights_by_name  # noqa: E402
+from dsl_fed.models import get_weights_by_name, set_phase, set_weights_by_name  # noqa: E402
 from dsl_fed.models import trainable_weight_names, weight_names  # noqa: E402
 from dsl_fed.predict import predict_clips  # noqa: E402
 from dsl_fed.robustness import perturb_client  # noqa: E402
 from dsl_fed.train import train_local  # noqa: E402
 from dsl_fed.federated.clipping import clipping_mod  # noqa: E402
+from dsl_fed.federated.model_cache import client_model  # noqa: E402
 from dsl_fed.federated.protocol import NEEDS_FULL_MODEL, NODE_FAILED  # noqa: E402
 from dsl_fed.federated.run_config import config_from_run_config  # noqa: E402
 
 MODEL_STATE_KEY = "dsl_fed-model"  # context.state entry holding the full model this node received
+_PROXIMAL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {weight: _Proximal}, kept for reuse
 LOG = logging.getLogger("flwr").getChild("dsl_fed")  # Flower's handler writes it to the SuperNode's log
 
 
@@ -135,7 +138,6 @@ def train(msg: Message, context: Context, app_dir: Path | None = None) -> Messag
         })
     dtype = str(config.get("transfer-dtype", "float32"))
     update = get_weights_by_name(model, names)
-    keras.backend.clear_session()
     return Message(
         RecordDict({
             "arrays": ArrayRecord({n: Array(w.astype(dtype)) for n, w in update.items()}),
@@ -172,7 +174,6 @@ def evaluate(msg: Message, context: Context, app_dir: Path | None = None) -> Mes
             counts = confusion(labels, probs.argmax(axis=1), k)
         metrics[f"{part}-confusion"] = [int(c) for c in counts.reshape(-1)]
         metrics["num-examples"] += int(counts.sum())
-    keras.backend.clear_session()
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
@@ -180,26 +181,22 @@ def evaluate(msg: Message, context: Context, app_dir: Path | None = None) -> Mes
 
 
 def global_model(cfg: Config, num_classes: int, msg: Message, context: Context, seed: int):
-    """A fresh model holding the server's current global weights (call `remember_full_model` first).
+    """The process's model (`client_model`: random streams reset for `seed`) holding the server's current weights.
 
-    The node's stored full model supplies everything outside the slice: those weights are frozen in every
-    phase up to now, so they equal the server's (phase 1's slice is contained in phase 2's).
+    Call `remember_full_model` first. The node's stored full model supplies everything outside the slice: those
+    weights are frozen in every phase up to now, so they equal the server's (phase 1's slice is contained in
+    phase 2's). Every weight is loaded, so nothing of an earlier message stays in the model.
     """
-    keras.backend.clear_session()
-    local = dataclasses.replace(
-        cfg,
-        model=dataclasses.replace(cfg.model, weights=None),  # every weight is overwritten below
-        training=dataclasses.replace(cfg.training, seed=seed),  # dropout stream differs per round and node
-    )
-    model = build_model(local, num_classes)
+    model = client_model(cfg, num_classes, seed)
     stored = context.state[MODEL_STATE_KEY]
     expected = set(weight_names(model))
     if set(stored.keys()) != expected:
         raise _node_error(context, "the model this node received does not match the model it builds from the run "
                                    "config (server and clients must run the same config)")
-    set_weights_by_name(model, _numpy(stored))
+    weights = _numpy(stored)
     if not msg.content["config"].get("full-model", False):
-        set_weights_by_name(model, _numpy(msg.content["arrays"]))
+        weights.update(_numpy(msg.content["arrays"]))
+    set_weights_by_name(model, weights)
     return model
 
 
@@ -217,15 +214,20 @@ def proximal_term(model, anchor: Mapping[str, np.ndarray], mu: float) -> Iterato
     """FedProx: add (mu/2)·||w - w_global||² over the trained slice to the training loss.
 
     Implemented as Keras variable regularisers (Keras adds every trainable variable's regulariser to the
-    loss in `compute_loss`, which `DslModel.train_step` calls), removed again afterwards.
+    loss in `compute_loss`, which `DslModel.train_step` calls), removed again afterwards. A model keeps its
+    regularisers (anchor and mu in variables) for the next message, so its traced train step stays valid.
     """
     if mu <= 0:
         yield
         return
     variables = {v.path: v for v in model.trainable_weights if v.path in anchor}
     previous = {name: v.regularizer for name, v in variables.items()}
+    terms = _PROXIMAL.setdefault(model, {})
     for name, variable in variables.items():
-        variable.regularizer = _Proximal(keras.ops.convert_to_tensor(anchor[name]), mu)
+        if name not in terms:
+            terms[name] = _Proximal(anchor[name].shape)
+        terms[name].set(anchor[name], mu)
+        variable.regularizer = terms[name]
     try:
         yield
     finally:
@@ -234,11 +236,15 @@ def proximal_term(model, anchor: Mapping[str, np.ndarray], mu: float) -> Iterato
 
 
 class _Proximal:
-    """Regulariser ``(mu/2)·||w - anchor||²`` for one variable (the FedProx proximal term)."""
+    """Regulariser ``(mu/2)·||w - anchor||²`` for one variable (the FedProx proximal term); `set` per message."""
 
-    def __init__(self, anchor, mu: float) -> None:
-        self.anchor = anchor
-        self.mu = mu
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        self.anchor = tf.Variable(tf.zeros(shape), trainable=False)
+        self.mu = tf.Variable(0.0, trainable=False)
+
+    def set(self, anchor: np.ndarray, mu: float) -> None:
+        self.anchor.assign(anchor)
+        self.mu.assign(mu)
 
     def __call__(self, weight):
         return 0.5 * self.mu * keras.ops.sum(keras.ops.square(weight - self.anchor))
@@ -273,9 +279,25 @@ def _chunks(data_cfg: DataConfig, data: NodeData, part: str) -> ChunkSet | None:
     return _decode(data_cfg, data.clips.get(part, ()), data.classes)
 
 
-@functools.lru_cache(maxsize=16)  # a Ray actor serves several nodes and rounds; decode each clip set once
 def _decode(data_cfg: DataConfig, clips: tuple, classes: Sequence[str]) -> ChunkSet | None:
-    return load_chunks(clips, data_cfg, list(classes), progress=False) if clips else None
+    """Decode a clip set once per process (a Ray actor serves many nodes and rounds), within `DECODED_BYTES`."""
+    key = (data_cfg, clips, tuple(classes))
+    if key in _DECODED:
+        _DECODED.move_to_end(key)
+        return _DECODED[key]
+    chunks = load_chunks(clips, data_cfg, list(classes), progress=False) if clips else None
+    _DECODED[key] = chunks
+    while len(_DECODED) > 1 and sum(_nbytes(c) for c in _DECODED.values()) > DECODED_BYTES:
+        _DECODED.popitem(last=False)
+    return chunks
+
+
+def _nbytes(chunks: ChunkSet | None) -> int:
+    return 0 if chunks is None else sum(a.nbytes for a in (chunks.waveforms, chunks.labels, chunks.clip_ids, chunks.speakers))
+
+
+DECODED_BYTES = 1 << 30  # decoded chunks one process keeps (1 GiB; 12 clips of one speaker take a few MB)
+_DECODED: OrderedDict[tuple, ChunkSet | None] = OrderedDict()  # least recently used first
 
 
 # ------------------------------------------------------------------------------------------------ misc
