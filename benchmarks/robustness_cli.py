@@ -1,8 +1,8 @@
 """Robustness probe: bad inputs and faults against the real `dsl_fed` command, counted.
 
-    python benchmarks/robustness_cli.py               # all cases, ~10 min on 2 cores (3 Flower runs)
+    python benchmarks/robustness_cli.py               # all cases, ~20 min on 2 cores (6 Flower runs)
     python benchmarks/robustness_cli.py --fast        # only the cases that need no TensorFlow (~1 min)
-    python benchmarks/robustness_cli.py --no-flower   # all but the 3 cases that start a Flower simulation
+    python benchmarks/robustness_cli.py --no-flower   # all but the 6 cases that start a Flower simulation
 
 Every case runs ``python -m dsl_fed ...`` in a subprocess on a small demo corpus, in a fresh folder, with a
 unique ``DSL_FED_PROBE`` value in its environment (every process it starts inherits it). A case expects either
@@ -14,7 +14,7 @@ no traceback) or success, possibly with a warning. Counted:
 - silent acceptances: exit 0 where an error was expected, or a missing warning;
 - messy errors: any other failure (several lines, wrong exit code, a message that does not name the problem,
   library start-up chatter such as TensorFlow's native log);
-- runs lost: an earlier run of the same name changed (it is hashed before and after);
+- runs lost: an earlier run of the same name, or a user's folder, changed (it is hashed before and after);
 - processes left: processes with the case's ``DSL_FED_PROBE`` still alive 60 s after the command ended.
 
 Writes ``benchmarks/results/robustness_cli.md``. Target: zero in every column but "clean".
@@ -716,7 +716,7 @@ def run_case(case: Case, ws: Workspace, timeout: float = 900) -> Outcome:
     except subprocess.TimeoutExpired:
         proc.kill()
         out, err = proc.communicate()
-    code = proc.returncode
+    code, ended = proc.returncode, time.time()  # SIGTERM: the command may still write while it cleans up
     holder = getattr(ws, "holder", None)
     if holder is not None:
         holder.kill()
@@ -731,7 +731,8 @@ def run_case(case: Case, ws: Workspace, timeout: float = 900) -> Outcome:
         outcome.run_lost = tree_hash(protected) != before
     killed_at = getattr(ws, "killed_at", None)
     if killed_at is not None:
-        outcome.rounds_after_death = sum(1 for p in ws.runs.rglob("*") if p.is_file() and p.stat().st_mtime > killed_at + 2)
+        died = max(killed_at, ended)
+        outcome.rounds_after_death = sum(1 for p in ws.runs.rglob("*") if p.is_file() and p.stat().st_mtime > died + 2)
     for proc_left in left:
         proc_left.kill()
     return outcome
