@@ -60,8 +60,10 @@ def test_cell_id_is_readable_and_changes_with_the_resolved_config(tiny_config):
     assert cell.cell_id(tiny_config.replace(**{"model.units": "8"})) != cell_id
     assert cell.cell_id(tiny_config.replace(**{"output.name": "elsewhere"})) == cell_id  # output never matters
     assert cell.cell_id(tiny_config.replace(**{"federated.local_epochs": "3"})) == cell_id  # central ignores these
+    assert cell.cell_id(tiny_config.replace(**{"data.shards": "2"})) == cell_id  # and how clients would be cut
     fed = Cell("federated", (("augment.cutmix", "true"),), 3)
     assert fed.cell_id(tiny_config.replace(**{"federated.local_epochs": "3"})) != fed.cell_id(tiny_config)
+    assert fed.cell_id(tiny_config.replace(**{"data.shards": "2"})) != fed.cell_id(tiny_config)
 
 
 def test_a_grid_over_federated_keys_shares_its_central_cells(tmp_path, demo_manifest):

@@ -25,6 +25,8 @@ from dsl_fed.errors import DslFedError
 MODES = ("central", "federated")
 
 
+FEDERATED_ONLY = ("federated.", "robustness.", "data.shards")  # settings that leave central training unchanged
+
 @dataclass(frozen=True)
 class CellResult:
     """Scores and costs of one trained cell (``devel`` / ``test``: UAR of the selected model).
@@ -83,11 +85,14 @@ class Cell:
         """Folder name: readable, and tied to the sections of the resolved config that shape this mode's result,
         so a changed base config never reuses a cell, and configs differing only in federated settings share
         their central cell."""
-        ignored = {"output", "experiment"} | ({"federated", "robustness"} if self.mode == "central" else set())
+        central = self.mode == "central"
+        ignored = {"output", "experiment"} | ({"federated", "robustness"} if central else set())
         settings = {k: v for k, v in cfg.to_dict().items() if k not in ignored}
+        if central:  # how the training speakers would be split into clients does not shape central training
+            settings["data"] = {k: v for k, v in settings["data"].items() if k != "shards"}
         digest = hashlib.sha256(json.dumps([self.mode, settings], sort_keys=True).encode()).hexdigest()[:8]
         slug = "_".join(f"{k.rsplit('.', 1)[-1]}-{v}" for k, v in self.settings
-                        if self.mode != "central" or not k.startswith(("federated.", "robustness.")))
+                        if not central or not k.startswith(FEDERATED_ONLY))
         slug = "".join(ch if ch.isalnum() or ch in "-._" else "-" for ch in slug)[:60]
         return "-".join(part for part in (self.mode, slug, f"seed{self.seed}", digest) if part)
 
