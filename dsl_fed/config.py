@@ -28,7 +28,7 @@ BACKBONE_NAMES = ("densenet121", "densenet169", "densenet201", "mobilenet_v2", "
                   "mobilenet_v3_large", "efficientnet_b0", "resnet50", "tiny")
 MAX_SECONDS = 600.0  # longest chunk/hop: beyond this a chunk no longer fits a spectrogram image (or memory)
 MAX_COUNT = 100_000  # epochs, rounds, shards: larger is a typo, not a plan
-MAX_TOP_DB = 100.0  # float32 DFT rounding noise sits about 150 dB below a chunk's peak; the floor stays well above
+MAX_TOP_DB = 120.0  # float32 DFT rounding noise sits about 150 dB below a chunk's peak; the floor stays 30 dB above
 MAX_SEED = 2**32 - 1  # NumPy's and Keras' global seeds take [0, 2^32 - 1]
 MAX_FFT = 4096  # STFT window in samples: the DFT kernel grows with its square (4096: 67 MB; 16000 would be 1 GB)
 MAX_STFT_VALUES = 2**24  # frames x frequency bins of one chunk (64 MB of float32); the default is 188 x 257
@@ -87,7 +87,7 @@ class SpectrogramConfig:
     fmax: float | None = None  # None = sample_rate / 2
     db_ref: float = 1.0
     db_amin: float = 1e-16
-    top_db: float = 80.0  # dB floor below each chunk's own peak; keeps float rounding noise out of the image
+    top_db: float = 120.0  # dB floor below each chunk's peak for frames with sound; keeps float rounding noise out
     colormap: str = "viridis"
     image_size: int = 224
 

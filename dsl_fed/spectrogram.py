@@ -13,22 +13,27 @@ Pipeline of `SpectrogramImage` (every step per chunk, no batch-wide statistics, 
 3. power ``|X|^2``;
 4. Mel filterbank ``librosa.filters.mel(htk=False, norm="slaney")`` (Slaney scale and area normalisation,
    librosa's defaults), computed once in numpy when the layer is built;
-5. dB ``10 log10(max(S, db_amin)) - 10 log10(max(db_amin, db_ref))`` clipped at the chunk's own maximum minus
-   ``top_db``, exactly ``librosa.power_to_db(S, ref=db_ref, amin=db_amin, top_db=top_db)`` on one chunk;
+5. dB ``10 log10(max(S, db_amin)) - 10 log10(max(db_amin, db_ref))`` as ``librosa.power_to_db``; frames with
+   sound are floored at the chunk's own maximum minus ``top_db`` (``power_to_db(..., top_db=top_db)`` on one
+   chunk), frames of digital silence (every sample exactly zero) keep ``db_amin``, as without a floor;
 6. min-max of each chunk to [0, 255] (a constant chunk maps to 0, never NaN);
 7. colour map: 256-entry matplotlib LUT with linear interpolation between entries;
 8. bilinear resize (half-pixel centres, no antialiasing: TFLite's RESIZE_BILINEAR) to ``image_size``;
 9. the backbone's ImageNet normalisation, see `normalise_image`. Because steps 7-9 are linear per pixel and the
    bilinear weights sum to one, the normalisation is folded into the LUT (same result, one pass less).
 
-Why the ``top_db`` floor is not optional: the min-max of step 6 takes its minimum from the weakest Mel bin.
-Without a floor, for a pure tone, DC, a click in silence or clipped audio that bin holds float32 rounding
-noise of the DFT (about 150 dB below the chunk's peak), and rounding noise depends on the kernel the CPU,
-batch size and runtime (TF graph, eager, LiteRT) pick: the whole image would shift with it. With the floor
-``top_db`` (default 80 dB, at most `MAX_TOP_DB` = 100 dB) below the chunk's peak, the darkest value is set by
-the peak, which float32 computes to about 1e-6 dB, and every bin above the floor carries at most about 0.01 dB
-of rounding error; steps 6-9 are continuous, so the image moves by less than 0.01 grey levels at the 80 dB floor
-(0.05 at 100 dB; measured with ulp-perturbed input and a float64 reference in tests/test_spectrogram.py).
+Why the floor, and why only on frames with sound: the min-max of step 6 takes its minimum from the weakest Mel
+bin. For a pure tone, DC or clipped audio that bin holds float32 rounding noise of the DFT (about 150 dB below
+the chunk's peak), which depends on the kernel the CPU, batch size and runtime pick: without a floor the whole
+image would shift with it. The floor ``top_db`` (default 120 dB = `MAX_TOP_DB`) below the chunk's peak sets the
+darkest value instead, and steps 6-9 are continuous, so the image moves by at most 0.15 grey levels (measured
+with ulp-perturbed input and a float64 reference in tests/test_spectrogram.py). A frame of digital silence
+(leading silence, pauses, a padded last chunk) is exactly zero on every CPU, so it needs no floor and keeps the
+paper's ``db_amin`` level. An 80 dB floor on every frame (as librosa's ``top_db``) pinned up to a quarter of a
+clean recording's pixels to black, silence included, and one-speaker-per-client federations then stayed at
+chance for several rounds where the paper's image learned from round 2 (README, "One preprocessing
+everywhere"). Now an image differs from the paper's no-floor one only where a frame with sound has bins more
+than ``top_db`` below the chunk's peak.
 
 Orientation is that of a plot: row 0 (top) is the highest Mel bin, time runs left to right.
 """
@@ -158,8 +163,8 @@ class SpectrogramImage(keras.layers.Layer):
         fmax: Highest Mel band edge in Hz; None = Nyquist.
         db_ref: dB reference power (0 dB).
         db_amin: Power floor before the logarithm.
-        top_db: Clip each chunk's dB values at its own maximum minus `top_db`, in (0, `MAX_TOP_DB`]; the floor
-            keeps float rounding noise out of the image (see the module docstring).
+        top_db: Floor the dB values of frames with sound at the chunk's maximum minus `top_db`, in
+            (0, `MAX_TOP_DB`]; keeps float rounding noise out of the image (see the module docstring).
         colormap: Matplotlib colour map name, see ``dsl_fed.config.COLORMAPS``.
         image_size: Output height and width in pixels.
         preprocess: Backbone normalisation, one of `PREPROCESS_MODES`.
@@ -175,7 +180,7 @@ class SpectrogramImage(keras.layers.Layer):
         fmax: float | None = None,
         db_ref: float = 1.0,
         db_amin: float = 1e-16,
-        top_db: float = 80.0,
+        top_db: float = 120.0,
         colormap: str = "viridis",
         image_size: int = 224,
         preprocess: str = "torch",
@@ -198,7 +203,8 @@ class SpectrogramImage(keras.layers.Layer):
         self._check_arguments()
 
         self.n_fft, self.hop = frame_geometry(self.sample_rate, self.window_ms, self.hop_fraction)
-        self._stft_kernel = _stft_kernel(self.n_fft, math.gcd(self.n_fft, self.hop))
+        self._step = math.gcd(self.n_fft, self.hop)
+        self._stft_kernel = _stft_kernel(self.n_fft, self._step)
         mel = mel_filterbank(self.sample_rate, self.n_fft, self.n_mels, self.fmin, self.fmax)
         self._mel_stacked = np.concatenate([mel, mel], axis=0)  # [Re^2 | Im^2] @ [mel; mel] = power @ mel
         self._mel_stacked_flipped = np.ascontiguousarray(self._mel_stacked[:, ::-1])  # image rows: top band first
@@ -238,6 +244,11 @@ class SpectrogramImage(keras.layers.Layer):
         multiplying by the stacked ``[mel; mel]`` matrix gives ``(Re^2 + Im^2) @ mel``. ``flipped=True`` orders
         the bands highest first (image rows).
         """
+        blocks, t = self._blocks(waveforms)
+        return self._power(blocks, t, flipped)
+
+    def _blocks(self, waveforms: Any) -> tuple[tf.Tensor, int]:
+        """Peak-normalised, centre-padded chunks as ``(B, samples / step, step)`` blocks, and the frame count."""
         x = tf.cast(tf.convert_to_tensor(waveforms), tf.float32)
         num_samples = x.shape[-1]
         if num_samples is None:
@@ -251,11 +262,18 @@ class SpectrogramImage(keras.layers.Layer):
         used = (t - 1) * self.hop + self.n_fft
         pad = self.n_fft // 2  # librosa center=True, pad_mode="constant"
         x = tf.pad(x, [[0, 0], [pad, pad]])[:, :used]
-        blocks = tf.reshape(x, [-1, used // step, step])
-        parts = tf.nn.conv1d(blocks, self._stft_kernel, stride=self.hop // step, padding="VALID")  # (B, T, 2F)
+        return tf.reshape(x, [-1, used // step, step]), t
+
+    def _power(self, blocks: tf.Tensor, t: int, flipped: bool) -> tf.Tensor:
+        parts = tf.nn.conv1d(blocks, self._stft_kernel, stride=self.hop // self._step, padding="VALID")  # (B, T, 2F)
         mel = tf.matmul(tf.reshape(tf.math.square(parts), [-1, self._stft_kernel.shape[-1]]),
                         self._mel_stacked_flipped if flipped else self._mel_stacked)
         return tf.reshape(mel, [-1, t, self.n_mels])
+
+    def _silent(self, blocks: tf.Tensor) -> tf.Tensor:
+        """``(B, frames, 1)``: True where every sample of the frame is exactly zero (exact on any CPU)."""
+        ones = np.ones((self.n_fft // self._step, self._step, 1), dtype=np.float32)
+        return tf.nn.conv1d(tf.abs(blocks), ones, stride=self.hop // self._step, padding="VALID") <= 0.0
 
     def mel_db(self, waveforms: Any, flipped: bool = False) -> tf.Tensor:
         """Mel spectrogram in dB ``(B, frames, n_mels)``; equals ``librosa.power_to_db(melspectrogram).T``."""
@@ -288,12 +306,14 @@ class SpectrogramImage(keras.layers.Layer):
 
     def _log_mel(self, waveforms: Any, flipped: bool, decibel: bool) -> tf.Tensor:
         """``ln(max(S, amin))``, or dB ``10 log10(max(S, amin)) - 10 log10(max(amin, ref))``; top-dB floor per chunk."""
-        log = tf.math.log(tf.maximum(self.mel_power(waveforms, flipped=flipped), self.db_amin))
+        blocks, t = self._blocks(waveforms)
+        log = tf.math.log(tf.maximum(self._power(blocks, t, flipped), self.db_amin))
         db_per_unit = 10.0 / math.log(10.0)
         if decibel:
             log = db_per_unit * log - 10.0 * math.log10(max(self.db_amin, self.db_ref))
         top = self.top_db if decibel else self.top_db / db_per_unit
-        return tf.maximum(log, tf.reduce_max(log, axis=[1, 2], keepdims=True) - top)
+        floored = tf.maximum(log, tf.reduce_max(log, axis=[1, 2], keepdims=True) - top)
+        return tf.where(self._silent(blocks), log, floored)  # digital silence keeps its amin level (the paper)
 
     @staticmethod
     def _colorize(grey: tf.Tensor, table: tuple[np.ndarray, np.ndarray]) -> tf.Tensor:

@@ -77,7 +77,7 @@ def test_replace_returns_validated_copy():
         ({"data": {"manifest": "x", "hop_seconds": 0.00001}}, r"data.hop_seconds: is shorter than one sample at 16000 Hz"),
         ({"data": {"manifest": "x"}, "spectrogram": {"fmax": 20000}}, r"spectrogram.fmax: must be at most data.sample_rate / 2 = 8000 Hz"),
         ({"data": {"manifest": "x"}, "federated": {"client_cpus": 0.5}}, r"federated.client_cpus: must be a whole number"),
-        ({"data": {"manifest": "x"}, "spectrogram": {"top_db": 120}}, r"spectrogram.top_db: must be in \(0, 100\] dB"),
+        ({"data": {"manifest": "x"}, "spectrogram": {"top_db": 130}}, r"spectrogram.top_db: must be in \(0, 120\] dB"),
         ({"data": {"manifest": "x"}, "spectrogram": {"top_db": None}}, r"spectrogram.top_db: expected a number"),
         ({"data": {"manifest": "x"}, "federated": {"dp": {"clip_norm": -1}}}, r"^federated.dp.clip_norm: must be > 0, got -1.0$"),
         ({"data": {"manifest": "x"}, "federated": {"dp": {"delta": 1}}}, r"^federated.dp.delta: must be in \(0, 1\), got 1.0$"),

@@ -60,7 +60,7 @@ def test_the_unwritten_db_floor_is_documented_as_not_from_the_paper(path):
     lines = path.read_text().splitlines()
     first = next(i for i, line in enumerate(lines) if line.strip().startswith("# top_db"))
     comment = " ".join(line.strip().lstrip("#").strip() for line in lines[first:first + 2])
-    stated = float(re.search(r"an (\d+(?:\.\d+)?) dB floor", comment).group(1))
+    stated = float(re.search(r"an? (\d+(?:\.\d+)?) dB floor", comment).group(1))
     assert stated == SpectrogramConfig().top_db, f"{path.name}: update the top_db comment to the code default"
     assert "Not in the paper" in comment
 

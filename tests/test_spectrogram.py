@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from dsl_fed.config import COLORMAPS, SpectrogramConfig
+from dsl_fed.config import COLORMAPS, MAX_TOP_DB, SpectrogramConfig
 from dsl_fed.errors import DslFedError
 from dsl_fed.spectrogram import (
     SpectrogramImage,
@@ -70,7 +70,16 @@ def librosa_mel_db(x: np.ndarray, layer: SpectrogramImage) -> np.ndarray:
         window="hann", center=True, pad_mode="constant", power=2.0, n_mels=layer.n_mels,
         fmin=layer.fmin, fmax=layer.fmax, htk=False, norm="slaney",
     )
-    return librosa.power_to_db(power, ref=layer.db_ref, amin=layer.db_amin, top_db=layer.top_db)
+    floored = librosa.power_to_db(power, ref=layer.db_ref, amin=layer.db_amin, top_db=layer.top_db)
+    return np.where(silent_frames(x, layer)[None, :], librosa.power_to_db(power, ref=layer.db_ref, amin=layer.db_amin,
+                                                                        top_db=None), floored)
+
+
+def silent_frames(x: np.ndarray, layer: SpectrogramImage) -> np.ndarray:
+    """Frames (librosa's centred framing) whose samples are all exactly zero: they keep amin, unfloored."""
+    padded = np.pad(x, layer.n_fft // 2)
+    count = 1 + (padded.size - layer.n_fft) // layer.hop
+    return np.array([not padded[k * layer.hop:k * layer.hop + layer.n_fft].any() for k in range(count)])
 
 
 def reference_grey(x: np.ndarray, layer: SpectrogramImage) -> np.ndarray:
@@ -130,12 +139,12 @@ def test_rgb_image_matches_librosa_numpy_reference(size, top_db, colormap):
         assert np.max(np.abs(ours - ref)) <= 0.02
 
 
-@pytest.mark.parametrize(("top_db", "tolerance"), [(80.0, GREY_TOL), (100.0, 2.5 * GREY_TOL)])
+@pytest.mark.parametrize(("top_db", "tolerance"), [(80.0, GREY_TOL), (120.0, 2.5 * GREY_TOL)])
 def test_image_does_not_depend_on_float_rounding(top_db, tolerance):
     """What another CPU kernel would do: round differently. Two stand-ins for it, on inputs whose weakest bins are
     pure rounding noise: the input moved by +-1 ulp per sample, and the whole pipeline in float64 (librosa).
 
-    Measured max deviation: 0.007 (80 dB) / 0.043 (100 dB) grey levels. Without the floor it was up to 64.
+    Measured max deviation: 0.003 (80 dB) / 0.12 (120 dB, the default) grey levels. Without the floor up to 146.
     """
     layer = SpectrogramImage(image_size=32, top_db=top_db)
     x = hard_chunks()
@@ -176,6 +185,24 @@ def test_pure_tone_brightest_row_is_its_mel_bin():
     assert int(np.argmax(grey.mean(axis=1))) == 127 - expected_band  # row 0 is the highest band
     green = layer(x).numpy()[0, :, :, 1]  # viridis' green channel grows monotonically with the value
     assert int(np.argmax(green.mean(axis=1))) == 127 - expected_band
+
+
+def test_digital_silence_keeps_the_papers_level_and_sound_is_not_pinned_to_black():
+    """Frames of exact zeros stay at amin (-160 dB) as in the paper's unfloored image, so they are the image's
+    black, and the quiet parts of the sound keep their grey levels; flooring every frame at the peak - 80 dB
+    (as before) made the silence the floor and pinned the weak bins of the sound to black with it."""
+    x = chirp_noise(seed=4)
+    x[: N // 3] = 0.0  # leading silence, as in a recording or a padded last chunk
+    layer = SpectrogramImage(image_size=32)
+    grey = layer.grey(x[None]).numpy()[0]
+    silent = silent_frames(x, layer)
+    assert silent.sum() > 50 and np.all(grey[:, silent] == 0.0)
+    assert grey[:, ~silent].min() > 60.0  # the chirp's weakest bins lie far above digital silence
+    unfloored = SpectrogramImage(image_size=32, top_db=MAX_TOP_DB)
+    np.testing.assert_allclose(grey, reference_grey(x, unfloored), rtol=0, atol=0.02)  # = the paper's image here
+    floored_everywhere = librosa.power_to_db(librosa.feature.melspectrogram(
+        y=x / np.abs(x).max(), sr=SR, n_fft=512, hop_length=256, center=True, pad_mode="constant"), top_db=80.0)
+    assert (floored_everywhere == floored_everywhere.min()).mean() > 0.3  # what the old rule drew as black
 
 
 def test_time_runs_left_to_right():
@@ -298,8 +325,8 @@ def test_silent_constant_and_clipped_chunks_are_finite():
         ({"preprocess": "keras"}, "preprocessing"),
         ({"hop_fraction": 0.0}, "hop_fraction"),
         ({"fmax": 9000.0}, "fmax"),
-        ({"top_db": None}, r"top_db must be a number of dB in \(0, 100\]"),
-        ({"top_db": 120.0}, "top_db"),
+        ({"top_db": None}, r"top_db must be a number of dB in \(0, 120\]"),
+        ({"top_db": 130.0}, "top_db"),
     ],
 )
 def test_invalid_arguments_raise_dsl_fed_error(kwargs, message):

@@ -40,3 +40,14 @@ def seed(text: str) -> int:
 
 def threads(text: str) -> int:
     return int_in(1, max_threads)(text)
+
+
+def snr_range(text: str) -> tuple[float, float]:
+    """``LOW,HIGH`` dB with 0 <= LOW <= HIGH <= 200."""
+    try:
+        low, high = (float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LOW,HIGH in dB, e.g. 24,40, got {text!r}") from None
+    if not 0 <= low <= high <= 200:
+        raise argparse.ArgumentTypeError(f"must satisfy 0 <= LOW <= HIGH <= 200 dB, got {text!r}")
+    return low, high

@@ -14,9 +14,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from dsl_fed.cli.arguments import int_in, seed
+from dsl_fed.cli.arguments import int_in, seed, snr_range
 from dsl_fed.config import load_config
-from dsl_fed.data.arousal import LEVELS, MAX_SPEAKERS, make_arousal_corpus
+from dsl_fed.data.arousal import LEVELS, MAX_SPEAKERS, SNR, make_arousal_corpus
 from dsl_fed.data.audio import MIN_SECONDS, load_audio
 from dsl_fed.data.chunking import count_chunks
 from dsl_fed.data.demo import CLASSES, make_demo_corpus
@@ -61,6 +61,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     speech.add_argument("--clips", type=int_in(1, 1000), default=None, metavar="K",
                         help="clips per class per speaker, 1-1000 (default: commands 6, arousal 4)")
     speech.add_argument("--seed", type=seed, default=0, metavar="S", help="random seed (default 0)")
+    speech.add_argument("--snr", type=snr_range, default=SNR, metavar="LOW,HIGH",
+                        help=f"arousal: range of the speakers' recording SNR in dB (default {SNR[0]:g},{SNR[1]:g}; "
+                        "100,140 = studio recordings whose pauses are digital silence)")
     speech.set_defaults(func=run_make_speech_data)
 
     stats = subparsers.add_parser(
@@ -86,7 +89,8 @@ def run_make_speech_data(args: argparse.Namespace) -> int:
     make, speakers, clips = ((make_arousal_corpus, 60, 4) if args.task == "arousal" else (make_speech_corpus, 12, 6))
     speakers = speakers if args.speakers is None else args.speakers
     clips = clips if args.clips is None else args.clips
-    manifest_path = make(args.directory, speakers=speakers, clips=clips, seed=args.seed)
+    extra = {"snr": args.snr} if args.task == "arousal" else {}
+    manifest_path = make(args.directory, speakers=speakers, clips=clips, seed=args.seed, **extra)
     _report_corpus(manifest_path, speakers, start)
     return 0
 

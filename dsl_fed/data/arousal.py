@@ -37,6 +37,7 @@ from dsl_fed.errors import DslFedError
 
 LEVELS: tuple[str, ...] = ("high", "low", "mid")  # sorted: the manifest's class order
 MAX_SPEAKERS = 5000
+SNR = (24.0, 40.0)  # dB, speech peak over background noise RMS: a quiet room with a headset microphone
 # Class shifts around a speaker's baseline: rate factor, pitch %, range factor, SNR dB, tilt, pause factor.
 _SHIFT = {
     "low": (0.84, -9.0, 0.6, -6.0, -0.35, 1.6),
@@ -71,7 +72,7 @@ class Speaker:
 
 
 def make_arousal_corpus(out_dir: str | Path, speakers: int = 60, clips: int = 4, seed: int = 0,
-                        progress: bool = True, jobs: int | None = None) -> Path:
+                        progress: bool = True, jobs: int | None = None, snr: tuple[float, float] = SNR) -> Path:
     """Write the arousal corpus and return ``out_dir/manifest.csv``.
 
     Args:
@@ -81,6 +82,8 @@ def make_arousal_corpus(out_dir: str | Path, speakers: int = 60, clips: int = 4,
         seed: Voices, sentences, noise and partitions are a deterministic function of the arguments.
         progress: tqdm bar on stderr (only on a terminal).
         jobs: Synthesis processes (None = one per CPU); the files do not depend on it.
+        snr: Range of the speakers' recording SNR in dB (speech peak over noise RMS); (100, 140) is a studio
+            whose noise lies below the 16-bit quantisation step, so pauses are digital silence.
     """
     if not 3 <= speakers <= MAX_SPEAKERS:
         raise DslFedError(f"--speakers must be in [3, {MAX_SPEAKERS}] (one each for train, devel and test at least), "
@@ -89,6 +92,8 @@ def make_arousal_corpus(out_dir: str | Path, speakers: int = 60, clips: int = 4,
         raise DslFedError(f"--clips must be in [1, 1000] (clips per class per speaker), got {clips}")
     if not 0 <= seed < 2 ** 32:
         raise DslFedError(f"--seed must be in [0, 2^32), got {seed}")
+    if not 0 <= snr[0] <= snr[1] <= 200:
+        raise DslFedError(f"--snr must be LOW,HIGH dB with 0 <= LOW <= HIGH <= 200, got {snr[0]:g},{snr[1]:g}")
     espeak = espeak_executable()
     out_dir = Path(out_dir)
     names = [f"spk{k + 1:04d}" for k in range(speakers)]
@@ -98,7 +103,7 @@ def make_arousal_corpus(out_dir: str | Path, speakers: int = 60, clips: int = 4,
                disable=None if progress else True, file=sys.stderr, leave=False)
     workers = max(1, min(jobs or os.cpu_count() or 1, speakers))
     with corpus_folder(out_dir) as folder, bar, ProcessPoolExecutor(workers) as pool:
-        tasks = [(espeak, folder, name, k, clips, seed) for k, name in enumerate(names)]
+        tasks = [(espeak, folder, name, k, clips, seed, snr) for k, name in enumerate(names)]
         for name, speaker_rows in zip(names, pool.map(_write_speaker, tasks, chunksize=4)):
             rows += [(rel, label, name, partition[name]) for rel, label in speaker_rows]
             bar.update()
@@ -106,7 +111,7 @@ def make_arousal_corpus(out_dir: str | Path, speakers: int = 60, clips: int = 4,
     return out_dir / "manifest.csv"
 
 
-def draw_speaker(rng: np.random.Generator) -> Speaker:
+def draw_speaker(rng: np.random.Generator, snr: tuple[float, float] = SNR) -> Speaker:
     """A speaker's baseline, spread as widely as the class shifts so that they overlap across speakers."""
     return Speaker(
         voice=f"{ACCENTS[rng.integers(len(ACCENTS))]}+{VARIANTS[rng.integers(len(VARIANTS))]}",
@@ -115,7 +120,7 @@ def draw_speaker(rng: np.random.Generator) -> Speaker:
         rate=float(rng.uniform(82.0, 122.0)),
         tilt=float(rng.uniform(-0.4, 0.4)),
         pause_ms=float(rng.uniform(150.0, 600.0)),
-        snr_db=float(rng.uniform(24.0, 40.0)),
+        snr_db=float(rng.uniform(*snr)),
         noise_colour=float(rng.uniform(0.0, 0.9)),
     )
 
@@ -155,8 +160,8 @@ def record_clip(espeak: str, speaker: Speaker, level: str, rng: np.random.Genera
 
 
 def _write_speaker(task: tuple) -> list[tuple[str, str]]:
-    espeak, out_dir, name, k, clips, seed = task
-    speaker = draw_speaker(np.random.default_rng([seed, k, 0xA205]))
+    espeak, out_dir, name, k, clips, seed, snr = task
+    speaker = draw_speaker(np.random.default_rng([seed, k, 0xA205]), snr)
     rows = []
     for c, level in enumerate(LEVELS):
         for j in range(clips):
