@@ -1,8 +1,8 @@
 """Robustness probe: bad inputs and faults against the real `dsl_fed` command, counted.
 
-    python benchmarks/robustness_cli.py               # all cases, ~20 min on 2 cores (6 Flower runs)
+    python benchmarks/robustness_cli.py               # all cases, ~25 min on 2 cores (7 Flower runs)
     python benchmarks/robustness_cli.py --fast        # only the cases that need no TensorFlow (~1 min)
-    python benchmarks/robustness_cli.py --no-flower   # all but the 6 cases that start a Flower simulation
+    python benchmarks/robustness_cli.py --no-flower   # all but the 7 cases that start a Flower simulation
 
 Every case runs ``python -m dsl_fed ...`` in a subprocess on a small demo corpus, in a fresh folder, with a
 unique ``DSL_FED_PROBE`` value in its environment (every process it starts inherits it). A case expects either
@@ -342,18 +342,20 @@ def _then(prepare: Callable[[Workspace], None], args: Callable[[Workspace], list
     return setup
 
 
-def _first_run_killed_after_round_1(ws: Workspace) -> list[str]:
-    """Start `simulate` (3 rounds), SIGKILL it once round 1 is written, wait for its processes; then resume."""
-    config = ws.config(federated={"phase1_rounds": 3})
-    first = uuid.uuid4().hex
-    ws.probes = [first]
-    proc = subprocess.Popen([sys.executable, "-m", "dsl_fed", "simulate", str(config)], cwd=ws.root, text=True,
-                            env={**os.environ, PROBE_ENV: first}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _wait_for_line(proc, "round 1/3")
-    proc.kill()
-    proc.wait()
-    wait_gone(first, 60)
-    return ["simulate", str(config), "--resume"]
+def _first_run_stopped_after_round_1(command: list[str], signum: int) -> Callable[[Workspace], list[str]]:
+    """Start `command` (3 rounds), send `signum` once round 1 is written, wait for its processes; then resume."""
+    def setup(ws: Workspace) -> list[str]:
+        args = [*command, str(ws.config(federated={"phase1_rounds": 3}))]
+        first = uuid.uuid4().hex
+        ws.probes = [first]
+        proc = subprocess.Popen([sys.executable, "-m", "dsl_fed", *args], cwd=ws.root, text=True,
+                                env={**os.environ, PROBE_ENV: first}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        _wait_for_line(proc, "round 1/3")
+        proc.send_signal(signum)
+        proc.communicate()
+        wait_gone(first, 60)
+        return [*args, "--resume"]
+    return setup
 
 
 def _signal_during_federated_cell(signum: int) -> Callable[[subprocess.Popen, Workspace], None]:
@@ -676,8 +678,11 @@ CASES: list[Case] = [
         fast=False, flower=True, protect="run", fault=_sigkill_when_round_starts),
     Case("normal simulate: nothing left running", lambda ws: ["simulate", str(ws.config())], "round 1/1",
          kind="ok", fast=False, flower=True),
-    Case("simulate SIGKILLed after round 1, then --resume", _first_run_killed_after_round_1, "round 3/3", kind="ok",
-         fast=False, flower=True, in_suite=False),
+    Case("simulate SIGKILLed after round 1, then --resume", _first_run_stopped_after_round_1(
+        ["simulate"], signal.SIGKILL), "round 3/3", kind="ok", fast=False, flower=True, in_suite=False),
+    Case("deploy local SIGTERMed after round 1, then --resume", _first_run_stopped_after_round_1(
+        ["deploy", "local", "--nodes", "2"], signal.SIGTERM), "round 3/3", kind="ok", fast=False, flower=True,
+        in_suite=False),
     Case("SIGKILL of experiment during a federated cell", lambda ws: ["experiment", str(ws.config()), "--mode",
         "federated", "--grid", "augment.cutmix=false"], "", kind="signal", fast=False, flower=True, in_suite=False,
         fault=_signal_during_federated_cell(signal.SIGKILL)),
