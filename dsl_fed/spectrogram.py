@@ -26,13 +26,12 @@ Why the floor, and why only on frames with sound: the min-max of step 6 takes it
 bin. For a pure tone, DC or clipped audio that bin holds float32 rounding noise of the DFT (about 150 dB below
 the chunk's peak), which depends on the kernel the CPU, batch size and runtime pick: without a floor the whole
 image would shift with it. The floor ``top_db`` (default 120 dB = `MAX_TOP_DB`) below the chunk's peak sets the
-darkest value instead, and steps 6-9 are continuous, so the image moves by at most 0.15 grey levels (measured
-with ulp-perturbed input and a float64 reference in tests/test_spectrogram.py). A frame of digital silence
+darkest value instead, and steps 6-9 are continuous, so the image moves by at most 0.25 grey levels (0.12
+measured with ulp-perturbed input and a float64 reference in tests/test_spectrogram.py). A frame of digital silence
 (leading silence, pauses, a padded last chunk) is exactly zero on every CPU, so it needs no floor and keeps the
-paper's ``db_amin`` level. An 80 dB floor on every frame (as librosa's ``top_db``) pinned up to a quarter of a
-clean recording's pixels to black, silence included, and one-speaker-per-client federations then stayed at
-chance for several rounds where the paper's image learned from round 2 (README, "One preprocessing
-everywhere"). Now an image differs from the paper's no-floor one only where a frame with sound has bins more
+paper's ``db_amin`` level. An 80 dB floor on every frame (as librosa's ``top_db``) drew a third of a studio
+recording's pixels black, silence included, and a one-client-per-speaker federation then stayed at
+chance for five rounds where the paper's image learned from round 2 (benchmarks/results/floor_regression.md). Now an image differs from the paper's no-floor one only where a frame with sound has bins more
 than ``top_db`` below the chunk's peak.
 
 Orientation is that of a plot: row 0 (top) is the highest Mel bin, time runs left to right.
