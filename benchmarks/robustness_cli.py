@@ -508,7 +508,7 @@ CASES: list[Case] = [
          "cannot decode audio"),
     # edges: OS errors, pipes
     Case("demo data under a file", lambda ws: (ws.root.joinpath("f").write_text("x"),
-                                              ["make-demo-data", str(ws.root / "f" / "d")])[1], "Not a directory"),
+                                              ["make-demo-data", str(ws.root / "f" / "d")])[1], "is a file, not a folder"),
     Case("data-stats | true (reader gone)", lambda ws: ["data-stats", str(ws.config())], "output pipe closed",
          shell_tail="| true"),
     # runs: refused, resumable, locked; the earlier run must survive
