@@ -1,14 +1,15 @@
-"""Federated vs central parity on two corpora: the quickstart schedule and, optionally, candidate schedules.
+"""Federated vs central parity at natural partitions, with speaker-level confidence intervals.
 
-    python benchmarks/parity.py --work /tmp/parity [--candidate "federated.strategy=fedavg"] [--candidates-on speech]
+    python benchmarks/parity.py --work DIR [--seeds 3] [--speakers 60] [--group 3]
 
-For the demo corpus (`dsl_fed make-demo-data`, intonation) and the eSpeak NG speech corpus
-(`dsl_fed make-speech-data`, spoken commands), runs ``dsl_fed experiment configs/quickstart.yaml --grid
-augment.cutmix=false --seeds 3 --mode both`` with the quickstart schedule and with each candidate's overrides,
-and reports the mean devel UAR of central (best devel epoch) and federated (best devel round) over seeds 0-2,
-the gap, and whether it is within 2 points. About 1 h per schedule on 2 busy cores; resumable (finished cells
-are kept; schedules that change only ``federated.*`` keys share the central cells). Writes
-``benchmarks/results/parity.md`` (or ``--out``).
+On the paralinguistic arousal corpus (`dsl_fed make-speech-data --task arousal`), runs ``dsl_fed experiment
+configs/arousal.yaml`` for seeds 0..S-1 in three cells per seed: central (best devel epoch), federated with one
+client per training speaker (``data.shards=0``, best devel round) and federated with `--group` speakers per client.
+Every selected model is scored again on the devel and test clips, and the seeds are pooled: the mean UAR over
+seeds, and a two-stage bootstrap (speakers, then their clips; the same draws for every seed and mode, so the gap is
+paired) gives the 95 % CI of each mean and of the gap federated - central. Parity: the pooled gap is at most 2
+points below zero, on devel and on test. Resumable (finished cells are kept). Writes
+``benchmarks/results/parity.md`` and ``parity.png`` (or ``--out``).
 """
 
 from __future__ import annotations
@@ -20,137 +21,154 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = ROOT / "configs" / "quickstart.yaml"
+CONFIG = ROOT / "configs" / "arousal.yaml"
 RESULTS = ROOT / "benchmarks" / "results" / "parity.md"
 TOLERANCE = 0.02
+BOOT = 2000
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", type=Path, required=True, help="folder for the corpora and the experiment runs")
+    parser.add_argument("--work", type=Path, required=True, help="folder for the corpus and the experiment runs")
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--candidate", action="append", default=[], metavar="OVERRIDES",
-                        help="a schedule to compare, as space-separated section.key=value overrides (repeatable)")
-    parser.add_argument("--candidates-on", choices=("both", "demo", "speech"), default="both",
-                        help="run the candidates on one corpus only (each federated cell takes ~10 min)")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per cell (default 3)")
+    parser.add_argument("--speakers", type=int, default=60, help="speakers of the corpus (default 60)")
+    parser.add_argument("--group", type=int, default=3, help="speakers per client in the grouped setting (default 3)")
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    from dsl_fed.data.demo import make_demo_corpus
-    from dsl_fed.data.speech import make_speech_corpus
+    from dsl_fed.config import load_config
+    from dsl_fed.data import read_manifest
+    from dsl_fed.data.arousal import make_arousal_corpus
     from dsl_fed.experiment import run_experiment
 
     work = args.work.resolve()
-    corpora = {"demo (intonation, 3 classes)": work / "demo_data" / "manifest.csv",
-               "speech (eSpeak NG commands, 5 classes)": work / "speech" / "manifest.csv"}
-    if not corpora["demo (intonation, 3 classes)"].is_file():
-        make_demo_corpus(work / "demo_data", progress=False)
-    if not corpora["speech (eSpeak NG commands, 5 classes)"].is_file():
-        make_speech_corpus(work / "speech", progress=False)
+    manifest_path = work / f"arousal{args.speakers}" / "manifest.csv"
+    if not manifest_path.is_file():
+        make_arousal_corpus(manifest_path.parent, speakers=args.speakers, progress=False)
+    manifest = read_manifest(manifest_path)
+    train_speakers = len(manifest.speakers("train"))
+    grouped = max(1, train_speakers // args.group)
+    settings = ((("data.shards", "0"),), (("data.shards", str(grouped)),))
+    overrides = [f"data.manifest={manifest_path}", f"output.directory={work / 'runs'}", "output.name=parity"]
     started = time.time()
-    rows = []
-    for corpus, manifest in corpora.items():
-        short = corpus.split()[0]  # demo | speech
-        candidates = args.candidate if args.candidates_on in ("both", short) else []
-        for k, extra in enumerate([[], *[c.split() for c in candidates]]):
-            variant = "quickstart" if k == 0 else f"candidate {k}"
-            # One experiment folder per corpus: cells are named by the settings that shape them, so schedules
-            # that differ only in federated.* keys share their central cells, and reruns reuse every finished cell.
-            name = f"parity-{short}"
-            overrides = [f"data.manifest={manifest}", f"output.directory={work / 'parity'}", f"output.name={name}",
-                         *extra]
-            out = run_experiment(CONFIG, overrides, grid=(("augment.cutmix", ("false",)),), seeds=3)
-            rows.append((corpus, variant, extra, out, summarise(out / "results.csv")))
-    command = " ".join(["python benchmarks/parity.py --work DIR",
-                        *[f'--candidate "{c}"' for c in args.candidate],
-                        *([f"--candidates-on {args.candidates_on}"] if args.candidates_on != "both" else [])])
-    report = render(rows, started, command)
+    out = run_experiment(CONFIG, overrides, seeds=args.seeds, settings=settings, command="benchmarks/parity.py")
+    cells = read_cells(out / "results.csv")
+    cfg = load_config(CONFIG, overrides)
+    scores = {key: score_run(run_dir, cfg, manifest) for key, run_dir in cells.items()}
+    report, figure = render(scores, manifest, train_speakers, grouped, args, started)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(report)
+    figure.savefig(args.out.with_suffix(".png"), dpi=120, bbox_inches="tight")
     print(report)
     return 0
 
 
-def summarise(results: Path) -> dict:
-    """Mean devel/test UAR per mode over the seeds, the selected epochs/rounds and the wall time."""
+def read_cells(results: Path) -> dict[tuple[str, str, int], Path]:
+    """``(mode, shards, seed) -> run folder`` from an experiment's ``results.csv`` (central cells: shards '-')."""
     with results.open(newline="") as f:
         rows = list(csv.DictReader(f))
+    cells = {}
+    for row in rows:
+        shards = row["setting"].split("shards=")[-1] if row["mode"] == "federated" else "-"
+        cells[row["mode"], shards, int(row["seed"])] = Path(row["run_dir"])
+    return cells
+
+
+def score_run(run_dir: Path, cfg, manifest) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """``partition -> (labels, predictions, speakers)`` per clip of the run's selected model."""
+    from dsl_fed.data import load_chunks
+    from dsl_fed.federated.checkpoint import RunDirectory
+    from dsl_fed.models import load_model
+    from dsl_fed.predict import predict_clips
+
+    path = run_dir / "model.keras"
+    if not path.is_file():  # federated: the best round
+        run = RunDirectory(run_dir)
+        path = run_dir / f"round_{run.best_round()}" / "model.keras"
+    model = load_model(path)
     out = {}
-    for mode in ("central", "federated"):
-        picked = [r for r in rows if r["mode"] == mode]
-        out[mode] = {
-            "devel": sum(float(r["devel_uar"]) for r in picked) / len(picked),
-            "devel_each": [float(r["devel_uar"]) for r in picked],
-            "test": sum(float(r["test_uar"]) for r in picked) / len(picked),
-            "worst": sum(float(r["devel_worst_speaker_uar"]) for r in picked) / len(picked),
-            "selected": [r["selected"] for r in picked],
-            "seconds": sum(float(r["seconds"]) for r in picked) / len(picked),
-            "mb": sum(float(r["bytes_moved"]) for r in picked) / len(picked) / 1e6,
-        }
+    for part in ("devel", "test"):
+        chunks = load_chunks(manifest.partition(part), cfg.data, manifest.classes, progress=False)
+        _, probs, labels, speakers = predict_clips(model, chunks, batch_size=64)
+        out[part] = (labels, probs.argmax(axis=1), speakers)
     return out
 
 
-def render(rows, started: float, command: str) -> str:
+def pooled_bootstrap(runs: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]], n: int = BOOT,
+                     seed: int = 0) -> dict[str, np.ndarray]:
+    """Per mode, the seed-mean UAR of `n` two-stage resamples (speakers, then clips), drawn once for all.
+
+    Every run of every mode scores the same clips in the same order, so one draw of clip indices resamples them
+    all alike: the gap between modes is paired, and the seeds' spread is inside every resample.
+    """
+    labels, _, speakers = next(iter(runs.values()))[0]
+    names = np.unique(speakers)
+    members = [np.flatnonzero(speakers == s) for s in names]
+    rng = np.random.default_rng(seed)
+    draws = []
+    for _ in range(n):
+        picked = rng.integers(0, len(names), len(names))
+        draws.append(np.concatenate([m[rng.integers(0, len(m), len(m))] for m in (members[i] for i in picked)]))
+    return {mode: np.array([np.mean([uar(labels[d], pred[d]) for _, pred, _ in seeds]) for d in draws])
+            for mode, seeds in runs.items()}
+
+
+def uar(labels: np.ndarray, predicted: np.ndarray) -> float:
+    return float(np.mean([np.mean(predicted[labels == c] == c) for c in np.unique(labels)]))
+
+
+def render(scores, manifest, train_speakers: int, grouped: int, args, started: float):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    seeds = sorted({seed for _, _, seed in scores})
+    classes = len(manifest.classes)
+    setups = [("0", f"{train_speakers} clients, 1 speaker each"),
+              (str(grouped), f"{grouped} clients of about {train_speakers / grouped:.1f} speakers")]
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     lines = [
-        "# Federated vs central parity", "",
-        f"`{command}` on {time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} CPUs, load "
-        f"average {load} when this report was written (finished cells are reused: their wall times reflect the load "
-        "when they ran). Each row is `dsl_fed experiment configs/quickstart.yaml "
-        "data.manifest=CORPUS [schedule overrides] --grid augment.cutmix=false --seeds 3 --mode both`; central is "
-        "reported at its best devel epoch, federated at its best devel round (test: that same model). Mean over "
-        f"seeds 0-2; parity means federated devel UAR within {100 * TOLERANCE:.0f} points of central. An earlier "
-        "measurement with its round-by-round curves and screened schedules: [parity_fedavg.md](parity_fedavg.md).", "",
-        "| corpus | schedule | central devel (per seed) | federated devel (per seed) | gap | parity | central test "
-        "| federated test | worst speaker c / f | federated selected | federated wall | federated MB |",
-        "|---|---|---|---|---:|---|---:|---:|---|---|---:|---:|",
+        "# Federated vs central parity at natural partitions", "",
+        f"`python benchmarks/parity.py --work DIR --seeds {args.seeds} --speakers {args.speakers} --group {args.group}` "
+        f"on {time.strftime('%Y-%m-%d %H:%M')} ({time.time() - started:.0f} s, finished cells reused; load average "
+        f"{load}). Corpus: eSpeak NG arousal, {len(manifest.speakers('train'))} / {len(manifest.speakers('devel'))} / "
+        f"{len(manifest.speakers('test'))} train / devel / test speakers, {len(manifest.clips)} clips, {classes} classes "
+        f"(chance {1 / classes:.3f}). Config `configs/arousal.yaml`; seeds {', '.join(map(str, seeds))}. Central at its "
+        "best devel epoch, federated at its best devel round; both re-scored here on every devel and test clip. "
+        f"UAR = mean over seeds; 95 % CI and the gap's CI from a two-stage bootstrap ({BOOT} resamples of speakers, "
+        "then their clips, the same resamples for every seed and mode). Parity: pooled gap >= "
+        f"-{100 * TOLERANCE:.0f} points.", "",
+        "| setting | partition | central UAR [95 % CI] | federated UAR [95 % CI] | gap [95 % CI] | per seed c / f | parity |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for corpus, variant, extra, _, s in rows:
-        c, f = s["central"], s["federated"]
-        gap = f["devel"] - c["devel"]
-        schedule = " ".join(extra) if extra else "configs/quickstart.yaml"
-        lines.append(
-            f"| {corpus} | {variant}: `{schedule}` | {c['devel']:.3f} ({', '.join(f'{v:.3f}' for v in c['devel_each'])}) "
-            f"| {f['devel']:.3f} ({', '.join(f'{v:.3f}' for v in f['devel_each'])}) | {100 * gap:+.1f} points | "
-            f"{'yes' if gap >= -TOLERANCE else 'no'} | {c['test']:.3f} | {f['test']:.3f} | {c['worst']:.3f} / "
-            f"{f['worst']:.3f} | {', '.join(f['selected'])} | {f['seconds']:.0f} s | {f['mb']:.2f} |")
-    lines += ["", "## Experiment timing", "", timing(rows), "",
-              f"{time.time() - started:.0f} s for this report (finished cells are reused, not rerun)."]
-    return "\n".join(lines) + "\n"
-
-
-def timing(rows) -> str:
-    """Cells per hour measured here (tiny preset) and projected for DenseNet121 from benchmarks/training.py."""
-    cores = os.cpu_count() or 1
-    out = ["Measured wall time per cell (quickstart preset, tiny CNN, under the load above, whatever CPUs the cell "
-           "had when it ran), and cells per hour when one cell runs at a time:", "",
-           "| corpus | schedule | central s/cell | central cells/h | federated s/cell | federated cells/h |",
-           "|---|---|---:|---:|---:|---:|"]
-    for corpus, variant, _, _, s in rows:
-        c, f = s["central"]["seconds"], s["federated"]["seconds"]
-        out.append(f"| {corpus} | {variant} | {c:.0f} | {3600 / c:.1f} | {f:.0f} | {3600 / f:.1f} |")
-    steps = _training_step_times()
-    if steps:
-        p1, p2 = steps
-        per_1000 = (40 * p1 + 200 * p2) * -(-1000 // 32)
-        out += ["", f"DenseNet121 (224x224, batch 32) trains at {p1:.3f} s/step in phase 1 and {p2:.3f} s/step in "
-                f"phase 2 on this machine (`benchmarks/results/training.md`). The paper's 40 + 200 epochs then cost "
-                f"{per_1000 / 3600:.1f} h per 1000 training chunks for one central cell on all {cores} cores, i.e. "
-                f"{3600 / per_1000:.2f} such cells per hour (a federated cell trains the same epochs per client, "
-                "plus the per-round overhead above); the grid's cells only divide the cores between them."]
-    return "\n".join(out)
-
-
-def _training_step_times() -> tuple[float, float] | None:
-    """Plain phase-1 and phase-2 step times from benchmarks/results/training.md (None if it is missing)."""
-    import re
-
-    path = ROOT / "benchmarks" / "results" / "training.md"
-    if not path.is_file():
-        return None
-    text = path.read_text()
-    found = [re.search(rf"^\| phase {k} [^|]*\| none \|[^|]*\| ([0-9.]+) ", text, re.M) for k in (1, 2)]
-    return (float(found[0].group(1)), float(found[1].group(1))) if all(found) else None
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
+    for p, part in enumerate(("devel", "test")):
+        for s, (shards, label) in enumerate(setups):
+            central = [scores["central", "-", k][part] for k in seeds]
+            federated = [scores["federated", shards, k][part] for k in seeds]
+            boot = pooled_bootstrap({"central": central, "federated": federated})
+            point = {m: np.mean([uar(t, y) for t, y, _ in runs]) for m, runs in (("central", central), ("federated", federated))}
+            gap = point["federated"] - point["central"]
+            ci = {m: np.quantile(v, [0.025, 0.975]) for m, v in boot.items()}
+            gap_ci = np.quantile(boot["federated"] - boot["central"], [0.025, 0.975])
+            each = " ; ".join(f"{uar(c[0], c[1]):.3f} / {uar(f[0], f[1]):.3f}" for c, f in zip(central, federated))
+            lines.append(
+                f"| {label} | {part} | {point['central']:.3f} [{ci['central'][0]:.3f}, {ci['central'][1]:.3f}] | "
+                f"{point['federated']:.3f} [{ci['federated'][0]:.3f}, {ci['federated'][1]:.3f}] | {100 * gap:+.1f} points "
+                f"[{100 * gap_ci[0]:+.1f}, {100 * gap_ci[1]:+.1f}] | {each} | {'yes' if gap >= -TOLERANCE else 'no'} |")
+            for m, (mode, colour) in enumerate((("central", "tab:blue"), ("federated", "tab:orange"))):
+                x = s * 3 + m
+                axes[p].errorbar(x, point[mode], yerr=[[point[mode] - ci[mode][0]], [ci[mode][1] - point[mode]]],
+                                 fmt="o", color=colour, capsize=4, label=mode if s == 0 else None)
+        axes[p].axhline(1 / classes, color="grey", ls=":", label="chance")
+        axes[p].set_xticks([0.5, 3.5], [label.split(",")[0] for _, label in setups])
+        axes[p].set_title(f"{part} UAR (mean of {len(seeds)} seeds, 95 % CI)")
+    axes[0].legend(loc="lower left")
+    return "\n".join(lines) + "\n", fig
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import re
+import shutil
 import signal
 import threading
 import time
@@ -17,6 +18,7 @@ import numpy as np
 import pytest
 from flower_helpers import saved_weights, write_config
 
+from dsl_fed.data.nodes import NODE_ID_FILE
 from dsl_fed.deploy.local import LoopbackFederation, deploy_local
 from dsl_fed.federated.checkpoint import RunDirectory
 from dsl_fed.federated.watchdog import guard, processes_with
@@ -113,6 +115,11 @@ def test_faults_server_killed_nodes_killed_and_restarted_unregistered_node_refus
 
     config, uninterrupted, _, _ = deployed
     folders = split_corpus(demo_manifest, tmp_path / "nodes", nodes=3)
+    # A node's id is random per folder and seeds its training: to compare with the uninterrupted run, these
+    # folders take over the ids that run's node folders drew (same speakers, same ids, same seeds).
+    for k, folder in enumerate(folders):
+        shutil.copy2(uninterrupted.parent / f"{uninterrupted.name}.deploy" / "nodes" / f"node_{k}" / NODE_ID_FILE,
+                     folder / NODE_ID_FILE)
     missing = tmp_path / "nodes" / "node_3"  # never created
     certs = write_certificates(tmp_path / "certs", ["127.0.0.1"], 5)  # node_4's key is never registered
     # min_available_nodes=4: round 3's evaluation waits (at most 120 s) for nodes 0 and 2 to be back

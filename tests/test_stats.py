@@ -83,8 +83,9 @@ def test_stats_command_writes_the_table_beside_the_model(deployed_tiny, capsys):
 
 
 def test_stats_rejects_bad_arguments(deployed_tiny, capsys):
-    assert main(["stats", str(deployed_tiny.tflite), "--threads", "0"]) == 2
-    assert "--threads, --runs and --repeats must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stopped:  # argparse refuses the out-of-range number itself
+        main(["stats", str(deployed_tiny.tflite), "--threads", "0"])
+    assert stopped.value.code == 2 and "argument --threads: must be in [1, " in capsys.readouterr().err
     assert main(["stats", str(deployed_tiny.run_dir / "missing.keras")]) == 2
     assert "model file not found" in capsys.readouterr().err
 
