@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dsl_fed.metrics import uar
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "arousal.yaml"
 RESULTS = ROOT / "benchmarks" / "results" / "parity.md"
@@ -114,10 +116,6 @@ def pooled_bootstrap(runs: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarr
         draws.append(np.concatenate([m[rng.integers(0, len(m), len(m))] for m in (members[i] for i in picked)]))
     return {mode: np.array([np.mean([uar(labels[d], pred[d]) for _, pred, _ in seeds]) for d in draws])
             for mode, seeds in runs.items()}
-
-
-def uar(labels: np.ndarray, predicted: np.ndarray) -> float:
-    return float(np.mean([np.mean(predicted[labels == c] == c) for c in np.unique(labels)]))
 
 
 def render(scores, manifest, train_speakers: int, grouped: int, args, started: float):
