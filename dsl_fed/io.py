@@ -276,6 +276,17 @@ def check_output_file(path: str | Path, reading: Sequence[str | Path] = (),
                           "it away (nothing was written)")
 
 
+def check_empty_folder(path: Path, what: str) -> None:
+    """Refuse an output folder that holds anything (a folder is only ever filled when new or empty).
+
+    Raises:
+        DslFedError: naming `path`; nothing has been written.
+    """
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise DslFedError(f"{path}: the {what} exists and is not an empty folder; choose a new one "
+                          "(nothing was written)")
+
+
 def publish_folder(outdir: Path, write: Callable[[Path], object]) -> None:
     """Let `write` fill a new hidden folder beside `outdir` (a unique name: no one else's folder is touched),
     then move it onto `outdir` with `rename_onto_empty`.

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -39,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from dsl_fed.errors import DslFedError
-from dsl_fed.io import atomic_write
+from dsl_fed.io import atomic_write, check_empty_folder, publish_folder
 
 __all__ = ["StatsRow", "count_flops", "cpu_vector_extensions", "measure", "model_stats", "tflite_row", "stats_table",
            "stats_path"]
@@ -221,7 +222,8 @@ def model_stats(
         runs: Timed calls per row and repeat.
         representative: Training chunks for int8 calibration; without them the int8 row is skipped.
         quantizations: Which TFLite precisions to export and measure.
-        work_dir: Where the exports go (kept); None = a temporary folder, deleted afterwards.
+        work_dir: A new (or empty) folder to keep the exports in, filled only once all rows are measured, so
+            nothing that was there is overwritten; None = they are deleted afterwards.
         repeats: Interleaved measurement rounds (>= 1).
         progress: Print progress lines to stderr.
         model: The model already loaded from `model_path`, if the caller has it (saves loading it twice).
@@ -249,8 +251,10 @@ def model_stats(
         if progress:
             print(f"stats: {text}", file=sys.stderr, flush=True)
 
+    if work_dir is not None:
+        check_empty_folder(Path(work_dir), "--keep-exports folder")
     with tempfile.TemporaryDirectory(prefix="dsl_fed_stats_") as tmp:
-        out = Path(work_dir) if work_dir is not None else Path(tmp)
+        out = Path(tmp)
         # (row name, kind, file, params, flops, note); None as kind = skipped
         jobs: list[tuple[str, str | None, Path | None, int, int, str]] = []
         say("exporting the preprocessing alone")
@@ -298,6 +302,8 @@ def model_stats(
                 p = best["Keras model.predict"]
                 rows.append(StatsRow("Keras model.predict", row_params, row_flops, size, p["mean_ms"], p["median_ms"],
                                      p["peak_mb"], "same model through model.predict (per-call overhead)"))
+        if work_dir is not None:
+            publish_folder(Path(work_dir), lambda staging: shutil.copytree(out, staging, dirs_exist_ok=True))
     return rows
 
 

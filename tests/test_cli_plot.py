@@ -66,3 +66,26 @@ def test_plot_errors_are_one_line(tmp_path, capsys):
     assert main(["plot", str(audio), "spectrogram.colormap=jet", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "spectrogram.colormap" in err and "jet" in err
+
+
+def test_plot_replaces_its_own_images_but_never_a_users_file(tmp_path, capsys):
+    audio = write_tone(tmp_path / "tone.wav", seconds=1.0)
+    out = tmp_path / "p"
+    assert main(["plot", str(audio), "--out", str(out)]) == 0
+    assert main(["plot", str(audio), "--out", str(out), "spectrogram.colormap=gray"]) == 0  # its own: replaced
+    (png,) = out.glob("*.png")
+    image = np.asarray(Image.open(png))
+    assert np.array_equal(image[..., 0], image[..., 2])
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(png)  # now a user's picture of the same name
+    before = png.read_bytes()
+    capsys.readouterr()
+    assert main(["plot", str(audio), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{png}: exists and is not an earlier spectrogram image" in err
+    assert png.read_bytes() == before
+    # The audio itself under a chunk image's name (a hard link): refused as an input of the command.
+    linked = tmp_path / "q" / "tone_chunk000.png"
+    linked.parent.mkdir()
+    linked.hardlink_to(audio)
+    assert main(["plot", str(audio), "--out", str(linked.parent)]) == 2
+    assert "an input of this command" in capsys.readouterr().err

@@ -57,10 +57,15 @@ def test_table_layout():
 
 
 @pytest.mark.slow
-def test_stats_command_writes_the_table_beside_the_model(deployed_tiny, capsys):
-    code = main(["stats", str(deployed_tiny.model_path), "--threads", "1", "--runs", "3", "--repeats", "2"])
+def test_stats_command_writes_the_table_beside_the_model(deployed_tiny, capsys, tmp_path):
+    kept = tmp_path / "exports"
+    code = main(["stats", str(deployed_tiny.model_path), "--threads", "1", "--runs", "3", "--repeats", "2",
+                 "--keep-exports", str(kept)])
     out, _ = capsys.readouterr()
     assert code == 0
+    assert sorted(p.relative_to(kept).as_posix() for p in kept.rglob("*.tflite")) == [
+        "dynamic/model.tflite", "fp16/model.tflite", "fp32/model.tflite", "int8/model.tflite",
+        "preprocessing/preprocessing.tflite"]
     target = stats_path(deployed_tiny.model_path)
     assert target.name == "model_stats.md" and target.read_text() == out.rstrip("\n") + "\n"
     rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ") and "---" not in line}
@@ -82,12 +87,19 @@ def test_stats_command_writes_the_table_beside_the_model(deployed_tiny, capsys):
     assert megabytes("TFLite fp16") < 0.6 * megabytes("TFLite fp32")
 
 
-def test_stats_rejects_bad_arguments(deployed_tiny, capsys):
+def test_stats_rejects_bad_arguments(deployed_tiny, capsys, tmp_path):
     with pytest.raises(SystemExit) as stopped:  # argparse refuses the out-of-range number itself
         main(["stats", str(deployed_tiny.tflite), "--threads", "0"])
     assert stopped.value.code == 2 and "argument --threads: must be in [1, " in capsys.readouterr().err
     assert main(["stats", str(deployed_tiny.run_dir / "missing.keras")]) == 2
     assert "model file not found" in capsys.readouterr().err
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    assert main(["stats", str(deployed_tiny.model_path), "--keep-exports", str(mine)]) == 2
+    err = capsys.readouterr().err
+    assert f"{mine}: the --keep-exports folder exists and is not an empty folder" in err and len(err.splitlines()) == 1
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
 
 
 def test_stats_of_one_tflite_file(deployed_tiny, capsys, tmp_path):

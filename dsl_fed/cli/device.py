@@ -86,7 +86,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", type=int_in(1, 1000), default=1,
                    help="interleaved measurement rounds; the best (lowest median) is kept (default: 1)")
     p.add_argument("--keep-exports", type=Path, default=None, metavar="DIR",
-                   help="keep the TFLite files made for the table in DIR (default: temporary)")
+                   help="keep the TFLite files made for the table in DIR, a new or empty folder (default: temporary)")
     _context_arguments(p)
     p.set_defaults(func=run_stats)
 
@@ -411,7 +411,7 @@ def _is_stats_table(path: Path) -> bool:
 
 
 def run_stats(args: argparse.Namespace) -> int:
-    from dsl_fed.io import atomic_write, check_output_file
+    from dsl_fed.io import atomic_write, check_empty_folder, check_output_file
     from dsl_fed.stats import model_stats, stats_path, stats_table, tflite_row
 
     if args.threads < 1 or args.runs < 1 or args.repeats < 1:
@@ -419,6 +419,8 @@ def run_stats(args: argparse.Namespace) -> int:
     if not args.model.is_file():
         raise DslFedError(f"{args.model}: model file not found")
     check_output_file(stats_path(args.model), [args.model], _is_stats_table, "statistics table")
+    if args.keep_exports is not None:
+        check_empty_folder(args.keep_exports, "--keep-exports folder")
     if args.model.suffix == ".tflite":
         rows = [tflite_row(args.model, args.threads, args.runs)]
     else:

@@ -18,9 +18,10 @@ from dsl_fed.config import Config, apply_overrides, from_dict, load_config
 from dsl_fed.data.audio import load_audio
 from dsl_fed.data.chunking import chunk_signal
 from dsl_fed.errors import DslFedError
-from dsl_fed.io import atomic_write
+from dsl_fed.io import atomic_write, check_output_file
 
 BATCH = 32
+PNG_KEY, PNG_MARK = "Software", "dsl_fed plot"  # text chunk that marks an image as this command's
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -48,7 +49,7 @@ def run_plot(args: argparse.Namespace) -> int:
               file=sys.stderr)
     cfg = _config(args.config, [*args.legacy_overrides, *args.overrides], args.audio)
     waveform = load_audio(args.audio, cfg.data.sample_rate)
-    paths = plot_audio(waveform, cfg, args.out, args.audio.stem)
+    paths = plot_audio(waveform, cfg, args.out, args.audio.stem, reading=(args.audio,))
     spec = cfg.spectrogram
     print(
         f"wrote {len(paths)} image(s) of {spec.image_size}x{spec.image_size} px ({spec.colormap}; "
@@ -58,33 +59,47 @@ def run_plot(args: argparse.Namespace) -> int:
     return 0
 
 
-def plot_audio(waveform: np.ndarray, cfg: Config, out_dir: Path, stem: str) -> list[Path]:
+def plot_audio(waveform: np.ndarray, cfg: Config, out_dir: Path, stem: str, reading: tuple[Path, ...] = ()) -> list[Path]:
     """Write one PNG per chunk of `waveform` and return their paths in time order.
+
+    Every image carries a PNG text chunk naming this command, so a later plot may replace its own images but
+    never a file someone else put there (checked for all chunks before the first image is written).
 
     Args:
         waveform: 1-D float32 signal at ``cfg.data.sample_rate``.
         cfg: Configuration; its data section sets the chunking, its spectrogram section the image.
         out_dir: Output folder (created if missing).
         stem: File name prefix; files are ``<stem>_chunkNNN.png``.
+        reading: Files this command reads (never written over, under any name).
     """
-    from PIL import Image
+    from PIL import Image, PngImagePlugin
 
     from dsl_fed.spectrogram import spectrogram_layer  # imports TensorFlow: only when plotting
 
     chunks = chunk_signal(waveform, cfg.data.chunk_samples, cfg.data.hop_samples)
-    layer = spectrogram_layer(cfg.spectrogram, cfg.data.sample_rate, preprocess="none")
     digits = max(3, len(str(len(chunks) - 1)))
-    paths = []
+    paths = [Path(out_dir) / f"{stem}_chunk{i:0{digits}d}.png" for i in range(len(chunks))]
+    for path in paths:
+        check_output_file(path, reading, _is_our_image, "spectrogram image")
+    layer = spectrogram_layer(cfg.spectrogram, cfg.data.sample_rate, preprocess="none")
+    info = PngImagePlugin.PngInfo()
+    info.add_text(PNG_KEY, PNG_MARK)
     with tqdm(total=len(chunks), desc="plotting", unit="chunk", disable=len(chunks) <= BATCH, file=sys.stderr) as bar:
         for start in range(0, len(chunks), BATCH):
             images = layer(chunks[start : start + BATCH]).numpy()
             for offset, image in enumerate(np.clip(np.rint(images), 0, 255).astype(np.uint8)):
                 buffer = io.BytesIO()
-                Image.fromarray(image).save(buffer, format="PNG")
-                path = Path(out_dir) / f"{stem}_chunk{start + offset:0{digits}d}.png"
-                paths.append(atomic_write(path, buffer.getvalue()))
+                Image.fromarray(image).save(buffer, format="PNG", pnginfo=info)
+                atomic_write(paths[start + offset], buffer.getvalue())
             bar.update(len(images))
     return paths
+
+
+def _is_our_image(path: Path) -> bool:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.format == "PNG" and image.info.get(PNG_KEY) == PNG_MARK
 
 
 def _config(path: Path | None, overrides: list[str], audio: Path) -> Config:
