@@ -290,6 +290,13 @@ def _signal_while_importing(signum: int) -> Callable[[subprocess.Popen, Workspac
     return fault
 
 
+def _sigkill_after(seconds: float) -> Callable[[subprocess.Popen, Workspace], None]:
+    def fault(proc: subprocess.Popen, ws: Workspace) -> None:
+        time.sleep(seconds)
+        proc.kill()
+    return fault
+
+
 def _wait_for_line(proc: subprocess.Popen, text: str) -> None:
     """Read the command's stderr until a line contains `text` (or the stream ends)."""
     for line in proc.stderr:
@@ -669,6 +676,9 @@ CASES: list[Case] = [
          fast=False, fault=_signal_while_importing(signal.SIGINT)),
     Case("SIGTERM while importing", lambda ws: ["train", "--central", str(ws.config())], "terminated", kind="signal",
          fast=False, fault=_signal_while_importing(signal.SIGTERM)),
+    Case("SIGKILL of make-speech-data while its workers synthesise", lambda ws: [
+        "make-speech-data", str(ws.runs / "big"), "--task", "arousal", "--speakers", "400"], "", kind="signal",
+        fault=_sigkill_after(4.0)),
     # faults during a federated run (each starts Flower)
     Case("SIGTERM of simulate --overwrite", _earlier_run_then(lambda ws: [
         "simulate", str(ws.config(federated={"phase1_rounds": 3})), "--overwrite"]), "terminated", kind="signal",

@@ -23,6 +23,7 @@ from dsl_fed.data.demo import CLASSES, make_demo_corpus
 from dsl_fed.data.manifest import PARTITIONS, load_manifest, read_manifest
 from dsl_fed.data.speech import WORDS, make_speech_corpus
 from dsl_fed.data.partition import partition_speakers
+from dsl_fed.federated.watchdog import guard_children
 
 MAX_ROWS = 50  # rows per table before the rest is summarised
 
@@ -90,7 +91,8 @@ def run_make_speech_data(args: argparse.Namespace) -> int:
     speakers = speakers if args.speakers is None else args.speakers
     clips = clips if args.clips is None else args.clips
     extra = {"snr": args.snr} if args.task == "arousal" else {}
-    manifest_path = make(args.directory, speakers=speakers, clips=clips, seed=args.seed, **extra)
+    with guard_children():  # the synthesis workers and their espeak-ng end with this command, even on SIGKILL
+        manifest_path = make(args.directory, speakers=speakers, clips=clips, seed=args.seed, **extra)
     _report_corpus(manifest_path, speakers, start)
     return 0
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import sys
 from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,7 +103,9 @@ def make_arousal_corpus(out_dir: str | Path, speakers: int = 60, clips: int = 4,
     bar = tqdm(total=speakers, desc="synthesising arousal corpus", unit="speaker",
                disable=None if progress else True, file=sys.stderr, leave=False)
     workers = max(1, min(jobs or os.cpu_count() or 1, speakers))
-    with corpus_folder(out_dir) as folder, bar, ProcessPoolExecutor(workers) as pool:
+    # Spawned, not forked, workers: a forked process's /proc environ is its parent's from before any run
+    # marker was set, so a watchdog could not find it (`dsl_fed.federated.watchdog`).
+    with corpus_folder(out_dir) as folder, bar, ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
         tasks = [(espeak, folder, name, k, clips, seed, snr) for k, name in enumerate(names)]
         for name, speaker_rows in zip(names, pool.map(_write_speaker, tasks, chunksize=4)):
             rows += [(rel, label, name, partition[name]) for rel, label in speaker_rows]
@@ -123,6 +126,15 @@ def draw_speaker(rng: np.random.Generator, snr: tuple[float, float] = SNR) -> Sp
         snr_db=float(rng.uniform(*snr)),
         noise_colour=float(rng.uniform(0.0, 0.9)),
     )
+
+
+def speaker_baseline(index: int, seed: int = 0, snr: tuple[float, float] = SNR) -> Speaker:
+    """The baseline of speaker `index` (0-based: ``spk{index + 1:04d}``) in the corpus made with `seed` and `snr`.
+
+    Exactly the draw the generator synthesises from, so analyses can use a speaker's voice (pitch level, voice
+    variant, ...) as ground truth without a side file.
+    """
+    return draw_speaker(np.random.default_rng([seed, index, 0xA205]), snr)
 
 
 def sentence(rng: np.random.Generator) -> tuple[str, str]:
@@ -161,7 +173,7 @@ def record_clip(espeak: str, speaker: Speaker, level: str, rng: np.random.Genera
 
 def _write_speaker(task: tuple) -> list[tuple[str, str]]:
     espeak, out_dir, name, k, clips, seed, snr = task
-    speaker = draw_speaker(np.random.default_rng([seed, k, 0xA205]), snr)
+    speaker = speaker_baseline(k, seed, snr)
     rows = []
     for c, level in enumerate(LEVELS):
         for j in range(clips):

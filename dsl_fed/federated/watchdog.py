@@ -102,6 +102,22 @@ def guard(cleanup: tuple[os.PathLike | str, ...] = ()) -> Iterator[dict[str, str
             watchdog.wait()
 
 
+@contextlib.contextmanager
+def guard_children() -> Iterator[None]:
+    """`guard` for children that inherit this process's environment as it is (a process pool's workers and the
+    programs they run), so they end with this process however it ends."""
+    with guard() as env:
+        saved = os.environ.get(MARKER_ENV)
+        os.environ[MARKER_ENV] = env[MARKER_ENV]  # this process is never among its own marked processes
+        try:
+            yield
+        finally:
+            if saved is None:
+                del os.environ[MARKER_ENV]
+            else:
+                os.environ[MARKER_ENV] = saved
+
+
 def main(argv: list[str]) -> int:
     marker, *cleanup = argv
     if os.fork() > 0:  # the parent exits at once: the watchdog goes on as an orphan (see the module docstring)
