@@ -28,13 +28,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import dp_accounting
-from dp_accounting import rdp
-
 from dsl_fed.config import Config, DpConfig, FederatedConfig
 from dsl_fed.errors import DslFedError
 
 if TYPE_CHECKING:
+    import dp_accounting
+
     from dsl_fed.data import Manifest
 
 NO_GUARANTEE = "no DP guarantee"
@@ -42,6 +41,8 @@ NO_GUARANTEE = "no DP guarantee"
 
 def dp_event(noise_multiplier: float, releases: int) -> dp_accounting.DpEvent:
     """The dp-accounting event of `releases` Gaussian releases (no amplification by sampling)."""
+    import dp_accounting  # a second to import: only when an epsilon is computed, not at every command's start
+
     return dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(noise_multiplier), releases)
 
 
@@ -51,6 +52,8 @@ def epsilon(noise_multiplier: float, releases: int, delta: float) -> float | Non
         return None
     if releases <= 0:
         return 0.0
+    from dp_accounting import rdp
+
     with _quiet_absl():
         accountant = rdp.RdpAccountant()
         accountant.compose(dp_event(noise_multiplier, releases))
