@@ -7,12 +7,15 @@ marker unique to the test; afterwards no process anywhere on the machine may car
 from __future__ import annotations
 
 import csv
+import os
 import re
 import shutil
 import signal
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -93,13 +96,27 @@ def test_every_node_held_only_its_own_speakers(deployed, demo_manifest):
     assert set(owner) == set(read_manifest(demo_manifest).speakers())
 
 
+def stopped_after_round_1(source: Path, target: Path, cfg) -> None:
+    """Copy run `source` as it stood after round 1 to `target`, its saved config replaced by `cfg` (so it can be
+    resumed under `cfg`; round 2 does not depend on the keys that differ)."""
+    from dsl_fed.io import atomic_write
+
+    shutil.copytree(source, target, symlinks=True, ignore=shutil.ignore_patterns("round_2", "plots", "logs"))
+    atomic_write(target / "config.yaml", cfg.to_yaml())
+    for link in ("latest", "best"):
+        (target / link).unlink(missing_ok=True)
+        os.symlink("round_1", target / link)
+
+
 @pytest.mark.timeout(1800)  # over 15 min when other jobs load the 2 cores
 def test_faults_server_killed_nodes_killed_and_restarted_unregistered_node_refused_node_without_data(
         deployed, demo_manifest, tmp_path, marker):
     """One federation of 4 SuperNodes, six faults:
 
-    1. the SuperLink (with the ServerApp under it) is SIGKILLed after round 1; restarted on the same database and
-       resumed, round 2 has exactly the weights of the uninterrupted run (`deployed`);
+    1. the SuperLink (with the ServerApp under it) is SIGKILLed after round 1, while the nodes hold round 2's
+       messages; restarted on the same database and resumed, round 2 has exactly the weights of the
+       uninterrupted run (`deployed`). The run starts as that run stood after its round 1 (so this federation
+       need not train round 1 again), resumed under this test's config;
     2. a SuperNode whose key was never registered is refused and the run is unaffected;
     3. node 3's data path does not exist: its log says so in one line per message, no traceback, and the rounds
        go on with the others (``federated.allow_missing_clients`` lets the run finish without it);
@@ -109,6 +126,7 @@ def test_faults_server_killed_nodes_killed_and_restarted_unregistered_node_refus
     6. node 0 stopped (SIGTERM) and started again at the same moment: it lost its state, so the round-3
        evaluation's slice is not enough; it asks, gets the full model and scores its devel clips in round 3.
     """
+    from dsl_fed.config import load_config
     from dsl_fed.deploy.certs import write_certificates
     from dsl_fed.deploy.split import split_corpus
     from dsl_fed.federated.run_config import run_config_toml, write_app
@@ -145,15 +163,18 @@ def test_faults_server_killed_nodes_killed_and_restarted_unregistered_node_refus
         return (fed.logs / f"{name}.log").read_text()
 
     run = RunDirectory(tmp_path / "runs" / "fed")
+    stopped_after_round_1(uninterrupted, run.path, load_config(config, overrides))
     with guard() as run_marker, LoopbackFederation(tmp_path / "work", certs, [*folders, missing], env=run_marker) as fed:
         fed.start_superlink()
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(fed.register, range(4)))
         for k in range(4):
-            fed.register(k)
             fed.start_node(k)
         rogue = fed.start_node(2, key=certs / "node_4", name="rogue")  # node 2's data, an unknown key
         fed.wait_for_nodes(4)
-        first = submit(fed, resume=False, name="first")
-        wait_until(lambda: any("round 1/4" in line for line in lines), "round 1")
+        first = submit(fed, resume=True, name="first")
+        # round 2's messages are out: a node has taken its one (the others' wait in the SuperLink's database)
+        wait_until(lambda: any("Received successfully" in log(f"node_{k}") for k in range(3)), "round 2 message")
         fed.kill("superlink")  # the ServerApp dies with it, mid-run
         first.join(timeout=120)
         assert run.latest_round() == 1
@@ -162,7 +183,10 @@ def test_faults_server_killed_nodes_killed_and_restarted_unregistered_node_refus
         lines.clear()
         second = submit(fed, resume=True, name="resumed")
         wait_until(lambda: any("round 2/4" in line for line in lines), "round 2")
-        time.sleep(3)  # round 3 is training now
+        run_id = re.search(r"Successfully started run (\d+)", "\n".join(lines)).group(1)
+        # node 2 has taken round 3's training message: its second one of this run (rounds 2 and 3)
+        wait_until(lambda: len(re.findall(rf"\[RUN {run_id}\b.*\n.*Receiving: train message", log("node_2"))) >= 2,
+                   "node 2's round-3 message", timeout=120)
         fed.kill("node_2")
         killed = time.monotonic()
         wait_until(lambda: fed.online_nodes() <= 3, "node 2 offline", timeout=180)  # Flower: 30-60 s after a crash
