@@ -1,7 +1,9 @@
-"""`dsl_fed deploy local|certs|split`: a Flower deployment (SuperLink + SuperNodes) with TLS and node authentication.
+"""`dsl_fed deploy local|certs|keygen|split`: a Flower deployment (SuperLink + SuperNodes) with TLS and node
+authentication.
 
-``certs`` and ``split`` prepare what real machines need (keys, one data folder per node); ``local`` runs the
-whole federation on this machine as separate processes, with the same commands the README lists for machines.
+``certs``, ``keygen`` and ``split`` prepare what real machines need (the operator's CA and SuperLink certificate,
+a site's own key pair, one data folder per node); ``local`` runs the whole federation on this machine as separate
+processes, with the same commands the README lists for machines.
 """
 
 from __future__ import annotations
@@ -37,15 +39,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     local.set_defaults(func=run_local)
 
     certs = sub.add_parser(
-        "certs", help="CA, SuperLink certificate/key and N SuperNode key pairs",
-        description="Write ca.crt/ca.key, server.crt/server.key (valid for every --host) and node_<k>/node_<k>.pub "
-        "(ECDSA P-384, OpenSSH format, for `flwr supernode register`) into DIR.",
+        "certs", help="CA and SuperLink certificate/key (and, on request, SuperNode key pairs)",
+        description="Write ca.crt/ca.key, server.crt/server.key (valid for every --host) and server.pem (both in "
+        "one file, for a TLS proxy) into DIR; with --nodes K also node_<k>/node_<k>.pub (ECDSA P-384, OpenSSH "
+        "format). Sites that make their own keys (`deploy keygen`) need no --nodes.",
     )
     certs.add_argument("directory", type=Path, metavar="DIR", help="new or empty folder")
     certs.add_argument("--host", action="append", required=True,
-                       help="name or IP address SuperNodes use to reach the SuperLink (repeatable)")
-    certs.add_argument("--nodes", type=int_in(0, 100_000), required=True, help="number of SuperNode key pairs")
+                       help="name or IP address SuperNodes (or the operator) use to reach the SuperLink (repeatable)")
+    certs.add_argument("--nodes", type=int_in(0, 100_000), default=0,
+                       help="SuperNode key pairs to make here (default 0: sites run `deploy keygen`)")
     certs.set_defaults(func=run_certs)
+
+    keygen = sub.add_parser(
+        "keygen", help="a site's SuperNode key pair; prints the public key to register",
+        description="Write DIR/node_key (private, mode 0600) and DIR/node_key.pub (ECDSA P-384, OpenSSH format, "
+        "what `flower-supernode --auth-supernode-private-key` and `flwr supernode register` expect) and print "
+        "the public key. Run it on the site; only node_key.pub leaves it. Existing files are never replaced.",
+    )
+    keygen.add_argument("directory", type=Path, metavar="DIR", help="the site's folder (made if missing)")
+    keygen.set_defaults(func=run_keygen)
 
     split = sub.add_parser(
         "split", help="one folder per node holding only its speakers' audio and its own manifest.csv",
@@ -75,7 +88,20 @@ def run_certs(args: argparse.Namespace) -> int:
     from dsl_fed.deploy.certs import write_certificates
 
     folder = write_certificates(args.directory, args.host, args.nodes)
-    print(f"{folder}: ca.crt, server.crt/.key for {', '.join(args.host)}, {args.nodes} node key pair(s) node_<k>[.pub]")
+    nodes = f", {args.nodes} node key pair(s) node_<k>[.pub]" if args.nodes else ""
+    print(f"{folder}: ca.crt, server.crt/.key/.pem for {', '.join(args.host)}{nodes}")
+    return 0
+
+
+def run_keygen(args: argparse.Namespace) -> int:
+    import sys
+
+    from dsl_fed.deploy.certs import write_node_key
+
+    private, public = write_node_key(args.directory)
+    print(f"{private} (private, 0600; stays here), {private}.pub: register it with "
+          "`flwr supernode register node_key.pub <connection>`", file=sys.stderr)
+    print(public)
     return 0
 
 

@@ -1,16 +1,20 @@
-"""`dsl_fed deploy certs`: everything TLS and SuperNode authentication need, written with `cryptography`.
+"""`dsl_fed deploy certs` and `deploy keygen`: what TLS and SuperNode authentication need, written with `cryptography`.
 
-Layout of DIR::
+`deploy certs DIR` (the operator) writes::
 
     ca.crt  ca.key                 a private certificate authority (ECDSA P-384); give ca.crt to every
                                    SuperNode and to the machine running `flwr run`, keep ca.key offline
     server.crt  server.key         the SuperLink's certificate, valid for the given host names / IP addresses
-    node_<k>  node_<k>.pub         SuperNode k's key pair in OpenSSH format (ECDSA P-384), what Flower's node
-                                   authentication expects: the SuperNode reads the private key, the operator
-                                   registers the public one with `flwr supernode register`
+    server.pem                     server.crt + server.key in one file, for a TLS proxy in front of the SuperLink
+    node_<k>  node_<k>.pub         only with --nodes K: SuperNode key pairs made by the operator (who then holds
+                                   the sites' private keys; `deploy keygen` avoids that)
 
-Private keys are written with mode 0600. An existing DIR with files in it is refused, so keys that nodes
-already hold are never replaced by accident.
+`deploy keygen DIR` (a site) writes ``node_key`` and ``node_key.pub``: the SuperNode's key pair in OpenSSH format
+(ECDSA P-384), what Flower's node authentication expects. The SuperNode reads the private key; the site sends
+the public one to the operator, who registers it with `flwr supernode register`.
+
+Private keys are written with mode 0600. An existing DIR with files in it is refused by `certs`, and `keygen`
+never replaces a file, so keys that are in use are never replaced by accident.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from dsl_fed.errors import DslFedError
 from dsl_fed.io import publish_folder
 
 VALID_DAYS = 365
+NODE_KEY = "node_key"  # `deploy keygen`: DIR/node_key (private, 0600) and DIR/node_key.pub
 _HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
 
 
@@ -34,7 +39,7 @@ def node_key(folder: str | Path, k: int) -> Path:
     return Path(folder) / f"node_{k}"
 
 
-def write_certificates(folder: str | Path, hosts: Sequence[str], nodes: int) -> Path:
+def write_certificates(folder: str | Path, hosts: Sequence[str], nodes: int = 0) -> Path:
     """Write a CA, the SuperLink's certificate for `hosts` and `nodes` SuperNode key pairs into `folder`."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
@@ -86,16 +91,55 @@ def write_certificates(folder: str | Path, hosts: Sequence[str], nodes: int) -> 
         _write(target / "ca.key", ca_key.private_bytes(**private), secret=True)
         _write(target / "server.crt", server.public_bytes(pem))
         _write(target / "server.key", server_key.private_bytes(**private), secret=True)
+        _write(target / "server.pem", server.public_bytes(pem) + server_key.private_bytes(**private), secret=True)
         for k in range(nodes):
-            key = ec.generate_private_key(ec.SECP384R1())
-            _write(node_key(target, k), key.private_bytes(serialization.Encoding.PEM,
-                                                          serialization.PrivateFormat.OpenSSH,
-                                                          serialization.NoEncryption()), secret=True)
-            public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-            _write(Path(f"{node_key(target, k)}.pub"), public + f" dsl_fed-node_{k}\n".encode())
+            private_key, public_line = _node_key_pair(f"dsl_fed-node_{k}")
+            _write(node_key(target, k), private_key, secret=True)
+            _write(Path(f"{node_key(target, k)}.pub"), public_line)
 
     publish_folder(folder, write)
     return folder
+
+
+def write_node_key(folder: str | Path) -> tuple[Path, str]:
+    """Make a SuperNode key pair in `folder` (created if missing); returns the private key's path and the public
+    key line (``ecdsa-sha2-nistp384 AAAA... dsl_fed-<folder name>``) to register.
+
+    Raises:
+        DslFedError: `folder` is a file, or either key file exists already (nothing is written then).
+    """
+    folder = Path(folder).absolute()
+    if folder.exists() and not folder.is_dir():
+        raise DslFedError(f"{folder}: is a file, not a folder")
+    private_path, public_path = folder / NODE_KEY, folder / f"{NODE_KEY}.pub"
+    for path in (private_path, public_path):
+        if path.exists() or path.is_symlink():
+            raise DslFedError(f"{path}: exists; a SuperNode may be using it (nothing was written; move it away "
+                              "to make a new key)")
+    private_key, public_line = _node_key_pair("dsl_fed-" + (re.sub(r"[^A-Za-z0-9._-]", "_", folder.name) or "node"))
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        _write(private_path, private_key, secret=True)
+    except FileExistsError:
+        raise DslFedError(f"{private_path}: exists; a SuperNode may be using it (nothing was written)") from None
+    try:
+        _write(public_path, public_line)
+    except FileExistsError:
+        private_path.unlink()  # ours, written a moment ago: no half pair is left behind
+        raise DslFedError(f"{public_path}: exists; a SuperNode may be using it (nothing was written)") from None
+    return private_path, public_line.decode().strip()
+
+
+def _node_key_pair(comment: str) -> tuple[bytes, bytes]:
+    """An ECDSA P-384 key: (OpenSSH private key, OpenSSH public key line with `comment`)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP384R1())
+    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                serialization.NoEncryption())
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    return private, public + f" {comment}\n".encode()
 
 
 def check_host(host: str) -> None:
