@@ -1,11 +1,13 @@
-"""A real Flower deployment on one machine: SuperLink and SuperNodes as separate processes on 127.0.0.1.
+"""A real Flower deployment on one machine: SuperLink and SuperNodes as separate processes.
 
 Everything runs as it would across machines (`README` "Deploy across machines" lists the same commands): the
 SuperLink with TLS, SuperNode authentication and a state database; each SuperNode with the CA certificate,
 its own private key and its own data folder (``--node-config data-path=...``); the job submitted with
-``flwr run APP CONNECTION --stream`` through a TLS connection entry in a private ``FLWR_HOME``. Flower's
-Control API shares the SuperLink's port with the Fleet API and is not authenticated in the open-source build,
-so everything binds to 127.0.0.1 only.
+``flwr run APP CONNECTION --stream`` through a TLS connection entry in a private ``FLWR_HOME``. Flower 1.42
+serves the Control API on the SuperLink's port together with the Fleet API and does not authenticate it in the
+open-source build, so the SuperLink binds to 127.0.0.1 only. On one host (`deploy_local`) the SuperNodes dial
+that address; on separate hosts (network namespaces, `dsl_fed.deploy.netns`) they dial a proxy on the
+SuperLink's host that passes only the Fleet API (``fleet_proxy.cfg``, `LoopbackFederation.start_fleet_proxy`).
 
 `deploy_local` marks every process it starts (`dsl_fed.federated.watchdog.guard`), so none outlives it, even
 when it is killed.
@@ -20,39 +22,69 @@ import json
 import os
 import shutil
 import signal
-import ssl
 import subprocess
+import sys
 import time
-import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from dsl_fed.deploy.netns import Host
 from dsl_fed.errors import DslFedError
 from dsl_fed.io import refuse_existing, run_lock, settle_attempts, staged_run
-from dsl_fed.federated.runtime import QUIET_ENV, executable, flwr_run, free_port, stop_process_tree
+from dsl_fed.federated.runtime import (QUIET_ENV, executable, flwr_run, free_port, stop_process_tree,
+                                      stop_process_trees)
 
 CONNECTION = "dsl-fed-deploy"  # the connection name in the private FLWR_HOME
 WORKDIR_TAG = ".dsl_fed-deploy"  # marks a folder `deploy_local` made (and may replace)
+FLEET_PROXY_CONFIG = Path(__file__).with_name("fleet_proxy.cfg")  # haproxy: Fleet API only, see the file
+OPERATOR = "superlink"  # the host of the SuperLink, its proxy and the operator's `flwr` commands
+
+# Polls URL (https, CA file) until it answers 200 or SECONDS pass; run on the host that should reach it.
+_PROBE = """
+import ssl, sys, time, urllib.request
+url, ca, until = sys.argv[1], sys.argv[2], time.monotonic() + float(sys.argv[3])
+context = ssl.create_default_context(cafile=ca)
+while time.monotonic() < until:
+    try:
+        with urllib.request.urlopen(url, timeout=1, context=context) as response:
+            sys.exit(0 if response.status == 200 else 1)
+    except OSError:
+        time.sleep(0.3)
+sys.exit(1)
+"""
 
 
 class LoopbackFederation:
-    """SuperLink + SuperNodes on 127.0.0.1 with TLS and node authentication; stops all it started on exit.
+    """SuperLink + SuperNodes with TLS and node authentication; stops all it started on exit.
+
+    Without `hosts` every process runs here and the SuperNodes dial the SuperLink on 127.0.0.1. With `hosts`
+    each runs on its own host: the SuperLink, the fleet proxy and the operator's ``flwr`` commands on
+    ``hosts["superlink"]`` (the SuperLink still on that host's 127.0.0.1), SuperNode k on ``hosts["node_<k>"]``,
+    dialling `fleet_address`.
 
     Args:
         workdir: Holds ``flwr_home/``, ``logs/`` and the SuperLink's ``state.db``.
-        certs: A folder written by `dsl_fed.deploy.certs.write_certificates` (CA, server cert, node keys).
+        certs: A folder written by `dsl_fed.deploy.certs.write_certificates` (CA, server certificate).
         node_folders: Data folder of SuperNode k (its ``data-path``).
         port: The SuperLink's port (default: a free one). Keep it to restart the SuperLink in place.
         env: Added to the environment of every process started (e.g. the marker of `watchdog.guard`).
+        node_keys: SuperNode k's private key, its public key beside it (+ ``.pub``); default ``certs/node_<k>``.
+        hosts: Where each process runs (`dsl_fed.deploy.netns.Host`), keyed ``superlink`` and ``node_<k>``.
+        fleet_address: What the SuperNodes dial (the proxy's ``host:port``); default the SuperLink's address.
     """
 
     def __init__(self, workdir: Path, certs: Path, node_folders: list[Path], port: int | None = None,
-                 env: Mapping[str, str] | None = None) -> None:
+                 env: Mapping[str, str] | None = None, node_keys: Sequence[Path] | None = None,
+                 hosts: Mapping[str, Host] | None = None, fleet_address: str | None = None) -> None:
         self.workdir = Path(workdir).absolute()
         self.certs = Path(certs).absolute()
         self.node_folders = [Path(f).absolute() for f in node_folders]
+        self.node_keys = [Path(k).absolute() for k in node_keys] if node_keys is not None else [
+            self.certs / f"node_{k}" for k in range(len(self.node_folders))]
+        self.hosts = dict(hosts or {})
         self.port = port or free_port()
+        self.fleet_address = fleet_address or self.address
         self.logs = self.workdir / "logs"
         self.flwr_home = self.workdir / "flwr_home"
         self.processes: dict[str, subprocess.Popen] = {}
@@ -67,6 +99,7 @@ class LoopbackFederation:
 
     @property
     def address(self) -> str:
+        """The SuperLink's address on its own host: all its APIs."""
         return f"127.0.0.1:{self.port}"
 
     def __enter__(self) -> "LoopbackFederation":
@@ -85,27 +118,31 @@ class LoopbackFederation:
             "--ssl-keyfile", str(self.certs / "server.key"), "--enable-supernode-auth",
             "--database", str(self.workdir / "state.db"), "--host", "127.0.0.1", "--port", str(self.port),
             "--disable-runtime-dependency-installation", "--log-file", str(self.logs / "superlink.log"),
-        ])
-        context = ssl.create_default_context(cafile=str(self.certs / "ca.crt"))
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self._check_alive("superlink")
-            with contextlib.suppress(OSError):
-                with urllib.request.urlopen(f"https://{self.address}/health", timeout=1, context=context) as response:
-                    if response.status == 200:
-                        return
-            time.sleep(0.3)
-        raise DslFedError(f"flower-superlink did not answer on {self.address} within {timeout:.0f} s; "
-                          f"see {self.logs / 'superlink.log'}")
+        ], host=OPERATOR)
+        self._wait_answering("superlink", f"https://{self.address}/health", timeout)
 
-    def register(self, k: int) -> None:
-        """``flwr supernode register node_<k>.pub``: allow SuperNode k's key (the Control API, over TLS)."""
-        result = subprocess.run(
-            [executable("flwr"), "supernode", "register", f"{self.certs / f'node_{k}'}.pub", CONNECTION],
-            env=self.env, capture_output=True, text=True, timeout=120,
-        )
+    def start_fleet_proxy(self, listen: str, timeout: float = 30.0) -> None:
+        """Start haproxy with ``fleet_proxy.cfg`` on the SuperLink's host, listening on `listen` (``ip:port``):
+        it passes the Fleet API (and /health) to the SuperLink and refuses every other path with 403."""
+        haproxy = shutil.which("haproxy")
+        if haproxy is None:
+            raise DslFedError("haproxy not found on PATH; install it (Debian/Ubuntu: apt-get install haproxy)")
+        self._start("fleet_proxy", [haproxy, "-db", "-f", str(FLEET_PROXY_CONFIG)], host=OPERATOR,
+                    env={"FLEET_BIND": listen, "SUPERLINK": self.address, "CERTS": str(self.certs)})
+        self._wait_answering("fleet_proxy", f"https://{listen}/health", timeout)
+
+    def register(self, k: int, public_key: Path | None = None) -> None:
+        """``flwr supernode register KEY.pub``: allow SuperNode k's key (the Control API, over TLS).
+
+        `public_key` defaults to the public key beside SuperNode k's private key (the operator's copy of a site's
+        ``node_key.pub`` is enough).
+        """
+        public = str(public_key or f"{self.node_keys[k]}.pub")
+        result = subprocess.run(self._command(OPERATOR, [executable("flwr"), "supernode", "register", public,
+                                                         CONNECTION]),
+                                env=self.env, capture_output=True, text=True, timeout=120)
         if result.returncode != 0:
-            raise DslFedError(f"flwr supernode register node_{k}.pub failed: {_last_line(result.stdout + result.stderr)}")
+            raise DslFedError(f"flwr supernode register {public} failed: {_last_line(result.stdout + result.stderr)}")
 
     def start_node(self, k: int, key: Path | None = None, root_certificates: bool = True,
                    name: str | None = None) -> subprocess.Popen:
@@ -113,16 +150,19 @@ class LoopbackFederation:
 
         `name` (default ``node_<k>``) names the process for `kill` and its log file.
         """
-        cmd = [executable("flower-supernode"), "--superlink", self.address,
-               "--auth-supernode-private-key", str(key or self.certs / f"node_{k}"),
-               "--node-config", f'data-path="{self.node_folders[k]}"', "--port", str(free_port())]
+        cmd = [executable("flower-supernode"), "--superlink", self.fleet_address,
+               "--auth-supernode-private-key", str(key or self.node_keys[k]),
+               "--node-config", f'data-path="{self.node_folders[k]}"']
+        if not self.hosts:  # SuperNodes on one host need a local API port each; on their own hosts 9094 is free
+            cmd += ["--port", str(free_port())]
         if root_certificates:
             cmd[3:3] = ["--root-certificates", str(self.certs / "ca.crt")]
-        return self._start(name or f"node_{k}", cmd)
+        return self._start(name or f"node_{k}", cmd, host=f"node_{k}")
 
     def online_nodes(self) -> int:
         """How many SuperNodes the SuperLink lists as online (``flwr supernode list``)."""
-        result = subprocess.run([executable("flwr"), "supernode", "list", CONNECTION, "--format", "json"],
+        result = subprocess.run(self._command(OPERATOR, [executable("flwr"), "supernode", "list", CONNECTION,
+                                                         "--format", "json"]),
                                 env=self.env, capture_output=True, text=True, timeout=120)
         try:
             listed = json.loads(result.stdout).get("nodes", [])
@@ -144,7 +184,7 @@ class LoopbackFederation:
     def run(self, app_dir: Path, run_config: Path, on_line: Callable[[str], None]) -> int:
         """``flwr run APP dsl-fed-deploy --stream --run-config FILE``; returns its exit code."""
         return flwr_run(app_dir, self.flwr_home, run_config, {}, self.logs / "flower.log", on_line,
-                        connection=CONNECTION, env=self.extra_env)
+                        connection=CONNECTION, env=self.extra_env, prefix=self._command(OPERATOR, []))
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         """Send `sig` to one started process and its children (SIGKILL: a crash, nothing gets to clean up)."""
@@ -160,18 +200,41 @@ class LoopbackFederation:
             stop_process_tree(proc)
 
     def close(self) -> None:
-        """Stop every process started here (nodes first, then the SuperLink with its ServerApp)."""
-        for name in sorted(self.processes, key=lambda n: n == "superlink"):
-            stop_process_tree(self.processes.pop(name))
+        """Stop every process started here: the SuperNodes together first (they sign off at the SuperLink), then
+        the proxy and the SuperLink with its ServerApp."""
+        last = [name for name in ("fleet_proxy", "superlink") if name in self.processes]
+        for group in ([name for name in self.processes if name not in last], last):
+            stop_process_trees([self.processes.pop(name) for name in group])
 
-    def _start(self, name: str, cmd: list[str]) -> subprocess.Popen:
+    def _command(self, host: str, argv: list[str]) -> list[str]:
+        return self.hosts[host].command(argv) if host in self.hosts else argv
+
+    def _start(self, name: str, cmd: list[str], host: str, env: Mapping[str, str] | None = None) -> subprocess.Popen:
         log = (self.logs / f"{name}.log").open("a")
         try:
-            proc = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            proc = subprocess.Popen(self._command(host, cmd), env={**self.env, **(env or {})}, stdout=log,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
         finally:
             log.close()
         self.processes[name] = proc
         return proc
+
+    def _wait_answering(self, name: str, url: str, timeout: float) -> None:
+        """Wait until `url` answers 200 on the SuperLink's host, while process `name` is alive."""
+        probe = subprocess.Popen(self._command(OPERATOR, [sys.executable, "-c", _PROBE, url,
+                                                          str(self.certs / "ca.crt"), str(timeout)]),
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            while probe.poll() is None:
+                self._check_alive(name)
+                time.sleep(0.2)
+        finally:
+            if probe.poll() is None:
+                probe.kill()
+            probe.wait()
+        if probe.returncode != 0:
+            self._check_alive(name)
+            raise DslFedError(f"{name} did not answer on {url} within {timeout:.0f} s; see {self.logs / f'{name}.log'}")
 
     def _check_alive(self, name: str) -> None:
         code = self.processes[name].poll()

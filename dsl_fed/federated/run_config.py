@@ -162,7 +162,8 @@ def write_app(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "pyproject.toml").write_text(
         '[build-system]\nrequires = ["setuptools>=68"]\nbuild-backend = "setuptools.build_meta"\n\n'
-        f'[project]\nname = "dsl-fed"\nversion = "{__version__}"\ndependencies = []\n\n'
+        f'[project]\nname = "dsl-fed"\nversion = "{__version__}"\ndependencies = []\n'
+        'description = "dsl_fed federated training"\nlicense = { text = "Apache-2.0" }\n\n'  # Flower warns without them
         '[tool.flwr.app]\npublisher = "dsl-fed"\n\n'
         '[tool.flwr.app.components]\nserverapp = "dsl_fed.federated.server_app:app"\n'
         'clientapp = "dsl_fed.federated.client_app:app"\n\n'

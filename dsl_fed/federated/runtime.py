@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import psutil
@@ -68,18 +68,31 @@ def terminate_tree(pid: int, timeout: float = 20.0) -> None:
     The descendants are collected first because SuperExec leaves its parent's session and process group, and
     becomes unreachable through the tree once its parent is gone.
     """
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return
+    terminate_trees([pid], timeout)
+
+
+def terminate_trees(pids: Sequence[int], timeout: float = 20.0) -> None:
+    """`terminate_tree` for several processes at once: they shut down side by side, not one after the other."""
+    procs = []
+    for pid in pids:
+        try:
+            root = psutil.Process(pid)
+            procs += [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            continue
     end_processes(procs, timeout)
 
 
 def stop_process_tree(proc: subprocess.Popen, timeout: float = 20.0) -> None:
     """`terminate_tree` for a child of ours, then reap it."""
-    terminate_tree(proc.pid, timeout)
-    proc.wait()
+    stop_process_trees([proc], timeout)
+
+
+def stop_process_trees(procs: Sequence[subprocess.Popen], timeout: float = 20.0) -> None:
+    """`stop_process_tree` for several children of ours at once."""
+    terminate_trees([proc.pid for proc in procs], timeout)
+    for proc in procs:
+        proc.wait()
 
 
 @contextlib.contextmanager
@@ -90,10 +103,10 @@ def local_superlink(flwr_home: Path, log_file: Path, startup_timeout: float = 60
     `env` is added to the SuperLink's environment (e.g. the run marker of `dsl_fed.federated.watchdog.guard`).
     """
     exe = executable("flower-superlink")
-    port, control = free_port(), free_port()
-    cmd = [
+    port = free_port()
+    cmd = [  # one port serves the Control and ServerAppIo APIs (Flower 1.42 deprecates --control-api-address)
         exe, "--insecure", "--simulation", "--isolation", "subprocess",
-        "--host", "127.0.0.1", "--port", str(port), "--control-api-address", f"127.0.0.1:{control}",
+        "--host", "127.0.0.1", "--port", str(port),
         "--disable-runtime-dependency-installation", "--log-file", str(log_file),
     ]
     log_file.parent.mkdir(parents=True, exist_ok=True)
@@ -123,14 +136,17 @@ def flwr_run(
     on_line: Callable[[str], None] = lambda line: None,
     connection: str = CONNECTION,
     env: Mapping[str, str] | None = None,
+    prefix: Sequence[str] = (),
 ) -> int:
     """``flwr run APP CONNECTION --stream`` with a run-config TOML file; every output line goes to `log_file`.
+
+    `prefix` runs it through another command (e.g. ``ip netns exec NS``: on the operator's host).
 
     Returns:
         The exit code of `flwr run` (0 also when the ServerApp failed: check the run's outputs).
     """
     fed = " ".join(f"{k}={v}" for k, v in federation_config.items())
-    cmd = [executable("flwr"), "run", str(app_dir), connection, "--stream", "--run-config", str(run_config)]
+    cmd = [*prefix, executable("flwr"), "run", str(app_dir), connection, "--stream", "--run-config", str(run_config)]
     if fed:
         cmd += ["--federation-config", fed]
     env = _flower_env(flwr_home, env)
