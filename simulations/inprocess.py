@@ -11,10 +11,11 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import keras
+import numpy as np
 from flwr.app import Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -24,8 +25,9 @@ from dsl_fed.federated import client_app
 from dsl_fed.federated.run_config import count_shards
 from dsl_fed.federated.server_app import slice_names
 from dsl_fed.federated.strategy import make_strategy
-from dsl_fed.metrics import evaluate_chunks
+from dsl_fed.metrics import evaluate_chunks, uar
 from dsl_fed.models import build_model, get_weights_by_name, set_weights_by_name, weight_names
+from dsl_fed.predict import predict_clips
 from dsl_fed.privacy import RunPrivacy, privacy_unit
 
 Tamper = Callable[[int, Message, Callable[[Message], Message]], Message]  # (partition, msg, honest) -> reply
@@ -68,10 +70,17 @@ class RunResult:
     rounds: int
     epsilon: float | None
     seconds: float
+    per_round: tuple[dict[str, float], ...] = ()  # with `score_rounds`: the UAR of each round's global model
+    weights: dict[str, np.ndarray] = field(default_factory=dict, repr=False, compare=False)  # the final global model
 
 
-def run(config_path: Path, overrides: list[str], tamper: Tamper | None = None) -> RunResult:
-    """Train federated in-process and score the final global model on the devel speakers."""
+def run(config_path: Path, overrides: list[str], tamper: Tamper | None = None,
+        score_rounds: tuple[str, ...] = ()) -> RunResult:
+    """Train federated in-process and score the final global model on the devel speakers.
+
+    `score_rounds` (partitions, e.g. ``("devel", "test")``) also scores every round's global model on them on
+    the server, as ``dsl_fed simulate`` does, so a schedule screen sees its best round and not only its last.
+    """
     start = time.perf_counter()
     cfg: Config = load_config(config_path, overrides)
     client_app.limit_threads(cfg.federated.client_cpus)  # the clients take turns in this process: one client's share
@@ -84,15 +93,40 @@ def run(config_path: Path, overrides: list[str], tamper: Tamper | None = None) -
     privacy = RunPrivacy.of(cfg.federated, num_nodes, privacy_unit(cfg)) if cfg.federated.dp.enabled else None
     rounds = privacy.last_round(strategy.schedule.num_rounds) if privacy else strategy.schedule.num_rounds
     grid = InProcessGrid(config_path, overrides, num_nodes, tamper)
+    per_round: list[dict[str, float]] = []
+    scorer = _RoundScorer(cfg, manifest, score_rounds, per_round) if score_rounds else None
     with task_identity():
-        result = strategy.start(grid=grid, initial_arrays=strategy.full_record(), num_rounds=rounds)
+        result = strategy.start(grid=grid, initial_arrays=strategy.full_record(), num_rounds=rounds,
+                                evaluate_fn=scorer)
     keras.backend.clear_session()
     model = build_model(cfg, len(manifest.classes))
-    set_weights_by_name(model, {name: array.numpy() for name, array in result.arrays.items()})
+    weights = {name: array.numpy() for name, array in result.arrays.items()}
+    set_weights_by_name(model, weights)
     devel = load_chunks(manifest.partition("devel", required=True), cfg.data, manifest.classes, progress=False)
     score = evaluate_chunks(model, devel, manifest.classes, batch_size=cfg.training.batch_size, seed=cfg.training.seed)
     return RunResult(float(score["uar"]), rounds, privacy.epsilon(strategy.dp_releases) if privacy else None,
-                     time.perf_counter() - start)
+                     time.perf_counter() - start, tuple(per_round), weights)
+
+
+class _RoundScorer:
+    """`evaluate_fn` for `Strategy.start`: the UAR of each round's full global model on held-out partitions."""
+
+    def __init__(self, cfg: Config, manifest, partitions: tuple[str, ...], out: list[dict[str, float]]):
+        self.cfg, self.out = cfg, out
+        self.model = build_model(cfg, len(manifest.classes))
+        self.chunks = {part: load_chunks(manifest.partition(part, required=True), cfg.data, manifest.classes,
+                                         progress=False) for part in partitions}
+
+    def __call__(self, server_round: int, arrays) -> None:
+        if server_round == 0:
+            return None
+        set_weights_by_name(self.model, {name: array.numpy() for name, array in arrays.items()})
+        scores = {}
+        for part, chunks in self.chunks.items():
+            _, probs, labels, _ = predict_clips(self.model, chunks, batch_size=self.cfg.training.batch_size)
+            scores[part] = uar(labels, probs.argmax(axis=1))
+        self.out.append(scores)
+        return None
 
 
 @contextlib.contextmanager

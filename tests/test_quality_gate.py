@@ -32,9 +32,12 @@ def studio_corpus(tmp_path_factory):
 def test_one_client_per_speaker_learns_above_chance(studio_corpus, tmp_path):
     config = tmp_path / "gate.yaml"
     config.write_text(GATE_CONFIG.format(manifest=studio_corpus))
-    result = inprocess.run(config, [])
-    print(f"quality gate: devel UAR {result.devel_uar:.3f} after {result.rounds} rounds in {result.seconds:.0f} s")
-    assert result.rounds == 5
+    result = inprocess.run(config, [], score_rounds=("devel",))
+    curve = [r["devel"] for r in result.per_round]
+    print(f"quality gate: devel UAR {result.devel_uar:.3f} after {result.rounds} rounds in {result.seconds:.0f} s; "
+          f"by round {curve}")
+    assert result.rounds == 5 and len(curve) == 5
+    assert curve[-1] == pytest.approx(result.devel_uar, abs=1e-9)  # the server's round score is the final model's
     assert result.devel_uar >= FLOOR, f"one-client-per-speaker federation fell to devel UAR {result.devel_uar:.3f}"
 
 
