@@ -22,6 +22,7 @@ from typing import Any
 from dsl_fed.config import Config
 from dsl_fed.data.manifest import Manifest, load_manifest
 from dsl_fed.data.pipeline import ChunkSet, load_chunks
+from dsl_fed.embedding_cache import EmbeddingCache, for_config, run_folder
 from dsl_fed.io import atomic_path, atomic_write, read_history, refuse_existing, run_lock, staged_run
 from dsl_fed.metrics import evaluate_chunks
 from dsl_fed.models import build_model
@@ -57,7 +58,8 @@ def _train_and_report(cfg: Config, run_dir: Path, train: ChunkSet, devel: ChunkS
                       classes: list[str], warnings: list[str], fuse_dev: bool, verbose: int, command: str,
                       start: float) -> dict[str, Any]:
     model = build_model(cfg, len(classes))
-    phase1 = train_local(model, train, devel, cfg, phase=1, run_dir=run_dir, verbose=verbose)
+    cache = for_config(run_folder(cfg), cfg)
+    phase1 = train_local(model, train, devel, cfg, phase=1, run_dir=run_dir, verbose=verbose, cache=cache)
     phase2 = None
     if cfg.training.phase2_epochs > 0:
         phase2 = train_local(
@@ -81,7 +83,8 @@ def _train_and_report(cfg: Config, run_dir: Path, train: ChunkSet, devel: ChunkS
 
     if fuse_dev:
         epochs = (phase1.best_epoch or 0, (phase2.best_epoch or 0) if phase2 else 0)
-        model = _train_fused(cfg, ChunkSet.concat([train, devel]), len(classes), epochs, run_dir / "fused", verbose)
+        model = _train_fused(cfg, ChunkSet.concat([train, devel]), len(classes), epochs, run_dir / "fused", verbose,
+                             cache)
         training["fused_epochs"] = list(epochs)
         if test is not None:
             metrics["test_train_only"] = metrics.pop("test")
@@ -97,9 +100,10 @@ def _train_and_report(cfg: Config, run_dir: Path, train: ChunkSet, devel: ChunkS
     return metrics
 
 
-def _train_fused(cfg: Config, chunks: ChunkSet, num_classes: int, epochs: tuple[int, int], out: Path, verbose: int):
+def _train_fused(cfg: Config, chunks: ChunkSet, num_classes: int, epochs: tuple[int, int], out: Path, verbose: int,
+                 cache: EmbeddingCache | None = None):
     model = build_model(cfg, num_classes)
-    train_local(model, chunks, None, cfg, phase=1, epochs=epochs[0], run_dir=out, verbose=verbose)
+    train_local(model, chunks, None, cfg, phase=1, epochs=epochs[0], run_dir=out, verbose=verbose, cache=cache)
     if epochs[1] > 0:
         train_local(model, chunks, None, cfg, phase=2, epochs=epochs[1], run_dir=out, verbose=verbose)
     return model

@@ -165,6 +165,8 @@ class TrainingConfig:
     early_stopping: int = 0  # patience in epochs on devel UAR; 0 = off
     tensorboard: bool = False
     seed: int = 0
+    embedding_cache: bool = True  # phase 1 on cached backbone embeddings where valid (no augmentation, no random backbone)
+    embedding_cache_mb: int = 4096  # size bound of one cache folder
 
     def _validate(self) -> None:
         _require(0 < self.learning_rate <= 100, "training.learning_rate", f"must be in (0, 100], got {self.learning_rate}")
@@ -176,6 +178,8 @@ class TrainingConfig:
         _require(self.unfrozen_layers == "all" or 0 <= self.unfrozen_layers <= MAX_COUNT, "training.unfrozen_layers",
                  f"must be in [0, {MAX_COUNT}] or 'all', got {self.unfrozen_layers}")
         _require(0 <= self.seed <= MAX_SEED, "training.seed", f"must be in [0, {MAX_SEED}], got {self.seed}")
+        _require(1 <= self.embedding_cache_mb <= 1 << 30, "training.embedding_cache_mb",
+                 f"must be in [1, {1 << 30}], got {self.embedding_cache_mb}")
 
     @property
     def phase2_learning_rate(self) -> float:

@@ -9,7 +9,9 @@ Recipe: optimizer from ``training.optimizer`` (AdaDelta in the paper), categoric
 class weights (``training.class_balance: class_weight``): each present class gets ``N / (K * n_c)`` (the
 "balanced" heuristic), so every class contributes the same total weight to the loss - which is what UAR
 rewards - without duplicating chunks (oversampling would lengthen epochs and repeat identical chunks).
-SapAugment (``augment.*``) is applied inside `dsl_fed.models.DslModel.train_step`.
+SapAugment (``augment.*``) is applied inside `dsl_fed.models.DslModel.train_step`. Phase 1 trains the head on
+backbone embeddings computed once (`dsl_fed.bottleneck`, kept in an `EmbeddingCache` if given) where that is valid
+(``training.embedding_cache``, no augmentation); the head's steps are the full model's.
 
 With validation chunks, every epoch predicts them, averages chunk probabilities per clip and logs the clip
 UAR as ``val_uar``; the best epoch (highest ``val_uar``, ties broken by lower ``val_loss``) is kept in memory,
@@ -18,7 +20,9 @@ checkpointed atomically to ``run_dir/checkpoints/best.keras`` and restored at th
 
 from __future__ import annotations
 
+import functools
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +32,10 @@ import keras
 import numpy as np
 
 from dsl_fed.augment import SapAugment, spec_fill
+from dsl_fed.bottleneck import bottleneck_applies, embed, head_model
 from dsl_fed.config import Config, TrainingConfig
 from dsl_fed.data.pipeline import ChunkSet, make_dataset
+from dsl_fed.embedding_cache import EmbeddingCache, front_end_key
 from dsl_fed.errors import DslFedError
 from dsl_fed.io import atomic_path, atomic_write_csv, read_history
 from dsl_fed.metrics import uar
@@ -77,6 +83,7 @@ def train_local(
     *,
     seed: int | None = None,
     initial_best: float | None = None,
+    cache: EmbeddingCache | None = None,
 ) -> TrainResult:
     """Train one phase of the two-phase recipe on in-memory chunks.
 
@@ -97,6 +104,7 @@ def train_local(
             should pass e.g. ``seed + 1000 * round + client`` so rounds differ).
         initial_best: Validation UAR the model had when the call started (e.g. phase 1's best when running
             phase 2). If no epoch beats it, the starting weights are restored. None = keep the best epoch.
+        cache: Where phase 1 keeps the backbone embeddings of the chunks (None: computed for this call only).
 
     Early stopping (``training.early_stopping``) and the best-epoch checkpoint need validation chunks; without
     them they are off.
@@ -117,11 +125,22 @@ def train_local(
     num_classes = int(model.output_shape[-1])
     keras.utils.set_random_seed(seed)
 
-    compile_for_phase(model, cfg, phase, seed)
+    learning_rate = compile_for_phase(model, cfg, phase, seed)
+    fitted, train_set, val_set = model, train_chunks, val_chunks
+    bottleneck, why_not = bottleneck_applies(model, cfg, phase)
+    if bottleneck:  # the head alone, on embeddings: its layers are the model's, so the model trains in place
+        front_end = front_end_key(model) if cache is not None else None
+        train_set = embed(model, train_chunks, tcfg.batch_size, cache, front_end)
+        val_set = None if val_chunks is None else embed(model, val_chunks, tcfg.batch_size, cache, front_end)
+        fitted = head_model(model)
+        _compile(fitted, tcfg, ("head",), learning_rate)
+    elif why_not:
+        _note_once(f"note: phase 1 runs without the embedding cache: {why_not}")
 
     run_dir = None if run_dir is None else Path(run_dir)
-    validation = _ValidationMetrics(val_chunks, tcfg.batch_size) if val_chunks is not None else None
-    best = _BestWeights(initial_best, run_dir / CHECKPOINT_FILE if run_dir else None) if validation else None
+    validation = _ValidationMetrics(val_set, tcfg.batch_size) if val_set is not None else None
+    checkpoint = run_dir / CHECKPOINT_FILE if run_dir else None
+    best = _BestWeights(initial_best, checkpoint, saved=model) if validation else None
     callbacks: list[keras.callbacks.Callback] = [_FiniteGuard(phase), _EpochInfo(phase)]
     callbacks += [c for c in (validation, best) if c is not None]
     if run_dir is not None:
@@ -133,9 +152,9 @@ def train_local(
 
     history: dict[str, list[float]] = {}
     if epochs > 0:
-        dataset = make_dataset(train_chunks, num_classes, tcfg.batch_size, shuffle=True, seed=seed)
+        dataset = make_dataset(train_set, num_classes, tcfg.batch_size, shuffle=True, seed=seed)
         weights = class_weights(train_chunks.labels, num_classes) if tcfg.class_balance == "class_weight" else None
-        fit = model.fit(dataset, epochs=epochs, verbose=verbose, callbacks=callbacks, class_weight=weights, shuffle=False)
+        fit = fitted.fit(dataset, epochs=epochs, verbose=verbose, callbacks=callbacks, class_weight=weights, shuffle=False)
         history = {k: [float(v) for v in vs] for k, vs in fit.history.items()}
 
     val_metrics = None
@@ -144,7 +163,7 @@ def train_local(
         if best is not None and best.best_epoch > 0:
             val_metrics, best_epoch = best.best_metrics, best.best_epoch
         else:
-            val_metrics, best_epoch = validation.evaluate(model), 0
+            val_metrics, best_epoch = validation.evaluate(fitted), 0
     ran = len(history.get("loss", []))
     return TrainResult(
         history=history,
@@ -170,7 +189,14 @@ def compile_for_phase(model: keras.Model, cfg: Config, phase: int, seed: int = 0
     tcfg = cfg.training
     set_phase(model, phase, tcfg.unfrozen_layers)
     learning_rate = tcfg.learning_rate if phase == 1 else tcfg.phase2_learning_rate
-    key = (phase, tcfg.unfrozen_layers, tcfg.optimizer, _loss_terms(model))
+    _compile(model, tcfg, (phase, tcfg.unfrozen_layers), learning_rate)
+    _attach_augmentation(model, cfg, seed)
+    return learning_rate
+
+
+def _compile(model: keras.Model, tcfg: TrainingConfig, what: tuple, learning_rate: float) -> None:
+    """Compile `model` (or, if compiled for the same `what`, optimizer and loss terms, reset its optimizer)."""
+    key = (*what, tcfg.optimizer, _loss_terms(model))
     compiled = getattr(model, "_dsl_compiled", None)
     if isinstance(compiled, _Compiled) and compiled.key == key and compiled.optimizer is model.optimizer:
         compiled.reset(learning_rate)
@@ -183,8 +209,11 @@ def compile_for_phase(model: keras.Model, cfg: Config, phase: int, seed: int = 0
         )
         model.optimizer.build(model.trainable_variables)  # now rather than in the first step: its start is recorded
         model._dsl_compiled = _Compiled(key, model.optimizer)
-    _attach_augmentation(model, cfg, seed)
-    return learning_rate
+
+
+@functools.cache  # once per process and reason: a client process trains many times
+def _note_once(line: str) -> None:
+    print(line, file=sys.stderr)
 
 
 class _Compiled:
@@ -322,8 +351,9 @@ class _ValidationMetrics(keras.callbacks.Callback):
 class _BestWeights(keras.callbacks.Callback):
     """Keeps the best-on-validation weights in memory, checkpoints them atomically, restores them at the end."""
 
-    def __init__(self, initial_best: float | None, checkpoint: Path | None) -> None:
+    def __init__(self, initial_best: float | None, checkpoint: Path | None, saved: keras.Model | None = None) -> None:
         super().__init__()
+        self.saved = saved  # the model the checkpoint holds (the full model when only its head is fitted)
         # (uar, loss): higher UAR wins, then lower loss; an `initial_best` must be beaten strictly (its loss is unknown)
         self.best_key = (-math.inf, math.inf) if initial_best is None else (float(initial_best), -math.inf)
         self.checkpoint = checkpoint
@@ -345,7 +375,7 @@ class _BestWeights(keras.callbacks.Callback):
             self._weights = [np.array(w) for w in self.model.get_weights()]
             if self.checkpoint is not None:
                 with atomic_path(self.checkpoint) as tmp:
-                    self.model.save(tmp)
+                    (self.saved if self.saved is not None else self.model).save(tmp)
 
     def on_train_end(self, logs: dict | None = None) -> None:
         if self._weights is not None:

@@ -19,7 +19,7 @@ from dsl_fed.errors import DslFedError
 from dsl_fed.quiet import VERBOSE_ENV, quiet_libraries
 
 # Sub-command modules, in the order `dsl_fed --help` lists them.
-COMMAND_MODULES: list[str] = ["data", "device", "train", "baseline", "federated", "experiment", "deploy", "plot"]
+COMMAND_MODULES: list[str] = ["data", "device", "train", "baseline", "federated", "experiment", "deploy", "plot", "cache"]
 
 
 class Terminated(KeyboardInterrupt):

@@ -21,6 +21,8 @@ rounds, and building and tracing the model anew per message cost more than train
 message loads every weight and resets the optimizer and every random stream from its (round, node) seed, so an
 update never depends on what the actor ran before - a resumed run reproduces an uninterrupted one bit for bit.
 The decoded clips are cached per process too (`_chunks`, least recently used dropped beyond `DECODED_BYTES`).
+Phase 1 trains on backbone embeddings kept on the node (`node_cache`: the node config's ``cache-path``, else
+``.dsl_fed_cache`` in its data folder, else - simulated nodes - the run's cache folder); they never leave it.
 
 Evaluation replies carry confusion-matrix counts of the node's devel (and test) clips, so the server can sum
 them into the exact global clip-level UAR without seeing a clip.
@@ -50,9 +52,11 @@ import tensorflow as tf  # noqa: E402
 from flwr.app import Array, ArrayRecord, Context, Error, Message, MetricRecord, RecordDict  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
 
+from dsl_fed.bottleneck import predict_clips_on_embeddings  # noqa: E402
 from dsl_fed.config import Config, DataConfig, RobustnessConfig  # noqa: E402
 from dsl_fed.data import ChunkSet, load_chunks  # noqa: E402
 from dsl_fed.data.nodes import NodeData, node_data, persistent_node_id  # noqa: E402
+from dsl_fed.embedding_cache import EmbeddingCache, for_config, run_folder  # noqa: E402
 from dsl_fed.errors import DslFedError  # noqa: E402
 from dsl_fed.metrics import confusion, uar  # noqa: E402
 from dsl_fed.models import get_weights_by_name, set_phase, set_weights_by_name  # noqa: E402
@@ -123,13 +127,16 @@ def train(msg: Message, context: Context, app_dir: Path | None = None) -> Messag
         raise _node_error(context, f"phase {phase} trains {len(names)} weights but the server sent none for "
                                    f"{missing[:3]}; server and clients must run the same config")
     anchor = get_weights_by_name(model, names)
+    cache = node_cache(cfg, context)
     start = time.perf_counter()
     with proximal_term(model, anchor, float(config.get("proximal-mu", 0.0))):
-        result = train_local(model, chunks, None, cfg, phase, epochs=cfg.federated.local_epochs, verbose=0, seed=seed)
+        result = train_local(model, chunks, None, cfg, phase, epochs=cfg.federated.local_epochs, verbose=0, seed=seed,
+                             cache=cache)
     seconds = time.perf_counter() - start
     metrics: dict[str, int | float] = {"num-examples": int(result.num_examples), "partition-id": partition}
     if "dp-clipping" not in config:  # under DP the node reports nothing the noise does not cover
-        _, probs, labels, _ = predict_clips(model, chunks, batch_size=cfg.training.batch_size)
+        _, probs, labels, _ = (predict_clips_on_embeddings(model, chunks, cfg, phase, cache)
+                               or predict_clips(model, chunks, batch_size=cfg.training.batch_size))
         metrics.update({
             "train-loss": float(result.loss),
             "train-uar": float(uar(labels, probs.argmax(axis=1))),
@@ -260,6 +267,24 @@ def local_data(cfg: Config, context: Context, config: Mapping[str, object]) -> N
         return node_data(context.node_config, cfg.data, list(classes) if classes else None)
     except DslFedError as exc:
         raise _node_error(context, str(exc)) from None
+
+
+def node_cache(cfg: Config, context: Context) -> EmbeddingCache | None:
+    """Where this node keeps its embeddings: ``cache-path``, its data folder's ``.dsl_fed_cache``, or the run's."""
+    if not cfg.training.embedding_cache:
+        return None
+    node_config = context.node_config
+    if "cache-path" in node_config:
+        folder = Path(str(node_config["cache-path"])).expanduser()
+    elif "data-path" in node_config:
+        data = Path(str(node_config["data-path"])).expanduser()
+        folder = (data if data.is_dir() else data.parent) / NODE_CACHE_FOLDER
+    else:
+        folder = run_folder(cfg)
+    return for_config(folder, cfg, note=LOG.info)
+
+
+NODE_CACHE_FOLDER = ".dsl_fed_cache"  # hidden: a folder-per-class corpus never takes it for a class
 
 
 def _node_error(context: Context, message: str) -> DslFedError:

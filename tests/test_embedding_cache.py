@@ -1,0 +1,208 @@
+"""Phase 1 on cached backbone embeddings: the same head as training the full model, a cache that is never trusted blindly.
+
+Equivalence: the head model is made of the full model's own head layers (same variables, same dropout seed
+generator), fed the same batches in the same order with the same optimizer and class weights. The only possible
+difference is the float rounding of the backbone's output computed at another batch shape; with the tiny backbone
+the head weights come out bit for bit equal, and the test allows 1e-6 absolute (far below one step's change).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+
+import numpy as np
+import pytest
+
+from dsl_fed import embedding_cache
+from dsl_fed.bottleneck import bottleneck_applies, embed, head_model
+from dsl_fed.embedding_cache import MAGIC, EmbeddingCache, front_end_key
+from dsl_fed.models import build_model, get_weights_by_name, load_model
+from dsl_fed.train import _note_once, train_local
+
+TOLERANCE = 1e-6  # absolute, on every head weight (observed: 0.0)
+
+
+@pytest.fixture(scope="module")
+def corpus(demo_manifest):
+    from conftest import tiny_settings
+
+    from dsl_fed.config import from_dict
+    from dsl_fed.data.manifest import read_manifest
+    from dsl_fed.data.pipeline import load_chunks
+
+    settings = tiny_settings(demo_manifest, "unused", "cache")
+    settings["model"]["dropout"] = 0.5  # dropout active: its masks must match too
+    settings["training"]["phase1_epochs"] = 3
+    cfg = from_dict(settings)
+    manifest = read_manifest(demo_manifest)
+    train = load_chunks(manifest.partition("train"), cfg.data, manifest.classes, progress=False)
+    devel = load_chunks(manifest.partition("devel"), cfg.data, manifest.classes, progress=False)
+    return cfg, len(manifest.classes), train, devel
+
+
+def _phase1(cfg, classes, train, devel, cache, run_dir=None):
+    model = build_model(cfg, classes)
+    start = time.perf_counter()
+    result = train_local(model, train, devel, cfg, phase=1, verbose=0, cache=cache, run_dir=run_dir)
+    return model, result, time.perf_counter() - start
+
+
+def test_cached_phase1_trains_the_same_head_as_the_full_model(corpus, tmp_path, capsys):
+    cfg, classes, train, devel = corpus
+    plain_cfg = cfg.replace(**{"training.embedding_cache": "false"})
+    initial = get_weights_by_name(build_model(cfg, classes))
+    plain, plain_result, plain_seconds = _phase1(plain_cfg, classes, train, devel, None)
+    cache = EmbeddingCache(tmp_path / "cache")
+    cached, cached_result, first_seconds = _phase1(cfg, classes, train, devel, cache, run_dir=tmp_path / "run")
+    assert (cache.misses, cache.hits) == (2, 0)  # train and devel embedded once
+    again, _, again_seconds = _phase1(cfg, classes, train, devel, cache)
+    assert (cache.misses, cache.hits) == (2, 2)  # ... and read back
+
+    want = get_weights_by_name(plain)
+    assert set(want) == {f"{layer}/{w}" for layer, ws in
+                         {"hidden": ("kernel", "bias"), "arelu": ("alpha", "beta"), "predictions": ("kernel", "bias")}.items()
+                         for w in ws}
+    assert max(np.abs(want[n] - initial[n]).max() for n in want) > 1e-3  # training moved the head
+    for model in (cached, again):
+        got = get_weights_by_name(model)
+        for name in want:
+            np.testing.assert_allclose(got[name], want[name], rtol=0, atol=TOLERANCE, err_msg=name)
+    np.testing.assert_allclose(cached_result.history["loss"], plain_result.history["loss"], rtol=1e-6)
+    assert cached_result.val_metrics == pytest.approx(plain_result.val_metrics, abs=1e-6)
+    assert cached_result.best_epoch == plain_result.best_epoch
+    # the checkpoint holds the full model (waveform in), not the head it trained
+    best = load_model(tmp_path / "run" / "checkpoints" / "best.keras")
+    assert best.input_shape == cached.input_shape
+    with capsys.disabled():
+        print(f"\nphase 1 (tiny, {cfg.training.phase1_epochs} epochs + devel each epoch): full model "
+              f"{plain_seconds:.2f} s, embeddings computed {first_seconds:.2f} s, read from the cache {again_seconds:.2f} s")
+
+
+def test_a_changed_backbone_weight_or_spectrogram_setting_invalidates_the_cache(corpus, tmp_path):
+    cfg, classes, train, _ = corpus
+    cache = EmbeddingCache(tmp_path)
+    model = build_model(cfg, classes)
+    first = embed(model, train, 16, cache).waveforms
+    assert (cache.misses, cache.hits) == (1, 0)
+    assert np.array_equal(embed(model, train, 16, cache).waveforms, first) and cache.hits == 1
+
+    kernel = model.backbone.weights[0]
+    changed = kernel.numpy().copy()
+    changed.flat[0] += 0.5
+    key = front_end_key(model)
+    kernel.assign(changed)
+    assert front_end_key(model) != key
+    second = embed(model, train, 16, cache).waveforms
+    assert cache.misses == 2 and not np.array_equal(second, first)  # computed anew, not the stale entry
+
+    other = build_model(cfg.replace(**{"spectrogram.fmin": "100"}), classes)
+    third = embed(other, train, 16, cache).waveforms
+    assert cache.misses == 3 and not np.array_equal(third, first)
+    assert embedding_cache.folder_size(tmp_path)[1] == 3
+
+
+def test_a_damaged_or_foreign_entry_is_detected_and_rebuilt(tmp_path):
+    notes: list[str] = []
+    cache = EmbeddingCache(tmp_path, note=notes.append)
+    waves = np.arange(40, dtype=np.float32).reshape(4, 10)
+    vectors = np.arange(12, dtype=np.float32).reshape(4, 3)
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return vectors
+
+    assert np.array_equal(cache.get("front", waves, compute), vectors)
+    (entry,) = tmp_path.glob("*.emb")
+    data = entry.read_bytes()
+
+    entry.write_bytes(data[:-5])  # truncated
+    assert np.array_equal(cache.get("front", waves, compute), vectors) and len(calls) == 2
+    assert "truncated (43 of 48 payload bytes); rebuilding it" in notes[-2]
+    assert entry.read_bytes() == data  # rebuilt whole
+
+    damaged = bytearray(data)
+    damaged[-1] ^= 0xFF
+    entry.write_bytes(bytes(damaged))
+    assert np.array_equal(cache.get("front", waves, compute), vectors) and len(calls) == 3
+    assert "checksum mismatch" in notes[-2]
+
+    payload = vectors.tobytes()
+    header = {"key": "0" * 64, "shape": [4, 3], "dtype": "float32", "sha256": hashlib.sha256(payload).hexdigest()}
+    entry.write_bytes(MAGIC + json.dumps(header).encode() + b"\n" + payload)  # another key's (valid) entry
+    assert np.array_equal(cache.get("front", waves, compute), vectors) and len(calls) == 4
+    assert "holds another key" in notes[-2]
+
+    entry.write_bytes(b"not ours")
+    cache.get("front", waves, compute)
+    assert len(calls) == 5 and "not a dsl_fed embedding file" in notes[-2]
+    assert np.array_equal(cache.get("front", waves, compute), vectors) and len(calls) == 5  # now a hit
+
+
+def test_the_cache_is_bounded_reported_survives_a_failed_write_and_clears(tmp_path, capsys):
+    from dsl_fed.cli import main
+
+    notes: list[str] = []
+    entry_bytes = 48 + 200  # payload + magic and header, roughly
+    cache = EmbeddingCache(tmp_path / "c", max_bytes=3 * entry_bytes, note=notes.append)
+    vectors = np.ones((4, 3), np.float32)
+    for i in range(6):
+        cache.get("front", np.full((4, 10), i, np.float32), lambda: vectors)
+        time.sleep(0.01)  # distinct modification times
+    size, count = embedding_cache.folder_size(tmp_path / "c")
+    assert count < 6 and size <= 3 * entry_bytes
+    assert "least recently used removed" in notes[-1] and f"{count} entries" in notes[-1]
+
+    blocked = EmbeddingCache(tmp_path / "file", note=notes.append)
+    (tmp_path / "file").write_text("a user's file")
+    assert np.array_equal(blocked.get("front", np.zeros((4, 10), np.float32), lambda: vectors), vectors)
+    assert "cannot write" in notes[-1] and (tmp_path / "file").read_text() == "a user's file"
+
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "data.wav").write_text("x")
+    assert main(["cache", "clear", str(tmp_path / "mine")]) == 2  # not a cache: refused, untouched
+    assert (tmp_path / "mine" / "data.wav").exists()
+    assert main(["cache", "info", str(tmp_path / "c")]) == 0
+    assert f"{count} entries" in capsys.readouterr().out
+    assert main(["cache", "clear", str(tmp_path / "c")]) == 0
+    assert not (tmp_path / "c").exists()
+
+
+def test_with_cutmix_in_phase_1_the_cache_is_not_used(corpus, tmp_path, capsys):
+    cfg, classes, train, _ = corpus
+    cutmix = cfg.replace(**{"augment.cutmix": "true", "training.phase1_epochs": "1"})
+    model = build_model(cutmix, classes)
+    assert bottleneck_applies(model, cutmix, 1) == (False, "augmentation (CutMix/SpecAugment) changes the images in phase 1")
+    assert bottleneck_applies(model, cfg, 1) == (True, "")
+    assert not bottleneck_applies(model, cfg, 2)[0]
+    _note_once.cache_clear()
+    cache = EmbeddingCache(tmp_path / "cache")
+    before = model.augmentation_steps
+    train_local(model, train, None, cutmix, phase=1, verbose=0, cache=cache)
+    assert (cache.misses, cache.hits) == (0, 0) and not (tmp_path / "cache").exists()
+    assert model.augmentation_steps > before  # the full model's augmented steps ran
+    assert "phase 1 runs without the embedding cache: augmentation" in capsys.readouterr().err
+
+
+def test_a_node_keeps_its_cache_where_its_data_are(corpus, tmp_path):
+    from flwr.app import Context, RecordDict
+
+    from dsl_fed.federated.client_app import NODE_CACHE_FOLDER, node_cache
+
+    cfg = corpus[0]
+
+    def folder(node_config):
+        context = Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config={})
+        return node_cache(cfg, context).folder
+
+    (tmp_path / "site").mkdir()
+    assert folder({"data-path": str(tmp_path / "site")}) == tmp_path / "site" / NODE_CACHE_FOLDER
+    assert folder({"data-path": str(tmp_path / "site" / "manifest.csv")}) == tmp_path / "site" / NODE_CACHE_FOLDER
+    assert folder({"data-path": str(tmp_path / "site"), "cache-path": str(tmp_path / "c")}) == tmp_path / "c"
+    assert folder({"partition-id": 0, "num-partitions": 2}) == embedding_cache.run_folder(cfg)
+    off = cfg.replace(**{"training.embedding_cache": "false"})
+    context = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
+    assert node_cache(off, context) is None
+    assert head_model(build_model(cfg, 3)).name == "head"
