@@ -80,6 +80,18 @@ def test_loopback_deployment_with_tls_and_node_auth_trains_and_scores_federated(
         assert extra["devel"]["uar"] == pytest.approx(direct["uar"], abs=1e-12)
 
 
+def test_each_supernode_answers_every_message_from_one_long_lived_clientapp_process(deployed):
+    """Process isolation: TensorFlow is imported and the model built once per node, not once per message."""
+    _, run_dir, _, _ = deployed
+    logs = run_dir.parent / f"{run_dir.name}.deploy" / "logs"
+    for k in range(3):
+        log = (logs / f"node_{k}.log").read_text()
+        assert len(re.findall(r"Receiving: (?:train|evaluate) message", log)) >= 3  # 2 train + evaluation
+        assert len(re.findall(r"\[dsl_fed\] ClientApp process \d+ serving 127\.0\.0\.1:\d+", log)) == 1
+        assert "Start `flwr-clientapp` process" not in log  # Flower's per-message process never started
+        assert len(re.findall(r"TensorFlow threads in process \d+", log)) == 1
+
+
 def test_every_node_held_only_its_own_speakers(deployed, demo_manifest):
     from dsl_fed.data import read_manifest
 

@@ -9,8 +9,10 @@ open-source build, so the SuperLink binds to 127.0.0.1 only. On one host (`deplo
 that address; on separate hosts (network namespaces, `dsl_fed.deploy.netns`) they dial a proxy on the
 SuperLink's host that passes only the Fleet API (``fleet_proxy.cfg``, `LoopbackFederation.start_fleet_proxy`).
 
-`deploy_local` marks every process it starts (`dsl_fed.federated.watchdog.guard`), so none outlives it, even
-when it is killed.
+Each SuperNode runs in process isolation with one long-lived ClientApp process beside it
+(`dsl_fed.deploy.clientapp_worker`), which imports TensorFlow and builds the model once instead of once per
+message. `deploy_local` marks every process it starts (`dsl_fed.federated.watchdog.guard`), so none outlives it,
+even when it is killed.
 
 Nothing here imports Flower: it drives the ``flower-superlink``, ``flower-supernode`` and ``flwr`` executables.
 """
@@ -32,13 +34,14 @@ from typing import Any
 from dsl_fed.deploy.netns import Host
 from dsl_fed.errors import DslFedError
 from dsl_fed.io import refuse_existing, run_lock, settle_attempts, staged_run
-from dsl_fed.federated.runtime import (QUIET_ENV, executable, flwr_run, free_port, stop_process_tree,
-                                      stop_process_trees)
+from dsl_fed.federated.runtime import QUIET_ENV, executable, flwr_run, free_port, stop_process_trees
 
 CONNECTION = "dsl-fed-deploy"  # the connection name in the private FLWR_HOME
 WORKDIR_TAG = ".dsl_fed-deploy"  # marks a folder `deploy_local` made (and may replace)
 FLEET_PROXY_CONFIG = Path(__file__).with_name("fleet_proxy.cfg")  # haproxy: Fleet API only, see the file
 OPERATOR = "superlink"  # the host of the SuperLink, its proxy and the operator's `flwr` commands
+NODE_RUNTIME_PORT = 9094  # a SuperNode's Runtime API port on a host of its own (Flower's default)
+WORKER = "clientapp"  # suffix of the name of a SuperNode's ClientApp process
 
 # Polls URL (https, CA file) until it answers 200 or SECONDS pass; run on the host that should reach it.
 _PROBE = """
@@ -72,11 +75,17 @@ class LoopbackFederation:
         node_keys: SuperNode k's private key, its public key beside it (+ ``.pub``); default ``certs/node_<k>``.
         hosts: Where each process runs (`dsl_fed.deploy.netns.Host`), keyed ``superlink`` and ``node_<k>``.
         fleet_address: What the SuperNodes dial (the proxy's ``host:port``); default the SuperLink's address.
+        isolation: ``process`` (default): each SuperNode gets one long-lived ClientApp process
+            (`dsl_fed.deploy.clientapp_worker`); ``subprocess``: Flower's default, a new process per message.
     """
 
     def __init__(self, workdir: Path, certs: Path, node_folders: list[Path], port: int | None = None,
                  env: Mapping[str, str] | None = None, node_keys: Sequence[Path] | None = None,
-                 hosts: Mapping[str, Host] | None = None, fleet_address: str | None = None) -> None:
+                 hosts: Mapping[str, Host] | None = None, fleet_address: str | None = None,
+                 isolation: str = "process") -> None:
+        if isolation not in ("process", "subprocess"):
+            raise DslFedError(f"isolation {isolation!r}: use 'process' or 'subprocess'")
+        self.isolation = isolation
         self.workdir = Path(workdir).absolute()
         self.certs = Path(certs).absolute()
         self.node_folders = [Path(f).absolute() for f in node_folders]
@@ -88,6 +97,7 @@ class LoopbackFederation:
         self.logs = self.workdir / "logs"
         self.flwr_home = self.workdir / "flwr_home"
         self.processes: dict[str, subprocess.Popen] = {}
+        self.log_files: dict[str, Path] = {}  # process name -> its log
         self.extra_env = dict(env or {})
         self.env = {**os.environ, **QUIET_ENV, **self.extra_env, "FLWR_HOME": str(self.flwr_home)}
         self.logs.mkdir(parents=True, exist_ok=True)
@@ -146,18 +156,25 @@ class LoopbackFederation:
 
     def start_node(self, k: int, key: Path | None = None, root_certificates: bool = True,
                    name: str | None = None) -> subprocess.Popen:
-        """Start SuperNode k on its own data folder, authenticated with `key` (default: its own key).
+        """Start SuperNode k on its own data folder, authenticated with `key` (default: its own key), and in
+        process isolation its ClientApp process (named ``<name>.clientapp``, logging into the node's log).
 
         `name` (default ``node_<k>``) names the process for `kill` and its log file.
         """
+        name = name or f"node_{k}"
+        port = NODE_RUNTIME_PORT if self.hosts else free_port()  # one host: a Runtime API port per SuperNode
         cmd = [executable("flower-supernode"), "--superlink", self.fleet_address,
                "--auth-supernode-private-key", str(key or self.node_keys[k]),
-               "--node-config", f'data-path="{self.node_folders[k]}"']
-        if not self.hosts:  # SuperNodes on one host need a local API port each; on their own hosts 9094 is free
-            cmd += ["--port", str(free_port())]
+               "--node-config", f'data-path="{self.node_folders[k]}"', "--port", str(port),
+               "--isolation", self.isolation]
         if root_certificates:
             cmd[3:3] = ["--root-certificates", str(self.certs / "ca.crt")]
-        return self._start(name or f"node_{k}", cmd, host=f"node_{k}")
+        node = self._start(name, cmd, host=f"node_{k}")
+        if self.isolation == "process":
+            self._start(f"{name}.{WORKER}", [sys.executable, "-m", "dsl_fed.deploy.clientapp_worker",
+                                             "--runtime-api-address", f"127.0.0.1:{port}", "--parent-pid",
+                                             str(node.pid)], host=f"node_{k}", log=name)
+        return node
 
     def online_nodes(self) -> int:
         """How many SuperNodes the SuperLink lists as online (``flwr supernode list``)."""
@@ -187,17 +204,19 @@ class LoopbackFederation:
                         connection=CONNECTION, env=self.extra_env, prefix=self._command(OPERATOR, []))
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
-        """Send `sig` to one started process and its children (SIGKILL: a crash, nothing gets to clean up)."""
-        proc = self.processes.pop(name)
+        """Send `sig` to one started process and its children (SIGKILL: a crash, nothing gets to clean up), and
+        to a SuperNode's ClientApp process with it."""
+        procs = [self.processes.pop(n) for n in (name, f"{name}.{WORKER}") if n in self.processes]
         if sig == signal.SIGKILL:
             from dsl_fed.federated.runtime import descendants
 
-            for pid in [proc.pid, *descendants(proc.pid)]:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            proc.wait()
+            for proc in procs:
+                for pid in [proc.pid, *descendants(proc.pid)]:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                proc.wait()
         else:
-            stop_process_tree(proc)
+            stop_process_trees(procs)
 
     def close(self) -> None:
         """Stop every process started here: the SuperNodes together first (they sign off at the SuperLink), then
@@ -209,8 +228,11 @@ class LoopbackFederation:
     def _command(self, host: str, argv: list[str]) -> list[str]:
         return self.hosts[host].command(argv) if host in self.hosts else argv
 
-    def _start(self, name: str, cmd: list[str], host: str, env: Mapping[str, str] | None = None) -> subprocess.Popen:
-        log = (self.logs / f"{name}.log").open("a")
+    def _start(self, name: str, cmd: list[str], host: str, env: Mapping[str, str] | None = None,
+               log: str | None = None) -> subprocess.Popen:
+        """Start `cmd` on `host` as process `name`, its output appended to ``logs/<log or name>.log``."""
+        self.log_files[name] = self.logs / f"{log or name}.log"
+        log = self.log_files[name].open("a")
         try:
             proc = subprocess.Popen(self._command(host, cmd), env={**self.env, **(env or {})}, stdout=log,
                                     stderr=subprocess.STDOUT, start_new_session=True)
@@ -239,8 +261,8 @@ class LoopbackFederation:
     def _check_alive(self, name: str) -> None:
         code = self.processes[name].poll()
         if code is not None:
-            raise DslFedError(f"{name} exited with code {code}: {_last_line(_tail(self.logs / f'{name}.log'))} "
-                              f"(log {self.logs / f'{name}.log'})")
+            log = self.log_files[name]
+            raise DslFedError(f"{name} exited with code {code}: {_last_line(_tail(log))} (log {log})")
 
 
 def _tail(path: Path, size: int = 4000) -> str:
@@ -256,7 +278,7 @@ def _last_line(text: str) -> str:
 
 
 def deploy_local(config_path: str | Path, overrides: Sequence[str] = (), nodes: int = 3, resume: bool = False,
-                 echo: Callable[[str], None] = print, overwrite: bool = False) -> Path:
+                 echo: Callable[[str], None] = print, overwrite: bool = False, isolation: str = "process") -> Path:
     """Split the config's corpus into `nodes` folders, make certificates and keys, run the federated job on a
     loopback federation with TLS and node authentication, and stop everything; returns the run folder.
 
@@ -265,7 +287,7 @@ def deploy_local(config_path: str | Path, overrides: Sequence[str] = (), nodes: 
     keys, the SuperLink database and the logs are in ``<output.directory>/<name>.deploy/`` (replaced on the
     next call). The run itself is written like `dsl_fed simulate`'s: one command per name at a time, a new run
     staged and published when finished (replacing an earlier one only with `overwrite`), a run that stopped
-    after a finished round kept for `resume`.
+    after a finished round kept for `resume`. `isolation` is the SuperNodes' (`LoopbackFederation`).
     """
     from dsl_fed.cli.federated import has_round
     from dsl_fed.config import load_config
@@ -293,15 +315,17 @@ def deploy_local(config_path: str | Path, overrides: Sequence[str] = (), nodes: 
             refuse_existing(run_dir, overwrite, resumable=True)
         check_decodable(manifest.clips, cfg.data.sample_rate)
         if resume:
-            _federate(config_path, overrides, output_dir, run_dir, cfg, manifest.source, nodes, resume, echo)
+            _federate(config_path, overrides, output_dir, run_dir, cfg, manifest.source, nodes, resume, echo,
+                      isolation)
         else:
             with staged_run(run_dir, overwrite, has_round) as staging:
-                _federate(config_path, overrides, staging.parent, staging, cfg, manifest.source, nodes, resume, echo)
+                _federate(config_path, overrides, staging.parent, staging, cfg, manifest.source, nodes, resume, echo,
+                          isolation)
     return run_dir
 
 
 def _federate(config_path: Path, overrides: list[str], output_dir: Path, run_dir: Path, cfg: Any, corpus: Path,
-              nodes: int, resume: bool, echo: Callable[[str], None]) -> None:
+              nodes: int, resume: bool, echo: Callable[[str], None], isolation: str = "process") -> None:
     """Prepare ``<name>.deploy/``, run the job on a loopback federation writing ``output_dir/<name>``; raises
     unless every round was written."""
     from dsl_fed.cli.federated import ServerLines, check_complete
@@ -322,13 +346,14 @@ def _federate(config_path: Path, overrides: list[str], output_dir: Path, run_dir
     run_config = workdir / "run_config.toml"
     run_config.write_text(run_config_toml(config_path, overrides, output_dir, resume))
     lines = ServerLines(echo)
-    with guard() as marker, LoopbackFederation(workdir, certs, folders, env=marker) as fed:
+    with guard() as marker, LoopbackFederation(workdir, certs, folders, env=marker, isolation=isolation) as fed:
         fed.start_superlink()
         for k in range(nodes):
             fed.register(k)
             fed.start_node(k)
         fed.wait_for_nodes(nodes)
         echo(f"SuperLink {fed.address} (Fleet, Control and ServerAppIo API, 127.0.0.1 only): TLS on, node "
-             f"authentication on; {nodes} SuperNodes with their own data in {workdir / 'nodes'}; logs {fed.logs}")
+             f"authentication on; {nodes} SuperNodes with their own data in {workdir / 'nodes'}"
+             f"{', one ClientApp process each' if isolation == 'process' else ''}; logs {fed.logs}")
         code = fed.run(write_app(workdir / "app"), run_config, lines)
     check_complete(run_dir, cfg, lines.errors, code, fed.logs / "flower.log")
