@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 import pytest
+from flower_helpers import run_config, task_identity, write_config  # noqa: F401 (task_identity: autouse fixture)
 
 from dsl_fed import embedding_cache
 from dsl_fed.bottleneck import bottleneck_applies, embed, head_model
@@ -206,3 +207,61 @@ def test_a_node_keeps_its_cache_where_its_data_are(corpus, tmp_path):
     context = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
     assert node_cache(off, context) is None
     assert head_model(build_model(cfg, 3)).name == "head"
+
+
+def test_two_writers_of_one_entry_leave_one_complete_entry(tmp_path):
+    """A second process writes the same entry while the first is still computing it: both get it, the file is whole."""
+    waves = np.ones((4, 10), np.float32)
+    vectors = np.arange(12, dtype=np.float32).reshape(4, 3)
+    first, second = EmbeddingCache(tmp_path), EmbeddingCache(tmp_path)
+
+    def slow():
+        assert np.array_equal(second.get("front", waves, lambda: vectors), vectors)  # finishes first
+        return vectors
+
+    assert np.array_equal(first.get("front", waves, slow), vectors)
+    (entry,) = tmp_path.glob("*.emb")
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary file left
+    assert np.array_equal(EmbeddingCache(tmp_path).get("front", waves, lambda: 1 / 0), vectors)  # a valid hit
+
+
+def test_a_simulated_client_replies_the_same_with_the_cache_and_reads_it_in_later_rounds(demo_manifest, tmp_path):
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+
+    from dsl_fed.federated import model_cache
+    from dsl_fed.federated.client_app import train
+    from dsl_fed.federated.run_config import config_from_run_config
+
+    def replies(cache: bool) -> tuple[list[dict], object]:
+        rc = run_config(write_config(tmp_path / str(cache), demo_manifest, model={"dropout": 0.5},
+                                     training={"embedding_cache": cache, "batch_size": 8}))
+        cfg = config_from_run_config(rc)
+        model_cache.clear()
+        full = {v.path: v.numpy() for v in build_model(cfg, 3).weights}
+        context = Context(run_id=1, node_id=100, node_config={"partition-id": 0, "num-partitions": 3},
+                          state=RecordDict(), run_config=dict(rc))
+        out, current = [], dict(full)
+        for server_round in (1, 2):
+            arrays = current if server_round == 1 else {n: current[n] for n in out[-1] if "/" in n}
+            config = {"server-round": server_round, "phase": 1, "full-model": server_round == 1}
+            msg = Message(RecordDict({"arrays": ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()}),
+                                      "config": ConfigRecord(config)}), dst_node_id=100, message_type="train")
+            reply = train(msg, context)
+            assert not reply.has_error()
+            update = {k: a.numpy() for k, a in reply.content["arrays"].items()}
+            current.update(update)
+            out.append({**update, "train-uar": reply.content["metrics"]["train-uar"]})
+            if cache:
+                entries = sorted(embedding_cache.run_folder(cfg).glob("*.emb"))
+                assert len(entries) == 1  # the node's train chunks, embedded in round 1 and read in round 2
+        model_cache.clear()
+        return out, cfg
+
+    cached, cfg = replies(True)
+    plain, _ = replies(False)
+    assert not embedding_cache.run_folder(cfg.replace(**{"output.directory": str(tmp_path / "False" / "runs")})).exists()
+    for got, want in zip(cached, plain, strict=True):
+        assert got.keys() == want.keys()
+        for name in want:
+            np.testing.assert_allclose(got[name], want[name], rtol=0, atol=TOLERANCE, err_msg=name)
+    assert not np.allclose(cached[0]["predictions/kernel"], cached[1]["predictions/kernel"])  # round 2 trained on
