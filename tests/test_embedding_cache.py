@@ -225,6 +225,36 @@ def test_two_writers_of_one_entry_leave_one_complete_entry(tmp_path):
     assert np.array_equal(EmbeddingCache(tmp_path).get("front", waves, lambda: 1 / 0), vectors)  # a valid hit
 
 
+def test_processes_writing_one_entry_side_by_side_never_expose_a_partial_file(tmp_path):
+    """Two processes rewrite the same 2 MB entry over and over; every read in between finds it whole (or absent)."""
+    import subprocess
+    import sys
+
+    writer = (
+        "import sys, numpy as np\n"
+        "from dsl_fed.embedding_cache import EmbeddingCache\n"
+        "cache = EmbeddingCache(sys.argv[1], note=lambda line: None)\n"
+        "vectors = np.arange(2000 * 256, dtype=np.float32).reshape(2000, 256)\n"
+        "for _ in range(40):\n"
+        "    cache._store(cache.folder / (sys.argv[2] + '.emb'), sys.argv[2], vectors)\n"
+    )
+    key = "k" * 64
+    procs = [subprocess.Popen([sys.executable, "-c", writer, str(tmp_path), key]) for _ in range(2)]
+    reads = 0
+    try:
+        while any(p.poll() is None for p in procs):
+            path = tmp_path / f"{key}.emb"
+            if path.exists():
+                found, problem = embedding_cache.read_entry(path, key, 2000)
+                assert found is not None, problem
+                reads += 1
+    finally:
+        for p in procs:
+            p.wait(timeout=60)
+    assert [p.returncode for p in procs] == [0, 0] and reads > 0
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary file left
+
+
 def test_a_simulated_client_replies_the_same_with_the_cache_and_reads_it_in_later_rounds(demo_manifest, tmp_path):
     from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
