@@ -87,7 +87,7 @@ def test_each_supernode_answers_every_message_from_one_long_lived_clientapp_proc
     for k in range(3):
         log = (logs / f"node_{k}.log").read_text()
         assert len(re.findall(r"Receiving: (?:train|evaluate) message", log)) >= 3  # 2 train + evaluation
-        assert len(re.findall(r"\[dsl_fed\] ClientApp process \d+ serving 127\.0\.0\.1:\d+", log)) == 1
+        assert len(re.findall(r"ClientApp process \d+ \(dsl_fed\) serving 127\.0\.0\.1:\d+", log)) == 1
         assert "Start `flwr-clientapp` process" not in log  # Flower's per-message process never started
         assert len(re.findall(r"TensorFlow threads in process \d+", log)) == 1
 

@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         server_address=args.runtime_api_address, insecure=True, root_certificates=None,
         interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")],
         retry_invoker=make_simple_http_retry_invoker())
-    print(f"[dsl_fed] ClientApp process {os.getpid()} serving {args.runtime_api_address}", flush=True)
+    print(f"ClientApp process {os.getpid()} (dsl_fed) serving {args.runtime_api_address}", flush=True)
     try:
         while True:
             task = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP.value]))

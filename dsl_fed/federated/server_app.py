@@ -49,6 +49,7 @@ from dsl_fed.models import trainable_weight_names, weight_names  # noqa: E402
 from dsl_fed.privacy import RunPrivacy, describe, privacy_unit  # noqa: E402
 from dsl_fed.report import plot_rounds  # noqa: E402
 from dsl_fed.federated.checkpoint import PLOT, RunDirectory, best_round, devel_support, full_devel_support  # noqa: E402
+from dsl_fed.federated.prompt_grid import PromptGrid  # noqa: E402
 from dsl_fed.federated.run_config import PROGRESS_MARK, config_from_run_config, resume_requested  # noqa: E402
 from dsl_fed.federated.run_config import server_eval_manifest  # noqa: E402
 from dsl_fed.federated.strategy import LOG, PhaseSchedule, RoundStats, SliceAggregation, make_strategy  # noqa: E402
@@ -62,7 +63,7 @@ def create_app(app_dir: Path | None = None) -> ServerApp:
         """Entry point Flower calls; every failure is logged as one marked line (the reason `dsl_fed simulate`
         and `deploy local` print last) before the run fails."""
         try:
-            run_server(grid, context.run_config, app_dir=app_dir)
+            run_server(PromptGrid(grid), context.run_config, app_dir=app_dir)  # replies within 0.1 s, not 3 s
         except DslFedError as exc:
             LOG.error("%s error: %s", PROGRESS_MARK, exc)
             raise
