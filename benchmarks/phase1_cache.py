@@ -96,8 +96,8 @@ def render(rows: list[dict], command: str, load: tuple[float, float]) -> str:
     for row in rows:
         base.setdefault(row["backbone"], row["total"])
         diff = "-" if row["diff"] is None else f"{row['diff']:.1e}"
-        lines.append(f"| {row['backbone']} | {row['variant']} | {row['chunks']} | {row['epochs']} | {row['epoch']:.3f} | "
-                     f"{row['total']:.2f} | {base[row['backbone']] / row['total']:.1f}x | {diff} |")
+        lines.append(f"| {row['backbone']} | {row['variant']} | {row['chunks']} | {row['epochs']} | "
+                     f"{row['epoch']:.3f} | {row['total']:.2f} | {base[row['backbone']] / row['total']:.1f}x | {diff} |")
     lines += ["", "Speed-up = full-model seconds / the row's seconds for the whole `train_local` call (tracing "
               "included, as a federated client pays it on its first message)."]
     return "\n".join(lines) + "\n"

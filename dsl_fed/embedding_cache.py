@@ -211,4 +211,5 @@ def _stat(path: Path) -> tuple[int, float]:
     return st.st_size, st.st_mtime
 
 
-__all__ = ["EmbeddingCache", "run_folder", "for_config", "front_end_key", "chunks_key", "read_entry", "clear", "folder_size", "is_cache_folder"]
+__all__ = ["EmbeddingCache", "run_folder", "for_config", "front_end_key", "chunks_key", "read_entry", "clear",
+           "folder_size", "is_cache_folder"]

@@ -154,7 +154,8 @@ def train_local(
     if epochs > 0:
         dataset = make_dataset(train_set, num_classes, tcfg.batch_size, shuffle=True, seed=seed)
         weights = class_weights(train_chunks.labels, num_classes) if tcfg.class_balance == "class_weight" else None
-        fit = fitted.fit(dataset, epochs=epochs, verbose=verbose, callbacks=callbacks, class_weight=weights, shuffle=False)
+        fit = fitted.fit(dataset, epochs=epochs, verbose=verbose, callbacks=callbacks, class_weight=weights,
+                         shuffle=False)
         history = {k: [float(v) for v in vs] for k, vs in fit.history.items()}
 
     val_metrics = None

@@ -1,4 +1,4 @@
-"""Phase 1 on cached backbone embeddings: the same head as training the full model, a cache that is never trusted blindly.
+"""Phase 1 on cached backbone embeddings: the same head as the full model, and a cache never trusted blindly.
 
 Equivalence: the head model is made of the full model's own head layers (same variables, same dropout seed
 generator), fed the same batches in the same order with the same optimizer and class weights. The only possible
@@ -62,9 +62,8 @@ def test_cached_phase1_trains_the_same_head_as_the_full_model(corpus, tmp_path, 
     assert (cache.misses, cache.hits) == (2, 2)  # ... and read back
 
     want = get_weights_by_name(plain)
-    assert set(want) == {f"{layer}/{w}" for layer, ws in
-                         {"hidden": ("kernel", "bias"), "arelu": ("alpha", "beta"), "predictions": ("kernel", "bias")}.items()
-                         for w in ws}
+    head = {"hidden": ("kernel", "bias"), "arelu": ("alpha", "beta"), "predictions": ("kernel", "bias")}
+    assert set(want) == {f"{layer}/{w}" for layer, ws in head.items() for w in ws}
     assert max(np.abs(want[n] - initial[n]).max() for n in want) > 1e-3  # training moved the head
     for model in (cached, again):
         got = get_weights_by_name(model)
@@ -78,7 +77,8 @@ def test_cached_phase1_trains_the_same_head_as_the_full_model(corpus, tmp_path, 
     assert best.input_shape == cached.input_shape
     with capsys.disabled():
         print(f"\nphase 1 (tiny, {cfg.training.phase1_epochs} epochs + devel each epoch): full model "
-              f"{plain_seconds:.2f} s, embeddings computed {first_seconds:.2f} s, read from the cache {again_seconds:.2f} s")
+              f"{plain_seconds:.2f} s, embeddings computed {first_seconds:.2f} s, "
+              f"read from the cache {again_seconds:.2f} s")
 
 
 def test_a_changed_backbone_weight_or_spectrogram_setting_invalidates_the_cache(corpus, tmp_path):
@@ -175,7 +175,8 @@ def test_with_cutmix_in_phase_1_the_cache_is_not_used(corpus, tmp_path, capsys):
     cfg, classes, train, _ = corpus
     cutmix = cfg.replace(**{"augment.cutmix": "true", "training.phase1_epochs": "1"})
     model = build_model(cutmix, classes)
-    assert bottleneck_applies(model, cutmix, 1) == (False, "augmentation (CutMix/SpecAugment) changes the images in phase 1")
+    why = "augmentation (CutMix/SpecAugment) changes the images in phase 1"
+    assert bottleneck_applies(model, cutmix, 1) == (False, why)
     assert bottleneck_applies(model, cfg, 1) == (True, "")
     assert not bottleneck_applies(model, cfg, 2)[0]
     _note_once.cache_clear()
@@ -289,7 +290,7 @@ def test_a_simulated_client_replies_the_same_with_the_cache_and_reads_it_in_late
 
     cached, cfg = replies(True)
     plain, _ = replies(False)
-    assert not embedding_cache.run_folder(cfg.replace(**{"output.directory": str(tmp_path / "False" / "runs")})).exists()
+    assert not (tmp_path / "False" / "runs" / ".fed.embeddings").exists()  # cache off: nothing written
     for got, want in zip(cached, plain, strict=True):
         assert got.keys() == want.keys()
         for name in want:
