@@ -41,12 +41,12 @@ def test_separable_members_are_found_and_identical_ones_are_not():
 
 
 def test_tpr_at_fpr_counts_false_positives_exactly():
-    members = np.array([5.0, 4.0, 3.0, 0.5])
+    members = np.array([5.0, 4.0, 3.0, 1.0])  # the last ties with a non-member
     nonmembers = np.array([3.5, 1.0, 0.0, -1.0, -2.0, -3.0, -4.0, -5.0, -6.0, -7.0])
     assert mia.tpr_at_fpr(members, nonmembers, 0.0) == 0.5  # above 3.5: two of four members, no false positive
-    assert mia.tpr_at_fpr(members, nonmembers, 0.1) == 0.75  # one false positive (3.5) admits 3.0
+    assert mia.tpr_at_fpr(members, nonmembers, 0.1) == 0.75  # one false positive (3.5) admits 3.0, not the tie
     assert mia.tpr_at_fpr(members, nonmembers, 0.2) == 1.0
-    assert mia.auc(members, nonmembers) == pytest.approx((10 + 10 + 9 + 8) / 40)
+    assert mia.auc(members, nonmembers) == pytest.approx((10 + 10 + 9 + 8.5) / 40)  # a tie counts half
 
 
 def test_threshold_calibrated_on_shadow_speakers_keeps_their_false_positive_rate():
