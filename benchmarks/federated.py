@@ -9,9 +9,12 @@ Three runs of ``configs/quickstart.yaml`` (or ``--config``) on a fresh demo corp
 federated float32 and federated float16 (`dsl_fed simulate`, one client per shard: ``data.shards``). Both modes
 use the same config and are selected on devel alike: central at its best devel epoch, federated at its best
 devel round (the table names both).
-A fourth run is the same job as a real deployment
+A fourth and a fifth run are the same job as a real deployment
 (`dsl_fed deploy local`: SuperLink and one SuperNode per shard as separate processes over TLS with node
-authentication, federated evaluation), compared with the float32 simulation per round.
+authentication, federated evaluation): with one long-lived ClientApp process per SuperNode (process isolation,
+what `deploy local` does) and with Flower's default subprocess isolation (a new ClientApp process, TensorFlow
+import and model build per message); both are compared with the float32 simulation per round, broken down into
+local training, other client work, server work and the rest (messages, evaluation, process starts, polling).
 
 Overhead (target: Flower/Ray <= 30 % of the wall time): per round, the wall time is the Flower part (messages,
 local training, replies; ``seconds`` in history.csv) plus the server's scoring and publishing
@@ -65,13 +68,13 @@ def main() -> int:
             overrides += ["federated.phase1_rounds=1", "federated.phase2_rounds=1"]
         if args.only == "deployment":
             federated = run_federated(args.config, overrides + ["output.name=bench-federated"])
-            deployed = run_deployment(args.config, overrides + ["output.name=bench-deploy"])
+            deployed = run_deployments(args.config, overrides)
             section = deployment_section(federated, deployed, header(args, speakers, clips, started))
             report = replace_section(args.out.read_text() if args.out.is_file() else "# Federated benchmark", section)
         else:
             central, federated = compare(args.config, overrides)
             fp16 = run_federated(args.config, overrides + ["output.name=bench-fp16", "federated.transfer_dtype=float16"])
-            deployed = run_deployment(args.config, overrides + ["output.name=bench-deploy"])
+            deployed = run_deployments(args.config, overrides)
             report = "\n\n".join([
                 "# Federated benchmark\n\n" + header(args, speakers, clips, started),
                 "## Central vs federated (same config and seed; best devel epoch vs best devel round)\n\n" + markdown([central, federated]),
@@ -102,7 +105,7 @@ def header(args: argparse.Namespace, speakers: int, clips: int, started: float) 
 DEPLOYMENT = "## Real deployment vs simulation (float32)"
 
 
-def deployment_section(simulated, deployed: tuple[Path, float], provenance: str = "") -> str:
+def deployment_section(simulated, deployed: dict[str, tuple[Path, float]], provenance: str = "") -> str:
     """The deployment section; `provenance` (a `header`) when it is not from the run the file's header names."""
     intro = f"{provenance} The sections above are from the run named at the top.\n\n" if provenance else ""
     return f"{DEPLOYMENT}\n\n{intro}{deployment_table(simulated, deployed)}"
@@ -197,7 +200,13 @@ def bytes_table(config: Path, overrides: list[str], fp32, fp16) -> str:
     return "\n".join(lines)
 
 
-def run_deployment(config: Path, overrides: list[str]) -> tuple[Path, float]:
+def run_deployments(config: Path, overrides: list[str]) -> dict[str, tuple[Path, float]]:
+    """`run_deployment` in process isolation (what `deploy local` does), then in Flower's default."""
+    return {isolation: run_deployment(config, overrides + [f"output.name=bench-deploy-{isolation}"], isolation)
+            for isolation in ("process", "subprocess")}
+
+
+def run_deployment(config: Path, overrides: list[str], isolation: str = "process") -> tuple[Path, float]:
     """`dsl_fed deploy local` with one SuperNode per training shard; returns (run folder, wall seconds)."""
     from dsl_fed.config import load_config
     from dsl_fed.deploy.local import deploy_local
@@ -205,33 +214,62 @@ def run_deployment(config: Path, overrides: list[str]) -> tuple[Path, float]:
 
     start = time.perf_counter()
     nodes = count_shards(load_config(config, overrides))
-    run_dir = deploy_local(config, overrides, nodes=nodes, echo=lambda line: print(line, file=sys.stderr))
+    run_dir = deploy_local(config, overrides, nodes=nodes, echo=lambda line: print(line, file=sys.stderr),
+                           isolation=isolation)
     return run_dir, time.perf_counter() - start
 
 
-def deployment_table(simulated, deployed: tuple[Path, float]) -> str:
-    """Seconds and bytes per round of the same job in the simulation and as separate processes over TLS."""
+def deployment_table(simulated, deployed: dict[str, tuple[Path, float]]) -> str:
+    """Seconds and bytes per round of the same job in the simulation and as separate processes over TLS, and
+    where a steady-state round's time goes."""
+    from dsl_fed.config import load_config
     from dsl_fed.federated.checkpoint import RunDirectory
 
     def per_round(run_dir: Path) -> dict[str, float]:
         rows = RunDirectory(run_dir).read_history()
         later = rows[1:] or rows  # round 1 also starts the client processes
         last = RunDirectory(run_dir).manifest(int(rows[-1]["round"]))["extra"]
+        cfg = load_config(run_dir / "config.yaml")
+        clients = int(rows[0]["clients_sampled"])
+        if last.get("evaluation", {}).get("kind", "server") == "server":  # Ray: CPUs / client CPUs at a time
+            concurrency = max(1, min(clients, (os.cpu_count() or 1) // int(cfg.federated.client_cpus)))
+        else:  # one process per node, sharing the cores
+            concurrency = max(1, min(clients, os.cpu_count() or 1))
+
+        def mean(key: str) -> float:
+            return sum(float(r[key]) for r in later) / len(later)
+
+        steady = mean("seconds") + mean("server_seconds")
+        train, work = mean("client_seconds") / concurrency, mean("client_work_seconds") / concurrency
         return {"rounds": len(rows), "round1": float(rows[0]["seconds"]) + float(rows[0]["server_seconds"]),
-                "steady": sum(float(r["seconds"]) + float(r["server_seconds"]) for r in later) / len(later),
+                "steady": steady, "train": train, "work": work - train, "server": mean("server_seconds"),
+                "rest": steady - work - mean("server_seconds"),
                 "bytes": sum(int(r["bytes_up"]) + int(r["bytes_down"]) for r in later) / len(later),
                 "uar": last["devel"]["uar"], "evaluation": last.get("evaluation", {}).get("kind", "server")}
 
-    sim, dep = per_round(simulated.run_dir), per_round(deployed[0])
-    lines = ["| mode | evaluation | round 1 s | s / round (rounds 2+) | bytes / round (rounds 2+) | devel UAR, last "
-             "round | wall s |", "|---|---|---:|---:|---:|---:|---:|"]
-    for label, row, wall in (("simulation (Ray, one process tree)", sim, simulated.seconds),
-                             ("deployment (SuperLink + SuperNodes, TLS + node auth)", dep, deployed[1])):
+    sim = per_round(simulated.run_dir)
+    rows = [("simulation (Ray, one process tree)", sim, simulated.seconds)]
+    labels = {"process": "deployment, one ClientApp process per SuperNode (`deploy local`)",
+              "subprocess": "deployment, a ClientApp process per message (Flower's default)"}
+    deps = {isolation: per_round(run_dir) for isolation, (run_dir, _) in deployed.items()}
+    rows += [(labels[isolation], deps[isolation], wall) for isolation, (_, wall) in deployed.items()]
+    lines = ["SuperLink + SuperNodes as separate processes over TLS with node authentication; a steady-state round "
+             "(rounds 2+) split into local training and other client work (summed over clients, divided by how "
+             "many run at once), server scoring + publishing, and the rest: messages, evaluation messages, "
+             "process starts, polling.", "",
+             "| mode | evaluation | round 1 s | s / round (rounds 2+) | local training s | other client work s | "
+             "server s | rest s | bytes / round (rounds 2+) | devel UAR, last round | wall s |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for label, row, wall in rows:
         lines.append(f"| {label} | {row['evaluation']} | {row['round1']:.1f} | {row['steady']:.1f} | "
+                     f"{row['train']:.1f} | {row['work']:.1f} | {row['server']:.1f} | {row['rest']:.1f} | "
                      f"{row['bytes'] / 1e3:.1f} kB | {row['uar']:.3f} | {wall:.0f} |")
-    lines += ["", f"- The deployment takes {dep['steady'] / sim['steady']:.2f}x the simulation's time per round and "
-                  f"moves {dep['bytes'] / sim['bytes']:.2f}x its bytes per round (its server holds no audio, so "
-                  "evaluation messages carry the slice to every node and confusion counts come back).",
+    lines.append("")
+    for isolation, dep in deps.items():
+        lines.append(f"- {labels[isolation][0].upper() + labels[isolation][1:]}: {dep['steady'] / sim['steady']:.2f}x the simulation's "
+                     f"time per round, {dep['bytes'] / sim['bytes']:.2f}x its bytes per round.")
+    lines += ["- The deployment's server holds no audio, so evaluation messages carry the slice to every node and "
+              "confusion counts come back; the simulation scores on the server.",
               "- Wall time includes splitting the corpus, writing keys and starting SuperLink and SuperNodes."]
     return "\n".join(lines)
 
