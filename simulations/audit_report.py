@@ -20,6 +20,7 @@ from simulations.audit_corpus import pitch_group, voice_sex
 
 FPRS = (0.01, 0.10)
 BOOT = 1000
+NOISE_DRAWS = 5  # independent noise draws per noised view: one draw's accuracy swings by a few clients
 
 
 def membership_rows(plan: dict, cells: dict) -> list[dict]:
@@ -37,7 +38,7 @@ def membership_rows(plan: dict, cells: dict) -> list[dict]:
             scores[variant, "target"] = mia.speaker_scores(np.asarray(target["loglik"])[mask], speakers[mask])
             scores[variant, "shadow"] = mia.speaker_scores(np.asarray(shadow["loglik"])[mask], speakers[mask])
         ins, outs = mia.split(scores["trained", "target"], roles["target-in"], roles["target-out"])
-        shadow_outs = mia.split(scores["trained", "shadow"], roles["shadow-in"], roles["shadow-out"])[1]
+        shadow_ins, shadow_outs = mia.split(scores["trained", "shadow"], roles["shadow-in"], roles["shadow-out"])
         eps = target["epsilon"]
         mu = mia.gaussian_mu(noise, target["rounds"]) if noise is not None else None
         seed = plan["seed"] * 100 + k
@@ -55,6 +56,8 @@ def membership_rows(plan: dict, cells: dict) -> list[dict]:
             row[f"bound@{fpr}"] = mia.dp_tpr_bound(fpr, eps, plan["delta"])
             row[f"gdp@{fpr}"] = mia.gdp_tpr_bound(fpr, mu)
             row[f"calibrated@{fpr}"] = mia.rates(ins, outs, mia.calibrated_threshold(shadow_outs, fpr))
+        row["shadow_auc"] = mia.auc(shadow_ins, shadow_outs)
+        row["shadow_auc_ci"] = mia.bootstrap(shadow_ins, shadow_outs, mia.auc, BOOT, seed)
         fresh_in, fresh_out = mia.split(scores["fresh", "target"], roles["target-in"], roles["target-out"])
         row["fresh_auc"] = mia.auc(fresh_in, fresh_out)
         row["fresh_auc_ci"] = mia.bootstrap(fresh_in, fresh_out, mia.auc, BOOT, seed)
@@ -76,21 +79,28 @@ def probe_rows(plan: dict, cells: dict) -> list[dict]:
     speakers = [cell["clients"][int(p)] for p in partitions]
     seed = int(plan["corpus_seed"])
     clip_norm, rng = plan["clip_norm"], secret_rng()  # the DP noise is drawn as the mechanism draws it
-    views = [("raw update", None, updates), (f"clipped to {clip_norm:g}", None, probe.clip_rows(updates, clip_norm))]
+    clipped = probe.clip_rows(updates, clip_norm)
+    views = [("raw update", None, [updates]), (f"clipped to {clip_norm:g}", None, [clipped])]
     for noise in plan["settings"]:
         if noise is not None:
-            noised = probe.add_noise(probe.clip_rows(updates, clip_norm), noise * clip_norm, rng)
-            views.append((f"clipped + noise z {noise:g}", noise, noised))
+            draws = [probe.add_noise(clipped, noise * clip_norm, rng) for _ in range(NOISE_DRAWS)]
+            views.append((f"clipped + noise z {noise:g}", noise, draws))
+    features = cells.get(("features", None), {}).get("features")
+    if features:  # the reference: what the head is trained on, per speaker
+        views.append(("reference: mean backbone features (not sent)", None,
+                      [np.array([features[s] for s in speakers], dtype=np.float64)]))
     attributes = {"pitch group (3 tertiles)": [pitch_group(s, seed) for s in speakers],
                   "voice sex (eSpeak m/f variants)": [voice_sex(s, seed) for s in speakers]}
     rows = []
     for attribute, labels in attributes.items():
         keep = np.array([label is not None for label in labels])
         y = np.array([label for label in labels if label is not None])
-        for view, noise, x in views:
-            acc = probe.probe_accuracy(x[keep], y, seed=plan["seed"])
+        for view, noise, xs in views:
+            accs = [probe.probe_accuracy(x[keep], y, seed=plan["seed"]) for x in xs]
+            acc = float(np.mean(accs))
             rows.append({"attribute": attribute, "view": view, "noise": noise, "clients": int(keep.sum()),
                          "accuracy": acc, "ci": probe.accuracy_ci(acc, int(keep.sum())), "chance": probe.chance(y),
+                         "draws": (min(accs), max(accs)) if len(accs) > 1 else None,
                          "epsilon_one_round": None if noise is None else dp_epsilon(noise, 1, plan["delta"])})
     return rows
 
@@ -127,7 +137,8 @@ def markdown(args, plan, cells, rows, probes, load) -> str:
         "# Privacy audit: membership and attribute inference",
         "",
         f"`{command}` ({datetime.date.today().isoformat()}; {os.cpu_count()} CPUs, load average {min(loads):.1f}-"
-        f"{max(loads):.1f} when the federations started; {len(cells)} federations, {cpu:.0f} CPU-minutes in all).",
+        f"{max(loads):.1f} when the federations started; {sum(k[0] != 'features' for k in cells)} federations, "
+        f"{cpu:.0f} CPU-minutes in their processes, the corpus synthesis not counted).",
         "",
         f"- Corpus: arousal (eSpeak NG), {len({c.speaker for c in plan['clips']})} speakers x {len(classes)} classes "
         f"({', '.join(classes)}) x {args.clips} clips, corpus seed {args.corpus_seed}. A member trains on its first "
@@ -171,15 +182,18 @@ def markdown(args, plan, cells, rows, probes, load) -> str:
         "target FPR, applied to the target; and two variants of the score (AUC):",
         "",
         "| ε | shadow-calibrated at FPR 1 %: FPR, TPR | at FPR 10 %: FPR, TPR | member − non-member mean log-lik | "
-        "fresh clips AUC [CI] | reference-calibrated AUC [CI] | its TPR@10 % |",
-        "|---|---|---|---:|---|---|---:|",
+        "shadow federation's own AUC [CI] | fresh clips AUC [CI] | reference-calibrated AUC [CI] | its TPR@10 % |",
+        "|---|---|---|---:|---|---|---|---:|",
     ]
     for r in rows:
         cal = [f"{r[f'calibrated@{fpr}'][0]:.3f}, {r[f'calibrated@{fpr}'][1]:.3f}" for fpr in FPRS]
         lines.append(f"| {_eps(r['epsilon'])} | {cal[0]} | {cal[1]} | {r['gap']:+.3f} | "
+                     f"{r['shadow_auc']:.3f} {_ci(r['shadow_auc_ci'])} | "
                      f"{r['fresh_auc']:.3f} {_ci(r['fresh_auc_ci'])} | {r['ref_auc']:.3f} {_ci(r['ref_auc_ci'])} | "
                      f"{r['ref_tpr@0.1']:.3f} |")
-    lines += ["", "Fresh clips: scored on clips no model trained on (membership of the speaker, not of the clip). "
+    lines += ["", "Shadow federation's own AUC: the same attack on the shadow model's members and non-members, a "
+              "second training run of the same setting (how much the AUC varies between runs). "
+              "Fresh clips: scored on clips no model trained on (membership of the speaker, not of the clip). "
               "Reference-calibrated: the target's score minus the shadow model's (which saw neither group) on the same "
               "speaker, an offline LiRA with one reference model; a full LiRA needs many shadow federations per "
               "speaker, more than this audit affords.", "", *membership_findings(rows), ""]
@@ -188,17 +202,23 @@ def markdown(args, plan, cells, rows, probes, load) -> str:
         "",
         f"A phase-1-only federation of {len(probe_cell['clients'])} one-speaker clients (every corpus speaker but "
         f"the {plan['probe_devel']} it keeps as its devel set); each client's round-1 update (its head-slice delta, {len(next(iter(probe_cell['updates'].values())))} "
-        "weights) is one example for a logistic regression (standardised, L2) predicting the speaker's attribute, "
-        "5-fold stratified cross-validation over clients; 95 % Clopper-Pearson CI; chance = the most common value. "
+        "weights) is one example for a logistic regression (L2, its strength picked by an inner 3-fold CV; the "
+        "updates divided by their RMS) predicting the speaker's attribute, 5-fold stratified cross-validation over "
+        "clients; 95 % Clopper-Pearson CI; chance = the most common value. "
         "Raw: what the server sees without DP or in `dp.mode: server`; clipped: in `dp.mode: client`; clipped + "
         "noise N(0, (z·C)²) per weight: what one published round tells an adversary who knows every other client's "
-        "update (the noise drawn from OS entropy, as the mechanism draws it).",
+        f"update (the noise drawn from OS entropy, as the mechanism draws it: the mean accuracy over {NOISE_DRAWS} "
+        "independent draws, the CI as if of one draw, and the range of the draws; these rows change a little from "
+        "one writing of the report to the next). The reference row gives the probe each speaker's mean backbone "
+        "features (the frozen random backbone's output the head trains on): an attribute it cannot read there "
+        "cannot be read from a head update either.",
         "",
         "| attribute | update seen | clients | accuracy [95 % CI] | chance | ε of this one round |",
         "|---|---|---:|---|---:|---:|",
     ]
     for p in probes:
-        lines.append(f"| {p['attribute']} | {p['view']} | {p['clients']} | {p['accuracy']:.3f} {_ci(p['ci'])} | "
+        draws = "" if p["draws"] is None else f" (draws {p['draws'][0]:.3f}-{p['draws'][1]:.3f})"
+        lines.append(f"| {p['attribute']} | {p['view']} | {p['clients']} | {p['accuracy']:.3f} {_ci(p['ci'])}{draws} | "
                      f"{p['chance']:.3f} | {_eps(p['epsilon_one_round'])} |")
     lines += ["", *probe_findings(probes), "", "![ROC curves and DP bounds; attribute probe](privacy_audit.png)", ""]
     return "\n".join(lines)
@@ -211,8 +231,10 @@ def membership_findings(rows: list[dict]) -> list[str]:
     if base is not None:
         lo, hi = base["auc_ci"]
         verdict = ("above chance (CI excludes 0.5)" if lo > 0.5 else "not distinguishable from chance (CI includes 0.5)")
+        s_lo, s_hi = base["shadow_auc_ci"]
         out.append(f"- Without DP the attack's AUC is {base['auc']:.3f} [{lo:.2f}, {hi:.2f}]: {verdict}; TPR "
-                   f"{base['tpr@0.01']:.3f} at FPR 1 % and {base['tpr@0.1']:.3f} at FPR 10 %.")
+                   f"{base['tpr@0.01']:.3f} at FPR 1 % and {base['tpr@0.1']:.3f} at FPR 10 %. On the shadow "
+                   f"federation (same setting, other speakers) it is {base['shadow_auc']:.3f} [{s_lo:.2f}, {s_hi:.2f}].")
     for r in rows:
         if r["noise"] is None:
             continue
@@ -274,7 +296,10 @@ def figure(rows: list[dict], probes: list[dict]):
         err = np.array([[p["accuracy"] - p["ci"][0], p["ci"][1] - p["accuracy"]] for p in sel]).T
         bars.bar(xs, acc, width, yerr=err, capsize=2, color=f"C{j}", label=attribute)
         bars.hlines(sel[0]["chance"], xs[0] - width / 2, xs[-1] + width / 2, color=f"C{j}", linestyle=":", linewidth=1)
-    bars.set_xticks(np.arange(len(views)), [v.replace(" + ", "\n+ ") for v in views], fontsize=7)
+    short = [v.replace("clipped + noise ", "+ noise\n").replace("reference: mean backbone features (not sent)",
+                                                                   "backbone\nfeatures (ref.)")
+             .replace("raw update", "raw\nupdate").replace("clipped to ", "clipped\nto ") for v in views]
+    bars.set_xticks(np.arange(len(views)), short, fontsize=7)
     bars.set_ylim(0, 1)
     bars.set_ylabel("probe accuracy (dotted: chance)")
     bars.set_title("attribute inference from round-1 updates", fontsize=9)

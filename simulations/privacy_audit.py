@@ -22,7 +22,8 @@ shadow: without DP, then with the noise multiplier whose ε after `--rounds` rel
 each client sends (its head-slice delta) is the input of a cross-validated logistic regression predicting the
 speaker's pitch group (tertile of the generator's pitch offset) and eSpeak voice sex (`simulations.attribute_probe`):
 raw (what the server sees without DP or in ``dp.mode: server``), clipped (``dp.mode: client``), and clipped plus
-the noise the DP mean adds, as an adversary who knows every other update sees it.
+the noise the DP mean adds, as an adversary who knows every other update sees it. For reference the same probe
+reads each speaker's mean backbone features (what the head trains on; never sent).
 
 The setting is chosen to memorise (one clip per class and speaker, 10 local epochs, no dropout, learning rate
 0.01, all clients every round: `MEMORISE` and the defaults), so that the attack has something to find. Resumable: each finished federation is appended to
@@ -85,9 +86,9 @@ def main(argv: list[str] | None = None) -> int:
             with (args.work / "cells.jsonl").open("a") as f:  # appended when done: an interrupted audit resumes
                 f.write(json.dumps({"base": plan["base"], "cell": list(cell), **result}) + "\n")
             eps = "" if result.get("epsilon") is None else f" | ε {result['epsilon']:.3g}"
-            print(f"{cell[0]:>6} {setting_name(cell[1]):>14} | devel UAR {result['uar']:.3f}{eps} | "
-                  f"{result['seconds']:.0f} s ({result['cpu_seconds']:.0f} s CPU) | {len(cells)}/{len(plan['cells'])}",
-                  flush=True)
+            uar = "" if result.get("uar") is None else f" | devel UAR {result['uar']:.3f}"
+            print(f"{cell[0]:>8} {setting_name(cell[1]):>14}{uar}{eps} | {result['seconds']:.0f} s "
+                  f"({result['cpu_seconds']:.0f} s CPU) | {len(cells)}/{len(plan['cells'])}", flush=True)
     missing = [c for c in plan["cells"] if c not in cells]
     if missing:
         print(f"privacy_audit: error: {len(missing)} federations not run yet (first: {missing[0]})", file=sys.stderr)
@@ -136,7 +137,7 @@ def make_plan(args: argparse.Namespace) -> dict:
             f"federated.local_epochs={args.local_epochs}", "federated.fraction_evaluate=0",
             "output.name=privacy_audit", *MEMORISE, *args.overrides]
     settings = [None, *noises]
-    cells = [(fed, noise) for noise in settings for fed in ("target", "shadow")] + [("probe", None)]
+    cells = [(fed, noise) for noise in settings for fed in ("target", "shadow")] + [("probe", None), ("features", None)]
     return {"base": base, "corpus": str(corpus), "manifests": {k: str(v) for k, v in manifests.items()},
             "roles": roles, "settings": settings, "cells": cells, "clip_norm": args.clip_norm, "delta": args.delta,
             "clips": clips, "train_clips": args.train_clips, "rounds": args.rounds, "seed": args.seed,
@@ -187,6 +188,11 @@ def run_cell(cell: tuple, plan: dict) -> dict:
 
     federation, noise = cell
     load = os.getloadavg()[0]
+    if federation == "features":
+        start = time.perf_counter()
+        features = speaker_features([*plan["base"], f"data.manifest={plan['manifests']['probe']}"])
+        return {"features": features, "seconds": time.perf_counter() - start, "load": load,
+                "cpu_seconds": time.process_time()}
     overrides = [*plan["base"], f"data.manifest={plan['manifests'][federation]}",
                  *dp_overrides(noise, plan["clip_norm"], plan["delta"])]
     if federation == "probe":
@@ -235,6 +241,27 @@ def client_speakers(overrides: list[str]) -> list[str]:
 
     cfg = load_config(CONFIG, overrides)
     return [group[0] for group in partition_speakers(load_manifest(cfg.data).speakers("train"), 0)]
+
+
+def speaker_features(overrides: list[str]) -> dict[str, list[float]]:
+    """Each training speaker's mean backbone features over its chunks: what the phase-1 head is trained on.
+
+    The probe's reference: an attribute these features do not show cannot be read from a head update either.
+    """
+    import keras
+
+    from dsl_fed.config import load_config
+    from dsl_fed.data import load_chunks, load_manifest
+    from dsl_fed.models import build_embedder
+    from dsl_fed.predict import predict_batches
+
+    cfg = load_config(CONFIG, overrides)
+    manifest = load_manifest(cfg.data)
+    keras.backend.clear_session()
+    embedder = build_embedder(cfg)  # the same seeded random backbone as the federations' models
+    chunks = load_chunks(manifest.partition("train", required=True), cfg.data, manifest.classes, progress=False)
+    embeddings = predict_batches(embedder, chunks.waveforms, cfg.training.batch_size).astype(np.float64)
+    return {s: embeddings[chunks.speakers == s].mean(axis=0).tolist() for s in np.unique(chunks.speakers)}
 
 
 def score_corpus(overrides: list[str], weights: dict[str, np.ndarray], corpus_manifest: Path) -> list[float]:

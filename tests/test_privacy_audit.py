@@ -201,6 +201,9 @@ def test_report_from_synthetic_federations_finds_the_planted_leak(monkeypatch):
     updates, _ = synthetic_updates(n=60, dim=20)
     cells[("probe", None)] = {"updates": {str(i): u.tolist() for i, u in enumerate(updates)}, "clients": speakers,
                               "update_norms": {"1": [1.0]}, "cpu_seconds": 1.0, "uar": 0.3, "load": 1.0}
+    sexes = {s: voice_sex(s, 0) for s in speakers}  # the reference features carry the voice's sex, nothing else
+    cells[("features", None)] = {"features": {s: [float(sexes[s] == "m") + rng.normal(0, 0.1), rng.normal()]
+                                              for s in speakers}, "cpu_seconds": 1.0, "load": 1.0}
     args = argparse.Namespace(speakers=60, members=10, clips=2, train_clips=1, rounds=4, local_epochs=1,
                               epsilons="2", clip_norm=1.0, corpus_seed=0, overrides=[])
     text, fig = audit_report.render(args, plan, cells, 0.0)
@@ -210,4 +213,6 @@ def test_report_from_synthetic_federations_finds_the_planted_leak(monkeypatch):
     assert abs(dp_auc - 0.5) < 0.3
     assert "Without DP the attack's AUC is 1.000" in text and "above chance (CI excludes 0.5)" in text
     assert "within the (ε, δ) bound at both FPRs" in text
+    reference = next(line for line in text.splitlines() if line.startswith("| voice sex") and "backbone features" in line)
+    assert float(reference.split(" | ")[3].split()[0]) > 0.9
     assert fig.axes and len(fig.axes) == 3
