@@ -12,7 +12,7 @@ devel round (the table names both).
 A fourth and a fifth run are the same job as a real deployment
 (`dsl_fed deploy local`: SuperLink and one SuperNode per shard as separate processes over TLS with node
 authentication, federated evaluation): with one long-lived ClientApp process per SuperNode (process isolation,
-what `deploy local` does) and with Flower's default subprocess isolation (a new ClientApp process, TensorFlow
+`deploy_local(isolation="process")`) and with Flower's default subprocess isolation (a new ClientApp process, TensorFlow
 import and model build per message); both are compared with the float32 simulation per round, broken down into
 local training, other client work, server work and the rest (messages, evaluation, process starts, polling).
 
@@ -201,7 +201,7 @@ def bytes_table(config: Path, overrides: list[str], fp32, fp16) -> str:
 
 
 def run_deployments(config: Path, overrides: list[str]) -> dict[str, tuple[Path, float]]:
-    """`run_deployment` in process isolation (what `deploy local` does), then in Flower's default."""
+    """`run_deployment` in process isolation (one long-lived ClientApp process per node), then in Flower's default."""
     return {isolation: run_deployment(config, overrides + [f"output.name=bench-deploy-{isolation}"], isolation)
             for isolation in ("process", "subprocess")}
 
@@ -249,7 +249,7 @@ def deployment_table(simulated, deployed: dict[str, tuple[Path, float]]) -> str:
 
     sim = per_round(simulated.run_dir)
     rows = [("simulation (Ray, one process tree)", sim, simulated.seconds)]
-    labels = {"process": "deployment, one ClientApp process per SuperNode (`deploy local`)",
+    labels = {"process": "deployment, one ClientApp process per SuperNode (process isolation)",
               "subprocess": "deployment, a ClientApp process per message (Flower's default)"}
     deps = {isolation: per_round(run_dir) for isolation, (run_dir, _) in deployed.items()}
     rows += [(labels[isolation], deps[isolation], wall) for isolation, (_, wall) in deployed.items()]

@@ -44,10 +44,11 @@ def marker():
 
 @pytest.fixture(scope="module")
 def deployed(demo_manifest, tmp_path_factory, marker):
-    """`dsl_fed deploy local` on the demo corpus: 3 nodes, 1 + 1 rounds of the tiny model."""
+    """`deploy_local` on the demo corpus, one long-lived ClientApp process per node: 3 nodes, 1 + 1 rounds of
+    the tiny model. (The fault test runs Flower's default per-message processes, and gets the same weights.)"""
     config = write_config(tmp_path_factory.mktemp("deploy"), demo_manifest, federated=FEDERATED)
     lines: list[str] = []
-    run_dir = deploy_local(config, nodes=3, echo=lines.append)
+    run_dir = deploy_local(config, nodes=3, echo=lines.append, isolation="process")
     return config, run_dir, lines, processes_with(MARKER, marker)
 
 

@@ -9,10 +9,12 @@ open-source build, so the SuperLink binds to 127.0.0.1 only. On one host (`deplo
 that address; on separate hosts (network namespaces, `dsl_fed.deploy.netns`) they dial a proxy on the
 SuperLink's host that passes only the Fleet API (``fleet_proxy.cfg``, `LoopbackFederation.start_fleet_proxy`).
 
-Each SuperNode runs in process isolation with one long-lived ClientApp process beside it
+With ``isolation="process"`` each SuperNode runs one long-lived ClientApp process beside it
 (`dsl_fed.deploy.clientapp_worker`), which imports TensorFlow and builds the model once instead of once per
-message. `deploy_local` marks every process it starts (`dsl_fed.federated.watchdog.guard`), so none outlives it,
-even when it is killed.
+message. The default stays Flower's own per-message process: once, after the SuperLink was killed and restarted
+while a long run's messages were pending, the long-lived processes stopped answering the resumed run (not yet
+understood), and a deployment must above all resume. `deploy_local` marks every process it starts
+(`dsl_fed.federated.watchdog.guard`), so none outlives it, even when it is killed.
 
 Nothing here imports Flower: it drives the ``flower-superlink``, ``flower-supernode`` and ``flwr`` executables.
 """
@@ -75,14 +77,14 @@ class LoopbackFederation:
         node_keys: SuperNode k's private key, its public key beside it (+ ``.pub``); default ``certs/node_<k>``.
         hosts: Where each process runs (`dsl_fed.deploy.netns.Host`), keyed ``superlink`` and ``node_<k>``.
         fleet_address: What the SuperNodes dial (the proxy's ``host:port``); default the SuperLink's address.
-        isolation: ``process`` (default): each SuperNode gets one long-lived ClientApp process
-            (`dsl_fed.deploy.clientapp_worker`); ``subprocess``: Flower's default, a new process per message.
+        isolation: ``subprocess`` (default, Flower's): a new ClientApp process per message; ``process``: each
+            SuperNode gets one long-lived ClientApp process (`dsl_fed.deploy.clientapp_worker`), see the module.
     """
 
     def __init__(self, workdir: Path, certs: Path, node_folders: list[Path], port: int | None = None,
                  env: Mapping[str, str] | None = None, node_keys: Sequence[Path] | None = None,
                  hosts: Mapping[str, Host] | None = None, fleet_address: str | None = None,
-                 isolation: str = "process") -> None:
+                 isolation: str = "subprocess") -> None:
         if isolation not in ("process", "subprocess"):
             raise DslFedError(f"isolation {isolation!r}: use 'process' or 'subprocess'")
         self.isolation = isolation
@@ -278,7 +280,7 @@ def _last_line(text: str) -> str:
 
 
 def deploy_local(config_path: str | Path, overrides: Sequence[str] = (), nodes: int = 3, resume: bool = False,
-                 echo: Callable[[str], None] = print, overwrite: bool = False, isolation: str = "process") -> Path:
+                 echo: Callable[[str], None] = print, overwrite: bool = False, isolation: str = "subprocess") -> Path:
     """Split the config's corpus into `nodes` folders, make certificates and keys, run the federated job on a
     loopback federation with TLS and node authentication, and stop everything; returns the run folder.
 
@@ -325,7 +327,7 @@ def deploy_local(config_path: str | Path, overrides: Sequence[str] = (), nodes: 
 
 
 def _federate(config_path: Path, overrides: list[str], output_dir: Path, run_dir: Path, cfg: Any, corpus: Path,
-              nodes: int, resume: bool, echo: Callable[[str], None], isolation: str = "process") -> None:
+              nodes: int, resume: bool, echo: Callable[[str], None], isolation: str = "subprocess") -> None:
     """Prepare ``<name>.deploy/``, run the job on a loopback federation writing ``output_dir/<name>``; raises
     unless every round was written."""
     from dsl_fed.cli.federated import ServerLines, check_complete
