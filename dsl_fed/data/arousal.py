@@ -21,10 +21,11 @@ Written like the other corpora: ``DIR/audio/<speaker>/<class>_<k>.wav`` (16 kHz,
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
 import sys
 from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,15 +104,30 @@ def make_arousal_corpus(out_dir: str | Path, speakers: int = 60, clips: int = 4,
     bar = tqdm(total=speakers, desc="synthesising arousal corpus", unit="speaker",
                disable=None if progress else True, file=sys.stderr, leave=False)
     workers = max(1, min(jobs or os.cpu_count() or 1, speakers))
-    # Spawned, not forked, workers: a forked process's /proc environ is its parent's from before any run
-    # marker was set, so a watchdog could not find it (`dsl_fed.federated.watchdog`).
-    with corpus_folder(out_dir) as folder, bar, ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+    with corpus_folder(out_dir) as folder, bar, \
+            ProcessPoolExecutor(workers, initializer=_die_with, initargs=(os.getpid(),)) as pool:
         tasks = [(espeak, folder, name, k, clips, seed, snr) for k, name in enumerate(names)]
         for name, speaker_rows in zip(names, pool.map(_write_speaker, tasks, chunksize=4)):
             rows += [(rel, label, name, partition[name]) for rel, label in speaker_rows]
             bar.update()
         write_manifest(folder, rows)
     return out_dir / "manifest.csv"
+
+
+def _die_with(parent: int) -> None:
+    """Pool initializer: the kernel kills this worker when the process that forked it dies, even by SIGKILL.
+
+    A forked worker is invisible to the run's watchdog (its /proc environ is the parent's from before the run
+    mark was set), so it must not outlive the command by itself. (Spawned workers would carry the mark, but
+    spawning starts multiprocessing's resource tracker, which then outlives the corpus as a stray child.)
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def draw_speaker(rng: np.random.Generator, snr: tuple[float, float] = SNR) -> Speaker:
