@@ -14,8 +14,9 @@ costs nothing.
 One speaker per client makes the guarantee speaker-level: any one speaker's whole contribution changes what
 the server publishes only within epsilon - if the corpus names its speakers: without a speaker column every
 clip is its own speaker, and `check_speakers` refuses DP on such a corpus unless ``data.clip_level_privacy``
-accepts that epsilon then protects single clips (reported as clip-level). It covers the published models; under DP the server publishes none
-of the clients' statistics beside them (no losses, local UARs, example counts, clipped bits or timings).
+accepts that epsilon then protects single clips (reported as clip-level). It covers the published models;
+under DP the server publishes none of the clients' statistics beside them (no losses, local UARs, example
+counts, clipped bits or timings).
 """
 
 from __future__ import annotations
