@@ -55,14 +55,10 @@ def main() -> int:
     if unknown:
         parser.error(f"unknown schedule(s) {unknown}; known: {list(SCHEDULES)}")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    from dsl_fed.data import read_manifest
-    from dsl_fed.data.arousal import make_arousal_corpus
+    from parity import arousal_corpus  # a sibling script: benchmarks/ is sys.path[0]
 
     work = args.work.resolve()
-    manifest_path = work / f"arousal{args.speakers}" / "manifest.csv"
-    if not manifest_path.is_file():
-        make_arousal_corpus(manifest_path.parent, speakers=args.speakers, progress=False)
-    manifest = read_manifest(manifest_path)
+    manifest_path, manifest = arousal_corpus(work, args.speakers)
     (work / "schedule").mkdir(parents=True, exist_ok=True)
     jobs = [(name, seed) for name in args.only for seed in range(args.seeds)]
     started = time.time()

@@ -42,15 +42,10 @@ def main() -> int:
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     from dsl_fed.config import load_config
-    from dsl_fed.data import read_manifest
-    from dsl_fed.data.arousal import make_arousal_corpus
     from dsl_fed.experiment import run_experiment
 
     work = args.work.resolve()
-    manifest_path = work / f"arousal{args.speakers}" / "manifest.csv"
-    if not manifest_path.is_file():
-        make_arousal_corpus(manifest_path.parent, speakers=args.speakers, progress=False)
-    manifest = read_manifest(manifest_path)
+    manifest_path, manifest = arousal_corpus(work, args.speakers)
     train_speakers = len(manifest.speakers("train"))
     grouped = max(1, train_speakers // args.group)
     settings = ((("data.shards", "0"),), (("data.shards", str(grouped)),))
@@ -66,6 +61,18 @@ def main() -> int:
     figure.savefig(args.out.with_suffix(".png"), dpi=120, bbox_inches="tight")
     print(report)
     return 0
+
+
+def arousal_corpus(work: Path, speakers: int):
+    """``(manifest path, manifest)`` of the arousal corpus of `speakers` speakers in `work`, made on first use
+    (`fed_schedule.py` shares it)."""
+    from dsl_fed.data import read_manifest
+    from dsl_fed.data.arousal import make_arousal_corpus
+
+    path = work / f"arousal{speakers}" / "manifest.csv"
+    if not path.is_file():
+        make_arousal_corpus(path.parent, speakers=speakers, progress=False)
+    return path, read_manifest(path)
 
 
 def read_cells(results: Path) -> dict[tuple[str, str, int], Path]:

@@ -114,6 +114,9 @@ def make_arousal_corpus(out_dir: str | Path, speakers: int = 60, clips: int = 4,
     return out_dir / "manifest.csv"
 
 
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
 def _die_with(parent: int) -> None:
     """Pool initializer: the kernel kills this worker when the process that forked it dies, even by SIGKILL.
 
@@ -125,9 +128,6 @@ def _die_with(parent: int) -> None:
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:  # the parent died before prctl took effect
         os._exit(1)
-
-
-PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def draw_speaker(rng: np.random.Generator, snr: tuple[float, float] = SNR) -> Speaker:
