@@ -102,7 +102,9 @@ def run(config_path: Path, overrides: list[str], tamper: Tamper | None = None,
     model = build_model(cfg, len(manifest.classes))
     weights = {name: array.numpy() for name, array in result.arrays.items()}
     set_weights_by_name(model, weights)
-    devel = load_chunks(manifest.partition("devel", required=True), cfg.data, manifest.classes, progress=False)
+    devel = scorer.chunks.get("devel") if scorer else None  # loaded once when every round was scored on it
+    if devel is None:
+        devel = load_chunks(manifest.partition("devel", required=True), cfg.data, manifest.classes, progress=False)
     score = evaluate_chunks(model, devel, manifest.classes, batch_size=cfg.training.batch_size, seed=cfg.training.seed)
     return RunResult(float(score["uar"]), rounds, privacy.epsilon(strategy.dp_releases) if privacy else None,
                      time.perf_counter() - start, tuple(per_round), weights)

@@ -91,7 +91,7 @@ def run_make_speech_data(args: argparse.Namespace) -> int:
     speakers = speakers if args.speakers is None else args.speakers
     clips = clips if args.clips is None else args.clips
     extra = {"snr": args.snr} if args.task == "arousal" else {}
-    with guard_children():  # the synthesis workers and their espeak-ng end with this command, even on SIGKILL
+    with guard_children():  # espeak-ng ends with this command, even on SIGKILL (the workers: arousal.py)
         manifest_path = make(args.directory, speakers=speakers, clips=clips, seed=args.seed, **extra)
     _report_corpus(manifest_path, speakers, start)
     return 0

@@ -104,8 +104,9 @@ def guard(cleanup: tuple[os.PathLike | str, ...] = ()) -> Iterator[dict[str, str
 
 @contextlib.contextmanager
 def guard_children() -> Iterator[None]:
-    """`guard` for children that inherit this process's environment as it is (a process pool's workers and the
-    programs they run), so they end with this process however it ends."""
+    """`guard` for programs started with this process's environment as it is (``subprocess`` from here or from
+    forked workers), so they end with this process however it ends. A forked worker itself keeps its parent's
+    original /proc environ, so it is not found: it must end with its parent by other means (PR_SET_PDEATHSIG)."""
     with guard() as env:
         saved = os.environ.get(MARKER_ENV)
         os.environ[MARKER_ENV] = env[MARKER_ENV]  # this process is never among its own marked processes
