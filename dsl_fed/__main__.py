@@ -1,5 +1,9 @@
 import sys
 
-from dsl_fed.cli import main
+try:
+    from dsl_fed.cli import main
+except KeyboardInterrupt:  # Ctrl-C before main() has its own handling
+    print("dsl_fed: interrupted", file=sys.stderr)
+    sys.exit(130)
 
 sys.exit(main())

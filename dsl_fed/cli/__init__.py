@@ -16,6 +16,7 @@ import signal
 import sys
 
 from dsl_fed.errors import DslFedError
+from dsl_fed.held_signals import held_signals, hold_signals_during_native_imports
 from dsl_fed.quiet import VERBOSE_ENV, quiet_libraries
 
 # Sub-command modules, in the order `dsl_fed --help` lists them.
@@ -81,7 +82,10 @@ def main(argv: list[str] | None = None) -> int:
 def _run(argv: list[str] | None) -> int:
     command = "dsl_fed"
     try:
-        args = parse_args(build_parser(), argv)
+        hold_signals_during_native_imports()
+        with held_signals():  # the sub-command modules import most of what start-up takes
+            parser = build_parser()
+        args = parse_args(parser, argv)
         command = f"dsl_fed {args.command}"
         if args.library_logs:
             os.environ[VERBOSE_ENV] = "1"  # also for the processes this command starts
