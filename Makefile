@@ -17,7 +17,6 @@ quickstart: install
 PYTEST_WORKERS ?= 2
 
 # pytest exits 5 when it collects no test; make fails on any non-zero exit, so "no tests" fails CI too.
-
 test: install
 	$(PYTHON) -m pytest -n $(PYTEST_WORKERS) --dist worksteal
 
