@@ -38,6 +38,10 @@ SCHEDULES: dict[str, tuple[str, ...]] = {
     "fedavg, 4 local epochs": ("federated.local_epochs=4",),
     "fedavgm 0.5, 2 local epochs": ("federated.local_epochs=2", "federated.strategy=fedavgm",
                                     "federated.server_momentum=0.5"),
+    "fedavgm 0.9, 1 local epoch": ("federated.local_epochs=1", "federated.strategy=fedavgm",
+                                   "federated.server_momentum=0.9"),
+    "fedadam 0.003, 2 local epochs": ("federated.local_epochs=2", "federated.strategy=fedadam",
+                                      "federated.server_learning_rate=0.003"),
 }
 
 

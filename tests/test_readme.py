@@ -69,7 +69,8 @@ def test_every_cli_command_is_documented():
 def test_ci_runs_the_readme_test_command():
     assert "make test " in README
     assert (REPO / ".ci/run").read_text().strip().splitlines()[-1] == "make test"
-    assert re.search(r"^test: install\n\t\$\(PYTHON\) -m pytest$", (REPO / "Makefile").read_text(), re.M)
+    assert re.search(r"^test: install\n\t\$\(PYTHON\) -m pytest -n \$\(PYTEST_WORKERS\) --dist worksteal$",
+                     (REPO / "Makefile").read_text(), re.M)
 
 
 def layout_paths():
