@@ -38,7 +38,7 @@ from dsl_fed.config import Config
 from dsl_fed.errors import DslFedError
 from dsl_fed.io import atomic_write, check_output_file
 from dsl_fed.litert import TFLiteRunner, flex_operators
-from dsl_fed.stats import QUANT_LABELS
+from dsl_fed.precision import QUANTIZATIONS
 
 __all__ = [
     "QUANTIZATIONS",
@@ -60,7 +60,6 @@ __all__ = [
     "restore_float_scope",
 ]
 
-QUANTIZATIONS: tuple[str, ...] = tuple(QUANT_LABELS)
 INPUT_KINDS: tuple[str, ...] = ("audio", "image")
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1

@@ -41,13 +41,13 @@ import numpy as np
 
 from dsl_fed.errors import DslFedError
 from dsl_fed.io import atomic_write, check_empty_folder, publish_folder
+from dsl_fed.precision import QUANT_LABELS
 
 __all__ = ["StatsRow", "count_flops", "cpu_vector_extensions", "measure", "model_stats", "tflite_row", "stats_table",
            "stats_path"]
 
 RUNS = 50
 WARMUP = 3
-QUANT_LABELS = {"none": "fp32", "float16": "fp16", "dynamic": "dynamic", "int8": "int8"}
 
 
 @dataclass

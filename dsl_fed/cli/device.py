@@ -1,7 +1,8 @@
 """`dsl_fed export`, `dsl_fed predict` and `dsl_fed stats`: from a trained Keras model to a device.
 
 - ``export MODEL.keras``: TFLite file + ``manifest.json`` in a folder of its own (default
-  ``<model folder>/tflite_<precision>/``), then a parity check against Keras.
+  ``<model folder>/tflite_<precision>/``), then a parity check against Keras. With ``--trainable``: the trainable
+  file (`dsl_fed.trainable_export`) in ``<model folder>/tflite_trainable/``.
 - ``predict MODEL.tflite AUDIO_OR_DIR``: per-chunk probabilities and the clip decision with LiteRT only (no
   TensorFlow), optionally as a replayed live stream.
 - ``stats MODEL``: the paper's Table 4 for this machine, written beside the model.
@@ -27,7 +28,7 @@ from dsl_fed.cli.arguments import int_in, threads
 from dsl_fed.text import check_visible
 from dsl_fed.errors import DslFedError
 from dsl_fed.export import PARITY_THRESHOLDS
-from dsl_fed.stats import QUANT_LABELS
+from dsl_fed.precision import QUANT_LABELS
 
 VERIFY_CHUNKS = 64
 
@@ -45,8 +46,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "calibrated on training chunks (default: none)")
     p.add_argument("--input", choices=["audio", "image"], default="audio",
                    help="audio: raw waveform in, spectrogram inside (default); image: backbone + head only")
+    p.add_argument("--trainable", action="store_true",
+                   help="write the trainable model instead: signatures embed, train, infer, parameters, restore "
+                   "(float32; the head trains on the device with LiteRT alone)")
     p.add_argument("--out", type=Path, default=None,
-                   help="output .tflite (default: <model folder>/tflite_<precision>/model.tflite)")
+                   help="output .tflite (default: <model folder>/tflite_<precision>/model.tflite, "
+                   "with --trainable <model folder>/tflite_trainable/model.tflite)")
     p.add_argument("--min-agreement", type=float, default=None, metavar="FRACTION",
                    help="minimum top-1 agreement with Keras on the check chunks, 0-1 (default per precision: "
                    + ", ".join(f"{q} {a:g}" for q, (a, _) in PARITY_THRESHOLDS.items()) + ")")
@@ -111,12 +116,20 @@ def run_export(args: argparse.Namespace) -> int:
         raise DslFedError(f"--min-agreement must be between 0 and 1, got {args.min_agreement}")
     if args.max_prob_diff is not None and not 0.0 <= args.max_prob_diff <= 1.0:
         raise DslFedError(f"--max-prob-diff must be between 0 and 1, got {args.max_prob_diff}")
-    out = args.out or args.model.parent / f"tflite_{QUANT_LABELS[args.quantization]}" / "model.tflite"
+    if args.trainable:
+        others = [flag for flag, used in (("--quantization", args.quantization != "none"),
+                                          ("--input", args.input != "audio"),
+                                          ("--min-agreement", args.min_agreement is not None),
+                                          ("--max-prob-diff", args.max_prob_diff is not None)) if used]
+        if others:
+            raise DslFedError(f"--trainable exports a float32 audio-input model; drop {', '.join(others)}")
+    folder = "tflite_trainable" if args.trainable else f"tflite_{QUANT_LABELS[args.quantization]}"
+    out = args.out or args.model.parent / folder / "model.tflite"
     check_export_target(out, [p for p in (args.model, args.config) if p is not None])
     made = not out.parent.exists()
     try:
         with run_lock(out, what="export"):  # two exports to one folder would mix model and manifest
-            return _export(args, out)
+            return _export_trainable(args, out) if args.trainable else _export(args, out)
     except BaseException:
         if made:  # a failed export leaves no empty folder behind
             with contextlib.suppress(OSError):
@@ -151,6 +164,22 @@ def _export(args: argparse.Namespace, out: Path) -> int:
     print(f"verified on {parity['num_samples']} {source}: max |p_tflite - p_keras| = {parity['max_abs_diff']:.2e} "
           f"(allowed {parity['max_prob_diff']:g}), top-1 agreement {100 * parity['top1_agreement']:.1f} % "
           f"(required {100 * parity['min_agreement']:.1f} %)")
+    return 0
+
+
+def _export_trainable(args: argparse.Namespace, out: Path) -> int:
+    from dsl_fed.models import load_model
+    from dsl_fed.trainable_export import export_trainable, head_parts
+
+    model = load_model(args.model)
+    head_parts(model)  # a model without the paper's head: say so before looking for its config
+    cfg, classes = _model_context(args.model, args.config, args.classes, args.overrides, model)
+    path = export_trainable(model, out, classes=classes, cfg=cfg)
+    manifest = json.loads((path.parent / "manifest.json").read_text())
+    print(f"exported {path} ({path.stat().st_size / 1e6:.2f} MB, trainable: {', '.join(manifest['signatures'])}; "
+          f"optimizer {manifest['optimizer']['name']}) + {path.parent / 'manifest.json'}")
+    print(f"verified infer(embed(x)) on {manifest['parity']['source']}: max |p_litert - p_keras| = "
+          f"{manifest['parity']['max_abs_diff']:.2e} (allowed {manifest['parity']['limit']:g})")
     return 0
 
 
