@@ -159,6 +159,9 @@ class ExportManifest:
             raise DslFedError(f"{source}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
         if not isinstance(data, dict):
             raise DslFedError(f"{source}: expected a JSON object")
+        if data.get("kind") == "trainable":  # dsl_fed.trainable_export's manifest: another file kind altogether
+            raise DslFedError(f"{source}: describes a trainable model (signatures embed, train, infer, parameters, "
+                              "restore), not an inference export; export one with `dsl_fed export` without --trainable")
         known = {f.name for f in dataclasses.fields(cls)}
         required = {f.name for f in dataclasses.fields(cls)
                     if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}

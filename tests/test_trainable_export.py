@@ -178,3 +178,20 @@ def test_model_without_the_head_is_refused_in_one_line(tmp_path, trainable, caps
     err = capsys.readouterr().err.strip()
     assert "no layer named 'spectrogram'" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "tflite_trainable").exists()
+
+
+def test_a_trainable_file_is_refused_where_an_inference_export_is_expected(trainable, demo_manifest, capsys):
+    from dsl_fed.cli import main
+
+    wav = next(demo_manifest.parent.rglob("*.wav"))
+    assert main(["predict", str(trainable.path), str(wav)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "describes a trainable model" in err and len(err.splitlines()) == 1
+
+
+def test_trainable_takes_no_precision_or_image_input(trainable, capsys):
+    from dsl_fed.cli import main
+
+    assert main(["export", str(trainable.model_path), "--trainable", "--quantization", "int8", "--input", "image"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "drop --quantization, --input" in err and len(err.splitlines()) == 1
