@@ -39,13 +39,14 @@ class TrainableRunner:
             with warnings.catch_warnings(), _without_delegate_notice():
                 warnings.simplefilter("ignore")
                 self._interpreter = Interpreter(model_path=str(self.path), num_threads=threads)
+                found = sorted(self._interpreter.get_signature_list())
+                if sorted(SIGNATURES) != found:
+                    raise DslFedError(f"{self.path}: not a trainable dsl_fed model (signatures "
+                                      f"{', '.join(found) or 'none'}; expected {', '.join(SIGNATURES)})")
+                self._runners = {name: self._interpreter.get_signature_runner(name) for name in SIGNATURES}
         except (ValueError, RuntimeError) as exc:
             raise DslFedError(f"{self.path}: not a loadable TFLite model ({first_line(exc)})") from None
-        found = sorted(self._interpreter.get_signature_list())
-        if sorted(SIGNATURES) != found:
-            raise DslFedError(f"{self.path}: not a trainable dsl_fed model (signatures {', '.join(found) or 'none'}; "
-                              f"expected {', '.join(SIGNATURES)})")
-        self._runners = {name: self._interpreter.get_signature_runner(name) for name in SIGNATURES}
+        self._invoked: set[str] = set()
         restore = self._runners["restore"].get_input_details()
         self.weight_shapes = {name: tuple(int(d) for d in detail["shape"]) for name, detail in restore.items()}
         train = self._runners["train"].get_input_details()
@@ -125,7 +126,14 @@ class TrainableRunner:
         return array
 
     def _run(self, name: str, **inputs: np.ndarray) -> dict[str, np.ndarray]:
+        from dsl_fed.litert import _without_delegate_notice
+
         try:
-            return self._runners[name](**inputs)
+            if name in self._invoked:
+                return self._runners[name](**inputs)
+            with _without_delegate_notice():  # LiteRT applies its XNNPACK delegate (and says so) at a first invoke
+                outputs = self._runners[name](**inputs)
+            self._invoked.add(name)
+            return outputs
         except (ValueError, RuntimeError) as exc:
             raise DslFedError(f"{self.path}: {name} failed ({first_line(exc)})") from None
