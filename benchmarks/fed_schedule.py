@@ -125,6 +125,7 @@ def render(curves, args, manifest, started: float):
     load = (f"1-min load average {min(loads):.1f}-{max(loads):.1f} at the runs' starts and ends" if loads else "")
     load += f"{'; ' if load else ''}load not recorded for {unrecorded} run(s)" if unrecorded else ""
     minutes = sum(run["seconds"] for run in curves.values()) / 60
+    lengths = (SHORT + 1, args.rounds + 1) if args.rounds > SHORT else (args.rounds + 1,)  # rounds read
     lines = [
         "# Federated schedules at one client per speaker",
         "",
@@ -138,15 +139,15 @@ def render(curves, args, manifest, started: float):
         f"Each cell: mean over seeds of the best devel round's devel UAR, and the test UAR of that same round "
         f"(rounds counted after the phase-1 round). Selection is on devel; test is what it buys.",
         "",
-        f"| schedule | 1 + {SHORT} rounds: devel / test | best round | 1 + {args.rounds} rounds: devel / test | "
-        f"best round | per seed devel (1 + {args.rounds}) |",
-        "|---|---|---|---|---|---|",
+        "| schedule | " + " | ".join(f"1 + {n - 1} rounds: devel / test | best round" for n in lengths)
+        + f" | per seed devel (1 + {args.rounds}) |",
+        "|---|" + "---|---|" * len(lengths) + "---|",
     ]
     figure, ax = plt.subplots(figsize=(8, 4.5))
     for name in dict.fromkeys(name for name, _ in curves):
         runs = [curves[(name, seed)]["rounds"] for seed in seeds]
         cells = []
-        for last in (SHORT + 1, args.rounds + 1):
+        for last in lengths:
             picks = [best_round(run, last) for run in runs]
             cells += [f"{np.mean([p[1] for p in picks]):.3f} / {np.mean([p[2] for p in picks]):.3f}",
                       ", ".join(str(p[0] - 1) for p in picks)]
