@@ -45,7 +45,7 @@ def bottleneck_applies(model: keras.Model, cfg: Config, phase: int) -> tuple[boo
 def embed(model: keras.Model, chunks: ChunkSet, batch_size: int, cache: EmbeddingCache | None,
           front_end: str | None = None) -> ChunkSet:
     """`chunks` with each waveform replaced by its backbone embedding (from `cache` if it holds them)."""
-    embedder, _ = _parts(model)
+    embedder = embedder_model(model)
 
     def compute() -> np.ndarray:
         return predict_batches(embedder, chunks.waveforms, batch_size)
@@ -64,6 +64,11 @@ def predict_clips_on_embeddings(model: keras.Model, chunks: ChunkSet, cfg: Confi
         return None
     return predict_clips(head_model(model), embed(model, chunks, cfg.training.batch_size, cache),
                          batch_size=cfg.training.batch_size)
+
+
+def embedder_model(model: keras.Model) -> keras.Model:
+    """Waveform -> backbone embedding: the spectrogram layer and the backbone in inference mode (shared weights)."""
+    return _parts(model)[0]
 
 
 def head_model(model: keras.Model) -> keras.Model:
@@ -87,4 +92,4 @@ def _parts(model: keras.Model) -> tuple[keras.Model, keras.Model]:
     return _PARTS[model]
 
 
-__all__ = ["bottleneck_applies", "embed", "head_model", "predict_clips_on_embeddings"]
+__all__ = ["bottleneck_applies", "embed", "embedder_model", "head_model", "predict_clips_on_embeddings"]

@@ -71,9 +71,10 @@ def head_parts(model: Any) -> tuple[Any, dict[str, Any]]:
 
     from dsl_fed.arelu import ARELU
     from dsl_fed.backbones import BACKBONE_LAYER_NAME
+    from dsl_fed.bottleneck import embedder_model
     from dsl_fed.export import split_model
 
-    spectrogram, classifier = split_model(model)
+    _, classifier = split_model(model)
     names = [layer.name for layer in getattr(classifier, "layers", [])]
     if BACKBONE_LAYER_NAME not in names:
         raise DslFedError(f"model {model.name!r}: its classifier has no layer {BACKBONE_LAYER_NAME!r}, so it cannot be "
@@ -86,11 +87,8 @@ def head_parts(model: Any) -> tuple[Any, dict[str, Any]]:
         found = " -> ".join(type(layer).__name__ for layer in layers) or "nothing"
         raise DslFedError(f"model {model.name!r}: the head after the backbone is {found}, not the paper's "
                           "Dense -> ARELU -> Dropout -> Dense(softmax); a trainable export needs that head")
-    backbone = classifier.get_layer(BACKBONE_LAYER_NAME)
-    waveform = keras.Input(model.input_shape[1:], name="waveform")
-    embedder = keras.Model(waveform, backbone(spectrogram(waveform), training=False), name="embedder")
     hidden, arelu, dropout, predictions = layers
-    return embedder, {"hidden": hidden, "arelu": arelu, "dropout": dropout, "predictions": predictions}
+    return embedder_model(model), {"hidden": hidden, "arelu": arelu, "dropout": dropout, "predictions": predictions}
 
 
 def _head_weights(head: dict[str, Any]) -> dict[str, tuple[str, np.ndarray]]:
