@@ -11,11 +11,10 @@ the import is done, in code that handles it.
 from __future__ import annotations
 
 import contextlib
-import importlib.abc
-import importlib.util
 import signal
-import sys
 from collections.abc import Iterator
+
+from dsl_fed.import_hook import wrap_first_import
 
 SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
@@ -39,28 +38,4 @@ def held_signals() -> Iterator[None]:
 
 def hold_signals_during_native_imports() -> None:
     """From now on, the first import of each package in `NATIVE_PACKAGES` runs with the signals held."""
-    if not any(isinstance(f, _HeldImport) for f in sys.meta_path):
-        sys.meta_path.insert(0, _HeldImport())
-
-
-class _HeldImport(importlib.abc.MetaPathFinder):
-    """Finds a native package through the other finders and runs its module code inside `held_signals`."""
-
-    def find_spec(self, name, path=None, target=None):
-        if name not in NATIVE_PACKAGES:
-            return None
-        sys.meta_path.remove(self)
-        try:
-            spec = importlib.util.find_spec(name)
-        finally:
-            sys.meta_path.insert(0, self)
-        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
-            return spec
-        run = spec.loader.exec_module
-
-        def exec_module(module):
-            with held_signals():
-                run(module)
-
-        spec.loader.exec_module = exec_module
-        return spec
+    wrap_first_import(NATIVE_PACKAGES, held_signals)

@@ -13,13 +13,13 @@ print it.
 from __future__ import annotations
 
 import contextlib
-import importlib.abc
-import importlib.util
 import os
 import re
 import sys
 import tempfile
 from collections.abc import Iterator
+
+from dsl_fed.import_hook import wrap_first_import
 
 VERBOSE_ENV = "DSL_FED_VERBOSE"
 # Native log lines written before absl's logging is initialised: its notice, then INFO/WARNING lines such as
@@ -37,29 +37,16 @@ def quiet_libraries() -> None:
     if verbose():
         return
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    if "tensorflow" not in sys.modules and not any(isinstance(f, _QuietImport) for f in sys.meta_path):
-        sys.meta_path.insert(0, _QuietImport())
+    if "tensorflow" not in sys.modules:
+        wrap_first_import({"tensorflow"}, _quiet_import)
 
 
-class _QuietImport(importlib.abc.MetaPathFinder):
-    """Finds ``tensorflow`` through the other finders and runs its module code inside `without_chatter`."""
-
-    def find_spec(self, name, path=None, target=None):
-        if name != "tensorflow":
-            return None
-        sys.meta_path.remove(self)  # once: TensorFlow loads its native libraries when first imported
-        spec = importlib.util.find_spec(name)
-        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
-            return spec
-        run = spec.loader.exec_module
-
-        def exec_module(module):
-            with without_chatter():
-                run(module)
-            _quiet_absl()
-
-        spec.loader.exec_module = exec_module
-        return spec
+@contextlib.contextmanager
+def _quiet_import() -> Iterator[None]:
+    """TensorFlow's first import: its load-time chatter dropped, then absl's Python logger set to errors."""
+    with without_chatter():
+        yield
+    _quiet_absl()
 
 
 @contextlib.contextmanager
