@@ -7,9 +7,7 @@ Kept apart from `export.py` so that device-side code (predict, stream, stats) ne
 from __future__ import annotations
 
 import contextlib
-import os
-import sys
-import tempfile
+import re
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -19,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from dsl_fed.errors import DslFedError, first_line
+from dsl_fed.quiet import without_stderr_lines
 
 __all__ = [
     "TFLiteRunner",
@@ -56,7 +55,7 @@ class TFLiteRunner:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 self._interpreter = Interpreter(model_path=str(self.path), num_threads=threads)
-            with _without_delegate_notice():
+            with without_delegate_notice():
                 self._interpreter.allocate_tensors()
         except (ValueError, RuntimeError) as exc:
             first = first_line(exc)
@@ -104,23 +103,13 @@ class TFLiteRunner:
         return out
 
 
-@contextlib.contextmanager
-def _without_delegate_notice() -> Iterator[None]:
-    """Drop LiteRT's "INFO: Created TensorFlow Lite XNNPACK delegate" line, which its C++ code writes to the
-    stderr file descriptor on every model load; anything else written there is passed on."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as captured:
-        os.dup2(captured.fileno(), 2)
-        try:
-            yield
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            captured.seek(0)
-            for line in captured.read().decode(errors="replace").splitlines(keepends=True):
-                if "XNNPACK delegate" not in line:
-                    sys.stderr.write(line)
+# LiteRT's C++ code writes "INFO: Created TensorFlow Lite XNNPACK delegate for CPU." to stderr on every model load.
+DELEGATE_NOTICE = re.compile("XNNPACK delegate")
+
+
+def without_delegate_notice() -> contextlib.AbstractContextManager:
+    """Drop LiteRT's delegate notice from stderr; anything else written there is passed on."""
+    return without_stderr_lines(DELEGATE_NOTICE)
 
 
 def _quantize(x: np.ndarray, detail: dict) -> np.ndarray:

@@ -30,13 +30,13 @@ class TrainableRunner:
     def __init__(self, path: str | Path, threads: int | None = None) -> None:
         from ai_edge_litert.interpreter import Interpreter
 
-        from dsl_fed.litert import _without_delegate_notice
+        from dsl_fed.litert import without_delegate_notice
 
         self.path = Path(path)
         if not self.path.is_file():
             raise DslFedError(f"{self.path}: model file not found")
         try:
-            with warnings.catch_warnings(), _without_delegate_notice():
+            with warnings.catch_warnings(), without_delegate_notice():
                 warnings.simplefilter("ignore")
                 self._interpreter = Interpreter(model_path=str(self.path), num_threads=threads)
                 found = sorted(self._interpreter.get_signature_list())
@@ -126,12 +126,12 @@ class TrainableRunner:
         return array
 
     def _run(self, name: str, **inputs: np.ndarray) -> dict[str, np.ndarray]:
-        from dsl_fed.litert import _without_delegate_notice
+        from dsl_fed.litert import without_delegate_notice
 
         try:
             if name in self._invoked:
                 return self._runners[name](**inputs)
-            with _without_delegate_notice():  # LiteRT applies its XNNPACK delegate (and says so) at a first invoke
+            with without_delegate_notice():  # LiteRT applies its XNNPACK delegate (and says so) at a first invoke
                 outputs = self._runners[name](**inputs)
             self._invoked.add(name)
             return outputs

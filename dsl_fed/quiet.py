@@ -50,8 +50,9 @@ def _quiet_import() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def without_chatter() -> Iterator[None]:
-    """Hold what is written to file descriptor 2 and pass on every line `CHATTER` does not match."""
+def without_stderr_lines(pattern: re.Pattern) -> Iterator[None]:
+    """Hold what is written to file descriptor 2 (native code included) and pass on every line `pattern` does not
+    find."""
     try:
         sys.stderr.flush()
         saved = os.dup(2)
@@ -68,10 +69,15 @@ def without_chatter() -> Iterator[None]:
             os.close(saved)
             held.seek(0)
             kept = [line for line in held.read().decode(errors="replace").splitlines(keepends=True)
-                    if not CHATTER.match(line)]
+                    if not pattern.search(line)]
             if kept:
                 sys.stderr.write("".join(kept))
                 sys.stderr.flush()
+
+
+def without_chatter() -> contextlib.AbstractContextManager:
+    """`without_stderr_lines` for TensorFlow's load-time `CHATTER`."""
+    return without_stderr_lines(CHATTER)
 
 
 def _quiet_absl() -> None:
