@@ -432,9 +432,15 @@ def convert_keras(target: Any, example_shape: tuple[int, ...], quantization: str
             return _quantize_int8(converter, calibration, float_scope)
         except DslFedError:
             raise
-        except Exception as exc:  # the converter raises ConverterError/ValueError with pages of MLIR
-            lines = [ln.strip() for ln in str(exc).splitlines() if "error:" in ln] or [str(exc).strip() or type(exc).__name__]
-            raise DslFedError(f"TFLite conversion failed: {lines[0][-300:]}") from None
+        except Exception as exc:
+            raise conversion_error("TFLite", exc) from None
+
+
+def conversion_error(what: str, exc: Exception) -> DslFedError:
+    """One line for a converter failure: it raises ConverterError/ValueError with pages of MLIR, whose first
+    ``error:`` line says what went wrong."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if "error:" in ln] or [str(exc).strip() or type(exc).__name__]
+    return DslFedError(f"{what} conversion failed: {lines[0][-300:]}")
 
 
 def _quantize_int8(converter: Any, calibration: np.ndarray, deny_scope: str | None) -> bytes:

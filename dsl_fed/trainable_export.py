@@ -245,6 +245,7 @@ def convert_trainable(module: Any) -> bytes:
     """SavedModel of `module` with the five signatures -> builtins-only TFLite bytes with resource variables."""
     import tensorflow as tf
 
+    from dsl_fed.export import conversion_error
     from dsl_fed.litert import flex_operators
 
     with tempfile.TemporaryDirectory(prefix="dsl_fed_trainable_") as saved_model:
@@ -255,9 +256,8 @@ def convert_trainable(module: Any) -> bytes:
         converter.experimental_enable_resource_variables = True
         try:
             content = converter.convert()
-        except Exception as exc:  # the converter raises ConverterError/ValueError with pages of MLIR
-            lines = [ln.strip() for ln in str(exc).splitlines() if "error:" in ln] or [str(exc).strip() or type(exc).__name__]
-            raise DslFedError(f"trainable TFLite conversion failed: {lines[0][-300:]}") from None
+        except Exception as exc:
+            raise conversion_error("trainable TFLite", exc) from None
     flex = flex_operators(content)
     if flex:  # the converter should have refused already; never ship a file the stock runtime cannot run
         raise DslFedError(f"trainable export needs non-builtin ops {', '.join(flex)}")

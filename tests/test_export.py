@@ -207,3 +207,13 @@ def test_readme_states_the_parity_limits_the_code_applies():
     names = {"none": "none (float32)", "float16": "float16", "dynamic": "dynamic", "int8": "int8"}
     for quant, (agreement, diff) in PARITY_THRESHOLDS.items():
         assert f"| {names[quant]} | {agreement:.2f} | {diff:g} |" in readme, quant
+
+
+def test_a_converter_failure_is_its_first_error_line():
+    from dsl_fed.export import conversion_error
+
+    mlir = "<unknown>:0: note: see current operation\nloc(fused[\"Foo:\"]): error: 'tf.Foo' op is neither a custom op " \
+           "nor a flex op\n<unknown>:0: error: failed while converting: 'main'\n"
+    assert str(conversion_error("TFLite", ValueError(mlir))) == \
+        "TFLite conversion failed: loc(fused[\"Foo:\"]): error: 'tf.Foo' op is neither a custom op nor a flex op"
+    assert str(conversion_error("trainable TFLite", RuntimeError())) == "trainable TFLite conversion failed: RuntimeError"
