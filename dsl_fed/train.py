@@ -32,6 +32,7 @@ import keras
 import numpy as np
 
 from dsl_fed.augment import SapAugment, spec_fill
+from dsl_fed.class_balance import class_weights
 from dsl_fed.bottleneck import bottleneck_applies, embed, head_model
 from dsl_fed.config import Config, TrainingConfig
 from dsl_fed.data.pipeline import ChunkSet, make_dataset
@@ -248,21 +249,6 @@ def make_optimizer(tcfg: TrainingConfig, learning_rate: float) -> keras.optimize
     if tcfg.optimizer == "sgd":
         return keras.optimizers.SGD(learning_rate=learning_rate, momentum=0.9)
     raise DslFedError(f"training.optimizer: unknown optimizer {tcfg.optimizer!r}")
-
-
-def class_weights(labels: np.ndarray, num_classes: int) -> dict[int, float]:
-    """scikit-learn's balanced class weights ``N / (K * n_c)`` over the K classes present; absent classes get 1.0.
-
-    Keras wants a weight for every class index, while a federated shard may lack some classes, which
-    ``compute_class_weight`` refuses; those get the neutral 1.0.
-    """
-    from sklearn.utils.class_weight import compute_class_weight
-
-    labels = np.asarray(labels, dtype=np.int64)
-    present = np.unique(labels)
-    weights = dict.fromkeys(range(num_classes), 1.0)
-    weights.update(zip(present.tolist(), compute_class_weight("balanced", classes=present, y=labels).tolist()))
-    return weights
 
 
 def _attach_augmentation(model: keras.Model, cfg: Config, seed: int) -> None:

@@ -6,7 +6,7 @@ the frozen-base + head split of its personalisation example. Signatures:
 - ``embed(audio [B, samples]) -> bottleneck [B, D]``: spectrogram layer + frozen backbone (inference mode);
 - ``train(bottleneck [B, D], label [B] int32, class_weight [C]) -> loss``: one optimizer step on the head.
   ``class_weight`` is the per-class loss weight (Keras' ``class_weight``; all ones = unweighted), an input because
-  a client computes it from its own labels (`dsl_fed.train.class_weights`), as a Keras client does every round;
+  a client computes it from its own labels (`dsl_fed.class_balance.class_weights`), as a Keras client does every round;
 - ``infer(bottleneck [B, D]) -> probabilities [B, C]``;
 - ``parameters() -> {weight key: value}`` and ``restore({weight key: value}) -> ok``: the head's weights in memory.
   ``restore`` also resets the optimizer (step 0, zero slots), as `dsl_fed.train.compile_for_phase` does before a
