@@ -251,6 +251,8 @@ class FederatedConfig:
     client_cpus: float = 1.0  # Ray CPUs per client actor (whole number); TF threads follow this
     allow_missing_clients: bool = False  # finish with exit 0 although some client never contributed an update
     dp: DpConfig = field(default_factory=DpConfig)
+    client_runtime: Literal["keras", "litert"] = "keras"  # litert: nodes train the trainable .tflite, no TensorFlow
+    litert_clients: float = 0.0  # mixed federation: share of the nodes (chosen by partition id) that run LiteRT
 
     def _validate(self) -> None:
         for key in ("phase1_rounds", "phase2_rounds"):
@@ -275,6 +277,25 @@ class FederatedConfig:
         _require(not self.dp.enabled or self.strategy in DP_STRATEGIES, "federated.dp.mode",
                  f"{self.dp.mode!r} works with federated.strategy {', '.join(DP_STRATEGIES)} (its noise is calibrated to a "
                  f"plain mean of clipped updates), not with {self.strategy}")
+        _require(0 <= self.litert_clients <= 1, "federated.litert_clients", f"must be in [0, 1], got {self.litert_clients}")
+        _require(self.client_runtime == "keras" or self.litert_clients == 0, "federated.litert_clients",
+                 "a share of LiteRT nodes goes with client_runtime keras (client_runtime litert runs every node on LiteRT)")
+        if self.litert_share > 0:
+            _require(not self.dp.enabled, "federated.dp.mode", "does not work with LiteRT clients yet (they reply with "
+                     "the head alone in phase 2, which the clipping norm does not cover)")
+            _require(self.strategy != "fedprox", "federated.strategy", "fedprox needs a proximal term in the "
+                     "clients' loss, which the trainable .tflite of LiteRT clients does not have")
+
+    @property
+    def litert_share(self) -> float:
+        """Share of the nodes that train with LiteRT (1 with ``client_runtime: litert``)."""
+        return 1.0 if self.client_runtime == "litert" else self.litert_clients
+
+    def runtime_of(self, partition: int) -> str:
+        """``keras`` or ``litert`` for a simulated node: spread evenly over partition ids, ``floor(n * share)`` of the
+        first n partitions run LiteRT (share 0.5: partitions 1, 3, 5, ...)."""
+        share = self.litert_share
+        return "litert" if math.floor((partition + 1) * share + 1e-9) > math.floor(partition * share + 1e-9) else "keras"
 
 
     def clients_per_round(self, num_nodes: int) -> int:
@@ -424,6 +445,9 @@ def from_dict(raw: dict[str, Any]) -> Config:
     _require(cfg.spectrogram.fmax is None or cfg.spectrogram.fmax <= nyquist, "spectrogram.fmax",
              f"must be at most data.sample_rate / 2 = {nyquist:g} Hz, got {cfg.spectrogram.fmax}")
     _check_frames(cfg.data, cfg.spectrogram)
+    _require(cfg.federated.litert_share == 0 or not cfg.augment.enabled, "augment",
+             "LiteRT clients train the head on embeddings, where SapAugment cannot act; turn augment.cutmix and "
+             "augment.specaugment off for a federation with LiteRT clients")
     return cfg
 
 

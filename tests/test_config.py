@@ -109,6 +109,16 @@ def test_replace_returns_validated_copy():
         ({"data": {"manifest": "x"}, "federated": {"dp": {"noise_multiplier": 1e300}}}, r"^federated.dp.noise_multiplier: must be at most"),
         ({"data": {"manifest": "x"}, "federated": {"dp": {"clip_norm": 1e30}}}, r"^federated.dp.clip_norm: must be at most 1e6"),
         ({"data": {"manifest": "x"}, "output": {"name": "run\u2028"}}, r"^output.name: 'run\\u2028' contains U\+2028 LINE SEPARATOR"),
+        ({"data": {"manifest": "x"}, "federated": {"client_runtime": "tflite"}}, r"^federated.client_runtime: expected one of"),
+        ({"data": {"manifest": "x"}, "federated": {"litert_clients": 1.5}}, r"^federated.litert_clients: must be in \[0, 1\], got 1.5$"),
+        ({"data": {"manifest": "x"}, "federated": {"client_runtime": "litert", "litert_clients": 0.5}},
+         r"^federated.litert_clients: a share of LiteRT nodes goes with client_runtime keras"),
+        ({"data": {"manifest": "x"}, "federated": {"litert_clients": 0.5, "dp": {"mode": "server"}}},
+         r"^federated.dp.mode: does not work with LiteRT clients yet"),
+        ({"data": {"manifest": "x"}, "federated": {"client_runtime": "litert", "strategy": "fedprox"}},
+         r"^federated.strategy: fedprox needs a proximal term"),
+        ({"data": {"manifest": "x"}, "federated": {"litert_clients": 0.5}, "augment": {"cutmix": True}},
+         r"^augment: LiteRT clients train the head on embeddings, where SapAugment cannot act"),
     ],
 )
 def test_validation_errors_name_the_key(raw, message):
@@ -156,3 +166,11 @@ def test_shipped_configs_load(path):
     header = path.read_text().splitlines()[0]
     assert header.startswith("#"), "each shipped config starts with a comment saying what it is for"
     assert "dsl_fed" in path.read_text().split("\n\n")[0], "the header names the command that runs it"
+
+
+@pytest.mark.parametrize("share, litert", [(0.0, []), (0.5, [1, 3, 5]), (0.25, [3]), (1.0, [0, 1, 2, 3, 4, 5])])
+def test_litert_nodes_are_spread_over_partition_ids(share, litert):
+    cfg = from_dict({"data": {"manifest": "x"}, "federated": {"litert_clients": share}})
+    assert [p for p in range(6) if cfg.federated.runtime_of(p) == "litert"] == litert
+    every = from_dict({"data": {"manifest": "x"}, "federated": {"client_runtime": "litert"}})
+    assert {every.federated.runtime_of(p) for p in range(6)} == {"litert"}
