@@ -680,3 +680,85 @@ def test_malformed_replies_are_rejected_against_their_node_and_the_run_goes_on(c
     assert "rejected the evaluation of node 13: devel-confusion has 3 counts" in caplog.text
     assert "rejected the evaluation of node 14: devel-confusion must be a list of whole counts" in caplog.text
     assert result.evaluate_metrics_clientapp[2]["devel-confusion"] == pytest.approx([1, 0, 0, 1])  # the 4 valid
+
+
+class FakeTrainable:
+    """A trainable-model source whose bytes name the frozen weights and phase they were made for."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, weights, phase):
+        import hashlib
+
+        self.calls += 1
+        content = f"phase {phase} top {weights['top/kernel'].tolist()}".encode()
+        return hashlib.sha256(content).hexdigest(), content
+
+
+def test_phase2_combines_each_head_weight_over_all_replies_and_each_backbone_weight_over_those_that_carry_it():
+    s = strategy(schedule=PhaseSchedule(0, 1))
+    msgs = {m.metadata.dst_node_id: m for m in s.configure_train(1, ArrayRecord(), ConfigRecord(), FakeGrid())}
+    full = {"head/kernel": np.full((2, 2), 1.0), "head/bias": [1, 1], "top/kernel": [2, 2, 2]}
+    replies = [
+        reply(msgs[11], full, 1, partition=0),  # a Keras node: the whole phase-2 slice
+        reply(msgs[12], {"head/kernel": np.full((2, 2), 5.0), "head/bias": [5, 5]}, 3, partition=1),  # LiteRT: head
+        reply(msgs[13], {**full, "top/kernel": [6, 6, 6]}, 3, partition=2),
+    ]
+    result, _ = s.aggregate_train(1, replies)
+    np.testing.assert_allclose(result["head/bias"].numpy(), [(1 + 15 + 3) / 7] * 2, rtol=1e-6)  # all three, by examples
+    np.testing.assert_array_equal(result["top/kernel"].numpy(), [(2 + 18) / 4] * 3)  # nodes 11 and 13 only
+    assert s.rounds[1].aggregated == 3 and s.rounds[1].head_only == 1 and s.rounds[1].num_examples == 7
+
+
+def test_phase2_replies_carrying_only_part_of_the_backbone_or_the_head_under_dp_are_rejected(caplog):
+    s = strategy(schedule=PhaseSchedule(0, 1))
+    msgs = list(s.configure_train(1, ArrayRecord(), ConfigRecord(), FakeGrid()))
+    head = {"head/kernel": np.ones((2, 2)), "head/bias": [1, 1]}
+    with caplog.at_level(logging.WARNING):
+        s.aggregate_train(1, [reply(msgs[0], {"head/kernel": np.ones((2, 2)), "top/kernel": [1, 1, 1]}, 1, 0),
+                              reply(msgs[1], head, 1, 1), reply(msgs[2], head, 1, 2)])
+    assert len(s.rounds[1].rejected) == 1 and "weights do not match" in s.rounds[1].rejected[0]
+    dp = strategy(schedule=PhaseSchedule(0, 1), dp=DpConfig(mode="server", noise_multiplier=0.0), num_nodes=3)
+    msgs = list(dp.configure_train(1, ArrayRecord(), ConfigRecord(), FakeGrid()))
+    dp.aggregate_train(1, [reply(m, head, 1, i) for i, m in enumerate(msgs)])
+    assert len(dp.rounds[1].rejected) == 3 and not dp.rounds[1].updated
+
+
+def test_a_litert_node_gets_the_trainable_model_once_per_frozen_part_and_again_when_it_lost_it():
+    from dsl_fed.federated.protocol import NEEDS_TRAINABLE_MODEL, TRAINABLE_MODEL, TRAINABLE_SHA
+
+    held: dict[int, str] = {}  # LiteRT node -> sha of the model it holds
+    lose = {2: 12}  # round -> node whose cache is wiped before it
+    asked = []  # rounds in which the LiteRT node had to ask for the model
+
+    def client(node, msg):
+        config = msg.content["config"]
+        if node == 11:  # a Keras node
+            return reply(msg, {n: np.ones_like(model()[n]) for n in (HEAD if config["phase"] == 1 else HEAD + TOP)}, 1, 0)
+        held.pop(lose.pop(config["server-round"], None), None)
+        if TRAINABLE_MODEL in config:
+            held[node] = config[TRAINABLE_SHA]
+        if TRAINABLE_SHA not in config or held.get(node) != config[TRAINABLE_SHA]:
+            asked.append(config["server-round"])
+            return Message(Error(code=NEEDS_TRAINABLE_MODEL, reason="no such model"), reply_to=msg)
+        assert sent_names(msg) == set(HEAD)  # a LiteRT node gets the head alone, in every phase
+        return reply(msg, {n: np.full(model()[n].shape, 3.0) for n in HEAD}, 1, node)
+
+    grid = FakeGrid(nodes=(11, 12), client=client)
+    grid.sent = []
+    send = grid.send_and_receive
+    grid.send_and_receive = lambda messages, timeout=None: (grid.sent.extend(messages), send(messages, timeout))[1]
+    source = FakeTrainable()
+    s = strategy(schedule=PhaseSchedule(2, 2), trainable=source)
+    result = s.start(grid=grid, initial_arrays=s.full_record(), num_rounds=4, timeout=7)
+    assert all(s.rounds[k].aggregated == 2 and not s.rounds[k].failed for k in (1, 2, 3, 4))
+    shipped = [(m.content["config"]["server-round"], m.content["config"][TRAINABLE_SHA][:8])
+               for m in grid.sent if TRAINABLE_MODEL in m.content["config"]]
+    # round 1: asked (first contact); round 2: asked again (lost it); round 3: the phase-2 model (its learning
+    # rate); round 4: the backbone moved in round 3, so a new frozen part
+    assert [k for k, _ in shipped] == [1, 2, 3, 4] and asked == [1, 2]  # new models come unasked
+    assert shipped[0][1] == shipped[1][1] != shipped[2][1] != shipped[3][1]
+    assert s.rounds[4].head_only == 1
+    np.testing.assert_array_equal(result.arrays["top/kernel"].numpy(), [1, 1, 1])  # from the Keras node alone
+    assert s.rounds[2].bytes_down < s.rounds[1].bytes_down

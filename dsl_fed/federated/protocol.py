@@ -1,4 +1,4 @@
-"""What the ServerApp and the ClientApp agree on beyond Flower's own message fields: two error codes.
+"""What the ServerApp and the ClientApp agree on beyond Flower's own message fields: error codes and config keys.
 
 A node answers with an `flwr.app.Error` reply (never by raising, so its log gets one line instead of Flower's
 traceback) carrying one of these codes; Flower's own codes are 0-8.
@@ -13,3 +13,13 @@ The server sends it the full model within the same round (`SliceAggregation`).""
 NODE_FAILED = 4002
 """The node cannot do what it was asked (its data path is missing or empty, a label is outside the run's
 classes, ...); the reason is one line naming the node. The server records a failed client and goes on."""
+
+NEEDS_TRAINABLE_MODEL = 4003
+"""A LiteRT node holds no trainable model with the sha256 the message names (first contact, or its cache is
+gone); the server sends the model's bytes within the same round and from then on treats the node as LiteRT."""
+
+TRAINABLE_SHA = "trainable-sha256"
+"""Config key: sha256 of the trainable ``.tflite`` of the current global model (messages to LiteRT nodes)."""
+
+TRAINABLE_MODEL = "trainable-model"
+"""Config key: the trainable ``.tflite`` itself (bytes), sent when the node does not hold it yet."""

@@ -11,6 +11,14 @@ A node that lost the model (a restarted SuperNode keeps its node id, not its sta
 `NEEDS_FULL_MODEL` error; the strategy sends those nodes the full model through the round's Grid before it
 aggregates, so a rejoining node takes part in the round it rejoined in.
 
+LiteRT nodes (`dsl_fed.federated.litert_client`) train the head alone, with a trainable ``.tflite`` of the
+current global model that the server exports (`trainable`, a `TrainableSource`) and ships in the message when
+the node does not hold it yet. A node makes itself known as LiteRT by answering `NEEDS_TRAINABLE_MODEL`; from
+then on it is sent the head and the model's sha256 (plus the bytes whenever the frozen part changed). In phase 2
+the aggregation rule is per weight: **each head weight is combined over every valid reply, each unfrozen
+backbone weight over the replies that carry it** (the Keras nodes'); a round without such a reply leaves the
+backbone as it was. A phase-2 reply must carry the whole slice or exactly the head, nothing in between.
+
 Differential privacy sits between the two: `DpMean` (`dsl_fed.federated.dp`, noise from OS entropy) wraps only
 the combination rule (`_SliceRule`), so what it clips and noises is the update of the slice, and a server
 optimiser (FedAdam, FedYogi) steps on the noised mean afterwards - its state never sees an un-noised aggregate.
@@ -47,7 +55,7 @@ from flwr.serverapp.strategy import (
 from dsl_fed.config import DpConfig, FederatedConfig
 from dsl_fed.errors import DslFedError
 from dsl_fed.federated.dp import DpMean
-from dsl_fed.federated.protocol import NEEDS_FULL_MODEL
+from dsl_fed.federated.protocol import NEEDS_FULL_MODEL, NEEDS_TRAINABLE_MODEL, TRAINABLE_MODEL, TRAINABLE_SHA
 from dsl_fed.federated.replies import ARRAYS, METRICS, NORM_BIT, check_evaluate_reply, check_train_reply
 from dsl_fed.federated.run_config import PROGRESS_MARK
 from dsl_fed.robustness import dropped_clients
@@ -102,6 +110,7 @@ class RoundStats:
     nodes: list[int] = field(default_factory=list)  # node ids sent a training message
     contributors: list[int] = field(default_factory=list)  # node ids whose update was aggregated
     evaluated: list[int] = field(default_factory=list)  # node ids whose evaluation reply was scored, in reply order
+    head_only: int = 0  # aggregated phase-2 updates that carried the head alone (LiteRT nodes)
 
     def published(self, dp: bool) -> dict[str, Any]:
         """The stats as a round manifest records them; under DP without the clients' un-noised statistics."""
@@ -149,6 +158,8 @@ class SliceAggregation:
         num_nodes: Nodes in the federation (needed with DP: the noise is calibrated to the sample size).
         node_wait: Seconds a round waits for ``min_available_nodes`` before it goes on with fewer (see
             `_connected_nodes`).
+        trainable: ``(full weights, phase) -> (sha256, .tflite bytes)``, the trainable model for LiteRT nodes
+            (`TrainableSource`); None: a node that asks for one fails.
         **strategy_kwargs: Passed to the Flower strategy (fractions, min nodes, proximal_mu, eta, ...).
     """
 
@@ -165,6 +176,7 @@ class SliceAggregation:
         dp: DpConfig | None = None,
         num_nodes: int | None = None,
         node_wait: float = 120.0,
+        trainable: Callable[[Mapping[str, np.ndarray], int], tuple[str, bytes]] | None = None,
         **strategy_kwargs,
     ) -> None:
         strategy_kwargs.setdefault("train_metrics_aggr_fn", aggregate_client_metrics)
@@ -199,6 +211,8 @@ class SliceAggregation:
         self._timeout = 3600.0  # how long `start` waits for replies
         self._evaluate_parts: tuple[str, ...] = ("devel",)  # what an evaluation reply must carry (its config says)
         self._num_classes: int | None = None
+        self.trainable = trainable
+        self._litert_nodes: dict[int, str | None] = {}  # LiteRT node -> sha256 of the trainable model it holds
 
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600, **kwargs):
         """Flower's round loop; the reply timeout is kept for messages sent again within a round."""
@@ -233,7 +247,7 @@ class SliceAggregation:
             stats.dropped = len(dropped)
         stats.clip_norm = float(getattr(self._rule, "clipping_norm", 0.0))
         stats.nodes = [m.metadata.dst_node_id for m in messages]
-        return self._address(messages, names, config, stats)
+        return self._address(messages, names, config, stats, phase)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -247,7 +261,7 @@ class SliceAggregation:
         self._num_classes = len(config["classes"]) if isinstance(config.get("classes"), list) else None
         messages = self._sample_messages(rnd, ArrayRecord(), config, grid, MessageType.EVALUATE)
         stats = self.rounds.setdefault(rnd, RoundStats(round=rnd, phase=self.schedule.phase(rnd)))
-        return self._address(messages, names, config, stats)
+        return self._address(messages, names, config, stats, self.schedule.phase(rnd))
 
     @staticmethod
     def sample_size(num_nodes: int, fraction: float, minimum: int) -> int:
@@ -298,11 +312,17 @@ class SliceAggregation:
             time.sleep(1)
         return nodes
 
-    def _address(self, messages: list[Message], names: list[str], config: ConfigRecord, stats: RoundStats) -> list[Message]:
-        """Give each message its payload: the full model (float32, once per node) or the slice."""
+    def _address(self, messages: list[Message], names: list[str], config: ConfigRecord, stats: RoundStats,
+                 phase: int) -> list[Message]:
+        """Give each message its payload: the full model (float32, once per node), the slice, or (LiteRT node) the
+        head with the trainable model's sha256 and, when the node does not hold it, its bytes."""
         payloads: dict[bool, tuple[RecordDict, int]] = {}
         for msg in messages:
             node = msg.metadata.dst_node_id
+            if node in self._litert_nodes:
+                msg.content, size = self._litert_content(node, config, phase)
+                stats.bytes_down += size
+                continue
             full = node not in self._nodes_with_model
             if full not in payloads:
                 # float32 for the full model: every node's frozen weights must equal the server's exactly.
@@ -316,6 +336,17 @@ class SliceAggregation:
         self._sent = messages
         return messages
 
+    def _litert_content(self, node: int, config: ConfigRecord, phase: int) -> tuple[RecordDict, int]:
+        """A LiteRT node's payload (the head, the trainable model's sha256, its bytes if the node lacks them) and size."""
+        sha, model = self.trainable(self.model_arrays, phase)
+        extra: dict[str, Any] = {TRAINABLE_SHA: sha, "full-model": False}
+        if self._litert_nodes.get(node) != sha:
+            extra[TRAINABLE_MODEL] = model
+        self._litert_nodes[node] = sha  # reset when the node's reply is an error
+        arrays = self._record(self.slice_names[1], self.transfer_dtype)
+        content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: ConfigRecord({**dict(config), **extra})})
+        return content, arrays.count_bytes() + (len(model) if TRAINABLE_MODEL in extra else 0)
+
     def node_of(self, reply: Message) -> int:
         """The node a reply answers for: Flower's error reply for a lost node comes from the SuperLink's id."""
         asked = self._asked(reply)
@@ -327,25 +358,37 @@ class SliceAggregation:
         return next((m for m in self._sent if asked and m.metadata.message_id == asked), None)
 
     def _with_full_model_resent(self, replies: Iterable[Message], stats: RoundStats) -> list[Message]:
-        """`replies`, where a node asked for the full model replaced by its answer to the full model.
+        """`replies`, where a node asked for the full model (or a LiteRT node for the trainable model) replaced by
+        its answer to the message sent again with it.
 
         The node gets the message it asked about again, same config, with the whole model in float32 (as on
-        its first message), through the round's Grid; the round waits for it before anything is aggregated.
+        its first message), or - LiteRT - the head and the trainable model's bytes, through the round's Grid;
+        the round waits for it before anything is aggregated.
         """
         replies = list(replies)
-        asking = [r for r in replies if r.has_error() and r.error.code == NEEDS_FULL_MODEL and self._asked(r)]
+        codes = (NEEDS_FULL_MODEL,) + ((NEEDS_TRAINABLE_MODEL,) if self.trainable is not None else ())
+        asking = [r for r in replies if r.has_error() and r.error.code in codes and self._asked(r)]
         if not asking or self._grid is None:
             return replies
         full = self._record(list(self.model_arrays), "float32")
         again = []
         for reply in asking:
             asked = self._asked(reply)
-            config = ConfigRecord({**dict(asked.content[self.configrecord_key]), "full-model": True})
-            again.append(Message(RecordDict({self.arrayrecord_key: full, self.configrecord_key: config}),
-                                 dst_node_id=asked.metadata.dst_node_id, message_type=asked.metadata.message_type))
-            stats.bytes_down += full.count_bytes()
-            LOG.info("%s round %d: node %d holds no model (restarted); sent it the full model",
-                     PROGRESS_MARK, stats.round, asked.metadata.dst_node_id)
+            node = asked.metadata.dst_node_id
+            if reply.error.code == NEEDS_TRAINABLE_MODEL:
+                self._nodes_with_model.discard(node)
+                self._litert_nodes[node] = None
+                config = asked.content[self.configrecord_key]
+                content, size = self._litert_content(node, config, self.schedule.phase(int(config["server-round"])))
+                what = "runs LiteRT without this round's trainable model; sent it"
+            else:
+                self._litert_nodes.pop(node, None)
+                config = ConfigRecord({**dict(asked.content[self.configrecord_key]), "full-model": True})
+                content = RecordDict({self.arrayrecord_key: full, self.configrecord_key: config})
+                size, what = full.count_bytes(), "holds no model (restarted); sent it the full model"
+            again.append(Message(content, dst_node_id=node, message_type=asked.metadata.message_type))
+            stats.bytes_down += size
+            LOG.info("%s round %d: node %d %s", PROGRESS_MARK, stats.round, node, what)
         answers = list(self._grid.send_and_receive(again, timeout=self._timeout))
         self._sent.extend(again)
         return [r for r in replies if not any(r is a for a in asking)] + answers
@@ -372,12 +415,15 @@ class SliceAggregation:
             node = self.node_of(msg)
             if msg.has_error():
                 self._nodes_with_model.discard(node)
+                if node in self._litert_nodes:
+                    self._litert_nodes[node] = None  # it may have lost the trainable model too
                 reason = short_reason(msg.error.reason)
                 stats.failed.append(f"node {node}: {reason}")
                 LOG.warning("%s round %d: node %d failed and is left out: %s", PROGRESS_MARK, rnd, node, reason)
                 continue
             stats.bytes_up += _payload_bytes(msg)
-            problem = self._check_update(msg.content, names)
+            sent = self._reply_names(msg.content, stats.phase)
+            problem = self._check_update(msg.content, sent)
             if problem is None and any(self.node_of(m) == node for m, _ in valid):
                 problem = "a second reply in the same round"
             if problem:
@@ -387,7 +433,7 @@ class SliceAggregation:
                 LOG.warning("%s round %d: rejected the update of %s: %s", PROGRESS_MARK, rnd, who, problem)
                 continue
             metrics = MetricRecord(dict(msg.content[METRICS]))
-            msg.content = self._as_float32(msg.content, names)
+            msg.content = self._as_float32(msg.content, sent)
             valid.append((msg, metrics))
         # A fixed order makes the float sums, and so a resumed run, reproducible.
         valid.sort(key=lambda pair: (pair[1]["partition-id"], pair[0].metadata.src_node_id))
@@ -402,13 +448,15 @@ class SliceAggregation:
             # clip_norm / n); an example-weighted mean would let a large client move it further.
             for msg, _ in valid:
                 msg.content[METRICS][self.weighted_by_key] = 1
-        aggregated, _ = self._rule.aggregate_train(rnd, [msg for msg, _ in valid])
+        head_only = sum(len(msg.content[ARRAYS]) < len(names) for msg, _ in valid)
+        aggregated = self._aggregate_by_weight(rnd, [msg for msg, _ in valid], names)
         if aggregated is None:
             return None, None
         aggregated = self._server_step(aggregated)
         for name, array in aggregated.items():
             self.model_arrays[name] = array.numpy().astype(self.model_arrays[name].dtype)
         stats.aggregated = len(valid)
+        stats.head_only = head_only
         stats.contributors = [self.node_of(m) for m, _ in valid]
         stats.updated = True
         if self.dp is not None:
@@ -420,6 +468,43 @@ class SliceAggregation:
         metrics = aggregate_client_metrics([RecordDict({METRICS: m}) for m in reported], self.weighted_by_key)
         stats.train_metrics = {k: float(v) for k, v in metrics.items() if not isinstance(v, list)}
         return self.full_record(), metrics
+
+    def _reply_names(self, content: RecordDict, phase: int) -> list[str]:
+        """The weights a reply must carry: the phase's slice, or in phase 2 the head alone if that is what it
+        carries (a LiteRT node; never under DP, whose noise is sized for the whole slice)."""
+        names = self.slice_names[phase]
+        if phase == 2 and self.dp is None:
+            try:
+                if set(content[ARRAYS].keys()) == set(self.slice_names[1]):
+                    return list(self.slice_names[1])
+            except Exception:  # noqa: BLE001 - an unreadable reply is refused by the check that follows
+                pass
+        return names
+
+    def _aggregate_by_weight(self, rnd: int, replies: list[Message], names: list[str]) -> ArrayRecord | None:
+        """Each weight combined over the replies that carry it: the rule once when all carry the whole slice, else
+        once for the head (every reply) and once for the rest of the slice (the replies with the whole slice)."""
+        whole = [msg for msg in replies if len(msg.content[ARRAYS]) == len(names)]
+        if len(whole) == len(replies):
+            return self._rule.aggregate_train(rnd, replies)[0]
+        head = self.slice_names[1]
+        rest = [name for name in names if name not in head]
+        contents = {id(msg): msg.content for msg in replies}
+        merged: dict[str, Array] = {}
+        for group, group_names in ((replies, head), (whole, rest)):
+            if not group:
+                LOG.info("%s round %d: no reply carries the unfrozen backbone weights; they stay as they were",
+                         PROGRESS_MARK, rnd)
+                continue
+            for msg in group:
+                content = contents[id(msg)]
+                msg.content = RecordDict({ARRAYS: ArrayRecord({n: content[ARRAYS][n] for n in group_names}),
+                                          METRICS: content[METRICS]})
+            aggregated, _ = self._rule.aggregate_train(rnd, group)
+            if aggregated is None:
+                return None
+            merged.update(aggregated.items())
+        return ArrayRecord(merged)
 
     def _combine(self, server_round: int, replies: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """The Flower strategy's rule for combining the slice updates (what a DP wrapper wraps)."""
@@ -719,6 +804,7 @@ def make_strategy(
     seed: int = 0,
     client_dropout: float = 0.0,
     node_wait: float = 120.0,
+    trainable: Callable[[Mapping[str, np.ndarray], int], tuple[str, bytes]] | None = None,
 ) -> SliceAggregation:
     """Build the configured strategy (``federated.strategy``, ``federated.dp``) around the server's full model.
 
@@ -766,6 +852,7 @@ def make_strategy(
         dp=fed.dp,
         num_nodes=num_nodes,
         node_wait=node_wait,
+        trainable=trainable,
         **kwargs,
     )
 
