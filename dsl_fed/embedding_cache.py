@@ -42,6 +42,20 @@ def run_folder(cfg) -> Path:
     return Path(cfg.output.directory) / f".{cfg.output.name}.embeddings"
 
 
+NODE_FOLDER = ".dsl_fed_cache"  # hidden: a folder-per-class corpus never takes it for a class
+
+
+def node_folder(node_config, cfg) -> Path:
+    """Where a node keeps what it computes from its own clips: the node config's ``cache-path``, else
+    ``.dsl_fed_cache`` in its data folder, else (a simulated node) the run's cache folder (`run_folder`)."""
+    if "cache-path" in node_config:
+        return Path(str(node_config["cache-path"])).expanduser()
+    if "data-path" in node_config:
+        data = Path(str(node_config["data-path"])).expanduser()
+        return (data if data.is_dir() else data.parent) / NODE_FOLDER
+    return run_folder(cfg)
+
+
 def for_config(folder: str | Path, cfg, note: Callable[[str], None] | None = None) -> "EmbeddingCache":
     """An `EmbeddingCache` in `folder` bounded by ``training.embedding_cache_mb``."""
     return EmbeddingCache(folder, cfg.training.embedding_cache_mb << 20, note)

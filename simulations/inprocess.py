@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ from dsl_fed.federated import client_app
 from dsl_fed.federated.run_config import count_shards
 from dsl_fed.federated.server_app import slice_names
 from dsl_fed.federated.strategy import make_strategy
+from dsl_fed.federated.trainable_source import TrainableSource
 from dsl_fed.metrics import evaluate_chunks, uar
 from dsl_fed.models import build_model, get_weights_by_name, set_weights_by_name, weight_names
 from dsl_fed.predict import predict_clips
@@ -52,6 +54,7 @@ class InProcessGrid:
     def send_and_receive(self, messages: Iterable[Message], timeout: float | None = None) -> list[Message]:
         replies = []
         for msg in messages:
+            msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex  # as Flower's Grid does: replies name it
             node = msg.metadata.dst_node_id
             context = self.contexts[node]
 
@@ -88,8 +91,10 @@ def run(config_path: Path, overrides: list[str], tamper: Tamper | None = None,
     num_nodes = count_shards(cfg, manifest)
     keras.backend.clear_session()
     model = build_model(cfg, len(manifest.classes))
-    strategy = make_strategy(cfg.federated, get_weights_by_name(model, weight_names(model)), slice_names(model, cfg),
-                             num_nodes=num_nodes, seed=cfg.training.seed)
+    slices = slice_names(model, cfg)
+    strategy = make_strategy(cfg.federated, get_weights_by_name(model, weight_names(model)), slices,
+                             num_nodes=num_nodes, seed=cfg.training.seed,
+                             trainable=TrainableSource(model, cfg, manifest.classes, slices[1]))
     privacy = RunPrivacy.of(cfg.federated, num_nodes, privacy_unit(cfg)) if cfg.federated.dp.enabled else None
     rounds = privacy.last_round(strategy.schedule.num_rounds) if privacy else strategy.schedule.num_rounds
     grid = InProcessGrid(config_path, overrides, num_nodes, tamper)

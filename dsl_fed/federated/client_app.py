@@ -16,6 +16,9 @@ and gets the full model within the same round. A node that cannot take part (dat
 label outside the run's classes, ...) writes one line to its log and replies with a `NODE_FAILED` error giving
 the reason: a raised exception would put Flower's traceback in the node's log.
 
+A LiteRT node (``federated.client_runtime`` / ``litert_clients``, `dsl_fed.federated.litert_client`) answers
+through the trainable ``.tflite`` instead, in a process without TensorFlow, and replies with the head alone.
+
 A process keeps the model of its run (`dsl_fed.federated.model_cache`): Ray reuses one actor for many nodes and
 rounds, and building and tracing the model anew per message cost more than training it on a few chunks. Each
 message loads every weight and resets the optimizer and every random stream from its (round, node) seed, so an
@@ -56,7 +59,7 @@ from dsl_fed.bottleneck import predict_clips_on_embeddings  # noqa: E402
 from dsl_fed.config import Config, DataConfig, RobustnessConfig  # noqa: E402
 from dsl_fed.data import ChunkSet, load_chunks  # noqa: E402
 from dsl_fed.data.nodes import NodeData, node_data, persistent_node_id  # noqa: E402
-from dsl_fed.embedding_cache import EmbeddingCache, for_config, run_folder  # noqa: E402
+from dsl_fed.embedding_cache import NODE_FOLDER, EmbeddingCache, for_config, node_folder  # noqa: E402
 from dsl_fed.errors import DslFedError  # noqa: E402
 from dsl_fed.metrics import confusion, uar  # noqa: E402
 from dsl_fed.models import get_weights_by_name, set_phase, set_weights_by_name  # noqa: E402
@@ -64,6 +67,7 @@ from dsl_fed.models import trainable_weight_names, weight_names  # noqa: E402
 from dsl_fed.predict import predict_clips  # noqa: E402
 from dsl_fed.robustness import perturb_client  # noqa: E402
 from dsl_fed.train import train_local  # noqa: E402
+from dsl_fed.federated import litert_client  # noqa: E402
 from dsl_fed.federated.clipping import clipping_mod  # noqa: E402
 from dsl_fed.federated.model_cache import client_model  # noqa: E402
 from dsl_fed.federated.protocol import NEEDS_FULL_MODEL, NODE_FAILED  # noqa: E402
@@ -90,12 +94,16 @@ def create_app(app_dir: Path | None = None) -> ClientApp:
 
 
 def handle(handler, msg: Message, context: Context, app_dir: Path | None) -> Message:
-    """Run `handler`, or answer with the error reply the server acts on (see the module docstring)."""
-    if not bool(msg.content["config"].get("full-model", False)) and MODEL_STATE_KEY not in context.state.array_records:
-        LOG.warning("[dsl_fed] node %s: got only the weight slice but holds no model (restarted); asking the "
-                    "server for the full model", context.node_id)
-        return Message(Error(code=NEEDS_FULL_MODEL, reason="holds no model (restarted)"), reply_to=msg)
+    """Run `handler` (or, on a LiteRT node, `litert_client.handle`), or answer with the error reply the server acts
+    on (see the module docstring)."""
     try:
+        cfg = config_from_run_config(context.run_config, app_dir)
+        if litert_client.node_runtime(cfg, context.node_config) == "litert":
+            return litert_client.handle(msg, context, cfg)
+        if not bool(msg.content["config"].get("full-model", False)) and MODEL_STATE_KEY not in context.state.array_records:
+            LOG.warning("[dsl_fed] node %s: got only the weight slice but holds no model (restarted); asking the "
+                        "server for the full model", context.node_id)
+            return Message(Error(code=NEEDS_FULL_MODEL, reason="holds no model (restarted)"), reply_to=msg)
         return handler(msg, context, app_dir)
     except DslFedError as exc:
         LOG.error("[dsl_fed] %s", exc)
@@ -273,18 +281,10 @@ def node_cache(cfg: Config, context: Context) -> EmbeddingCache | None:
     """Where this node keeps its embeddings: ``cache-path``, its data folder's ``.dsl_fed_cache``, or the run's."""
     if not cfg.training.embedding_cache:
         return None
-    node_config = context.node_config
-    if "cache-path" in node_config:
-        folder = Path(str(node_config["cache-path"])).expanduser()
-    elif "data-path" in node_config:
-        data = Path(str(node_config["data-path"])).expanduser()
-        folder = (data if data.is_dir() else data.parent) / NODE_CACHE_FOLDER
-    else:
-        folder = run_folder(cfg)
-    return for_config(folder, cfg, note=LOG.info)
+    return for_config(node_folder(context.node_config, cfg), cfg, note=LOG.info)
 
 
-NODE_CACHE_FOLDER = ".dsl_fed_cache"  # hidden: a folder-per-class corpus never takes it for a class
+NODE_CACHE_FOLDER = NODE_FOLDER
 
 
 def _node_error(context: Context, message: str) -> DslFedError:

@@ -53,6 +53,7 @@ from dsl_fed.federated.prompt_grid import PromptGrid  # noqa: E402
 from dsl_fed.federated.run_config import PROGRESS_MARK, config_from_run_config, resume_requested  # noqa: E402
 from dsl_fed.federated.run_config import server_eval_manifest  # noqa: E402
 from dsl_fed.federated.strategy import LOG, PhaseSchedule, RoundStats, SliceAggregation, make_strategy  # noqa: E402
+from dsl_fed.federated.trainable_source import TrainableSource  # noqa: E402
 
 def create_app(app_dir: Path | None = None) -> ServerApp:
     """The ServerApp; `app_dir` is the app bundle a relative ``config`` in the run config is looked up in."""
@@ -118,9 +119,11 @@ def run_server(grid: Grid, run_config: Mapping[str, Any], node_timeout: float = 
     if offset >= last_round:
         LOG.info("%s %s already has all %d rounds its privacy budget allows", PROGRESS_MARK, run.path, last_round)
         return None
-    strategy = make_strategy(fed, get_weights_by_name(model, weight_names(model)), slice_names(model, cfg),
+    slices = slice_names(model, cfg)
+    strategy = make_strategy(fed, get_weights_by_name(model, weight_names(model)), slices,
                              num_nodes=nodes, round_offset=offset, seed=cfg.training.seed,
-                             client_dropout=cfg.robustness.client_dropout, node_wait=node_timeout)
+                             client_dropout=cfg.robustness.client_dropout, node_wait=node_timeout,
+                             trainable=TrainableSource(model, cfg, classes, slices[1]))
     if resume:
         strategy.load_state_arrays(run.strategy_state(offset))
     federated = None if held_out else FederatedEvaluation(len(classes))
