@@ -82,6 +82,27 @@ def test_resume_through_flower_gives_the_uninterrupted_round_3(simulated, tmp_pa
         np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
 
 
+def test_two_keras_and_two_litert_clients_through_flower_and_ray(demo_manifest, tmp_path):
+    """`dsl_fed simulate` with ``federated.litert_clients: 0.5``: Ray actors (TensorFlow loaded for the Keras nodes)
+    start each LiteRT node's work in a worker process of its own, which reports the frameworks it loaded."""
+    config = write_config(tmp_path, demo_manifest, data={"shards": 4},
+                          federated={"litert_clients": 0.5, "phase1_rounds": 1, "phase2_rounds": 1,
+                                     "min_available_nodes": 4})
+    lines: list[str] = []
+    run = RunDirectory(simulate(config, echo=lines.append))
+    assert descendants(os.getpid()) == []
+    for k, head_only in ((1, 0), (2, 2)):
+        clients = read_export_manifest(run.round_dir(k) / "model.tflite").extra["clients"]
+        assert (clients["aggregated"], clients["failed"], clients["head_only"]) == (4, [], head_only)
+    log = re.sub(r"\x1b\[[0-9;]*m", "", (run.path / "logs" / "flower.log").read_text(errors="replace"))
+    workers = re.findall(r"ClientAppActor pid=(\d+)\).*LiteRT worker pid (\d+) \(started by pid (\d+)\): train; "
+                         r"frameworks loaded: (.*)", log)
+    assert len(workers) == 4, workers  # 2 LiteRT nodes x 2 rounds
+    actors_with_tensorflow = set(re.findall(r"TensorFlow threads in process (\d+)", log))
+    for actor, worker, parent, frameworks in workers:
+        assert frameworks == "none" and actor == parent != worker and actor in actors_with_tensorflow
+
+
 def test_flwr_run_dot_on_the_quickstart_config_leaves_nothing_behind(demo_manifest, tmp_path):
     """The README's `flwr run . local --stream` with a project FLWR_HOME and the managed local SuperLink."""
     home = tmp_path / "flwr_home"

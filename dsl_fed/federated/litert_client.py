@@ -156,8 +156,8 @@ def run_worker(request: dict, weights: dict[str, np.ndarray]) -> tuple[dict, dic
         if (folder / litert_runtime.REPLY_WEIGHTS).is_file():
             with np.load(folder / litert_runtime.REPLY_WEIGHTS) as stored:
                 trained = {name: stored[name] for name in stored.files}
-    LOG.info("[dsl_fed] LiteRT worker pid %s: %s without %s", reply["pid"], request["kind"],
-             ", ".join(litert_runtime.FRAMEWORKS[:2]))
+    LOG.info("[dsl_fed] LiteRT worker pid %s (started by pid %d): %s; frameworks loaded: %s", reply["pid"],
+             os.getpid(), request["kind"], ", ".join(reply["frameworks"]) or "none")
     return reply, trained
 
 
