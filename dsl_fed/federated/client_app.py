@@ -58,7 +58,7 @@ from flwr.clientapp import ClientApp  # noqa: E402
 from dsl_fed.bottleneck import predict_clips_on_embeddings  # noqa: E402
 from dsl_fed.config import Config, DataConfig, RobustnessConfig  # noqa: E402
 from dsl_fed.data import ChunkSet, load_chunks  # noqa: E402
-from dsl_fed.data.nodes import NodeData, node_data, persistent_node_id  # noqa: E402
+from dsl_fed.data.nodes import NodeData, node_data  # noqa: E402
 from dsl_fed.embedding_cache import NODE_FOLDER, EmbeddingCache, for_config, node_folder  # noqa: E402
 from dsl_fed.errors import DslFedError  # noqa: E402
 from dsl_fed.metrics import confusion, uar  # noqa: E402
@@ -70,6 +70,7 @@ from dsl_fed.train import train_local  # noqa: E402
 from dsl_fed.federated import litert_client  # noqa: E402
 from dsl_fed.federated.clipping import clipping_mod  # noqa: E402
 from dsl_fed.federated.model_cache import client_model  # noqa: E402
+from dsl_fed.federated.node_identity import client_id, client_seed  # noqa: E402
 from dsl_fed.federated.protocol import NEEDS_FULL_MODEL, NODE_FAILED  # noqa: E402
 from dsl_fed.federated.run_config import config_from_run_config  # noqa: E402
 
@@ -326,27 +327,6 @@ _DECODED: OrderedDict[tuple, ChunkSet | None] = OrderedDict()  # least recently 
 
 
 # ------------------------------------------------------------------------------------------------ misc
-
-
-def client_id(context: Context) -> int:
-    """The simulation's partition id; in a deployment a random id kept in the node's folder.
-
-    Not Flower's node id: that changes when a node registers with another SuperLink, and seeds (and the order
-    updates are summed in) must not, so that a resumed run reproduces an uninterrupted one. Not derived from the
-    node's speaker ids either: the id travels with every update, and a hash of speaker ids would tell anyone
-    holding a public corpus's speaker list whom the node holds.
-    """
-    if "partition-id" in context.node_config:
-        return int(context.node_config["partition-id"])
-    try:
-        return persistent_node_id(str(context.node_config["data-path"]))
-    except DslFedError as exc:
-        raise _node_error(context, str(exc)) from None
-
-
-def client_seed(seed: int, server_round: int, partition: int) -> int:
-    """Seed of one node's training in one round: differs per round and node, identical on a re-run."""
-    return seed + 1000 * server_round + partition
 
 
 def limit_threads(cpus: float) -> bool:

@@ -41,6 +41,7 @@ from dsl_fed.embedding_cache import mark_folder, node_folder
 from dsl_fed.errors import DslFedError
 from dsl_fed.io import atomic_write
 from dsl_fed.federated import litert_runtime
+from dsl_fed.federated.node_identity import client_id, client_seed
 from dsl_fed.federated.protocol import NEEDS_TRAINABLE_MODEL, TRAINABLE_MODEL, TRAINABLE_SHA
 
 LOG = logging.getLogger("flwr").getChild("dsl_fed")
@@ -75,7 +76,7 @@ def handle(msg: Message, context: Context, cfg: Config) -> Message:
     classes = config.get("classes")
     data = node_data(context.node_config, cfg.data, list(classes) if classes else None)
     train = msg.metadata.message_type == "train"
-    partition = _partition(context)
+    partition = client_id(context)
     request = {
         "kind": "train" if train else "evaluate",
         "config": cfg.to_dict(),
@@ -86,7 +87,7 @@ def handle(msg: Message, context: Context, cfg: Config) -> Message:
         "threads": max(1, int(cfg.federated.client_cpus)),
         "cache": str(folder) if cfg.training.embedding_cache else None,
         "partition": partition,
-        "seed": cfg.training.seed + 1000 * int(config["server-round"]) + partition,  # as the Keras client's seed
+        "seed": client_seed(cfg.training.seed, int(config["server-round"]), partition),
         "epochs": cfg.federated.local_epochs,
         "parts": ["devel", "test"] if bool(config.get("evaluate-test", False)) else ["devel"],
     }
@@ -139,8 +140,11 @@ def run_worker(request: dict, weights: dict[str, np.ndarray]) -> tuple[dict, dic
         folder = Path(tmp)
         (folder / litert_runtime.REQUEST).write_text(json.dumps(request))
         np.savez(folder / litert_runtime.WEIGHTS, **weights)
-        done = subprocess.run(worker_command(folder), capture_output=True, text=True, timeout=WORKER_TIMEOUT,
-                              env=_worker_env(request["threads"]))
+        try:
+            done = subprocess.run(worker_command(folder), capture_output=True, text=True, timeout=WORKER_TIMEOUT,
+                                  env=_worker_env(request["threads"]))
+        except subprocess.TimeoutExpired:
+            raise DslFedError(f"LiteRT worker took longer than {WORKER_TIMEOUT:.0f} s and was stopped") from None
         reply_path = folder / litert_runtime.REPLY
         if done.returncode != 0 or not reply_path.is_file():
             lines = [line for line in done.stderr.splitlines() if line.strip()]
@@ -180,11 +184,3 @@ def _worker_env(threads: int) -> dict[str, str]:
 def _arrays(msg: Message) -> dict[str, np.ndarray]:
     """The message's weights, float32 (the head; the worker picks the trainable model's head weights by name)."""
     return {name: array.numpy().astype(np.float32) for name, array in msg.content["arrays"].items()}
-
-
-def _partition(context: Context) -> int:
-    if "partition-id" in context.node_config:
-        return int(context.node_config["partition-id"])
-    from dsl_fed.data.nodes import persistent_node_id
-
-    return persistent_node_id(str(context.node_config["data-path"]))
