@@ -172,11 +172,15 @@ def worker_command(folder: Path) -> list[str]:
 
 def _worker_env(threads: int) -> dict[str, str]:
     """The worker's environment: dsl_fed importable from where this process has it, the node's thread share."""
+    import sysconfig
+
     import dsl_fed
 
     root = str(Path(dsl_fed.__file__).resolve().parents[1])
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
+    installed = {str(Path(sysconfig.get_paths()[key]).resolve()) for key in ("purelib", "platlib")}
+    if root not in installed:  # a checkout or an app bundle (an installed package is found anyway)
+        env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
     env["OMP_NUM_THREADS"] = str(threads)
     return env
 
