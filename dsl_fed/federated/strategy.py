@@ -145,6 +145,9 @@ def aggregate_client_metrics(records: list[RecordDict], weighted_by_key: str) ->
 class SliceAggregation:
     """Mixin (put it before a Flower strategy class) for partial aggregation of a named weight slice.
 
+    With LiteRT nodes (head-only replies in phase 2), each head weight is combined over every valid reply and
+    each unfrozen backbone weight over the replies that carry it (`_aggregate_by_weight`).
+
     Args:
         model_arrays: The full model, weight name -> array (the server's master copy, float32).
         slice_names: Phase -> names of the weights trained (and exchanged) in that phase; phase 1's names must
