@@ -153,6 +153,9 @@ def test_a_missing_damaged_or_foreign_trainable_model_is_one_clear_line(setup, t
     sha, content = TrainableSource(two, setup.cfg, ["falling", "rising"], list(setup.head))(weights, 1)
     reason = failure(**{TRAINABLE_SHA: sha, TRAINABLE_MODEL: content})
     assert reason.endswith("the trainable model has 2 classes, the run has 3 (falling, flat, rising)"), reason
+    reply = app(message(setup), node(setup, tmp_path, **{"partition-id": 0, "num-partitions": 4, "client-runtime": "tflite"}))
+    assert reply.error.code == NODE_FAILED
+    assert reply.error.reason == "node config client-runtime: 'tflite' is not one of keras, litert"
 
 
 @pytest.mark.slow  # the worker imports TensorFlow here on purpose: ~10 s
