@@ -22,7 +22,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from dsl_fed.config import Config, load_config
 from dsl_fed.data import load_chunks, read_manifest
-from dsl_fed.federated import client_app
+from dsl_fed.federated import client_app, keras_client
 from dsl_fed.federated.run_config import count_shards
 from dsl_fed.federated.server_app import slice_names
 from dsl_fed.federated.strategy import make_strategy
@@ -86,7 +86,7 @@ def run(config_path: Path, overrides: list[str], tamper: Tamper | None = None,
     """
     start = time.perf_counter()
     cfg: Config = load_config(config_path, overrides)
-    client_app.limit_threads(cfg.federated.client_cpus)  # the clients take turns in this process: one client's share
+    keras_client.limit_threads(cfg.federated.client_cpus)  # the clients take turns in this process: one client's share
     manifest = read_manifest(cfg.data.manifest, seed=cfg.data.seed)
     num_nodes = count_shards(cfg, manifest)
     keras.backend.clear_session()

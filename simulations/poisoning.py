@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message
 
-from dsl_fed.federated import client_app
+from dsl_fed.federated import keras_client
 from simulations.inprocess import run
 from simulations.run_setting import RunSetting, run_setting
 
@@ -72,7 +72,7 @@ def tamper_update(transform: Callable[[np.ndarray, np.ndarray, np.random.Generat
 
 def label_flip(num_classes: int):
     """A tamper hook under which the attacker trains honestly on labels shifted by one class."""
-    honest_chunks = client_app.train_chunks
+    honest_chunks = keras_client.train_chunks
 
     def flipped_chunks(cfg, data, partition):
         chunks = honest_chunks(cfg, data, partition)
@@ -81,7 +81,7 @@ def label_flip(num_classes: int):
     def tamper(partition: int, msg: Message, honest: Callable[[Message], Message]) -> Message:
         if partition != ATTACKER:
             return honest(msg)
-        with _patched(client_app, "train_chunks", flipped_chunks):
+        with _patched(keras_client, "train_chunks", flipped_chunks):
             return honest(msg)
 
     return tamper

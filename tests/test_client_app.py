@@ -7,7 +7,8 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flower_helpers import run_config, task_identity, write_config  # noqa: F401 (task_identity: autouse fixture)
 
-from dsl_fed.federated.client_app import app, evaluate, train
+from dsl_fed.federated.client_app import app
+from dsl_fed.federated.keras_client import evaluate, train
 from dsl_fed.errors import DslFedError
 from dsl_fed.spectrogram import frame_geometry, num_frames
 from dsl_fed.federated.run_config import config_from_run_config
@@ -139,7 +140,7 @@ def test_evaluate_returns_the_confusion_counts_of_the_nodes_own_devel_clips(setu
     """Counts, not a UAR: their sum over nodes is the confusion matrix of all devel clips together."""
     from dsl_fed.data import load_chunks
     from dsl_fed.data.nodes import node_data
-    from dsl_fed.federated.client_app import global_model
+    from dsl_fed.federated.keras_client import global_model
     from dsl_fed.metrics import confusion
     from dsl_fed.predict import predict_clips
 
@@ -209,7 +210,7 @@ def test_thread_limits_take_effect_before_the_first_op_and_say_so_when_too_late(
 
     script = (
         "import tensorflow as tf\n"
-        "from dsl_fed.federated.client_app import limit_threads\n"
+        "from dsl_fed.federated.keras_client import limit_threads\n"
         "assert limit_threads(1)\n"
         "tf.linalg.matmul(tf.ones((64, 64)), tf.ones((64, 64)))\n"
         "assert (tf.config.threading.get_intra_op_parallelism_threads(), "
@@ -224,7 +225,7 @@ def test_thread_limits_take_effect_before_the_first_op_and_say_so_when_too_late(
 
 def test_a_deployed_node_reports_its_random_folder_id_and_a_simulated_node_its_share(tmp_path):
     from dsl_fed.data.nodes import NODE_ID_FILE
-    from dsl_fed.federated.client_app import client_id
+    from dsl_fed.federated.node_identity import client_id
 
     deployed = Context(run_id=1, node_id=7, node_config={"data-path": str(tmp_path)}, state=RecordDict(), run_config={})
     first = client_id(deployed)

@@ -191,7 +191,7 @@ def test_with_cutmix_in_phase_1_the_cache_is_not_used(corpus, tmp_path, capsys):
 def test_a_node_keeps_its_cache_where_its_data_are(corpus, tmp_path):
     from flwr.app import Context, RecordDict
 
-    from dsl_fed.federated.client_app import NODE_CACHE_FOLDER, node_cache
+    from dsl_fed.federated.keras_client import NODE_CACHE_FOLDER, node_cache
 
     cfg = corpus[0]
 
@@ -260,7 +260,7 @@ def test_a_simulated_client_replies_the_same_with_the_cache_and_reads_it_in_late
     from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
     from dsl_fed.federated import model_cache
-    from dsl_fed.federated.client_app import train
+    from dsl_fed.federated.keras_client import train
     from dsl_fed.federated.run_config import config_from_run_config
 
     def replies(cache: bool) -> tuple[list[dict], object]:

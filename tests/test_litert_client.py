@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -156,6 +157,54 @@ def test_a_missing_damaged_or_foreign_trainable_model_is_one_clear_line(setup, t
     reply = app(message(setup), node(setup, tmp_path, **{"partition-id": 0, "num-partitions": 4, "client-runtime": "tflite"}))
     assert reply.error.code == NODE_FAILED
     assert reply.error.reason == "node config client-runtime: 'tflite' is not one of keras, litert"
+
+
+# A deployed node's ClientApp process, as Flower starts one per message: the app module, one LiteRT train message.
+_CLIENTAPP_PROCESS = """
+import json, sys
+from pathlib import Path
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from dsl_fed.federated.client_app import app
+
+folder = Path(sys.argv[1])
+request = json.loads((folder / "request.json").read_text())
+TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = 1, 1, 1  # what Flower's process would hold
+with np.load(folder / "head.npz") as head:
+    arrays = ArrayRecord({name: Array(head[name]) for name in head.files})
+config = ConfigRecord({**request["config"], "trainable-model": (folder / "model.tflite").read_bytes()})
+msg = Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=100, message_type="train")
+reply = app(msg, Context(run_id=1, node_id=100, node_config=request["node_config"], state=RecordDict(),
+                         run_config=request["run_config"]))
+print(json.dumps({"error": reply.error.reason if reply.has_error() else None,
+                  "arrays": [] if reply.has_error() else sorted(reply.content["arrays"].keys()),
+                  "loaded": [name for name in ("tensorflow", "keras", "tf_keras") if name in sys.modules]}))
+"""
+
+
+def test_a_litert_nodes_clientapp_process_never_imports_tensorflow_or_keras(setup, tmp_path):
+    import json
+    import subprocess
+
+    assert TRAINABLE_MODEL == "trainable-model"  # the name the script above uses
+    (tmp_path / "model.tflite").write_bytes(setup.content)
+    np.savez(tmp_path / "head.npz", **setup.head)
+    config = {"server-round": 1, "phase": 1, "full-model": False, "transfer-dtype": "float32",
+              "classes": setup.classes, TRAINABLE_SHA: setup.sha}
+    (tmp_path / "request.json").write_text(json.dumps({
+        "config": config, "run_config": setup.rc,
+        "node_config": {"cache-path": str(tmp_path / "cache"), "partition-id": 0, "num-partitions": 4}}))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", _CLIENTAPP_PROCESS, str(tmp_path)], capture_output=True,
+                          text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["error"] is None and result["arrays"] == sorted(setup.head)  # it trained the head
+    assert result["loaded"] == []
 
 
 @pytest.mark.slow  # the worker imports TensorFlow here on purpose: ~10 s

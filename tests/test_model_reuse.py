@@ -15,7 +15,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordD
 from flower_helpers import run_config, task_identity, write_config  # noqa: F401 (task_identity: autouse fixture)
 
 from dsl_fed.federated import model_cache
-from dsl_fed.federated.client_app import evaluate, train
+from dsl_fed.federated.keras_client import evaluate, train
 from dsl_fed.models import DslModel
 
 # (node, round, phase, full model sent): nodes 0/1 get a slice after their first message, node 2 the full model in
@@ -133,22 +133,22 @@ def test_the_reset_is_a_function_of_the_seed_alone(setup):
 
 def test_decoded_clips_are_kept_within_a_byte_budget(setup, monkeypatch):
     from dsl_fed.data.nodes import node_data
-    from dsl_fed.federated import client_app
+    from dsl_fed.federated import keras_client
     from dsl_fed.federated.run_config import config_from_run_config
 
     rc, _ = setup
     cfg = config_from_run_config(rc)
-    monkeypatch.setattr(client_app, "_DECODED", type(client_app._DECODED)())
+    monkeypatch.setattr(keras_client, "_DECODED", type(keras_client._DECODED)())
     shards = [node_data({"partition-id": i, "num-partitions": 3}, cfg.data, None) for i in range(3)]
-    sizes = [client_app._nbytes(client_app._chunks(cfg.data, s, "train")) for s in shards]
-    assert len(client_app._DECODED) == 3 and min(sizes) > 0
-    assert client_app._chunks(cfg.data, shards[0], "train") is client_app._chunks(cfg.data, shards[0], "train")
-    monkeypatch.setattr(client_app, "DECODED_BYTES", sum(sizes) - 1)
-    client_app._chunks(cfg.data, shards[1], "devel")  # one more clip set: over budget
+    sizes = [keras_client._nbytes(keras_client._chunks(cfg.data, s, "train")) for s in shards]
+    assert len(keras_client._DECODED) == 3 and min(sizes) > 0
+    assert keras_client._chunks(cfg.data, shards[0], "train") is keras_client._chunks(cfg.data, shards[0], "train")
+    monkeypatch.setattr(keras_client, "DECODED_BYTES", sum(sizes) - 1)
+    keras_client._chunks(cfg.data, shards[1], "devel")  # one more clip set: over budget
     order = [shards[1].clips["train"], shards[2].clips["train"], shards[0].clips["train"], shards[1].clips["devel"]]
-    kept = [key[1] for key in client_app._DECODED]
+    kept = [key[1] for key in keras_client._DECODED]
     assert 1 <= len(kept) < 4 and kept == order[4 - len(kept):]  # the least recently used went first
-    assert sum(client_app._nbytes(c) for c in client_app._DECODED.values()) <= client_app.DECODED_BYTES
+    assert sum(keras_client._nbytes(c) for c in keras_client._DECODED.values()) <= keras_client.DECODED_BYTES
 
 
 def test_predictions_come_in_one_batch_shape_whatever_the_number_of_chunks(setup, traces):

@@ -45,17 +45,17 @@ def test_noise_attack_replaces_the_update_by_unit_gaussian_noise():
 def test_label_flip_attacker_trains_on_labels_shifted_by_one_class(demo_manifest, tmp_path):
     from dsl_fed.config import from_dict
     from dsl_fed.data.nodes import node_data
-    from dsl_fed.federated import client_app
+    from dsl_fed.federated import keras_client
 
     cfg = from_dict({"data": {"manifest": str(demo_manifest), "chunk_seconds": 1.0, "hop_seconds": 0.5, "shards": 2},
                      "output": {"directory": str(tmp_path)}})
     data = node_data({"partition-id": 0, "num-partitions": 2}, cfg.data, None)
-    clean = client_app.train_chunks(cfg, data, 0).labels
-    seen = lambda msg: client_app.train_chunks(cfg, data, 0).labels  # what the honest handler would train on
+    clean = keras_client.train_chunks(cfg, data, 0).labels
+    seen = lambda msg: keras_client.train_chunks(cfg, data, 0).labels  # what the honest handler would train on
     tamper = attack_hook("label-flip", 3)
     np.testing.assert_array_equal(tamper(ATTACKER, None, seen), (clean + 1) % 3)
     np.testing.assert_array_equal(tamper(ATTACKER + 1, None, seen), clean)
-    np.testing.assert_array_equal(client_app.train_chunks(cfg, data, 0).labels, clean)  # patch undone
+    np.testing.assert_array_equal(keras_client.train_chunks(cfg, data, 0).labels, clean)  # patch undone
 
 
 def test_a_rerun_skips_the_runs_already_recorded_with_the_same_settings(tmp_path):

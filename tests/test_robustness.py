@@ -82,7 +82,7 @@ def test_skewed_shards_keep_whole_clips():
 
 def test_client_trains_on_a_perturbed_copy_and_the_files_stay_untouched(demo_manifest, tmp_path):
     from dsl_fed.data.nodes import node_data
-    from dsl_fed.federated.client_app import train_chunks
+    from dsl_fed.federated.keras_client import train_chunks
 
     def shard(cfg, node):
         data = node_data(node, cfg.data, None)

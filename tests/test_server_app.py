@@ -99,9 +99,9 @@ def test_resume_after_round_2_reproduces_the_uninterrupted_round_3(full_run, tmp
 
 @pytest.mark.slow  # a federated run of the tiny model in-process: 10-40 s on 2 cores
 def test_a_raising_client_and_a_nan_client_do_not_stop_the_run(demo_manifest, tmp_path, caplog, monkeypatch):
-    import dsl_fed.federated.client_app as client_app
+    import dsl_fed.federated.keras_client as keras_client
 
-    real_train_local = client_app.train_local
+    real_train_local = keras_client.train_local
 
     def train_local(*args, **kwargs):  # node 0's training crashes (its seed is client_seed(..., partition=0))
         if kwargs["seed"] % 1000 == 0:
@@ -114,7 +114,7 @@ def test_a_raising_client_and_a_nan_client_do_not_stop_the_run(demo_manifest, tm
             reply.content["arrays"] = ArrayRecord({n: Array(np.full_like(a.numpy(), np.nan)) for n, a in arrays.items()})
         return reply
 
-    monkeypatch.setattr(client_app, "train_local", train_local)
+    monkeypatch.setattr(keras_client, "train_local", train_local)
     rc = run_config(write_config(tmp_path, demo_manifest, federated={"phase1_rounds": 1, "phase2_rounds": 0,
                                                                       "min_train_nodes": 1, "local_epochs": 1}),
                     server_eval=demo_manifest)
@@ -305,12 +305,12 @@ def test_a_round_missing_an_evaluation_node_is_recorded_and_never_best(demo_mani
 
 
 def test_a_run_whose_every_client_fails_round_1_fails_with_the_reason(demo_manifest, tmp_path, monkeypatch):
-    import dsl_fed.federated.client_app as client_app
+    import dsl_fed.federated.keras_client as keras_client
 
     def broken(*args, **kwargs):
         raise RuntimeError("corrupt shard")
 
-    monkeypatch.setattr(client_app, "train_local", broken)
+    monkeypatch.setattr(keras_client, "train_local", broken)
     rc = run_config(write_config(tmp_path, demo_manifest, federated={"phase1_rounds": 1, "phase2_rounds": 1}),
                     server_eval=demo_manifest)
     with pytest.raises(DslFedError, match=r"^every client failed round 1, so nothing was trained: node 10\d: corrupt"):

@@ -5,8 +5,9 @@ In its default isolation Flower 1.42's SuperNode starts a new ``flwr-clientapp``
 Kubernetes and other task types only). Each such process imported TensorFlow and built and traced the model
 again: most of a deployed round. With ``--isolation process`` the SuperNode leaves starting ClientApps to an
 outside process that acquires tasks from its Runtime API; this is that process, serving every message of every
-run in one interpreter, so TensorFlow is imported once and `dsl_fed.federated.model_cache` keeps the built model
-(a reused model answers exactly as a fresh one; the module says how).
+run in one interpreter, so TensorFlow is imported once (by a Keras node's first message; a LiteRT node never
+imports it) and `dsl_fed.federated.model_cache` keeps the built model (a reused model answers exactly as a fresh
+one; the module says how).
 
 Per message it does what ``flwr-clientapp`` does (Flower's own `run_clientapp` helpers pull the message, context
 and run, push the reply and the node state; a heartbeat runs meanwhile) but without exiting. It runs only this
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     from flwr.supercore.retry import make_simple_http_retry_invoker
     from flwr.supercore.runtime import RuntimeHttpClient
 
-    from dsl_fed.federated.client_app import app  # TensorFlow and the app, once, before the first message
+    from dsl_fed.federated.client_app import app  # the app; TensorFlow only once a Keras node's message comes
 
     if args.parent_pid is not None:
         start_parent_process_monitor(args.parent_pid)

@@ -1,81 +1,34 @@
-"""Flower ClientApp: each node trains on its own clips; only the trainable slice goes back.
+"""Flower ClientApp: routes each message to the node's runtime, Keras or LiteRT, and turns a failure into a reply.
 
 A node's clips come from its node config (`dsl_fed.data.nodes.node_data`): its own folder in a deployment
 (``data-path``), a speaker shard of the configured corpus in a simulation (``partition-id``). The class list
 comes with every message from the server; a label outside it is an error naming the label and the node.
 
-A node is told by the server which phase to train (``config["phase"]``). It receives the full model the first
-time it is addressed (kept in ``context.state``, i.e. on the node) and afterwards only the phase's trainable
-slice, which it loads on top. It trains that slice with `dsl_fed.train.train_local` on its own chunks and
-replies with exactly those weights (an ArrayRecord keyed by weight name) and scalar metrics (under
-``federated.dp`` only the example count and its id). Audio, spectrograms and any other weights never leave the
-node.
+A Keras node (`dsl_fed.federated.keras_client`) trains the phase's slice with Keras; a LiteRT node
+(``federated.client_runtime`` / ``litert_clients``, `dsl_fed.federated.litert_client`) trains the head through
+the trainable ``.tflite`` in a process without TensorFlow. The Keras client is imported on the first Keras
+message only: a deployed LiteRT node's ClientApp process (Flower starts one per message) never loads
+TensorFlow or Keras, only numpy, Flower and LiteRT's worker.
 
-A node that gets a slice but holds no model (its SuperNode restarted) replies with a `NEEDS_FULL_MODEL` error
-and gets the full model within the same round. A node that cannot take part (data path missing or empty, a
-label outside the run's classes, ...) writes one line to its log and replies with a `NODE_FAILED` error giving
-the reason: a raised exception would put Flower's traceback in the node's log.
-
-A LiteRT node (``federated.client_runtime`` / ``litert_clients``, `dsl_fed.federated.litert_client`) answers
-through the trainable ``.tflite`` instead, in a process without TensorFlow, and replies with the head alone.
-
-A process keeps the model of its run (`dsl_fed.federated.model_cache`): Ray reuses one actor for many nodes and
-rounds, and building and tracing the model anew per message cost more than training it on a few chunks. Each
-message loads every weight and resets the optimizer and every random stream from its (round, node) seed, so an
-update never depends on what the actor ran before - a resumed run reproduces an uninterrupted one bit for bit.
-The decoded clips are cached per process too (`_chunks`, least recently used dropped beyond `DECODED_BYTES`).
-Phase 1 trains on backbone embeddings kept on the node (`node_cache`: the node config's ``cache-path``, else
-``.dsl_fed_cache`` in its data folder, else - simulated nodes - the run's cache folder); they never leave it.
-
-Evaluation replies carry confusion-matrix counts of the node's devel (and test) clips, so the server can sum
-them into the exact global clip-level UAR without seeing a clip.
+A node that cannot take part (data path missing or empty, a label outside the run's classes, ...) writes one
+line to its log and replies with a `NODE_FAILED` error giving the reason: a raised exception would put Flower's
+traceback in the node's log.
 """
 
 from __future__ import annotations
 
-import os
+import logging
+from pathlib import Path
 
-# Before TensorFlow is imported by dsl_fed (Flower's Ray actor may already have imported it; then the
-# launcher's environment, which sets the same variables, has taken effect).
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
+from flwr.app import Context, Error, Message
+from flwr.clientapp import ClientApp
 
-import contextlib  # noqa: E402
-import functools  # noqa: E402
-import logging  # noqa: E402
-import time  # noqa: E402
-import weakref  # noqa: E402
-from collections import OrderedDict  # noqa: E402
-from collections.abc import Iterator, Mapping, Sequence  # noqa: E402
-from pathlib import Path  # noqa: E402
+from dsl_fed.errors import DslFedError
+from dsl_fed.federated import litert_client
+from dsl_fed.federated.clipping import clipping_mod
+from dsl_fed.federated.protocol import NODE_FAILED
+from dsl_fed.federated.run_config import config_from_run_config
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-from flwr.app import Array, ArrayRecord, Context, Error, Message, MetricRecord, RecordDict  # noqa: E402
-from flwr.clientapp import ClientApp  # noqa: E402
-
-from dsl_fed.bottleneck import predict_clips_on_embeddings  # noqa: E402
-from dsl_fed.config import Config, DataConfig, RobustnessConfig  # noqa: E402
-from dsl_fed.data import ChunkSet, load_chunks  # noqa: E402
-from dsl_fed.data.nodes import NodeData, node_data  # noqa: E402
-from dsl_fed.embedding_cache import NODE_FOLDER, EmbeddingCache, for_config, node_folder  # noqa: E402
-from dsl_fed.errors import DslFedError  # noqa: E402
-from dsl_fed.metrics import confusion, uar  # noqa: E402
-from dsl_fed.models import get_weights_by_name, set_phase, set_weights_by_name  # noqa: E402
-from dsl_fed.models import trainable_weight_names, weight_names  # noqa: E402
-from dsl_fed.predict import predict_clips  # noqa: E402
-from dsl_fed.robustness import perturb_client  # noqa: E402
-from dsl_fed.train import train_local  # noqa: E402
-from dsl_fed.federated import litert_client  # noqa: E402
-from dsl_fed.federated.clipping import clipping_mod  # noqa: E402
-from dsl_fed.federated.model_cache import client_model  # noqa: E402
-from dsl_fed.federated.node_identity import client_id, client_seed  # noqa: E402
-from dsl_fed.federated.protocol import NEEDS_FULL_MODEL, NODE_FAILED  # noqa: E402
-from dsl_fed.federated.run_config import config_from_run_config  # noqa: E402
-
-MODEL_STATE_KEY = "dsl_fed-model"  # context.state entry holding the full model this node received
-_PROXIMAL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {weight: _Proximal}, kept for reuse
 LOG = logging.getLogger("flwr").getChild("dsl_fed")  # Flower's handler writes it to the SuperNode's log
 
 
@@ -85,284 +38,29 @@ def create_app(app_dir: Path | None = None) -> ClientApp:
 
     @app.train(mods=[clipping_mod])  # federated.dp.mode=client: clip the slice update before it leaves
     def _train(msg: Message, context: Context) -> Message:
-        return handle(train, msg, context, app_dir)
+        return handle("train", msg, context, app_dir)
 
     @app.evaluate()
     def _evaluate(msg: Message, context: Context) -> Message:
-        return handle(evaluate, msg, context, app_dir)
+        return handle("evaluate", msg, context, app_dir)
 
     return app
 
 
-def handle(handler, msg: Message, context: Context, app_dir: Path | None) -> Message:
-    """Run `handler` (or, on a LiteRT node, `litert_client.handle`), or answer with the error reply the server acts
-    on (see the module docstring)."""
+def handle(kind: str, msg: Message, context: Context, app_dir: Path | None) -> Message:
+    """Answer a ``train`` or ``evaluate`` message with the node's runtime, or with the error reply the server
+    acts on (see the module docstring)."""
     try:
         cfg = config_from_run_config(context.run_config, app_dir)
         if litert_client.node_runtime(cfg, context.node_config) == "litert":
             return litert_client.handle(msg, context, cfg)
-        if not bool(msg.content["config"].get("full-model", False)) and MODEL_STATE_KEY not in context.state.array_records:
-            LOG.warning("[dsl_fed] node %s: got only the weight slice but holds no model (restarted); asking the "
-                        "server for the full model", context.node_id)
-            return Message(Error(code=NEEDS_FULL_MODEL, reason="holds no model (restarted)"), reply_to=msg)
-        return handler(msg, context, app_dir)
+        from dsl_fed.federated import keras_client  # noqa: PLC0415 - TensorFlow, for Keras nodes only
+
+        return keras_client.handle(kind, msg, context, app_dir)
     except DslFedError as exc:
         LOG.error("[dsl_fed] %s", exc)
         reason = str(exc).removeprefix(f"node {context.node_id}: ")  # the server names the node itself
         return Message(Error(code=NODE_FAILED, reason=reason), reply_to=msg)
-
-
-def train(msg: Message, context: Context, app_dir: Path | None = None) -> Message:
-    """Train the requested phase on this node's shard; reply with the trained slice and metrics."""
-    began = time.perf_counter()
-    cfg = config_from_run_config(context.run_config, app_dir)
-    limit_threads(cfg.federated.client_cpus)
-    config = msg.content["config"]
-    server_round, phase = int(config["server-round"]), int(config["phase"])
-    data = local_data(cfg, context, config)
-    partition = client_id(context)
-    chunks = train_chunks(cfg, data, partition)
-    if chunks is None:
-        raise _node_error(context, f"{data.source}: no training clips (partition train or no partition)")
-    classes = list(data.classes)
-    seed = client_seed(cfg.training.seed, server_round, partition)
-
-    remember_full_model(msg, context)
-    model = global_model(cfg, len(classes), msg, context, seed)
-    set_phase(model, phase, cfg.training.unfrozen_layers)
-    names = trainable_weight_names(model)
-    missing = sorted(set(names) - set(msg.content["arrays"].keys()))
-    if missing:
-        raise _node_error(context, f"phase {phase} trains {len(names)} weights but the server sent none for "
-                                   f"{missing[:3]}; server and clients must run the same config")
-    anchor = get_weights_by_name(model, names)
-    cache = node_cache(cfg, context)
-    start = time.perf_counter()
-    with proximal_term(model, anchor, float(config.get("proximal-mu", 0.0))):
-        result = train_local(model, chunks, None, cfg, phase, epochs=cfg.federated.local_epochs, verbose=0, seed=seed,
-                             cache=cache)
-    seconds = time.perf_counter() - start
-    metrics: dict[str, int | float] = {"num-examples": int(result.num_examples), "partition-id": partition}
-    if "dp-clipping" not in config:  # under DP the node reports nothing the noise does not cover
-        _, probs, labels, _ = (predict_clips_on_embeddings(model, chunks, cfg, phase, cache)
-                               or predict_clips(model, chunks, batch_size=cfg.training.batch_size))
-        metrics.update({
-            "train-loss": float(result.loss),
-            "train-uar": float(uar(labels, probs.argmax(axis=1))),
-            "train-seconds": float(seconds),  # train_local alone
-            "work-seconds": float(time.perf_counter() - began),  # + model build, loading, local UAR
-        })
-    dtype = str(config.get("transfer-dtype", "float32"))
-    update = get_weights_by_name(model, names)
-    return Message(
-        RecordDict({
-            "arrays": ArrayRecord({n: Array(w.astype(dtype)) for n, w in update.items()}),
-            "metrics": MetricRecord(metrics),
-        }),
-        reply_to=msg,
-    )
-
-
-def evaluate(msg: Message, context: Context, app_dir: Path | None = None) -> Message:
-    """Score the global model on this node's own held-out clips; reply with confusion counts, never clips.
-
-    ``devel-confusion`` (and ``test-confusion`` when the server asks for ``evaluate-test``) are the flattened
-    class x class counts of clip-level predictions; ``num-examples`` is the number of clips scored (0: nothing
-    to score, and the model is still kept for later slice-only messages).
-    """
-    cfg = config_from_run_config(context.run_config, app_dir)
-    limit_threads(cfg.federated.client_cpus)
-    remember_full_model(msg, context)
-    config = msg.content["config"]
-    data = local_data(cfg, context, config)
-    parts = ("devel", "test") if bool(config.get("evaluate-test", False)) else ("devel",)
-    k = len(data.classes)
-    metrics: dict[str, int | list[int]] = {"num-examples": 0}
-    model = None
-    for part in parts:
-        counts = np.zeros((k, k), dtype=np.int64)
-        chunks = _chunks(cfg.data, data, part)
-        if chunks is not None:
-            if model is None:
-                seed = client_seed(cfg.training.seed, int(config["server-round"]), client_id(context))
-                model = global_model(cfg, k, msg, context, seed)
-            _, probs, labels, _ = predict_clips(model, chunks, batch_size=cfg.training.batch_size)
-            counts = confusion(labels, probs.argmax(axis=1), k)
-        metrics[f"{part}-confusion"] = [int(c) for c in counts.reshape(-1)]
-        metrics["num-examples"] += int(counts.sum())
-    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
-
-
-# ----------------------------------------------------------------------------------------------- model
-
-
-def global_model(cfg: Config, num_classes: int, msg: Message, context: Context, seed: int):
-    """The process's model (`client_model`: random streams reset for `seed`) holding the server's current weights.
-
-    Call `remember_full_model` first. The node's stored full model supplies everything outside the slice: those
-    weights are frozen in every phase up to now, so they equal the server's (phase 1's slice is contained in
-    phase 2's). Every weight is loaded, so nothing of an earlier message stays in the model.
-    """
-    model = client_model(cfg, num_classes, seed)
-    stored = context.state[MODEL_STATE_KEY]
-    expected = set(weight_names(model))
-    if set(stored.keys()) != expected:
-        raise _node_error(context, "the model this node received does not match the model it builds from the run "
-                                   "config (server and clients must run the same config)")
-    weights = _numpy(stored)
-    if not msg.content["config"].get("full-model", False):
-        weights.update(_numpy(msg.content["arrays"]))
-    set_weights_by_name(model, weights)
-    return model
-
-
-def remember_full_model(msg: Message, context: Context) -> None:
-    """Keep the full model on the node when the server sends it (once per node, flagged ``full-model``)."""
-    if bool(msg.content["config"].get("full-model", False)):
-        received = msg.content["arrays"]
-        context.state[MODEL_STATE_KEY] = ArrayRecord({n: Array(a.numpy().astype(np.float32)) for n, a in received.items()})
-    elif MODEL_STATE_KEY not in context.state.array_records:
-        raise _node_error(context, "received only the weight slice but holds no model")
-
-
-@contextlib.contextmanager
-def proximal_term(model, anchor: Mapping[str, np.ndarray], mu: float) -> Iterator[None]:
-    """FedProx: add (mu/2)·||w - w_global||² over the trained slice to the training loss.
-
-    Implemented as Keras variable regularisers (Keras adds every trainable variable's regulariser to the
-    loss in `compute_loss`, which `DslModel.train_step` calls), removed again afterwards. A model keeps its
-    regularisers (anchor and mu in variables) for the next message, so its traced train step stays valid.
-    """
-    if mu <= 0:
-        yield
-        return
-    variables = {v.path: v for v in model.trainable_weights if v.path in anchor}
-    previous = {name: v.regularizer for name, v in variables.items()}
-    terms = _PROXIMAL.setdefault(model, {})
-    for name, variable in variables.items():
-        if name not in terms:
-            terms[name] = _Proximal(anchor[name].shape)
-        terms[name].set(anchor[name], mu)
-        variable.regularizer = terms[name]
-    try:
-        yield
-    finally:
-        for name, variable in variables.items():
-            variable.regularizer = previous[name]
-
-
-class _Proximal:
-    """Regulariser ``(mu/2)·||w - anchor||²`` for one variable (the FedProx proximal term); `set` per message."""
-
-    def __init__(self, shape: tuple[int, ...]) -> None:
-        self.anchor = tf.Variable(tf.zeros(shape), trainable=False)
-        self.mu = tf.Variable(0.0, trainable=False)
-
-    def set(self, anchor: np.ndarray, mu: float) -> None:
-        self.anchor.assign(anchor)
-        self.mu.assign(mu)
-
-    def __call__(self, weight):
-        return 0.5 * self.mu * keras.ops.sum(keras.ops.square(weight - self.anchor))
-
-
-# ------------------------------------------------------------------------------------------------ data
-
-
-def local_data(cfg: Config, context: Context, config: Mapping[str, object]) -> NodeData:
-    """This node's clips (`node_data`) with the class list the server sent (simulation: the corpus' own)."""
-    classes = config.get("classes")
-    try:
-        return node_data(context.node_config, cfg.data, list(classes) if classes else None)
-    except DslFedError as exc:
-        raise _node_error(context, str(exc)) from None
-
-
-def node_cache(cfg: Config, context: Context) -> EmbeddingCache | None:
-    """Where this node keeps its embeddings: ``cache-path``, its data folder's ``.dsl_fed_cache``, or the run's."""
-    if not cfg.training.embedding_cache:
-        return None
-    return for_config(node_folder(context.node_config, cfg), cfg, note=LOG.info)
-
-
-NODE_CACHE_FOLDER = NODE_FOLDER
-
-
-def _node_error(context: Context, message: str) -> DslFedError:
-    return DslFedError(f"node {context.node_id}: {message}")
-
-
-def train_chunks(cfg: Config, data: NodeData, partition: int) -> ChunkSet | None:
-    """The node's training chunks; an experiment's simulated noise, label flips or skew act on this copy only."""
-    chunks = _chunks(cfg.data, data, "train")
-    if chunks is not None and cfg.robustness != RobustnessConfig():
-        chunks = perturb_client(chunks, cfg.robustness, len(data.classes), partition, cfg.data.seed)
-    return chunks
-
-
-def _chunks(data_cfg: DataConfig, data: NodeData, part: str) -> ChunkSet | None:
-    """Decoded chunks of one partition of the node's clips (None if it has none), cached per process."""
-    return _decode(data_cfg, data.clips.get(part, ()), data.classes)
-
-
-def _decode(data_cfg: DataConfig, clips: tuple, classes: Sequence[str]) -> ChunkSet | None:
-    """Decode a clip set once per process (a Ray actor serves many nodes and rounds), within `DECODED_BYTES`."""
-    key = (data_cfg, clips, tuple(classes))
-    if key in _DECODED:
-        _DECODED.move_to_end(key)
-        return _DECODED[key]
-    chunks = load_chunks(clips, data_cfg, list(classes), progress=False) if clips else None
-    _DECODED[key] = chunks
-    while len(_DECODED) > 1 and sum(_nbytes(c) for c in _DECODED.values()) > DECODED_BYTES:
-        _DECODED.popitem(last=False)
-    return chunks
-
-
-def _nbytes(chunks: ChunkSet | None) -> int:
-    return 0 if chunks is None else sum(a.nbytes for a in (chunks.waveforms, chunks.labels, chunks.clip_ids, chunks.speakers))
-
-
-DECODED_BYTES = 1 << 30  # decoded chunks one process keeps (1 GiB; 12 clips of one speaker take a few MB)
-_DECODED: OrderedDict[tuple, ChunkSet | None] = OrderedDict()  # least recently used first
-
-
-# ------------------------------------------------------------------------------------------------ misc
-
-
-def limit_threads(cpus: float) -> bool:
-    """Give TensorFlow as many threads as the node has CPUs (Ray runs several actors on the same cores).
-
-    TensorFlow fixes its thread pools when it runs its first op, so this must happen before (the handlers call
-    it first thing; nothing at import time runs an op). Returns whether the limits are in effect; if an op ran
-    earlier with other limits they cannot change any more, which is logged rather than ignored.
-    """
-    n = max(1, int(cpus))
-    os.environ["OMP_NUM_THREADS"] = str(n)
-    threading = tf.config.threading
-    with contextlib.suppress(RuntimeError):  # raised when TF's pools exist already with other sizes
-        threading.set_intra_op_parallelism_threads(n)
-        threading.set_inter_op_parallelism_threads(n)
-    current = (threading.get_intra_op_parallelism_threads(), threading.get_inter_op_parallelism_threads())
-    if current != (n, n):
-        _warn_threads_fixed(current, n)
-    _report_threads(current)
-    return current == (n, n)
-
-
-@functools.cache  # once per process: a Ray actor or SuperNode log then shows what each process runs with
-def _report_threads(current: tuple[int, int]) -> None:
-    LOG.info("TensorFlow threads in process %d: %d intra-op / %d inter-op", os.getpid(), *current)
-
-
-@functools.cache  # once per process and setting: every later message would say the same
-def _warn_threads_fixed(current: tuple[int, int], n: int) -> None:
-    logging.getLogger(__name__).warning(
-        "TensorFlow already runs with %d intra-op / %d inter-op threads (0 = its default); the limit of %d "
-        "(federated.client_cpus) cannot apply in this process", *current, n)
-
-
-def _numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
-    return {n: a.numpy().astype(np.float32) for n, a in record.items()}
 
 
 app = create_app()
