@@ -7,6 +7,7 @@ input is checked here (names, shapes, label range) so a mistake is one clear lin
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +26,12 @@ class TrainableRunner:
     Args:
         path: The trainable ``.tflite`` file.
         threads: CPU threads for the interpreter's kernels; None lets LiteRT decide.
+        seed: Seed of the dropout masks `train` draws (numpy's generator, one draw per step): the same seed
+            gives the same masks step by step; None takes fresh entropy from the OS.
     """
 
-    def __init__(self, path: str | Path, threads: int | None = None) -> None:
+    def __init__(self, path: str | Path, threads: int | None = None,
+                 seed: int | Sequence[int] | None = None) -> None:
         from ai_edge_litert.interpreter import Interpreter
 
         from dsl_fed.litert import without_delegate_notice
@@ -52,6 +56,8 @@ class TrainableRunner:
         train = self._runners["train"].get_input_details()
         self.num_classes = int(train["class_weight"]["shape"][0])
         self.bottleneck_dim = int(train["bottleneck"]["shape_signature"][-1])
+        self.hidden_units = int(train["dropout_draws"]["shape_signature"][-1])
+        self._rng = np.random.default_rng(seed)
         self.samples = int(self._runners["embed"].get_input_details()["audio"]["shape_signature"][-1])
 
     def signature_io(self) -> dict[str, dict[str, dict[str, dict[str, Any]]]]:
@@ -68,13 +74,16 @@ class TrainableRunner:
         audio = self._batch(audio, (self.samples,), "audio")
         return self._run("embed", audio=audio)["bottleneck"]
 
-    def train(self, bottleneck: np.ndarray, labels: np.ndarray, class_weight: np.ndarray | None = None) -> float:
+    def train(self, bottleneck: np.ndarray, labels: np.ndarray, class_weight: np.ndarray | None = None,
+              dropout_draws: np.ndarray | None = None) -> float:
         """One optimizer step on the head; returns the batch loss before the step.
 
         Args:
             bottleneck: ``(B, D)`` features from `embed`.
             labels: ``(B,)`` class indices in ``[0, C)``.
             class_weight: ``(C,)`` loss weight per class; None = all ones.
+            dropout_draws: ``(B, H)`` uniform draws in [0, 1) that decide the dropout mask (a unit is kept where
+                its draw is at least the rate); None draws them from the runner's seeded generator.
         """
         x = self._batch(bottleneck, (self.bottleneck_dim,), "bottleneck")
         y = np.asarray(labels)
@@ -86,7 +95,14 @@ class TrainableRunner:
         w = np.ones(self.num_classes, np.float32) if class_weight is None else np.asarray(class_weight, np.float32)
         if w.shape != (self.num_classes,):
             raise DslFedError(f"{self.path}: class_weight must have shape ({self.num_classes},), got {w.shape}")
-        return float(self._run("train", bottleneck=x, label=y.astype(np.int32), class_weight=w)["loss"])
+        if dropout_draws is None:
+            draws = self._rng.random((len(x), self.hidden_units), dtype=np.float32)
+        else:
+            draws = self._batch(dropout_draws, (self.hidden_units,), "dropout_draws")
+            if len(draws) != len(x):
+                raise DslFedError(f"{self.path}: dropout_draws must have {len(x)} rows, got {len(draws)}")
+        return float(self._run("train", bottleneck=x, label=y.astype(np.int32), class_weight=w,
+                               dropout_draws=draws)["loss"])
 
     def infer(self, bottleneck: np.ndarray) -> np.ndarray:
         """Bottleneck features ``(B, D)`` -> class probabilities ``(B, C)``."""

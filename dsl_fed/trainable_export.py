@@ -4,9 +4,11 @@ TensorFlow's on-device-training pattern (a `tf.Module` whose signatures become t
 the frozen-base + head split of its personalisation example. Signatures:
 
 - ``embed(audio [B, samples]) -> bottleneck [B, D]``: spectrogram layer + frozen backbone (inference mode);
-- ``train(bottleneck [B, D], label [B] int32, class_weight [C]) -> loss``: one optimizer step on the head.
-  ``class_weight`` is the per-class loss weight (Keras' ``class_weight``; all ones = unweighted), an input because
-  a client computes it from its own labels (`dsl_fed.class_balance.class_weights`), as a Keras client does every round;
+- ``train(bottleneck [B, D], label [B] int32, class_weight [C], dropout_draws [B, H]) -> loss``: one optimizer
+  step on the head. ``class_weight`` is the per-class loss weight (Keras' ``class_weight``; all ones =
+  unweighted), an input because a client computes it from its own labels (`dsl_fed.class_balance.class_weights`),
+  as a Keras client does every round. ``dropout_draws`` are uniform draws in [0, 1), one per example and hidden
+  unit: a unit is kept where its draw is at least the dropout rate (ignored at rate 0);
 - ``infer(bottleneck [B, D]) -> probabilities [B, C]``;
 - ``parameters() -> {weight key: value}`` and ``restore({weight key: value}) -> ok``: the head's weights in memory.
   ``restore`` also resets the optimizer (step 0, zero slots), as `dsl_fed.train.compile_for_phase` does before a
@@ -16,7 +18,9 @@ The head is Dense -> ARELU -> Dropout -> Dense(softmax) with categorical cross-e
 written out here with ops that have TFLite builtin kernels (matmul, transpose, select, sum, ...), and so are the
 three configured optimizers (Keras' update rules, Keras' defaults), so no Flex op is needed and
 `ai-edge-litert` alone can train. ARELU's alpha and beta train too (alpha through its clip, as the Keras layer).
-Dropout draws its mask with the builtin RANDOM_UNIFORM kernel.
+Dropout's randomness comes in as ``dropout_draws`` so that the caller's seed decides the masks: LiteRT's random
+kernels (RANDOM_UNIFORM, ...) take their seeds as attributes fixed at conversion and restart their sequence with
+every interpreter, and it has no stateless random op, so every node would draw the same masks.
 
 Everything is converted from one SavedModel with resource variables; ``manifest.json`` beside the model lists
 the signatures, tensor names and shapes, weight keys (with their Keras weight paths), classes and optimizer.
@@ -43,7 +47,7 @@ __all__ = ["TRAINABLE_KIND", "SIGNATURES", "head_parts", "build_trainable_module
 
 TRAINABLE_KIND = "trainable"
 SIGNATURES = ("embed", "train", "infer", "parameters", "restore")
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: train takes dropout_draws
 PARITY_LIMIT = 1e-4  # |p_litert - p_keras| of the exported infer(embed(x)); float32 rounding only
 PARITY_CHUNKS = 4
 
@@ -112,7 +116,7 @@ def build_trainable_module(model: Any, cfg: Config) -> tuple[Any, dict[str, Any]
         raise DslFedError(f"training.optimizer: no on-device update for {optimizer!r} (choose from {', '.join(SLOTS)})")
     dropout_rate = float(head["dropout"].rate)
     samples = int(model.input_shape[-1])
-    dim = int(weights["kernel1"][1].shape[0])
+    dim, units = (int(n) for n in weights["kernel1"][1].shape)
     classes = int(weights["kernel2"][1].shape[1])
     keys = {role: weight_key(path) for role, (path, _) in weights.items()}
     if len(set(keys.values())) != len(keys):
@@ -130,7 +134,7 @@ def build_trainable_module(model: Any, cfg: Config) -> tuple[Any, dict[str, Any]
             self.step = tf.Variable(0.0, name="optimizer_step")
             self.learning_rate = tf.Variable(float(cfg.training.learning_rate), name="learning_rate")
 
-        def _forward(self, x: Any, training: bool) -> tuple[Any, ...]:
+        def _forward(self, x: Any, dropout_draws: Any = None) -> tuple[Any, ...]:
             w = self.w
             h = tf.matmul(x, w["kernel1"]) + w["bias1"]
             positive = 1.0 + tf.sigmoid(w["beta"])
@@ -138,8 +142,8 @@ def build_trainable_module(model: Any, cfg: Config) -> tuple[Any, dict[str, Any]
             relu, low = tf.nn.relu(h), tf.minimum(h, 0.0)
             a = positive * relu + negative * low
             scale = None
-            if training and dropout_rate > 0:
-                keep = tf.cast(tf.random.uniform(tf.shape(a)) >= dropout_rate, tf.float32)
+            if dropout_draws is not None and dropout_rate > 0:
+                keep = tf.cast(dropout_draws >= dropout_rate, tf.float32)
                 scale = keep / (1.0 - dropout_rate)
                 a = a * scale
             logits = tf.matmul(a, w["kernel2"]) + w["bias2"]
@@ -151,14 +155,15 @@ def build_trainable_module(model: Any, cfg: Config) -> tuple[Any, dict[str, Any]
 
         @tf.function(input_signature=[tf.TensorSpec([None, dim], tf.float32, name="bottleneck")])
         def infer(self, bottleneck: Any) -> dict[str, Any]:
-            return {"probabilities": tf.nn.softmax(self._forward(bottleneck, training=False)[-1])}
+            return {"probabilities": tf.nn.softmax(self._forward(bottleneck)[-1])}
 
         @tf.function(input_signature=[tf.TensorSpec([None, dim], tf.float32, name="bottleneck"),
                                       tf.TensorSpec([None], tf.int32, name="label"),
-                                      tf.TensorSpec([classes], tf.float32, name="class_weight")])
-        def train(self, bottleneck: Any, label: Any, class_weight: Any) -> dict[str, Any]:
+                                      tf.TensorSpec([classes], tf.float32, name="class_weight"),
+                                      tf.TensorSpec([None, units], tf.float32, name="dropout_draws")])
+        def train(self, bottleneck: Any, label: Any, class_weight: Any, dropout_draws: Any) -> dict[str, Any]:
             w = self.w
-            h, relu, low, positive, negative, a, scale, logits = self._forward(bottleneck, training=True)
+            h, relu, low, positive, negative, a, scale, logits = self._forward(bottleneck, dropout_draws)
             onehot = tf.one_hot(label, classes, dtype=tf.float32)
             sample_weight = tf.gather(class_weight, label)
             batch = tf.cast(tf.shape(bottleneck)[0], tf.float32)
@@ -218,7 +223,8 @@ def build_trainable_module(model: Any, cfg: Config) -> tuple[Any, dict[str, Any]
 
     module = TrainableHead()
     facts = {
-        "samples": samples, "bottleneck_dim": dim, "num_classes": classes, "dropout": dropout_rate,
+        "samples": samples, "bottleneck_dim": dim, "hidden_units": units, "num_classes": classes,
+        "dropout": dropout_rate,
         "optimizer": {"name": optimizer, "learning_rate": float(cfg.training.learning_rate),
                       "slots": list(SLOTS[optimizer]), "rule": "Keras' update rule and default hyper-parameters"
                       + (f", momentum {SGD_MOMENTUM}" if optimizer == "sgd" else "")},

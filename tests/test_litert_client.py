@@ -62,13 +62,13 @@ def node(setup, tmp_path, **node_config) -> Context:
                    state=RecordDict(), run_config=dict(setup.rc))
 
 
-def _runner(setup, tmp_path):
+def _runner(setup, tmp_path, content=None, seed=None):
     from dsl_fed.litert_training import TrainableRunner
     from dsl_fed.trainable_export import weight_key
 
     path = tmp_path / "expected.tflite"
-    path.write_bytes(setup.content)
-    runner = TrainableRunner(path)
+    path.write_bytes(setup.content if content is None else content)
+    runner = TrainableRunner(path, seed=seed)
     runner.restore({weight_key(name): value for name, value in setup.head.items()})
     return runner
 
@@ -81,18 +81,12 @@ def _chunks(setup, node_config, part):
     return load_chunks(clips, setup.cfg.data, setup.classes, progress=False)
 
 
-def test_a_litert_nodes_reply_is_what_the_trainable_runner_gives_for_the_same_weights_data_and_seed(setup, tmp_path):
+def _replayed(setup, tmp_path, context, content=None, dropout_seed=None):
+    """The head after the Keras client's recipe, step by step, run here with `TrainableRunner`: batch 32, order
+    from the (round 1, partition 0) seed, balanced class weights, dropout masks from `dropout_seed`."""
     from dsl_fed.class_balance import class_weights
-    from dsl_fed.trainable_export import weight_key
 
-    context = node(setup, tmp_path)
-    reply = app(message(setup), context)
-    assert not reply.has_error(), reply.error.reason
-    got = {name: array.numpy() for name, array in reply.content["arrays"].items()}
-    assert sorted(got) == sorted(setup.head) and all(a.dtype == np.float32 for a in got.values())
-
-    # The Keras client's recipe, step by step: batch 32, order from the (round 1, partition 0) seed, balanced weights.
-    runner = _runner(setup, tmp_path)
+    runner = _runner(setup, tmp_path, content, dropout_seed)
     chunks = _chunks(setup, context.node_config, "train")
     x = np.concatenate([runner.embed(chunks.waveforms[i:i + 32]) for i in range(0, len(chunks), 32)])
     weights = np.array([class_weights(chunks.labels, 3)[c] for c in range(3)], np.float32)
@@ -102,7 +96,18 @@ def test_a_litert_nodes_reply_is_what_the_trainable_runner_gives_for_the_same_we
         for begin in range(0, len(x), 32):
             batch = order[begin:begin + 32]
             runner.train(x[batch], chunks.labels[batch].astype(np.int32), weights)
-    expected = runner.parameters()
+    return runner.parameters(), chunks
+
+
+def test_a_litert_nodes_reply_is_what_the_trainable_runner_gives_for_the_same_weights_data_and_seed(setup, tmp_path):
+    from dsl_fed.trainable_export import weight_key
+
+    context = node(setup, tmp_path)
+    reply = app(message(setup), context)
+    assert not reply.has_error(), reply.error.reason
+    got = {name: array.numpy() for name, array in reply.content["arrays"].items()}
+    assert sorted(got) == sorted(setup.head) and all(a.dtype == np.float32 for a in got.values())
+    expected, chunks = _replayed(setup, tmp_path, context)
     for name, value in got.items():
         np.testing.assert_allclose(value, expected[weight_key(name)], rtol=0, atol=REPLY_ATOL, err_msg=name)
         assert not np.array_equal(value, setup.head[name]) or name == "arelu/alpha", name  # it trained
@@ -111,6 +116,29 @@ def test_a_litert_nodes_reply_is_what_the_trainable_runner_gives_for_the_same_we
     # the model is kept by its sha256 and the embeddings were cached: the next round needs neither again
     assert (tmp_path / "cache" / "trainable" / f"{setup.sha}.tflite").is_file()
     assert len(list((tmp_path / "cache").glob("*.emb"))) == 1
+
+
+def test_a_litert_nodes_dropout_masks_come_from_its_round_and_node_seed(setup, tmp_path):
+    from dsl_fed.federated.litert_runtime import DROPOUT_STREAM
+    from dsl_fed.federated.node_identity import client_seed
+    from dsl_fed.federated.trainable_source import TrainableSource
+    from dsl_fed.models import build_model, get_weights_by_name, weight_names
+    from dsl_fed.trainable_export import weight_key
+
+    model = build_model(setup.cfg, len(setup.classes))
+    model.classifier.get_layer("dropout").rate = 0.5
+    full = get_weights_by_name(setup.model, weight_names(setup.model))
+    sha, content = TrainableSource(model, setup.cfg, setup.classes, list(setup.head))(full, 1)
+    context = node(setup, tmp_path)
+    reply = app(message(setup, **{TRAINABLE_SHA: sha, TRAINABLE_MODEL: content}), context)
+    assert not reply.has_error(), reply.error.reason
+    got = {weight_key(name): array.numpy() for name, array in reply.content["arrays"].items()}
+    seed = client_seed(setup.cfg.training.seed, 1, 0)
+    expected, _ = _replayed(setup, tmp_path, context, content, (seed, DROPOUT_STREAM))
+    other, _ = _replayed(setup, tmp_path, context, content, (seed + 1, DROPOUT_STREAM))  # another node's masks
+    for key, value in got.items():
+        np.testing.assert_allclose(value, expected[key], rtol=0, atol=REPLY_ATOL, err_msg=key)
+    assert max(float(np.max(np.abs(got[key] - other[key]))) for key in got) > 1e-4
 
 
 def test_a_litert_node_scores_its_own_held_out_clips_as_infer_of_embed(setup, tmp_path):

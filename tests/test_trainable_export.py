@@ -56,6 +56,7 @@ def test_five_signatures_and_builtin_ops_only(trainable):
     assert manifest["kind"] == "trainable" and manifest["flex_ops"] == []
     assert manifest["optimizer"]["name"] == "adam" and manifest["classes"] == ["falling", "flat", "rising"]
     assert manifest["signatures"]["train"]["inputs"]["bottleneck"]["shape"] == [-1, 32]
+    assert manifest["signatures"]["train"]["inputs"]["dropout_draws"]["shape"] == [-1, trainable.cfg.model.units]
     assert manifest["parity"]["max_abs_diff"] <= 1e-4
     assert {w["path"] for w in manifest["weights"].values()} >= {"arelu/alpha", "arelu/beta"}
 
@@ -113,7 +114,15 @@ def test_the_other_optimizers_equal_keras_too(trainable, optimizer, tmp_path):
     _check_steps(TrainableRunner(path), model, cfg)
 
 
-def test_dropout_trains_with_builtin_random_uniform(trainable, tmp_path):
+def _seeded_update(path, x, y, seed, steps=3, draws=None):
+    """The head after `steps` train steps on one batch by a runner seeded with `seed` (or fed `draws`)."""
+    runner = TrainableRunner(path, seed=seed)
+    for step in range(steps):
+        runner.train(x, y, dropout_draws=None if draws is None else draws[step])
+    return runner.parameters()
+
+
+def test_dropout_masks_follow_the_runners_seed_step_by_step(trainable, tmp_path):
     from dsl_fed.litert import model_operators
     from dsl_fed.models import load_model
     from dsl_fed.trainable_export import build_trainable_module, convert_trainable
@@ -124,13 +133,26 @@ def test_dropout_trains_with_builtin_random_uniform(trainable, tmp_path):
     assert facts["dropout"] == 0.5
     path = tmp_path / "model.tflite"
     path.write_bytes(convert_trainable(module))
-    assert "RANDOM_UNIFORM" in model_operators(path) and flex_operators(path) == []
-    runner = TrainableRunner(path)
+    assert flex_operators(path) == [] and not [op for op in model_operators(path) if op.startswith("RANDOM")]
+    runner = TrainableRunner(path, seed=1)
     x, y = _batch(runner)
+    same, again, other = (_seeded_update(path, x, y, seed) for seed in (1, 1, 2))
+    for key in same:
+        np.testing.assert_array_equal(same[key], again[key], err_msg=key)
+    assert max(float(np.max(np.abs(same[key] - other[key]))) for key in same) > 1e-4  # other seed, other masks
+    rng = np.random.default_rng(1)  # the seed's draws, passed in: the same update, so the draws are the masks
+    draws = [rng.random((len(x), runner.hidden_units), dtype=np.float32) for _ in range(3)]
+    explicit = _seeded_update(path, x, y, seed=99, draws=draws)
+    for key in same:
+        np.testing.assert_array_equal(same[key], explicit[key], err_msg=key)
     start = runner.parameters()
     first = runner.train(x, y)
     runner.restore(start)
-    assert runner.train(x, y) != first  # a fresh dropout mask each step
+    assert runner.train(x, y) != first  # the next step draws another mask
+    x0, y0 = _batch(TrainableRunner(trainable.path))
+    unseeded = [_seeded_update(trainable.path, x0, y0, seed) for seed in (1, 2)]  # dropout 0: the seed is moot
+    for key in unseeded[0]:
+        np.testing.assert_array_equal(unseeded[0][key], unseeded[1][key], err_msg=key)
 
 
 def test_twenty_steps_lower_the_loss_and_restore_round_trips(trainable):

@@ -9,7 +9,8 @@ simulation pools every node's ClientApp in shared Ray actors that have TensorFlo
 Training follows the Keras client (`dsl_fed.train.train_local` on embeddings): the head's weights from the
 server, the optimizer reset (``restore``), ``local_epochs`` epochs of ``training.batch_size`` batches (the
 last one smaller) in an order drawn from the node's (round, node) seed, the balanced class weights of its own
-labels. Embeddings are computed with ``embed`` once per trainable model and kept in the node's embedding
+labels, dropout masks drawn from a second stream of the same seed (`DROPOUT_STREAM`), so nodes and rounds
+differ and a re-run repeats them. Embeddings are computed with ``embed`` once per trainable model and kept in the node's embedding
 cache (keyed by the model's sha256 and the decoded chunks), so phase 1 embeds a node's clips once per run.
 
 Request folder: ``request.json`` (what to do) and ``weights.npz`` (the head's weights by Keras name). Answer:
@@ -32,6 +33,7 @@ from dsl_fed.errors import DslFedError
 
 FRAMEWORKS = ("tensorflow", "keras", "tf_keras", "flwr")  # a LiteRT node must load none of these
 REQUEST, WEIGHTS, REPLY, REPLY_WEIGHTS = "request.json", "weights.npz", "reply.json", "reply.npz"
+DROPOUT_STREAM = 1  # the dropout masks' seed is (seed, DROPOUT_STREAM); the batch order's is the seed itself
 
 
 def run(folder: Path) -> dict[str, Any]:
@@ -135,7 +137,8 @@ def _setup(request: dict[str, Any], weights: dict[str, np.ndarray]):
 
     cfg = from_dict(request["config"])
     classes = list(request["classes"])
-    runner = TrainableRunner(request["model"], threads=int(request["threads"]))
+    runner = TrainableRunner(request["model"], threads=int(request["threads"]),
+                             seed=(int(request["seed"]), DROPOUT_STREAM))
     if runner.num_classes != len(classes):
         raise DslFedError(f"the trainable model has {runner.num_classes} classes, the run has {len(classes)} "
                           f"({', '.join(classes)})")
