@@ -223,8 +223,7 @@ def build_trainable_module(model: Any, cfg: Config) -> tuple[Any, dict[str, Any]
 
     module = TrainableHead()
     facts = {
-        "samples": samples, "bottleneck_dim": dim, "hidden_units": units, "num_classes": classes,
-        "dropout": dropout_rate,
+        "samples": samples, "bottleneck_dim": dim, "num_classes": classes, "dropout": dropout_rate,
         "optimizer": {"name": optimizer, "learning_rate": float(cfg.training.learning_rate),
                       "slots": list(SLOTS[optimizer]), "rule": "Keras' update rule and default hyper-parameters"
                       + (f", momentum {SGD_MOMENTUM}" if optimizer == "sgd" else "")},

@@ -7,8 +7,8 @@ comes with every message from the server; a label outside it is an error naming 
 A Keras node (`dsl_fed.federated.keras_client`) trains the phase's slice with Keras; a LiteRT node
 (``federated.client_runtime`` / ``litert_clients``, `dsl_fed.federated.litert_client`) trains the head through
 the trainable ``.tflite`` in a process without TensorFlow. The Keras client is imported on the first Keras
-message only: a deployed LiteRT node's ClientApp process (Flower starts one per message) never loads
-TensorFlow or Keras, only numpy, Flower and LiteRT's worker.
+message only, so a deployed LiteRT node's ClientApp process (Flower starts one per message) never loads
+TensorFlow or Keras either: it runs Flower and numpy and starts the LiteRT worker.
 
 A node that cannot take part (data path missing or empty, a label outside the run's classes, ...) writes one
 line to its log and replies with a `NODE_FAILED` error giving the reason: a raised exception would put Flower's
