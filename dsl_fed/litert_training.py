@@ -54,6 +54,9 @@ class TrainableRunner:
         restore = self._runners["restore"].get_input_details()
         self.weight_shapes = {name: tuple(int(d) for d in detail["shape"]) for name, detail in restore.items()}
         train = self._runners["train"].get_input_details()
+        if "dropout_draws" not in train:
+            raise DslFedError(f"{self.path}: trainable model from an older dsl_fed (its train signature takes no "
+                              "dropout_draws); export it again with `dsl_fed export MODEL --trainable`")
         self.num_classes = int(train["class_weight"]["shape"][0])
         self.bottleneck_dim = int(train["bottleneck"]["shape_signature"][-1])
         self.hidden_units = int(train["dropout_draws"]["shape_signature"][-1])

@@ -217,3 +217,45 @@ def test_trainable_takes_no_precision_or_image_input(trainable, capsys):
     assert main(["export", str(trainable.model_path), "--trainable", "--quantization", "int8", "--input", "image"]) == 2
     err = capsys.readouterr().err.strip()
     assert "drop --quantization, --input" in err and len(err.splitlines()) == 1
+
+
+def test_a_trainable_file_whose_train_takes_no_dropout_draws_is_refused_in_one_line(tmp_path):
+    import tensorflow as tf
+
+    from dsl_fed.trainable_export import convert_trainable
+
+    spec = lambda shape, name, dtype=tf.float32: tf.TensorSpec(shape, dtype, name=name)  # noqa: E731
+
+    class Older(tf.Module):  # the five signatures as exported before train took dropout_draws
+        def __init__(self):
+            super().__init__()
+            self.w = tf.Variable(tf.zeros([4, 3]))
+
+        @tf.function(input_signature=[spec([None, 4], "audio")])
+        def embed(self, audio):
+            return {"bottleneck": audio * 2.0}
+
+        @tf.function(input_signature=[spec([None, 4], "bottleneck"), spec([None], "label", tf.int32),
+                                      spec([3], "class_weight")])
+        def train(self, bottleneck, label, class_weight):
+            self.w.assign_add(tf.matmul(tf.transpose(bottleneck), tf.one_hot(label, 3) * class_weight))
+            return {"loss": tf.reduce_sum(self.w)}
+
+        @tf.function(input_signature=[spec([None, 4], "bottleneck")])
+        def infer(self, bottleneck):
+            return {"probabilities": tf.nn.softmax(tf.matmul(bottleneck, self.w))}
+
+        @tf.function(input_signature=[])
+        def parameters(self):
+            return {"w": tf.identity(self.w)}
+
+        @tf.function(input_signature=[{"w": spec([4, 3], "w")}])
+        def restore(self, values):
+            self.w.assign(values["w"])
+            return {"ok": tf.constant(1, tf.int32)}
+
+    path = tmp_path / "older.tflite"
+    path.write_bytes(convert_trainable(Older()))
+    with pytest.raises(DslFedError, match=r"older dsl_fed .*export it again") as error:
+        TrainableRunner(path)
+    assert "\n" not in str(error.value)
