@@ -48,3 +48,17 @@ def test_the_tiny_presets_budget_is_measured_from_real_files_and_processes(demo_
     rounds = [line for line in lines if line.startswith("| tiny | LiteRT |") or line.startswith("| tiny | Keras |")]
     assert len(rounds) == 2 and "none of tensorflow" in rounds[0] and "tensorflow" in rounds[1].split("|")[4]
 
+
+def test_the_readme_quotes_the_results_file_exactly():
+    results = (REPO / "benchmarks" / "results" / "on_device.md").read_text().splitlines()
+    readme = (REPO / "README.md").read_text().splitlines()
+    quoted = 0
+    for preset in bench.PRESETS:
+        costs = next(line.split("|")[1:-1] for line in results if line.startswith(f"| {preset} | "))
+        rss = {cells[2].strip(): cells[5].strip() for cells in (line.split("|") for line in results)
+               if len(cells) > 5 and cells[1].strip() == preset and cells[2].strip() in ("LiteRT", "Keras")}
+        figures = [cell.strip() for cell in costs[6:]] + [rss["LiteRT"], rss["Keras"]]
+        row = next(line for line in readme if line.lower().startswith(f"| {preset} ("))
+        assert [cell.strip() for cell in row.split("|")[2:-1]] == figures, preset
+        quoted += 1
+    assert quoted == len(bench.PRESETS)
