@@ -8,12 +8,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 
-def pytest_collection_modifyitems(items):
-    """Slow end-to-end tests first: with two xdist workers a minutes-long test then starts early instead of being
-    the last one running while the other worker idles (the order within each group is kept)."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
-
-
 def tiny_settings(manifest, runs_dir, name: str) -> dict:
     """The raw settings behind `tiny_config` (shared with session fixtures, which cannot use it)."""
     return {
