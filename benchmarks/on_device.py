@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -168,28 +167,18 @@ def export_trainable_model(cfg, classes: list[str], work: Path) -> tuple[Path, P
 def time_signatures(path: Path, threads: int, repeats: int, batches: tuple[int, ...]) -> dict:
     """Median ms of ``embed`` on one chunk and of one ``train`` step per batch size, LiteRT with `threads`."""
     from dsl_fed.litert_training import TrainableRunner
+    from dsl_fed.stats import time_call
 
     runner = TrainableRunner(path, threads=threads, seed=0)
     rng = np.random.default_rng(0)
     chunk = rng.uniform(-0.5, 0.5, (1, runner.samples)).astype(np.float32)
-    embed_ms = _median_ms(lambda: runner.embed(chunk), repeats)
+    embed_ms = time_call(lambda: runner.embed(chunk), repeats, WARMUP)["median_ms"]
     train_ms = {}
     for batch in batches:
         x = rng.standard_normal((batch, runner.bottleneck_dim)).astype(np.float32)
         y = rng.integers(0, runner.num_classes, batch).astype(np.int32)
-        train_ms[batch] = _median_ms(lambda: runner.train(x, y), repeats)
+        train_ms[batch] = time_call(lambda: runner.train(x, y), repeats, WARMUP)["median_ms"]
     return {"embed_ms": embed_ms, "train_ms": train_ms}
-
-
-def _median_ms(call, repeats: int) -> float:
-    for _ in range(WARMUP):
-        call()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        times.append(1000 * (time.perf_counter() - start))
-    return statistics.median(times)
 
 
 def round_process(runtime: str, cfg, classes: list[str], model_path: Path, tflite: Path, folder: Path,
@@ -342,9 +331,9 @@ def keras_round(folder: Path) -> None:
 
 def cpu_line() -> str:
     """CPU model, logical CPUs and the vector extensions XNNPACK chooses its kernels by."""
-    from dsl_fed.stats import _cpu_name, cpu_vector_extensions
+    from dsl_fed.stats import cpu_name, cpu_vector_extensions
 
-    return (f"{_cpu_name()}, {os.cpu_count()} logical CPU(s), vector extensions "
+    return (f"{cpu_name()}, {os.cpu_count()} logical CPU(s), vector extensions "
             f"{', '.join(cpu_vector_extensions()) or 'none reported'}")
 
 

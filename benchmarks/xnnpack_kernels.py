@@ -145,7 +145,7 @@ def commit(checkout: Path) -> str:
 
 
 def render(rows: list, args: argparse.Namespace, extensions: list[str], sha: str, seconds: float) -> str:
-    from dsl_fed.stats import _cpu_name
+    from dsl_fed.stats import cpu_name
 
     load = os.getloadavg()
     measured = [name for name in (k[0] for k in KERNELS) if name in rows[0][4]]
@@ -157,7 +157,7 @@ def render(rows: list, args: argparse.Namespace, extensions: list[str], sha: str
         "# XNNPACK int8 vs fp32 GEMM kernels",
         "",
         f"Command: `python benchmarks/xnnpack_kernels.py --xnnpack XNNPACK --repeats {args.repeats}` · XNNPACK "
-        f"commit {sha} · CPU {_cpu_name()}, vector extensions {', '.join(extensions) or 'none reported'} · one "
+        f"commit {sha} · CPU {cpu_name()}, vector extensions {', '.join(extensions) or 'none reported'} · one "
         f"thread, CPU time, fastest of {args.repeats} interleaved rounds · load average at the end "
         f"{load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (other jobs share the CPU) · {seconds / 60:.1f} min",
         "",

@@ -143,16 +143,17 @@ def _worker(kind: str, path: str, threads: int, runs: int) -> dict[str, float]:
         x = tf.constant(np.random.default_rng(0).standard_normal((1, *model.input_shape[1:])).astype(np.float32))
         fn = tf.function(lambda v: model(v, training=False))
         call = lambda: fn(x).numpy()  # noqa: E731
-    result = _time(call, runs)
+    result = time_call(call, runs)
     if kind == "keras":  # also the everyday API, whose per-call overhead the paper's Keras timing includes
-        predict = _time(lambda: model.predict(x, verbose=0), runs)
+        predict = time_call(lambda: model.predict(x, verbose=0), runs)
         result.update(predict_mean_ms=predict["mean_ms"], predict_median_ms=predict["median_ms"])
     result["peak_mb"] = max(0.0, _max_rss_mb() - before)
     return result
 
 
-def _time(call: Any, runs: int) -> dict[str, float]:
-    for _ in range(WARMUP):
+def time_call(call: Any, runs: int, warmup: int = WARMUP) -> dict[str, float]:
+    """Mean and median milliseconds of `runs` calls after `warmup` untimed ones (first calls build caches)."""
+    for _ in range(warmup):
         call()
     times = []
     for _ in range(runs):
@@ -315,7 +316,7 @@ def stats_table(rows: Sequence[StatsRow], threads: int, runs: int = RUNS, title:
         "",
         f"Batch 1, {threads} thread(s), mean/median over {runs} runs after {WARMUP} warm-up calls"
         + (f", best of {repeats} interleaved repeats" if repeats > 1 else "")
-        + f"; machine: {_cpu_name()}, {os.cpu_count()} logical CPU(s), "
+        + f"; machine: {cpu_name()}, {os.cpu_count()} logical CPU(s), "
         f"vector extensions {', '.join(cpu_vector_extensions()) or 'unknown'}.",
         "",
         "| model | params | FLOPs | file size | mean latency [ms] | median latency [ms] | peak memory [MB] | note |",
@@ -373,7 +374,7 @@ def cpu_vector_extensions() -> list[str]:
     return [f for f in known if f in flags]
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
