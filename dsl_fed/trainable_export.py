@@ -281,7 +281,7 @@ def export_trainable(model: Any, path: str | Path, *, classes: list[str] | tuple
             match the outputs, a target that is not ours to overwrite, a failed conversion or check.
     """
     from dsl_fed import __version__
-    from dsl_fed.export import MANIFEST_NAME, check_export_target, synthetic_chunks
+    from dsl_fed.export import MANIFEST_NAME, check_export_target, split_model, synthetic_chunks
     from dsl_fed.litert import model_operators
     from dsl_fed.litert_training import TrainableRunner
 
@@ -289,6 +289,7 @@ def export_trainable(model: Any, path: str | Path, *, classes: list[str] | tuple
     check_export_target(path)
     classes = tuple(str(c) for c in classes)
     module, facts = build_trainable_module(model, cfg)
+    spectrogram, _ = split_model(model)
     if len(classes) != facts["num_classes"]:
         raise DslFedError(f"{len(classes)} class names given for a model with {facts['num_classes']} outputs")
     content = convert_trainable(module)
@@ -327,6 +328,9 @@ def export_trainable(model: Any, path: str | Path, *, classes: list[str] | tuple
         "hop_seconds": cfg.data.hop_seconds,
         "input_shape": [facts["samples"]],
         "bottleneck_dim": facts["bottleneck_dim"],
+        "batch_size": cfg.training.batch_size,  # what `dsl_fed personalize` trains with
+        "image_size": int(spectrogram.image_size),  # the front end's, for a personalised inference manifest
+        "preprocess": str(spectrogram.preprocess),
         "parity": {"max_abs_diff": diff, "limit": PARITY_LIMIT, "source": f"{PARITY_CHUNKS} synthetic chunks"},
         "sha256": hashlib.sha256(content).hexdigest(),
         "config_hash": cfg.hash(),
