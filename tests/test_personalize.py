@@ -201,3 +201,106 @@ def test_a_trainable_file_where_an_inference_one_is_expected_is_one_line(trained
     code, _, err = run(capsys, "predict", trained.trainable / "model.tflite", trained.clips[0].path)
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert f"{trained.trainable / 'manifest.json'}: describes a trainable model" in err
+
+
+# ------------------------------------------------------------------------------------ evaluate --personalize
+
+
+def _result(speaker, before, after, n=10):
+    """A speaker whose scored clips give exactly these UARs (two classes, n clips each)."""
+    from dsl_fed.personal_eval import SpeakerResult
+
+    labels = np.array([0] * n + [1] * n)
+
+    def preds(score):  # recall `score` on class 0, 1.0 on class 1: UAR (score + 1) / 2
+        right = int(round(n * (2 * score - 1)))
+        return np.array([0] * right + [1] * (n - right) + [1] * n)
+
+    return SpeakerResult(speaker, 3, labels, preds(before), preds(after))
+
+
+def test_summary_means_and_worst_decile_on_a_known_case():
+    from dsl_fed.personal_eval import summarize
+
+    before = [0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 0.55, 0.65, 0.75, 0.85, 0.95, 1.0]
+    after = [0.9, 0.6, 1.0, 0.8, 0.9, 1.0, 0.75, 0.95, 0.75, 0.85, 0.95, 1.0]
+    results = [_result(f"s{i:02d}", b, a) for i, (b, a) in enumerate(zip(before, after))]
+    summary = summarize(results, ["a", "b"], n_boot=200)
+    assert summary["worst_count"] == 2  # ceil(10 % of 12)
+    assert summary["worst"]["before"]["worst_10pct"] == pytest.approx((0.5 + 0.55) / 2)
+    assert summary["worst"]["before"]["worst_speakers"] == ["s00", "s06"]
+    assert summary["worst"]["after"]["worst_10pct"] == pytest.approx((0.6 + 0.75) / 2)
+    assert summary["worst"]["after"]["worst_speakers"] == ["s01", "s06"]
+    assert summary["mean"]["before"] == pytest.approx(np.mean(before))
+    assert summary["mean"]["gain"] == pytest.approx(np.mean(after) - np.mean(before))
+    for when in ("before", "after", "gain"):
+        low, high = summary["mean_ci"][when]
+        assert low <= summary["mean"][when] <= high
+    assert summary["mean_ci"]["gain"][0] > 0  # every speaker gained or kept
+    assert summary["pooled"]["before"]["ci_level"] == "speakers" and summary["pooled"]["before"]["ci_groups"] == 12
+
+
+def test_pick_clips_is_stratified_and_fixed_by_the_seed(deployed_tiny):
+    from dsl_fed.personal_eval import pick_clips
+
+    speaker = deployed_tiny.manifest.speakers("test")[0]
+    clips = [c for c in deployed_tiny.manifest.partition("test") if c.speaker == speaker]  # 3 per class
+    tune, rest = pick_clips(clips, 3, seed=0)
+    assert sorted(c.label for c in tune) == sorted(deployed_tiny.classes)  # one of each class
+    assert len(rest) == len(clips) - 3 and not {c.clip_id for c in tune} & {c.clip_id for c in rest}
+    assert pick_clips(list(reversed(clips)), 3, seed=0) == (tune, rest)
+    assert any(pick_clips(clips, 3, seed=s)[0] != tune for s in range(1, 5))
+    tune5, _ = pick_clips(clips, 5, seed=0)
+    assert sorted(np.unique([c.label for c in tune5], return_counts=True)[1]) == [1, 2, 2]
+    assert pick_clips(clips, len(clips), seed=0)[1] == []
+
+
+def test_evaluate_personalize_reports_each_speaker_before_and_after(deployed_tiny, trained, capsys):
+    """On a .keras model: "before" is the Keras model's own UAR on each speaker's scored clips, the worst decile of
+    the two test speakers is the lower one, and the table is written beside the model."""
+    from dsl_fed.metrics import uar
+    from dsl_fed.personal_eval import pick_clips
+    from dsl_fed.predict import predict_clips
+    from dsl_fed.data.pipeline import load_chunks
+
+    model = trained.run_dir / "model.keras"
+    code, out, err = run(capsys, "evaluate", model, "--config", trained.run_dir / "config.yaml", "--partition", "test",
+                         "--personalize", 3, "--epochs", 10)
+    assert code == 0, err
+    table = (trained.run_dir / "model_personalize_test_k3.md").read_text()
+    assert table.strip() == out.strip()
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in table.splitlines() if line.startswith("| ")}
+    speakers = deployed_tiny.manifest.speakers("test")
+    config = deployed_tiny.cfg
+    for speaker in speakers:
+        clips = [c for c in deployed_tiny.manifest.partition("test") if c.speaker == speaker]
+        _, rest = pick_clips(clips, 3, seed=config.training.seed)
+        chunks = load_chunks(rest, config.data, deployed_tiny.classes, progress=False)
+        _, probs, labels, _ = predict_clips(deployed_tiny.model, chunks, batch_size=16)
+        assert rows[speaker][:3] == ["3", "6", f"{uar(labels, probs.argmax(axis=1)):.3f}"]
+    after = [float(rows[s][3]) for s in speakers]
+    worst = rows["**worst 10 % (1 speaker(s))**"]
+    assert float(worst[3].split()[0]) == pytest.approx(min(after), abs=1e-3)
+    mean = rows["**mean over speakers**"]
+    assert float(mean[3].split()[0]) == pytest.approx(np.mean(after), abs=1e-3)
+    assert "K = 3" in table and "10 epochs of batch 16" in table and "chance UAR 0.333" in table
+
+
+def test_evaluate_personalize_refusals_are_one_line(trained, tmp_path, capsys):
+    config = trained.run_dir / "config.yaml"
+    cases = [
+        (["--partition", "train", "--personalize", 2], "use --partition devel or test"),
+        (["--epochs", 3], "--epochs needs --personalize K"),
+        (["--personalize", 2, "--json", tmp_path / "m.json"], "--json and --personalize"),
+    ]
+    for extra, message in cases:
+        code, _, err = run(capsys, "evaluate", trained.trainable, "--config", config, *extra)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
+    foreign = trained.trainable / "model_personalize_devel_k2.md"
+    foreign.write_text("my notes\n")
+    code, _, err = run(capsys, "evaluate", trained.trainable, "--config", config, "--partition", "devel",
+                       "--personalize", 2)
+    assert code == 2 and f"{foreign}: exists and is not an earlier personalisation table" in err
+    assert foreign.read_text() == "my notes\n"
+    foreign.unlink()

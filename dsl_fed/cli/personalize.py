@@ -175,3 +175,89 @@ def _is_head_npz(path: Path) -> bool:
 
     with np.load(path, allow_pickle=False) as stored:
         return sorted(stored.files) == sorted(ROLES.values())
+
+
+# ------------------------------------------------------------------------------------ evaluate --personalize
+
+
+def run_personal_evaluate(args: argparse.Namespace, cfg) -> int:
+    """``dsl_fed evaluate MODEL --config C --partition devel|test --personalize K [--epochs N]``.
+
+    MODEL is a ``.keras`` model (its trainable export is made in a temporary folder, with TensorFlow as
+    `evaluate` uses anyway) or a trainable export (LiteRT only). The table goes to
+    ``<model stem>_personalize_<partition>_k<K>.md`` beside the model file and to stdout.
+    """
+    import tempfile
+
+    from dsl_fed.data.manifest import load_manifest
+    from dsl_fed.data.pipeline import load_chunks
+    from dsl_fed.io import atomic_write, check_output_file
+    from dsl_fed.personal_eval import personalize_speakers, render, summarize
+    from dsl_fed.personalize import DEFAULT_EPOCHS
+
+    if args.partition == "train":
+        raise DslFedError("--personalize scores held-out speakers: use --partition devel or test")
+    if args.json is not None:
+        raise DslFedError("--json and --personalize: the personalisation table is written beside the model")
+    epochs = args.epochs if args.epochs is not None else DEFAULT_EPOCHS
+    manifest = load_manifest(cfg.data)
+    clips = manifest.partition(args.partition, required=True)
+    model_file = _model_file(args.model)
+    results = model_file.parent / f"{model_file.stem}_personalize_{args.partition}_k{args.personalize}.md"
+    check_output_file(results, [args.model, args.config, cfg.data.manifest], _is_personal_table,
+                      "personalisation table")
+    with tempfile.TemporaryDirectory(prefix="dsl_fed_personal_eval_") as tmp:
+        trainable = _trainable_for(args.model, cfg, list(manifest.classes), Path(tmp))
+        chunks = load_chunks(clips, cfg.data, manifest.classes)
+        speakers, skipped = personalize_speakers(
+            trainable, clips, chunks, k=args.personalize, epochs=epochs, batch_size=cfg.training.batch_size,
+            seed=cfg.training.seed, class_balance=cfg.training.class_balance)
+    summary = summarize(speakers, manifest.classes, seed=cfg.training.seed)
+    table = render(summary, {"model": str(args.model), "partition": args.partition, "k": args.personalize,
+                             "corpus": str(cfg.data.manifest), "skipped": skipped, "seed": cfg.training.seed,
+                             "epochs": epochs, "batch_size": cfg.training.batch_size})
+    atomic_write(results, table)
+    print(table)
+    print(f"written to {results}", file=sys.stderr)
+    return 0
+
+
+def _model_file(model: Path) -> Path:
+    """The file the results sit beside: a ``.keras`` file, or the ``.tflite`` of a trainable export folder."""
+    if model.is_dir():
+        from dsl_fed.personalize import load_trainable
+
+        return load_trainable(model).path
+    if not model.is_file():
+        raise DslFedError(f"{model}: model file not found")
+    return model
+
+
+def _trainable_for(model: Path, cfg, classes: list[str], tmp: Path) -> Path:
+    """A trainable ``.tflite`` of `model` whose classes and chunk length are the config's."""
+    from dsl_fed.personalize import load_trainable
+
+    if model.is_dir() or model.suffix == ".tflite":
+        trainable = load_trainable(model)
+        if trainable.classes != classes:
+            raise DslFedError(f"{trainable.manifest_path}: classes {', '.join(trainable.classes)} are not the "
+                              f"manifest's ({', '.join(classes)})")
+        if list(trainable.manifest["input_shape"]) != [cfg.data.chunk_samples]:
+            raise DslFedError(f"{trainable.manifest_path}: takes {trainable.manifest['input_shape'][0]} samples per "
+                              f"chunk, the config gives {cfg.data.chunk_samples}")
+        return trainable.path
+    from dsl_fed.models import load_model
+    from dsl_fed.trainable_export import export_trainable
+
+    keras_model = load_model(model)
+    if int(keras_model.output_shape[-1]) != len(classes) or int(keras_model.input_shape[-1]) != cfg.data.chunk_samples:
+        raise DslFedError(f"{model}: takes {keras_model.input_shape[-1]} samples and has {keras_model.output_shape[-1]} "
+                          f"outputs; the config gives {cfg.data.chunk_samples} samples and {len(classes)} classes")
+    return export_trainable(keras_model, tmp / "model.tflite", classes=classes, cfg=cfg)
+
+
+def _is_personal_table(path: Path) -> bool:
+    """An earlier table of ``evaluate --personalize``."""
+    from dsl_fed.personal_eval import TITLE
+
+    return path.read_text().startswith(TITLE)

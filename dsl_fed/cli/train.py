@@ -5,7 +5,8 @@
   ``<output.directory>/<output.name>/``.
 - ``evaluate MODEL --config CONFIG --partition test``: clip-level UAR with 95 % bootstrap CIs (speaker-level, the
   primary one, and clip-level) and per-speaker UAR of a saved ``.keras`` model on one partition of the config's
-  manifest.
+  manifest. With ``--personalize K``: each speaker's head fine-tuned on K of their clips, before/after per speaker
+  (`dsl_fed.cli.personalize.run_personal_evaluate`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from dsl_fed.cli.arguments import int_in
 from dsl_fed.errors import DslFedError
 from dsl_fed.io import check_output_file
 
@@ -41,11 +43,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Score a saved .keras model on one partition of the config's manifest: UAR with 95 % bootstrap "
         "CIs (speakers: resampling speakers, then their clips; clips: resampling clips), accuracy, per-speaker UAR.",
     )
-    p.add_argument("model", type=Path, help="trained model (.keras)")
+    p.add_argument("model", type=Path,
+                   help="trained model (.keras); with --personalize also the folder of a trainable export")
     p.add_argument("--config", type=Path, required=True, help="YAML config of the data (manifest, chunking)")
     p.add_argument("--partition", choices=["train", "devel", "test"], default="test", help="partition to score (default: test)")
     p.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE", help="config overrides")
     p.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the metrics as JSON")
+    p.add_argument("--personalize", type=int_in(1, 100_000), default=None, metavar="K",
+                   help="per speaker of the partition: fine-tune the head on K of their clips with LiteRT, score the "
+                   "rest before and after; writes <model>_personalize_<partition>_k<K>.md beside the model")
+    p.add_argument("--epochs", type=int_in(1, 10_000), default=None,
+                   help="with --personalize: fine-tuning epochs (default: dsl_fed personalize's)")
     p.set_defaults(func=run_evaluate)
 
 
@@ -65,6 +73,12 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from dsl_fed.config import load_config
 
     cfg = load_config(args.config, args.overrides)
+    if args.personalize is not None:
+        from dsl_fed.cli.personalize import run_personal_evaluate
+
+        return run_personal_evaluate(args, cfg)
+    if args.epochs is not None:
+        raise DslFedError("--epochs needs --personalize K")
     if args.json is not None:  # before TensorFlow loads: a refused path costs no time
         check_output_file(args.json, (args.model, args.config, cfg.data.manifest), _is_metrics_json, "--json file")
 
