@@ -22,10 +22,10 @@ from collections.abc import Mapping
 import numpy as np
 
 from dsl_fed.errors import DslFedError
+from dsl_fed.trainable_export import ALPHA_MAX, ALPHA_MIN
 
 __all__ = ["inference_model"]
 
-ALPHA_MIN, ALPHA_MAX = 0.01, 0.99  # dsl_fed.arelu's clip of the negative slope (as dsl_fed.trainable_export)
 ROLES = {  # the head's weights by their role, as `dsl_fed.trainable_export` keys them (hidden_kernel, ...)
     "kernel1": "hidden_kernel", "bias1": "hidden_bias", "alpha": "arelu_alpha", "beta": "arelu_beta",
     "kernel2": "predictions_kernel", "bias2": "predictions_bias",
