@@ -7,6 +7,8 @@ the way Flower's simulation engine does (minus Ray), so server and client logic 
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -45,6 +47,33 @@ def processes_with(needle: str) -> list[int]:
         if needle in text and int(cmdline.parent.name) != os.getpid():
             found.append(int(cmdline.parent.name))
     return found
+
+
+def with_marker(marker: str) -> list[int]:
+    """PIDs anywhere on the machine whose environment carries `marker` (ours, whatever their name)."""
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if marker.encode() in environ.read_bytes():
+                found.append(int(environ.parent.name))
+        except OSError:
+            continue
+    return [pid for pid in found if pid != os.getpid()]
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM a process group started with ``start_new_session=True`` (e.g. ``ray start --block``, whose
+    daemons stay in it), then SIGKILL what remains."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=20)
+            break
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def write_config(folder: Path, manifest: Path, **sections: dict[str, Any]) -> Path:

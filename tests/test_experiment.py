@@ -17,11 +17,13 @@ import pytest
 import yaml
 
 from conftest import tiny_settings
+from flower_helpers import stop_group, with_marker
 from dsl_fed.errors import DslFedError
 from dsl_fed.experiment import DEFAULT_GRID, Cell, best_round, parse_grid, run_experiment
 from dsl_fed.experiment.cells import MODES
 from dsl_fed.experiment.runner import grid_settings, plan
 from dsl_fed.federated.runtime import executable, free_port
+from dsl_fed.ray_env import LOOPBACK_ONLY
 
 GRID = (("training.learning_rate", ("0.003", "0.005")),)
 PHASE2_EPOCHS = 3  # central cells train 1 + 3 epochs
@@ -186,7 +188,8 @@ def test_rerun_skips_finished_cells_and_an_interrupted_cell_reruns_alone(experim
 @pytest.mark.slow
 def test_cells_run_on_an_existing_ray_head_and_nothing_is_left_behind(tmp_path, demo_manifest):
     marker = f"dsl-fed-test-{uuid.uuid4().hex}"
-    env = {**os.environ, "DSL_FED_RAY_TEST": marker, "PYTHONPATH": os.pathsep.join(sys.path)}
+    # the head on loopback only (Ray otherwise takes the machine's outward address and listens everywhere)
+    env = {**os.environ, "DSL_FED_RAY_TEST": marker, "PYTHONPATH": os.pathsep.join(sys.path), LOOPBACK_ONLY: "0"}
     temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # private: other Ray users never discover this head
     port = free_port()
     head = subprocess.Popen(
@@ -207,11 +210,11 @@ def test_cells_run_on_an_existing_ray_head_and_nothing_is_left_behind(tmp_path, 
         assert len((out / "results.csv").read_text().splitlines()) == 2
         assert (Path(temp_dir) / "ray_current_cluster").read_text().strip().endswith(f":{port}")  # our head, not /tmp/ray
     finally:
-        _stop_group(head)
+        stop_group(head)
         deadline = time.monotonic() + 30
-        while _with_marker(marker) and time.monotonic() < deadline:
+        while with_marker(marker) and time.monotonic() < deadline:
             time.sleep(0.5)
-        left = _with_marker(marker)
+        left = with_marker(marker)
         for pid in left:  # never leak into other runs, even when the assertion below fails
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
@@ -225,29 +228,3 @@ def _write_config(folder: Path, manifest) -> Path:
     path = folder / "tiny.yaml"
     path.write_text(yaml.safe_dump(settings))
     return path
-
-
-def _stop_group(proc: subprocess.Popen) -> None:
-    """SIGTERM the head's process group (Ray's own processes stay in it), then SIGKILL what remains."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            break
-        try:
-            proc.wait(timeout=20)
-            break
-        except subprocess.TimeoutExpired:
-            continue
-
-
-def _with_marker(marker: str) -> list[int]:
-    """PIDs anywhere on the machine whose environment carries `marker` (ours, whatever their name)."""
-    found = []
-    for environ in Path("/proc").glob("[0-9]*/environ"):
-        try:
-            if marker.encode() in environ.read_bytes():
-                found.append(int(environ.parent.name))
-        except OSError:
-            continue
-    return [pid for pid in found if pid != os.getpid()]

@@ -21,6 +21,7 @@ from dsl_fed.config import Config, load_config
 from dsl_fed.data.manifest import load_manifest
 from dsl_fed.errors import DslFedError
 from dsl_fed.io import refuse_existing, run_lock, settle_attempts, staged_run
+from dsl_fed.ray_env import check_ray_address, ray_environment
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -39,6 +40,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="replace an existing run of this name (only once the new run has finished)")
     p.add_argument("--transfer-dtype", choices=["float32", "float16"], default=None,
                    help="precision of the weights on the wire (float16 halves the bytes); = federated.transfer_dtype")
+    p.add_argument("--ray-address", default=None, metavar="HOST:PORT",
+                   help="run the ClientApps on this running Ray cluster (default: a private Ray on this machine); "
+                   "every Ray node needs dsl_fed installed and the manifest's audio at the same paths")
     p.set_defaults(func=run_simulate)
 
 
@@ -48,7 +52,7 @@ def run_simulate(args: argparse.Namespace) -> int:
         overrides.append(f"federated.transfer_dtype={args.transfer_dtype}")
     if args.resume and args.overwrite:
         raise DslFedError("--resume continues the existing run and --overwrite replaces it: give one of them")
-    run_dir = simulate(args.config, overrides, resume=args.resume, overwrite=args.overwrite)
+    run_dir = simulate(args.config, overrides, resume=args.resume, overwrite=args.overwrite, ray_address=args.ray_address)
     print(summary(run_dir))
     return 0
 
@@ -60,6 +64,7 @@ def simulate(
     echo: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True),
     overwrite: bool = False,
     ray_cpus: int | None = None,
+    ray_address: str | None = None,
 ) -> Path:
     """Run the federated training of `config_path` through `flwr run` on a private local simulation.
 
@@ -79,6 +84,8 @@ def simulate(
         overwrite: Replace an earlier run of the same name once the new one has finished.
         ray_cpus: CPUs of the simulation's Ray instance (default: all of the machine's); an experiment cell
             passes its own share so parallel cells do not oversubscribe the cores.
+        ray_address: ``HOST:PORT`` of a running Ray cluster whose nodes run the ClientApps (their CPUs count,
+            not this machine's); None starts a private Ray here.
 
     Returns:
         The run folder ``<output.directory>/<output.name>`` (absolute).
@@ -100,7 +107,12 @@ def simulate(
         manifest.partition("test", required=True)
     num_shards = count_shards(cfg, manifest)
     check_federation_size(cfg, num_shards)  # fail before Flower starts, not 20 s later in the ServerApp
-    check_client_cpus(cfg, ray_cpus)
+    if ray_address is not None:
+        check_ray_address(ray_address)
+        if ray_cpus is not None:
+            raise DslFedError("ray_cpus sizes a private Ray; a cluster at ray_address has its own CPUs")
+    else:
+        check_client_cpus(cfg, ray_cpus)  # a cluster's CPUs are only known once connected; Flower checks them
     with run_lock(run_dir):
         settle_attempts(run_dir, has_round)  # what a killed run left: its finished rounds can be resumed
         if resume:
@@ -109,10 +121,12 @@ def simulate(
             refuse_existing(run_dir, overwrite, resumable=True)
         check_decodable(manifest.clips, cfg.data.sample_rate)
         if resume:
-            _run_flower(config_path, overrides, output_dir, run_dir, cfg, num_shards, resume, echo, ray_cpus)
+            _run_flower(config_path, overrides, output_dir, run_dir, cfg, num_shards, resume, echo, ray_cpus,
+                        ray_address)
         else:
             with staged_run(run_dir, overwrite, has_round) as staging:
-                _run_flower(config_path, overrides, staging.parent, staging, cfg, num_shards, resume, echo, ray_cpus)
+                _run_flower(config_path, overrides, staging.parent, staging, cfg, num_shards, resume, echo,
+                            ray_cpus, ray_address)
     return run_dir
 
 
@@ -124,7 +138,8 @@ def has_round(run_dir: Path) -> bool:
 
 
 def _run_flower(config_path: Path, overrides: Sequence[str], output_dir: Path, run_dir: Path, cfg: Config,
-                num_shards: int, resume: bool, echo: Callable[[str], None], ray_cpus: int | None = None) -> None:
+                num_shards: int, resume: bool, echo: Callable[[str], None], ray_cpus: int | None = None,
+                ray_address: str | None = None) -> None:
     """`flwr run` on a private SuperLink, writing ``output_dir/<name>``; raises unless every round was written."""
     from dsl_fed.federated.run_config import run_config_toml, write_app
     from dsl_fed.federated.runtime import flwr_run, local_superlink, private_flwr_home, write_connection
@@ -136,15 +151,17 @@ def _run_flower(config_path: Path, overrides: Sequence[str], output_dir: Path, r
     on_line = ServerLines(echo)
     logs = run_dir / "logs"
     with private_flwr_home() as home, guard(cleanup=(home,)) as marker:
+        env = {**marker, **ray_environment(ray_address)}
         run_config = home / "run_config.toml"
         # the simulation holds the whole corpus, so the server scores the held-out speakers itself
         run_config.write_text(run_config_toml(config_path, list(overrides), output_dir, resume, cfg.data.manifest))
-        with local_superlink(home, logs / "superlink.log", env=marker) as address:
+        with local_superlink(home, logs / "superlink.log", env=env) as address:
             write_connection(home, address)
-            echo(f"flower: {federation['num-supernodes']} clients, {federation['client-resources-num-cpus']} CPU each; "
-                 f"log {logs / 'flower.log'}")
+            where = f" on the Ray cluster at {ray_address}" if ray_address else ""
+            echo(f"flower: {federation['num-supernodes']} clients, {federation['client-resources-num-cpus']} CPU each"
+                 f"{where}; log {logs / 'flower.log'}")
             code = flwr_run(write_app(home / "app"), home, run_config, federation, logs / "flower.log", on_line,
-                            env=marker)
+                            env=env)
     check_complete(run_dir, cfg, on_line.errors, code, logs / "flower.log")
 
 

@@ -37,6 +37,7 @@ from dsl_fed.errors import DslFedError
 from dsl_fed.experiment.cells import MODES, Cell, CellResult
 from dsl_fed.federated.run_config import check_client_cpus
 from dsl_fed.io import atomic_write, run_lock
+from dsl_fed.ray_env import check_ray_address, ray_environment
 
 DEFAULT_GRID = (("augment.cutmix", ("false", "true")), ("augment.specaugment", ("false", "true")))
 MAX_CELLS = 1000  # grid settings x seeds x modes: each cell is a training run, and each is validated up front
@@ -138,6 +139,8 @@ def run_experiment(
     """
     from dsl_fed.experiment.table import write_outputs
 
+    if ray_address is not None:
+        check_ray_address(ray_address)
     p = plan(config_path, overrides, grid_settings(grid) if settings is None else settings, seeds, modes, folder)
     with run_lock(p.out_dir.parent):  # one command per output.name: no two experiments write one table
         # Cells with the same id train the same thing (e.g. central cells of a grid over federated.* keys): run once.
@@ -201,7 +204,7 @@ def _run_on_ray(p: Plan, todo, ray_address: str | None):
     """
     from dsl_fed.federated.watchdog import guard
 
-    with guard() as marker, _environment(marker):
+    with guard() as marker, _environment({**marker, **ray_environment(ray_address)}):
         yield from _ray_cells(p, todo, ray_address)
 
 

@@ -30,6 +30,7 @@ import psutil
 from dsl_fed.errors import DslFedError
 from dsl_fed.federated.run_config import PROGRESS_MARK
 from dsl_fed.federated.watchdog import end_processes
+from dsl_fed.ray_env import ray_environment
 
 CONNECTION = "dsl-fed"  # the SuperLink connection name written into the private FLWR_HOME
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -41,9 +42,10 @@ QUIET_ENV = {
     "FLWR_DISABLE_UPDATE_CHECK": "1",
     "TF_CPP_MIN_LOG_LEVEL": "2",
     "RAY_DEDUP_LOGS": "0",
-    # The simulation starts its own Ray instance: without this, Ray would join whatever cluster a `ray start`
-    # on this machine last registered (or RAY_ADDRESS names), e.g. the one an experiment's cells run on.
-    "RAY_ADDRESS": "local",
+    # The simulation starts its own Ray instance, on loopback: without this, Ray would join whatever cluster a
+    # `ray start` on this machine last registered (or RAY_ADDRESS names); `dsl_fed simulate --ray-address`
+    # replaces it with the cluster's.
+    **ray_environment(None),
 }
 
 
