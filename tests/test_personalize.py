@@ -167,8 +167,15 @@ def _bad_inputs(trained, tmp: Path) -> dict:
     taken = tmp / "taken"
     taken.mkdir()
     (taken / "model.tflite").write_bytes(b"someone else's file")
+    old = tmp / "old_trainable"
+    old.mkdir()
+    shutil.copy(trained.trainable / "model.tflite", old / "model.tflite")
+    manifest = json.loads((trained.trainable / "manifest.json").read_text())
+    del manifest["batch_size"]
+    (old / "manifest.json").write_text(json.dumps(manifest))
     csv = trained.csv
     return {
+        "trainable export from before personalisation": ([old, csv], f"{old / 'manifest.json'}: no batch_size"),
         "inference export as MODEL_DIR": ([inference, csv], f"{inference / 'manifest.json'}: describes an inference export"),
         "label outside the classes": ([trained.trainable, other], f"{other} line 3: label 'loud'"),
         "label outside the classes (--labels)": ([trained.trainable, folder, "--labels", labels],
