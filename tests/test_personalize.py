@@ -300,6 +300,7 @@ def test_evaluate_personalize_refusals_are_one_line(trained, tmp_path, capsys):
         (["--partition", "train", "--personalize", 2], "use --partition devel or test"),
         (["--epochs", 3], "--epochs needs --personalize K"),
         (["--personalize", 2, "--json", tmp_path / "m.json"], "--json and --personalize"),
+        (["--personalize", 9], "no speaker has more clips than K"),  # 9 clips per demo speaker: none left to score
     ]
     for extra, message in cases:
         code, _, err = run(capsys, "evaluate", trained.trainable, "--config", config, *extra)
