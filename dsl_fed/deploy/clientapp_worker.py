@@ -13,6 +13,18 @@ Per message it does what ``flwr-clientapp`` does (Flower's own `run_clientapp` h
 and run, push the reply and the node state; a heartbeat runs meanwhile) but without exiting. It runs only this
 package's ClientApp: a run of another app gets an error reply and its code is never loaded.
 
+Two things a one-message ``flwr-clientapp`` may ignore, since it exits anyway, would stop a long-lived one:
+
+- A SuperNode creates a task before it pulls the message's content from the SuperLink. When the SuperLink was
+  restarted meanwhile and still delivers a message of the killed run, the pull is refused and the SuperNode drops
+  the message but leaves its task pending; its content never comes, and Flower's pull waits up to 2 hours for
+  it. So each task's input is pulled in a thread of its own and the main thread answers whichever message
+  arrives: an abandoned task ends on its own without holding up the next run.
+- When a pull fails otherwise the SuperNode ends the task, and its token is refused (401). Flower's retry then
+  sends the process SIGINT (its way to stop a ``flwr-clientapp`` whose task was cancelled), and the heartbeat
+  does the same when a task is gone. Here a refused token ends that task only; SIGINT still ends the process
+  (the SuperNode is gone, or Ctrl-C).
+
     python -m dsl_fed.deploy.clientapp_worker --runtime-api-address 127.0.0.1:PORT [--parent-pid PID]
 
 Started beside each SuperNode by `dsl_fed.deploy.local.LoopbackFederation`, in the same watchdog marking.
@@ -21,9 +33,13 @@ Started beside each SuperNode by `dsl_fed.deploy.local.LoopbackFederation`, in t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import queue
 import sys
-import time
+import threading
+from dataclasses import dataclass
+from typing import Any
 
 APP_FAB_ID = "dsl-fed/dsl-fed"  # publisher/name of the app `dsl_fed.federated.run_config.write_app` writes
 POLL_SECONDS = 0.2  # between task requests to the SuperNode on the same host (Flower's SuperExec: 1 s)
@@ -51,63 +67,117 @@ def main(argv: list[str] | None = None) -> int:
         interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")],
         retry_invoker=make_simple_http_retry_invoker())
     print(f"ClientApp process {os.getpid()} (dsl_fed) serving {args.runtime_api_address}", flush=True)
+    ready: queue.Queue[Task] = queue.Queue()
     try:
         while True:
-            task = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP.value]))
-            if task.HasField("task") and task.token:
-                serve(app, args.runtime_api_address, task.token)
-            else:
-                time.sleep(POLL_SECONDS)
-    except KeyboardInterrupt:  # the SuperNode is gone (Flower's parent monitor raises SIGINT)
+            acquired = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP.value]))
+            if acquired.HasField("task") and acquired.token:
+                threading.Thread(target=fetch, args=(args.runtime_api_address, acquired.token, ready),
+                                 daemon=True).start()
+            with contextlib.suppress(queue.Empty):
+                answer(app, ready.get(timeout=POLL_SECONDS))
+    except KeyboardInterrupt:  # the SuperNode is gone (Flower's parent monitor raises SIGINT), or Ctrl-C
         return 0
 
 
-def serve(app, address: str, token: str) -> None:
-    """Answer the one message `token` stands for, as ``flwr-clientapp --token`` would, and return."""
-    from flwr.app import Message
-    from flwr.app.error import Error
-    from flwr.common.constant import ErrorCode, SubStatus
+@dataclass
+class Task:
+    """One acquired task: its Runtime API client (authenticated by the task's token), heartbeat and input."""
+
+    client: Any
+    retry: Any
+    heartbeat: Any
+    message: Any = None
+    context: Any = None
+    run: Any = None
+
+
+def fetch(address: str, token: str, ready: queue.Queue[Task]) -> None:
+    """Pull task `token`'s message, context and run and put the task into `ready`; end it if that fails."""
+    import httpx
+    from flwr.common.constant import SubStatus
+    from flwr.proto.runtime_pb2 import SendTaskHeartbeatRequest
     from flwr.supercore import log
-    from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+    from flwr.supercore.heartbeat import HeartbeatSender
     from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
     from flwr.supercore.retry import make_simple_http_retry_invoker
+    from flwr.supercore.run import RunNotRunningException
     from flwr.supercore.runtime import RuntimeHttpClient
-    from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+    from flwr.supernode.runtime.run_clientapp import pull_task_input
 
     retry = make_simple_http_retry_invoker()
+    flower_giveup = retry.should_giveup
+
+    def give_up(exc: Exception) -> bool:  # a refused token ends this task, not the process (see the module)
+        refused = isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code == httpx.codes.UNAUTHORIZED
+        return refused or flower_giveup(exc)
+
+    retry.should_giveup = give_up
     client = RuntimeHttpClient.from_server_address(
         server_address=address, insecure=True, root_certificates=None,
         interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
                       RuntimeTokenHttpInterceptor(token)],
         retry_invoker=retry)
-    heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
-    context, reply, status, details = None, None, SubStatus.FAILED, "ClientApp task failed"
+
+    def beat() -> bool:  # keeps the task's token alive; a task that is gone needs none (no SIGINT, see above)
+        with contextlib.suppress(Exception, RunNotRunningException):
+            client.SendTaskHeartbeat(SendTaskHeartbeatRequest())
+        return True
+
+    task = Task(client, retry, HeartbeatSender(beat))
+    task.heartbeat.start()
     try:
-        heartbeat.start()
-        message, context, run, _ = pull_task_input(client)
-        if run.fab_id != APP_FAB_ID:
-            details = f"this SuperNode serves only {APP_FAB_ID}, not {run.fab_id!r}"
-            reply = Message(Error(code=ErrorCode.LOAD_CLIENT_APP_EXCEPTION, reason=details), reply_to=message)
+        task.message, task.context, task.run, _ = pull_task_input(client)
+    except (Exception, RunNotRunningException) as exc:  # noqa: BLE001 - the SuperNode dropped it, see the module
+        refused = isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code == httpx.codes.UNAUTHORIZED
+        log(30, "[dsl_fed] a ClientApp task's message never arrived (%s); the SuperNode dropped it",
+            "task ended by the SuperNode" if refused else f"{type(exc).__name__}: {exc}")
+        finish(task, SubStatus.FAILED, "the message's content never arrived", push=not refused)
+        return
+    ready.put(task)
+
+
+def answer(app, task: Task) -> None:
+    """Run the ClientApp on `task`'s message and push the reply and the node state, as ``flwr-clientapp`` does."""
+    from flwr.app import Message
+    from flwr.app.error import Error
+    from flwr.common.constant import ErrorCode, SubStatus
+    from flwr.supercore import log
+    from flwr.supercore.run import RunNotRunningException
+    from flwr.supernode.runtime.run_clientapp import push_message
+
+    reply, status, details = None, SubStatus.FAILED, "ClientApp task failed"
+    try:
+        if task.run.fab_id != APP_FAB_ID:
+            details = f"this SuperNode serves only {APP_FAB_ID}, not {task.run.fab_id!r}"
+            reply = Message(Error(code=ErrorCode.LOAD_CLIENT_APP_EXCEPTION, reason=details), reply_to=task.message)
         else:
-            reply = app(message=message, context=context)
+            reply = app(message=task.message, context=task.context)
             status, details = SubStatus.COMPLETED, ""
     except Exception as exc:  # what flwr-clientapp does: log it, reply with an error
         log(40, "ClientApp raised an exception", exc_info=exc)
         details = f"{type(exc)}:<'{exc}'>"
-        if "message" in locals():
-            reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=details), reply_to=message)
+        reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=details), reply_to=task.message)
+    try:
+        push_message(task.client, reply, task.context)
+    except (Exception, RunNotRunningException) as exc:  # noqa: BLE001 - the node's next message must be served
+        log(40, "Failed to push reply message", exc_info=exc)
+    finish(task, status, details)
+
+
+def finish(task: Task, status: str, details: str, push: bool = True) -> None:
+    """Report the task's end (and the node state) to the SuperNode unless it ended the task itself; stop its
+    heartbeat and close its client."""
+    from flwr.supernode.runtime.run_clientapp import push_task_output
+
+    task.retry.max_tries = 1
+    try:
+        if push:
+            push_task_output(client=task.client, context=task.context, sub_status=status, details=details)
     finally:
-        try:
-            if reply is not None and context is not None:
-                push_message(client, reply, context)
-        except Exception as exc:  # noqa: BLE001 - the node's next message must still be served
-            log(40, "Failed to push reply message", exc_info=exc)
-        finally:
-            retry.max_tries = 1
-            push_task_output(client=client, context=context, sub_status=status, details=details)
-            if heartbeat.is_running:
-                heartbeat.stop()
-            client.close()
+        if task.heartbeat.is_running:
+            task.heartbeat.stop()
+        task.client.close()
 
 
 if __name__ == "__main__":
