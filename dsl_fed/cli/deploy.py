@@ -13,6 +13,8 @@ from pathlib import Path
 
 from dsl_fed.cli.arguments import int_in, seed
 
+ISOLATION_DEFAULT = "process"  # `dsl_fed.deploy.local.deploy_local`'s
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -36,6 +38,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     local.add_argument("--resume", action="store_true", help="continue from runs/<name>/latest (same config required)")
     local.add_argument("--overwrite", action="store_true",
                        help="replace an existing run of this name (only once the new run has finished)")
+    local.add_argument("--isolation", choices=("process", "subprocess"), default=ISOLATION_DEFAULT,
+                       help="process: one long-lived ClientApp process per SuperNode, which imports TensorFlow and "
+                       "builds the model once; subprocess: Flower's new ClientApp process for every message "
+                       f"(default {ISOLATION_DEFAULT})")
     local.set_defaults(func=run_local)
 
     certs = sub.add_parser(
@@ -79,7 +85,8 @@ def run_local(args: argparse.Namespace) -> int:
     from dsl_fed.deploy.local import deploy_local
 
     run_dir = deploy_local(args.config, args.overrides, nodes=args.nodes, resume=args.resume,
-                           echo=lambda line: print(line, file=sys.stderr, flush=True), overwrite=args.overwrite)
+                           echo=lambda line: print(line, file=sys.stderr, flush=True), overwrite=args.overwrite,
+                           isolation=args.isolation)
     print(summary(run_dir))
     return 0
 

@@ -9,12 +9,10 @@ open-source build, so the SuperLink binds to 127.0.0.1 only. On one host (`deplo
 that address; on separate hosts (network namespaces, `dsl_fed.deploy.netns`) they dial a proxy on the
 SuperLink's host that passes only the Fleet API (``fleet_proxy.cfg``, `LoopbackFederation.start_fleet_proxy`).
 
-With ``isolation="process"`` each SuperNode runs one long-lived ClientApp process beside it
-(`dsl_fed.deploy.clientapp_worker`), which imports TensorFlow and builds the model once instead of once per
-message. The default stays Flower's own per-message process: once, after the SuperLink was killed and restarted
-while a long run's messages were pending, the long-lived processes stopped answering the resumed run (not yet
-understood), and a deployment must above all resume. `deploy_local` marks every process it starts
-(`dsl_fed.federated.watchdog.guard`), so none outlives it, even when it is killed.
+With ``isolation="process"`` (`deploy_local`'s default) each SuperNode runs one long-lived ClientApp process
+beside it (`dsl_fed.deploy.clientapp_worker`), which imports TensorFlow and builds the model once instead of once
+per message; ``"subprocess"`` is Flower's own new process per message. `deploy_local` marks every process it
+starts (`dsl_fed.federated.watchdog.guard`), so none outlives it, even when it is killed.
 
 Nothing here imports Flower: it drives the ``flower-superlink``, ``flower-supernode`` and ``flwr`` executables.
 """
@@ -280,7 +278,7 @@ def _last_line(text: str) -> str:
 
 
 def deploy_local(config_path: str | Path, overrides: Sequence[str] = (), nodes: int = 3, resume: bool = False,
-                 echo: Callable[[str], None] = print, overwrite: bool = False, isolation: str = "subprocess") -> Path:
+                 echo: Callable[[str], None] = print, overwrite: bool = False, isolation: str = "process") -> Path:
     """Split the config's corpus into `nodes` folders, make certificates and keys, run the federated job on a
     loopback federation with TLS and node authentication, and stop everything; returns the run folder.
 
@@ -327,7 +325,7 @@ def deploy_local(config_path: str | Path, overrides: Sequence[str] = (), nodes: 
 
 
 def _federate(config_path: Path, overrides: list[str], output_dir: Path, run_dir: Path, cfg: Any, corpus: Path,
-              nodes: int, resume: bool, echo: Callable[[str], None], isolation: str = "subprocess") -> None:
+              nodes: int, resume: bool, echo: Callable[[str], None], isolation: str = "process") -> None:
     """Prepare ``<name>.deploy/``, run the job on a loopback federation writing ``output_dir/<name>``; raises
     unless every round was written."""
     from dsl_fed.cli.federated import ServerLines, check_complete
