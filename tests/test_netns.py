@@ -106,3 +106,40 @@ def test_a_failure_while_making_the_hosts_removes_what_was_made(monkeypatch):
             pass
     assert ("netns", "add", "dslfed-test-b") in calls and ("netns", "add", "dslfed-test-c") not in calls
     assert [n for n in existing_namespaces() if n.startswith("dslfed-test-")] == []
+
+
+# Makes hosts in a child process, starts a sleeper inside, prints the namespaces and the sleeper's PID, then waits.
+_MAKER = """
+import subprocess, sys, time
+from dsl_fed.deploy.netns import HostNetwork
+net = HostNetwork(["a", "b"]).__enter__()
+sleeper = subprocess.Popen(net["a"].command(["sleep", "600"]))
+print(sleeper.pid, *net.namespaces(), flush=True)
+time.sleep(600)
+"""
+
+
+def test_namespaces_of_a_killed_creator_are_removed_by_the_next_network_and_a_live_creators_are_kept():
+    import psutil
+
+    makers = [subprocess.Popen([sys.executable, "-c", _MAKER], stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    try:
+        (killed_sleeper, *killed), (live_sleeper, *live) = (maker.stdout.readline().split() for maker in makers)
+        assert all(name.startswith(f"dslfed-{netns.creator(maker.pid)}-") for maker, names in zip(makers, (killed, live))
+                   for name in names)
+        makers[0].kill()  # SIGKILL: no clean-up; its namespaces and the sleeper inside stay
+        makers[0].wait()
+        assert set(killed) <= set(existing_namespaces()) and psutil.pid_exists(int(killed_sleeper))
+        with HostNetwork(["c"], prefix="dslfed-test-sweep"):  # the next start removes them
+            assert set(killed) & set(existing_namespaces()) == set()
+            assert set(live) <= set(existing_namespaces())  # its creator still runs
+            assert not psutil.pid_exists(int(killed_sleeper)) and psutil.pid_exists(int(live_sleeper))
+        makers[1].kill()
+        makers[1].wait()
+        assert sorted(netns.remove_leftovers()) == sorted(live)
+        assert not psutil.pid_exists(int(live_sleeper))
+    finally:
+        for maker in makers:
+            maker.kill()
+            maker.wait()
+        netns.remove_leftovers()
