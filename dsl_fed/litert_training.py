@@ -156,3 +156,24 @@ class TrainableRunner:
             return outputs
         except (ValueError, RuntimeError) as exc:
             raise DslFedError(f"{self.path}: {name} failed ({first_line(exc)})") from None
+
+
+def train_epochs(runner, x: np.ndarray, y: np.ndarray, class_weight: np.ndarray | None, batch_size: int, epochs: int,
+                 seed: int) -> float:
+    """`epochs` passes of ``train`` over shuffled batches; the last epoch's loss, batch-size weighted as Keras logs it.
+
+    Raises:
+        DslFedError: the loss is not finite (as the Keras client's guard does).
+    """
+    rng = np.random.default_rng(seed)
+    loss = float("nan")
+    for _ in range(epochs):
+        order = rng.permutation(len(x))
+        total = 0.0
+        for begin in range(0, len(x), batch_size):
+            batch = order[begin:begin + batch_size]
+            total += runner.train(x[batch], y[batch], class_weight) * len(batch)
+        loss = total / len(x)
+        if not np.isfinite(loss):
+            raise DslFedError(f"training diverged: loss {loss} (lower training.learning_rate)")
+    return loss

@@ -105,7 +105,7 @@ def fine_tune(runner: Any, x: np.ndarray, labels: np.ndarray, *, batch_size: int
     and with ``class_balance == "class_weight"`` the loss is weighted by the balanced weights of `labels`.
     """
     from dsl_fed.class_balance import class_weights
-    from dsl_fed.federated.litert_runtime import train_epochs
+    from dsl_fed.litert_training import train_epochs
 
     labels = np.asarray(labels, dtype=np.int32)
     weight = None

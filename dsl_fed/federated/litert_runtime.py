@@ -64,6 +64,7 @@ def train(request: dict[str, Any], weights: dict[str, np.ndarray]) -> tuple[dict
     """Train the head for the request's epochs on the node's training clips; returns (head by name, metrics)."""
     from dsl_fed.class_balance import class_weights
     from dsl_fed.config import RobustnessConfig
+    from dsl_fed.litert_training import train_epochs
     from dsl_fed.metrics import uar
     from dsl_fed.predict import average_by_clip
     from dsl_fed.robustness import perturb_client
@@ -87,27 +88,6 @@ def train(request: dict[str, Any], weights: dict[str, np.ndarray]) -> tuple[dict
     metrics = {"num-examples": len(chunks), "train-loss": loss, "train-uar": uar(labels, probs.argmax(axis=1)),
                "train-seconds": seconds}
     return trained, metrics
-
-
-def train_epochs(runner, x: np.ndarray, y: np.ndarray, class_weight: np.ndarray | None, batch_size: int, epochs: int,
-                 seed: int) -> float:
-    """`epochs` passes of ``train`` over shuffled batches; the last epoch's loss, batch-size weighted as Keras logs it.
-
-    Raises:
-        DslFedError: the loss is not finite (as the Keras client's guard does).
-    """
-    rng = np.random.default_rng(seed)
-    loss = float("nan")
-    for _ in range(epochs):
-        order = rng.permutation(len(x))
-        total = 0.0
-        for begin in range(0, len(x), batch_size):
-            batch = order[begin:begin + batch_size]
-            total += runner.train(x[batch], y[batch], class_weight) * len(batch)
-        loss = total / len(x)
-        if not np.isfinite(loss):
-            raise DslFedError(f"training diverged: loss {loss} (lower training.learning_rate)")
-    return loss
 
 
 def evaluate(request: dict[str, Any], weights: dict[str, np.ndarray]) -> dict[str, Any]:
