@@ -167,3 +167,33 @@ def test_a_deployed_node_id_is_random_kept_in_its_folder_and_not_derived_from_it
     if not os.access(locked, os.W_OK):  # root may write anyway
         with pytest.raises(DslFedError, match="the node folder must be writable"):
             persistent_node_id(locked)
+
+
+def test_simulated_nodes_split_the_corpus_once_per_process_and_again_when_the_manifest_changes(demo_manifest, tmp_path,
+                                                                                                monkeypatch):
+    """A Ray actor answers many nodes: the corpus is read and split once, not per message (thousands of speakers)."""
+    from dsl_fed.data import nodes
+
+    manifest = tmp_path / "manifest.csv"
+    rows = demo_manifest.read_text().splitlines()
+    base = demo_manifest.parent
+    manifest.write_text("\n".join([rows[0]] + [f"{base / r.split(',', 1)[0]},{r.split(',', 1)[1]}" for r in rows[1:]]))
+    data = DataConfig(manifest=str(manifest), shards=0)
+    reads = []
+    monkeypatch.setattr(nodes, "load_manifest", lambda d: reads.append(d) or read_manifest(d.manifest))
+    first = read_manifest(manifest)
+    groups = assign_speakers(first, 0)
+    for k in range(len(groups)):
+        node = node_data({"partition-id": k, "num-partitions": len(groups)}, data, None)
+        for part in ("train", "devel", "test"):  # what the per-message split gave: the node's speakers, manifest order
+            assert node.clips[part] == tuple(c for c in first.partition(part) if c.speaker in groups[k][part])
+    assert len(reads) == 1
+    gone = groups[0]["train"][0]  # the first node's speaker leaves the corpus: the file is read again
+    kept = [r for r in manifest.read_text().splitlines() if r.split(",")[2] != gone]
+    manifest.write_text("\n".join(kept))
+    changed = read_manifest(manifest)
+    n = len(assign_speakers(changed, 0))
+    assert n == len(groups) - 1
+    assert node_data({"partition-id": 0, "num-partitions": n}, data, None).clips["train"][0].speaker \
+        == changed.speakers("train")[0] != gone
+    assert len(reads) == 2

@@ -17,11 +17,13 @@ see each other's labels, so no node could derive it alone.
 
 from __future__ import annotations
 
+import functools
 import os
 import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 
 from dsl_fed.config import DataConfig
 from dsl_fed.data.manifest import PARTITIONS, Clip, Manifest, load_manifest, read_manifest
@@ -116,24 +118,59 @@ def _check_links_stay_inside(folder: Path) -> None:
 
 
 def _simulated(data: DataConfig, partition: int, num_partitions: int, classes: Sequence[str] | None) -> NodeData:
-    manifest = load_manifest(data)
+    shards = simulated_shards(data)
     if classes is not None:
-        unknown = sorted(set(manifest.classes) - set(classes))
+        unknown = sorted(set(shards.classes) - set(classes))
         if unknown:
             raise DslFedError(f"{data.manifest}: label {unknown[0]!r} is not one of the run's classes "
                               f"({', '.join(classes)})")
-    groups = assign_speakers(manifest, data.shards, data.seed)
-    if len(groups) != num_partitions:
+    if len(shards.clips) != num_partitions:
         raise DslFedError(
-            f"the federation has {num_partitions} supernodes but {data.manifest} gives {len(groups)} training "
-            f"shards (data.shards={data.shards}); run with num-supernodes={len(groups)}"
+            f"the federation has {num_partitions} supernodes but {data.manifest} gives {len(shards.clips)} training "
+            f"shards (data.shards={data.shards}); run with num-supernodes={len(shards.clips)}"
         )
     if not 0 <= partition < num_partitions:
         raise DslFedError(f"partition-id {partition} outside 0..{num_partitions - 1}")
-    mine = groups[partition]
-    clips = {part: tuple(c for c in manifest.partition(part) if c.speaker in mine[part]) for part in PARTITIONS}
-    return NodeData(source=f"partition {partition} of {num_partitions} ({data.manifest})", clips=clips,
-                    classes=tuple(classes or manifest.classes))
+    return NodeData(source=f"partition {partition} of {num_partitions} ({data.manifest})", clips=shards.clips[partition],
+                    classes=tuple(classes or shards.classes))
+
+
+@dataclass(frozen=True)
+class SimulatedShards:
+    """The corpus' classes and each simulated node's clips by partition (`assign_speakers`), in manifest order."""
+
+    classes: tuple[str, ...]
+    clips: tuple[Mapping[str, tuple[Clip, ...]], ...]
+
+
+def simulated_shards(data: DataConfig) -> SimulatedShards:
+    """Every simulated node's clips, worked out once per process and manifest version.
+
+    A Ray actor answers messages of many nodes; reading, checking and splitting a corpus of thousands of speakers
+    for each message would make every message cost time in proportion to the registered nodes. The clip lists
+    (paths and labels, no audio) are kept; a changed manifest file (size or modification time) is read again.
+    """
+    path = Path(data.manifest)
+    try:
+        info = path.stat()
+        version = (str(path.resolve()), info.st_mtime_ns, info.st_size)
+    except OSError:
+        version = (str(path), 0, -1)  # load_manifest names the problem
+    return _shards(data, version)
+
+
+@functools.lru_cache(maxsize=2)
+def _shards(data: DataConfig, version: tuple[str, int, int]) -> SimulatedShards:
+    manifest = load_manifest(data)
+    groups = assign_speakers(manifest, data.shards, data.seed)
+    node_of = {part: {speaker: k for k, group in enumerate(groups) for speaker in group[part]} for part in PARTITIONS}
+    clips: list[dict[str, list[Clip]]] = [{part: [] for part in PARTITIONS} for _ in groups]
+    for clip in manifest.clips:
+        k = node_of[clip.partition].get(clip.speaker)
+        if k is not None:
+            clips[k][clip.partition].append(clip)
+    return SimulatedShards(classes=tuple(manifest.classes),
+                           clips=tuple(MappingProxyType({part: tuple(c) for part, c in node.items()}) for node in clips))
 
 
 def persistent_node_id(data_path: str | Path) -> int:
