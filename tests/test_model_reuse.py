@@ -165,3 +165,44 @@ def test_predictions_come_in_one_batch_shape_whatever_the_number_of_chunks(setup
         np.testing.assert_allclose(predict_batches(model, x[:n], batch_size=8), model(x[:n]).numpy(), rtol=1e-5, atol=1e-6)
     assert traces["predict"] == 1
     model_cache.clear()
+
+
+def test_simulated_nodes_share_one_copy_of_the_model_and_answer_as_with_their_own(setup, traces, monkeypatch):
+    """In a simulation process a node's state keeps digests, the process the arrays once; replies are unchanged."""
+    from dsl_fed.federated import keras_client
+
+    rc, full = setup
+    own, _, _ = run(rc, full, fresh=False, traces=traces)
+    monkeypatch.setattr(keras_client, "shares_process", lambda: True)
+    monkeypatch.setattr(keras_client, "SHARED_ARRAYS", keras_client.ArrayStore(1 << 30))
+    states = []
+    monkeypatch.setattr(keras_client, "remember_full_model", _recording(keras_client.remember_full_model, states))
+    shared, _, _ = run(rc, full, fresh=False, traces=traces)
+    assert_same_replies(shared, own)
+    assert states and all(not s.array_records and s.config_records for s in states)  # no node keeps arrays
+    store = keras_client.SHARED_ARRAYS
+    backbone = [n for n in full if n.startswith("tiny_conv1")]
+    assert backbone and all(sum(key[0] == n for key in store._arrays) == 1 for n in backbone)  # one copy per weight
+
+    # a process that never received a node's model asks for it instead of training on something else
+    context = Context(run_id=1, node_id=7, node_config={"partition-id": 0, "num-partitions": 3}, state=RecordDict(),
+                      run_config=dict(rc))
+    first = Message(RecordDict({"arrays": ArrayRecord({k: Array(np.asarray(v)) for k, v in full.items()}),
+                                "config": ConfigRecord({"server-round": 1, "phase": 1, "full-model": True})}),
+                    dst_node_id=7, message_type="train")
+    keras_client.remember_full_model(first, context)
+    head = {n: full[n] for n in full if n.startswith(("hidden", "arelu", "predictions"))}
+    later = Message(RecordDict({"arrays": ArrayRecord({k: Array(np.asarray(v)) for k, v in head.items()}),
+                                "config": ConfigRecord({"server-round": 2, "phase": 1, "full-model": False})}),
+                    dst_node_id=7, message_type="train")
+    assert keras_client.holds_model(context, later)
+    store.clear()
+    reply = keras_client.handle("train", later, context, None)
+    assert reply.has_error() and reply.error.code == keras_client.NEEDS_FULL_MODEL
+
+
+def _recording(function, states):
+    def remember(msg, context):
+        function(msg, context)
+        states.append(context.state)
+    return remember

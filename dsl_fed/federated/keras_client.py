@@ -4,8 +4,9 @@
 loads TensorFlow (see there for how messages reach it and how a node's failure becomes its reply).
 
 A node is told by the server which phase to train (``config["phase"]``). It receives the full model the first
-time it is addressed (kept in ``context.state``, i.e. on the node) and afterwards only the phase's trainable
-slice, which it loads on top. It trains that slice with `dsl_fed.train.train_local` on its own chunks and
+time it is addressed (kept in ``context.state``, i.e. on the node; a simulated node keeps only its weights'
+sha256 there and the simulation process one copy of the arrays, `remember_full_model`) and afterwards only the
+phase's trainable slice, which it loads on top. It trains that slice with `dsl_fed.train.train_local` on its own chunks and
 replies with exactly those weights (an ArrayRecord keyed by weight name) and scalar metrics (under
 ``federated.dp`` only the example count and its id). Audio, spectrograms and any other weights never leave the
 node. A node that gets a slice but holds no model (its SuperNode restarted) replies with a `NEEDS_FULL_MODEL`
@@ -34,7 +35,9 @@ os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
 
 import contextlib  # noqa: E402
 import functools  # noqa: E402
+import hashlib  # noqa: E402
 import logging  # noqa: E402
+import sys  # noqa: E402
 import time  # noqa: E402
 import weakref  # noqa: E402
 from collections import OrderedDict  # noqa: E402
@@ -44,7 +47,7 @@ from pathlib import Path  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-from flwr.app import Array, ArrayRecord, Context, Error, Message, MetricRecord, RecordDict  # noqa: E402
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict  # noqa: E402
 
 from dsl_fed.bottleneck import predict_clips_on_embeddings  # noqa: E402
 from dsl_fed.config import Config, DataConfig, RobustnessConfig  # noqa: E402
@@ -71,9 +74,9 @@ LOG = logging.getLogger("flwr").getChild("dsl_fed")  # Flower's handler writes i
 def handle(kind: str, msg: Message, context: Context, app_dir: Path | None) -> Message:
     """Answer a ``train`` or ``evaluate`` message, or ask for the full model when only a slice came to a node
     that holds none (its SuperNode restarted)."""
-    if not bool(msg.content["config"].get("full-model", False)) and MODEL_STATE_KEY not in context.state.array_records:
-        LOG.warning("[dsl_fed] node %s: got only the weight slice but holds no model (restarted); asking the "
-                    "server for the full model", context.node_id)
+    if not bool(msg.content["config"].get("full-model", False)) and not holds_model(context, msg):
+        LOG.warning("[dsl_fed] node %s: got only the weight slice but holds no model (restarted, or a simulation "
+                    "process that never received it); asking the server for the full model", context.node_id)
         return Message(Error(code=NEEDS_FULL_MODEL, reason="holds no model (restarted)"), reply_to=msg)
     return (train if kind == "train" else evaluate)(msg, context, app_dir)
 
@@ -170,25 +173,117 @@ def global_model(cfg: Config, num_classes: int, msg: Message, context: Context, 
     phase 2's). Every weight is loaded, so nothing of an earlier message stays in the model.
     """
     model = client_model(cfg, num_classes, seed)
-    stored = context.state[MODEL_STATE_KEY]
     expected = set(weight_names(model))
-    if set(stored.keys()) != expected:
+    if set(_stored_names(context)) != expected:
         raise _node_error(context, "the model this node received does not match the model it builds from the run "
                                    "config (server and clients must run the same config)")
-    weights = _numpy(stored)
-    if not msg.content["config"].get("full-model", False):
-        weights.update(_numpy(msg.content["arrays"]))
+    received = {} if msg.content["config"].get("full-model", False) else _numpy(msg.content["arrays"])
+    weights = stored_weights(context, [n for n in expected if n not in received])
+    weights.update(received)
     set_weights_by_name(model, weights)
     return model
 
 
 def remember_full_model(msg: Message, context: Context) -> None:
-    """Keep the full model on the node when the server sends it (once per node, flagged ``full-model``)."""
+    """Keep the full model on the node when the server sends it (once per node, flagged ``full-model``).
+
+    A deployed node keeps it in its ``context.state``. A simulated node's state lives in the simulation process
+    with every other node's, so 2,000 nodes would keep 2,000 copies of a model whose part outside the slice is the
+    same everywhere: there the state holds each weight's sha256 and the process keeps the arrays once
+    (`SHARED_ARRAYS`). A process without them answers a slice with `NEEDS_FULL_MODEL`, as a restarted node does.
+    """
     if bool(msg.content["config"].get("full-model", False)):
-        received = msg.content["arrays"]
-        context.state[MODEL_STATE_KEY] = ArrayRecord({n: Array(a.numpy().astype(np.float32)) for n, a in received.items()})
-    elif MODEL_STATE_KEY not in context.state.array_records:
+        received = {n: a.numpy().astype(np.float32) for n, a in msg.content["arrays"].items()}
+        if shares_process():
+            context.state[MODEL_STATE_KEY] = ConfigRecord(SHARED_ARRAYS.put(received))
+        else:
+            context.state[MODEL_STATE_KEY] = ArrayRecord({n: Array(a) for n, a in received.items()})
+    elif not holds_model(context, msg):
         raise _node_error(context, "received only the weight slice but holds no model")
+
+
+def holds_model(context: Context, msg: Message) -> bool:
+    """Whether the node holds every weight `msg` does not bring (its stored model, or the process's copy of it)."""
+    if MODEL_STATE_KEY in context.state.array_records:
+        return True
+    digests = context.state.config_records.get(MODEL_STATE_KEY)
+    if digests is None:
+        return False
+    sent = set(msg.content["arrays"].keys()) if "arrays" in msg.content.array_records else set()
+    return SHARED_ARRAYS.has({n: str(d) for n, d in digests.items() if n not in sent})
+
+
+def stored_weights(context: Context, names: Sequence[str]) -> dict[str, np.ndarray]:
+    """Weights `names` of the model the node stored (`remember_full_model`), float32."""
+    if MODEL_STATE_KEY in context.state.array_records:
+        stored = context.state.array_records[MODEL_STATE_KEY]
+        return {n: stored[n].numpy().astype(np.float32) for n in names}
+    digests = context.state.config_records[MODEL_STATE_KEY]
+    return SHARED_ARRAYS.get({n: str(digests[n]) for n in names})
+
+
+def _stored_names(context: Context) -> list[str]:
+    if MODEL_STATE_KEY in context.state.array_records:
+        return list(context.state.array_records[MODEL_STATE_KEY].keys())
+    return list(context.state.config_records[MODEL_STATE_KEY].keys())
+
+
+def shares_process() -> bool:
+    """Whether this process is a Ray actor of a simulation (it answers the messages of many nodes)."""
+    ray = sys.modules.get("ray")  # never imported here: a process that has not loaded Ray is no Ray actor
+    if ray is None:
+        return False
+    try:
+        return bool(ray.is_initialized() and ray.get_runtime_context().get_actor_id())
+    except Exception:  # noqa: BLE001 - no runtime context: not an actor
+        return False
+
+
+class ArrayStore:
+    """Arrays by (weight name, sha256 of its bytes), least recently used dropped beyond `max_bytes`.
+
+    Simulated nodes that received the same weights share one copy; a weight is found only under the digest of its
+    exact bytes, so a node loads exactly what it received.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._arrays: OrderedDict[tuple[str, str], np.ndarray] = OrderedDict()
+        self._bytes = 0
+
+    def put(self, arrays: Mapping[str, np.ndarray]) -> dict[str, str]:
+        """Store `arrays`; returns each name's digest."""
+        digests = {}
+        for name, array in arrays.items():
+            array = np.asarray(array, order="C")  # (ascontiguousarray would make a 0-d weight 1-d)
+            digest = hashlib.sha256(f"{array.dtype}:{array.shape}:".encode() + array.tobytes()).hexdigest()
+            digests[name] = digest
+            key = (name, digest)
+            if key not in self._arrays:
+                self._arrays[key] = array
+                self._bytes += array.nbytes
+            self._arrays.move_to_end(key)
+        while self._bytes > self.max_bytes and len(self._arrays) > len(digests):
+            _, dropped = self._arrays.popitem(last=False)
+            self._bytes -= dropped.nbytes
+        return digests
+
+    def has(self, digests: Mapping[str, str]) -> bool:
+        return all(key in self._arrays for key in digests.items())
+
+    def get(self, digests: Mapping[str, str]) -> dict[str, np.ndarray]:
+        out = {}
+        for key in digests.items():
+            self._arrays.move_to_end(key)
+            out[key[0]] = self._arrays[key]
+        return out
+
+    def clear(self) -> None:
+        self._arrays.clear()
+        self._bytes = 0
+
+
+SHARED_ARRAYS = ArrayStore(1 << 30)  # a simulation process's copies of its nodes' models (one model, a few heads)
 
 
 @contextlib.contextmanager
@@ -288,7 +383,9 @@ def _nbytes(chunks: ChunkSet | None) -> int:
     return 0 if chunks is None else sum(a.nbytes for a in (chunks.waveforms, chunks.labels, chunks.clip_ids, chunks.speakers))
 
 
-DECODED_BYTES = 1 << 30  # decoded chunks one process keeps (1 GiB; 12 clips of one speaker take a few MB)
+# Decoded chunks one process keeps: 128 MiB, some dozens of nodes (12 clips of one speaker take a few MB), so an
+# actor serving thousands of simulated nodes holds a bounded share of them, not every node's audio.
+DECODED_BYTES = 128 << 20
 _DECODED: OrderedDict[tuple, ChunkSet | None] = OrderedDict()  # least recently used first
 
 
