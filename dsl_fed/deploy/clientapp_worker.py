@@ -104,7 +104,6 @@ class Task:
 
 def fetch(address: str, token: str, ready: queue.Queue[Task]) -> None:
     """Pull task `token`'s message, context and run and put the task into `ready`; end it if that fails."""
-    import httpx
     from flwr.common.constant import SubStatus
     from flwr.proto.runtime_pb2 import SendTaskHeartbeatRequest
     from flwr.supercore import log
@@ -117,12 +116,7 @@ def fetch(address: str, token: str, ready: queue.Queue[Task]) -> None:
 
     retry = make_simple_http_retry_invoker()
     flower_giveup = retry.should_giveup
-
-    def give_up(exc: Exception) -> bool:  # a refused token ends this task, not the process (see the module)
-        refused = isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code == httpx.codes.UNAUTHORIZED
-        return refused or flower_giveup(exc)
-
-    retry.should_giveup = give_up
+    retry.should_giveup = lambda exc: _refused(exc) or flower_giveup(exc)  # ends this task, not the process
     client = RuntimeHttpClient.from_server_address(
         server_address=address, insecure=True, root_certificates=None,
         interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
@@ -139,12 +133,18 @@ def fetch(address: str, token: str, ready: queue.Queue[Task]) -> None:
     try:
         task.message, task.context, task.run, _ = pull_task_input(client)
     except (Exception, RunNotRunningException) as exc:  # noqa: BLE001 - the SuperNode dropped it, see the module
-        refused = isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code == httpx.codes.UNAUTHORIZED
         log(30, "[dsl_fed] a ClientApp task's message never arrived (%s); the SuperNode dropped it",
-            "task ended by the SuperNode" if refused else f"{type(exc).__name__}: {exc}")
-        finish(task, SubStatus.FAILED, "the message's content never arrived", push=not refused)
+            "task ended by the SuperNode" if _refused(exc) else f"{type(exc).__name__}: {exc}")
+        finish(task, SubStatus.FAILED, "the message's content never arrived", push=not _refused(exc))
         return
     ready.put(task)
+
+
+def _refused(exc: BaseException) -> bool:
+    """Whether the SuperNode refused the task's token (401): it ended the task."""
+    import httpx
+
+    return isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code == httpx.codes.UNAUTHORIZED
 
 
 def answer(app, task: Task) -> None:
@@ -178,12 +178,14 @@ def answer(app, task: Task) -> None:
 def finish(task: Task, status: str, details: str, push: bool = True) -> None:
     """Report the task's end (and the node state) to the SuperNode unless it ended the task itself; stop its
     heartbeat and close its client."""
+    from flwr.supercore.run import RunNotRunningException
     from flwr.supernode.runtime.run_clientapp import push_task_output
 
     task.retry.max_tries = 1
     try:
-        if push:
-            push_task_output(client=task.client, context=task.context, sub_status=status, details=details)
+        if push:  # (it logs HTTP errors itself)
+            with contextlib.suppress(RunNotRunningException):
+                push_task_output(client=task.client, context=task.context, sub_status=status, details=details)
     finally:
         if task.heartbeat.is_running:
             task.heartbeat.stop()
