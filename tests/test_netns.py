@@ -125,8 +125,8 @@ def test_namespaces_of_a_killed_creator_are_removed_by_the_next_network_and_a_li
     makers = [subprocess.Popen([sys.executable, "-c", _MAKER], stdout=subprocess.PIPE, text=True) for _ in range(2)]
     try:
         (killed_sleeper, *killed), (live_sleeper, *live) = (maker.stdout.readline().split() for maker in makers)
-        assert all(name.startswith(f"dslfed-{netns.creator(maker.pid)}-") for maker, names in zip(makers, (killed, live))
-                   for name in names)
+        for maker, names in zip(makers, (killed, live)):
+            assert all(name.startswith(f"dslfed-{netns.creator(maker.pid)}-") for name in names)
         makers[0].kill()  # SIGKILL: no clean-up; its namespaces and the sleeper inside stay
         makers[0].wait()
         assert set(killed) <= set(existing_namespaces()) and psutil.pid_exists(int(killed_sleeper))
