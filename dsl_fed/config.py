@@ -253,6 +253,7 @@ class FederatedConfig:
     dp: DpConfig = field(default_factory=DpConfig)
     client_runtime: Literal["keras", "litert"] = "keras"  # litert: nodes train the trainable .tflite, no TensorFlow
     litert_clients: float = 0.0  # mixed federation: share of the nodes (chosen by partition id) that run LiteRT
+    availability: str = ""  # CSV of the rounds each client is online (`dsl_fed.availability`); "" = always online
 
     def _validate(self) -> None:
         for key in ("phase1_rounds", "phase2_rounds"):
@@ -381,7 +382,8 @@ class Config:
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read YAML, apply ``section.key=value`` overrides, validate once.
 
-    A relative ``data.manifest`` resolves against the YAML file's folder, so configs are portable.
+    A relative ``data.manifest`` or ``federated.availability`` resolves against the YAML file's folder, so configs
+    are portable.
     """
     path = Path(path)
     if not path.is_file():
@@ -397,9 +399,10 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     if not isinstance(raw, dict):
         raise DslFedError(f"{path}: expected a mapping of sections at the top level")
     raw = apply_overrides(raw, overrides)
-    manifest = (raw.get("data") or {}).get("manifest") if isinstance(raw.get("data"), dict) else None
-    if isinstance(manifest, str) and manifest and not Path(manifest).is_absolute():
-        raw["data"]["manifest"] = str((path.parent / manifest).resolve())
+    for section, key in (("data", "manifest"), ("federated", "availability")):
+        value = (raw.get(section) or {}).get(key) if isinstance(raw.get(section), dict) else None
+        if isinstance(value, str) and value and not Path(value).is_absolute():
+            raw[section][key] = str((path.parent / value).resolve())
     try:
         return from_dict(raw)
     except DslFedError as exc:

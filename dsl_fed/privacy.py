@@ -107,10 +107,11 @@ class RunPrivacy:
     clients_per_round: int  # reported only: no amplification is claimed
     nodes: int
     unit: str = "client-level"  # what epsilon protects (`privacy_unit`)
+    availability: bool = False  # federated.availability: the sample is drawn among the online nodes
 
     @classmethod
     def of(cls, fed: FederatedConfig, num_nodes: int, unit: str = "client-level") -> "RunPrivacy":
-        return cls(fed.dp, fed.clients_per_round(num_nodes), num_nodes, unit)
+        return cls(fed.dp, fed.clients_per_round(num_nodes), num_nodes, unit, bool(fed.availability))
 
     def epsilon(self, releases: int) -> float | None:
         return epsilon(self.dp.noise_multiplier, releases, self.dp.delta)
@@ -126,8 +127,10 @@ class RunPrivacy:
         eps = self.epsilon(releases)
         return {"mode": self.dp.mode, "clipping": self.dp.clipping, "clip_norm": clip_norm,
                 "noise_multiplier": self.dp.noise_multiplier, "releases": releases,
-                "sampling": f"{self.clients_per_round} of {self.nodes} nodes per round, accounted without "
-                            "amplification (the sample is seeded and published)",
+                "sampling": f"{self.clients_per_round} of {self.nodes} nodes per round"
+                            + (" when all are online (federated.availability: the same share of the online ones)"
+                               if self.availability else "")
+                            + ", accounted without amplification (the sample is seeded and published)",
                 "epsilon": eps, "delta": self.dp.delta, "target_epsilon": self.dp.target_epsilon,
                 "unit": self.unit, "guarantee": self.guarantee(eps), "accountant": "dp-accounting RDP"}
 

@@ -20,7 +20,7 @@ from dsl_fed.held_signals import held_signals, hold_signals_during_native_import
 from dsl_fed.quiet import VERBOSE_ENV, quiet_libraries
 
 # Sub-command modules, in the order `dsl_fed --help` lists them.
-COMMAND_MODULES: list[str] = ["data", "device", "personalize", "train", "baseline", "federated", "experiment", "deploy", "plot", "cache"]
+COMMAND_MODULES: list[str] = ["data", "device", "personalize", "train", "baseline", "federated", "availability", "experiment", "deploy", "plot", "cache"]
 
 
 class Terminated(KeyboardInterrupt):

@@ -95,7 +95,7 @@ def simulate(
     """
     from dsl_fed.data.nodes import check_decodable
     from dsl_fed.federated.checkpoint import RunDirectory
-    from dsl_fed.federated.run_config import check_client_cpus, check_federation_size, count_shards
+    from dsl_fed.federated.run_config import check_availability, check_client_cpus, check_federation_size, count_shards
 
     config_path = Path(config_path).resolve()
     cfg = load_config(config_path, overrides)
@@ -107,6 +107,8 @@ def simulate(
         manifest.partition("test", required=True)
     num_shards = count_shards(cfg, manifest)
     check_federation_size(cfg, num_shards)  # fail before Flower starts, not 20 s later in the ServerApp
+    for warning in check_availability(cfg, num_shards):
+        echo(f"warning: {warning}")
     if ray_address is not None:
         check_ray_address(ray_address)
         if ray_cpus is not None:

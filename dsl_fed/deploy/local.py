@@ -294,7 +294,7 @@ def deploy_local(config_path: str | Path, overrides: Sequence[str] = (), nodes: 
     from dsl_fed.data import load_manifest
     from dsl_fed.data.nodes import check_decodable
     from dsl_fed.federated.checkpoint import RunDirectory
-    from dsl_fed.federated.run_config import check_federation_size
+    from dsl_fed.federated.run_config import check_availability, check_federation_size
     from dsl_fed.privacy import check_speakers
 
     if resume and overwrite:
@@ -304,6 +304,7 @@ def deploy_local(config_path: str | Path, overrides: Sequence[str] = (), nodes: 
     manifest = load_manifest(cfg.data)
     check_speakers(cfg, manifest)
     check_federation_size(cfg, nodes)
+    check_availability(cfg, None)  # the nodes' ids are drawn when their folders are made: only the file is checked
     overrides = [*overrides, f"data.classes={','.join(cfg.data.classes or manifest.classes)}"]
     output_dir = Path(cfg.output.directory).resolve()
     run_dir = output_dir / cfg.output.name

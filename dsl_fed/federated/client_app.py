@@ -10,6 +10,9 @@ the trainable ``.tflite`` in a process without TensorFlow. The Keras client is i
 message only, so a deployed LiteRT node's ClientApp process (Flower starts one per message) never loads
 TensorFlow or Keras either: it runs Flower and numpy and starts the LiteRT worker.
 
+A node answers the server's `QUERY_CLIENT_ID` (sent only with ``federated.availability``) with its client id,
+without reading its data or building a model.
+
 A node that cannot take part (data path missing or empty, a label outside the run's classes, ...) writes one
 line to its log and replies with a `NODE_FAILED` error giving the reason: a raised exception would put Flower's
 traceback in the node's log.
@@ -20,13 +23,14 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from flwr.app import Context, Error, Message
+from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from dsl_fed.errors import DslFedError
 from dsl_fed.federated import litert_client
 from dsl_fed.federated.clipping import clipping_mod
-from dsl_fed.federated.protocol import NODE_FAILED
+from dsl_fed.federated.node_identity import client_id
+from dsl_fed.federated.protocol import CLIENT_ID, IDENTITY, NODE_FAILED, QUERY_CLIENT_ID
 from dsl_fed.federated.run_config import config_from_run_config
 
 LOG = logging.getLogger("flwr").getChild("dsl_fed")  # Flower's handler writes it to the SuperNode's log
@@ -44,7 +48,20 @@ def create_app(app_dir: Path | None = None) -> ClientApp:
     def _evaluate(msg: Message, context: Context) -> Message:
         return handle("evaluate", msg, context, app_dir)
 
+    @app.query(QUERY_CLIENT_ID.split(".")[1])
+    def _client_id(msg: Message, context: Context) -> Message:
+        return answer_client_id(msg, context)
+
     return app
+
+
+def answer_client_id(msg: Message, context: Context) -> Message:
+    """The node's client id (`node_identity.client_id`), for the server's availability trace; no model, no data."""
+    try:
+        return Message(RecordDict({IDENTITY: ConfigRecord({CLIENT_ID: client_id(context)})}), reply_to=msg)
+    except DslFedError as exc:
+        LOG.error("[dsl_fed] %s", exc)
+        return Message(Error(code=NODE_FAILED, reason=str(exc).removeprefix(f"node {context.node_id}: ")), reply_to=msg)
 
 
 def handle(kind: str, msg: Message, context: Context, app_dir: Path | None) -> Message:

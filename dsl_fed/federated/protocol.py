@@ -23,3 +23,12 @@ TRAINABLE_SHA = "trainable-sha256"
 
 TRAINABLE_MODEL = "trainable-model"
 """Config key: the trainable ``.tflite`` itself (bytes), sent when the node does not hold it yet."""
+
+QUERY_CLIENT_ID = "query.client_id"
+"""Message type the server sends (``federated.availability`` only) to learn a node's client id: Flower's node ids
+are random, the availability trace names clients. The node answers without building a model (`client_app`)."""
+
+IDENTITY = "identity"
+"""ConfigRecord of a `QUERY_CLIENT_ID` reply; its key `CLIENT_ID` holds `node_identity.client_id` (an int)."""
+
+CLIENT_ID = "client-id"

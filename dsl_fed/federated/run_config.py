@@ -121,6 +121,33 @@ def check_federation_size(cfg: Config, num_shards: int) -> None:
             )
 
 
+def check_availability(cfg: Config, num_clients: int | None) -> list[str]:
+    """Read ``federated.availability`` before Flower starts (ids must be below `num_clients` when the federation's
+    clients are known, a simulation's partition ids); returns warnings for the user (clients never online).
+
+    Raises:
+        DslFedError: one line naming the trace's file and row.
+    """
+    if not cfg.federated.availability:
+        return []
+    from dsl_fed.availability import read_trace
+
+    trace = read_trace(cfg.federated.availability, num_clients)
+    if num_clients is None:
+        return []
+    absent = num_clients - len(trace.clients)
+    rounds = cfg.federated.phase1_rounds + cfg.federated.phase2_rounds
+    never = [c for c in trace.clients if not any(trace.online(c, r) for r in range(1, rounds + 1))]
+    warnings = []
+    if absent:
+        warnings.append(f"federated.availability: {absent} of {num_clients} clients have no row in {trace.source} and "
+                        "are never online")
+    if never:
+        warnings.append(f"federated.availability: {len(never)} client(s) of {trace.source} are online in none of the "
+                        f"run's {rounds} rounds (e.g. client {never[0]})")
+    return warnings
+
+
 def check_client_cpus(cfg: Config, ray_cpus: int | None = None) -> None:
     """A client needing more CPUs than the simulation has would leave Ray's actor pool empty: the run would start,
     then stop with no round and the reason only in Flower's log."""

@@ -37,6 +37,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDic
 from flwr.serverapp import Grid, ServerApp  # noqa: E402
 from flwr.serverapp.strategy import Result  # noqa: E402
 
+from dsl_fed.availability import read_trace  # noqa: E402
 from dsl_fed.bootstrap import ci_text  # noqa: E402
 from dsl_fed.config import Config  # noqa: E402
 from dsl_fed.data import ChunkSet, Manifest, load_chunks, read_manifest  # noqa: E402
@@ -103,6 +104,7 @@ def run_server(grid: Grid, run_config: Mapping[str, Any], node_timeout: float = 
         LOG.warning("%s federated.fraction_evaluate=%g: each round is scored on a sample of the nodes, so only the "
                     "rounds whose sample holds the most devel clips can be best", PROGRESS_MARK, fed.fraction_evaluate)
     schedule = PhaseSchedule.from_config(fed)
+    availability = read_trace(fed.availability) if fed.availability else None  # before any round: a bad row stops here
     run = RunDirectory(cfg.output.run_dir)
     for warning in held_out.warnings if held_out is not None else []:
         LOG.warning("%s warning: %s", PROGRESS_MARK, warning)
@@ -123,7 +125,7 @@ def run_server(grid: Grid, run_config: Mapping[str, Any], node_timeout: float = 
     strategy = make_strategy(fed, get_weights_by_name(model, weight_names(model)), slices,
                              num_nodes=nodes, round_offset=offset, seed=cfg.training.seed,
                              client_dropout=cfg.robustness.client_dropout, node_wait=node_timeout,
-                             trainable=TrainableSource(model, cfg, classes, slices[1]))
+                             trainable=TrainableSource(model, cfg, classes, slices[1]), availability=availability)
     if resume:
         strategy.load_state_arrays(run.strategy_state(offset))
     federated = None if held_out else FederatedEvaluation(len(classes))
@@ -343,6 +345,8 @@ def progress_line(stats: RoundStats, scores: Mapping[str, Mapping[str, Any]], nu
     if evaluation and "best_note" in evaluation:
         parts.append(evaluation["best_note"])
     clients = f"clients {stats.aggregated}/{stats.sampled}"
+    if stats.online is not None:
+        clients += f" of {stats.online} online"
     if stats.dropped:
         clients += f" ({stats.dropped} dropped out)"
     if stats.failed or stats.rejected:
@@ -365,6 +369,8 @@ def _history_row(stats: RoundStats, scores: Mapping[str, Mapping[str, Any]], flo
                     f"{part}_ci_level": s.get("ci_level", "clips"), f"{part}_ci_clips_low": s["ci_clips"][0],
                     f"{part}_ci_clips_high": s["ci_clips"][1], f"{part}_clips": s["num_clips"]})
     row.update(_selection_fields(scores))
+    if stats.online is not None:  # federated.availability
+        row["clients_online"] = stats.online
     row.update({
         "clients_sampled": stats.sampled,
         "clients_dropped": stats.dropped,

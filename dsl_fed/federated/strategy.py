@@ -52,10 +52,12 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
+from dsl_fed.availability import Trace
 from dsl_fed.config import DpConfig, FederatedConfig
 from dsl_fed.errors import DslFedError
 from dsl_fed.federated.dp import DpMean
-from dsl_fed.federated.protocol import NEEDS_FULL_MODEL, NEEDS_TRAINABLE_MODEL, TRAINABLE_MODEL, TRAINABLE_SHA
+from dsl_fed.federated.protocol import CLIENT_ID, IDENTITY, NEEDS_FULL_MODEL, NEEDS_TRAINABLE_MODEL, QUERY_CLIENT_ID
+from dsl_fed.federated.protocol import TRAINABLE_MODEL, TRAINABLE_SHA
 from dsl_fed.federated.replies import ARRAYS, METRICS, NORM_BIT, check_evaluate_reply, check_train_reply
 from dsl_fed.federated.run_config import PROGRESS_MARK
 from dsl_fed.robustness import dropped_clients
@@ -94,6 +96,7 @@ class RoundStats:
 
     round: int
     phase: int
+    online: int | None = None  # connected nodes online in the availability trace (None: no trace, all may be sampled)
     sampled: int = 0
     dropped: int = 0  # sampled clients that dropped out before training (robustness.client_dropout)
     aggregated: int = 0
@@ -163,6 +166,8 @@ class SliceAggregation:
             `_connected_nodes`).
         trainable: ``(full weights, phase) -> (sha256, .tflite bytes)``, the trainable model for LiteRT nodes
             (`TrainableSource`); None: a node that asks for one fails.
+        availability: ``federated.availability``: only nodes whose client is online in the round are sampled
+            (`_online_nodes`); None: every connected node may be.
         **strategy_kwargs: Passed to the Flower strategy (fractions, min nodes, proximal_mu, eta, ...).
     """
 
@@ -180,6 +185,7 @@ class SliceAggregation:
         num_nodes: int | None = None,
         node_wait: float = 120.0,
         trainable: Callable[[Mapping[str, np.ndarray], int], tuple[str, bytes]] | None = None,
+        availability: Trace | None = None,
         **strategy_kwargs,
     ) -> None:
         strategy_kwargs.setdefault("train_metrics_aggr_fn", aggregate_client_metrics)
@@ -216,6 +222,9 @@ class SliceAggregation:
         self._num_classes: int | None = None
         self.trainable = trainable
         self._litert_nodes: dict[int, str | None] = {}  # LiteRT node -> sha256 of the trainable model it holds
+        self.availability = availability
+        self.client_of: dict[int, int] = {}  # node id -> client id it answered (availability only)
+        self._reported_absent: set[int] = set()  # nodes already logged as absent from the trace
 
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600, **kwargs):
         """Flower's round loop; the reply timeout is kept for messages sent again within a round."""
@@ -262,8 +271,8 @@ class SliceAggregation:
         self._grid = grid
         self._evaluate_parts = ("devel", "test") if bool(config.get("evaluate-test", False)) else ("devel",)
         self._num_classes = len(config["classes"]) if isinstance(config.get("classes"), list) else None
-        messages = self._sample_messages(rnd, ArrayRecord(), config, grid, MessageType.EVALUATE)
         stats = self.rounds.setdefault(rnd, RoundStats(round=rnd, phase=self.schedule.phase(rnd)))
+        messages = self._sample_messages(rnd, ArrayRecord(), config, grid, MessageType.EVALUATE)
         return self._address(messages, names, config, stats, self.schedule.phase(rnd))
 
     @staticmethod
@@ -275,7 +284,9 @@ class SliceAggregation:
                          message_type: str) -> list[Message]:
         """Flower's node sampling, with a generator of its own seeded per round (the global `random` is left alone).
 
-        A resumed run therefore samples exactly like an uninterrupted one.
+        A resumed run therefore samples exactly like an uninterrupted one. With an availability trace the
+        candidates are the online nodes only (the fraction of those, at least the minimum); a round with fewer
+        online nodes than the minimum samples nobody (training: the global model stays as it was).
         """
         train = message_type == MessageType.TRAIN
         fraction = self.fraction_train if train else self.fraction_evaluate
@@ -283,6 +294,13 @@ class SliceAggregation:
             return []
         minimum = self.min_train_nodes if train else self.min_evaluate_nodes
         nodes = self._connected_nodes(grid, rnd, max(self.min_available_nodes, minimum), minimum, message_type)
+        if self.availability is not None:
+            nodes = self._online_nodes(grid, rnd, nodes)
+            if len(nodes) < max(minimum, 1):
+                LOG.warning("%s round %d: %d node(s) online, fewer than the %d its %s needs; nobody is sampled%s",
+                            PROGRESS_MARK, rnd, len(nodes), max(minimum, 1), message_type,
+                            " and the global model stays as it was" if train else "")
+                return []
         size = min(self.sample_size(len(nodes), fraction, minimum), len(nodes))
         sampled = random.Random(f"{message_type}-{self.seed}-{rnd}").sample(nodes, size)
         config["server-round"] = rnd
@@ -314,6 +332,61 @@ class SliceAggregation:
                 seen = len(nodes)
             time.sleep(1)
         return nodes
+
+    def _online_nodes(self, grid: Grid, rnd: int, nodes: list[int]) -> list[int]:
+        """The connected `nodes` whose client is online in round `rnd` of the availability trace.
+
+        Flower's node ids are random; the trace names client ids (`node_identity.client_id`). A node not asked
+        before gets a `QUERY_CLIENT_ID` message (the map is kept, so a node is asked once, and one that joins
+        later when it first shows up). The answer is untrusted: one that is not a whole number in the id range,
+        an error or no answer leaves the node offline for the round (and it is asked again next round); an id
+        two connected nodes claim leaves both offline - which one holds that client's data is unknown.
+        """
+        stats = self.rounds.setdefault(rnd, RoundStats(round=rnd, phase=self.schedule.phase(rnd)))
+        unknown = [node for node in nodes if node not in self.client_of]
+        if unknown:
+            self._ask_client_ids(rnd, grid, unknown)
+        claims: dict[int, list[int]] = {}
+        for node in nodes:
+            if node in self.client_of:
+                claims.setdefault(self.client_of[node], []).append(node)
+        online = []
+        for client, holders in sorted(claims.items()):
+            if len(holders) > 1:
+                LOG.warning("%s round %d: nodes %s all claim client id %d; none of them is sampled", PROGRESS_MARK,
+                            rnd, ", ".join(map(str, holders)), client)
+            elif self.availability.online(client, rnd):
+                online.append(holders[0])
+        absent = sorted(c for c, holders in claims.items() if c not in self.availability.intervals
+                        and not any(n in self._reported_absent for n in holders))
+        if absent:
+            self._reported_absent.update(n for c in absent for n in claims[c])
+            LOG.warning("%s round %d: %d client(s) have no row in the availability trace and are never online: %s",
+                        PROGRESS_MARK, rnd, len(absent), ", ".join(map(str, absent[:10])) + (" ..." if len(absent) > 10 else ""))
+        stats.online = len(online)
+        return sorted(online)
+
+    def _ask_client_ids(self, rnd: int, grid: Grid, nodes: list[int]) -> None:
+        """Ask `nodes` their client ids; keep each valid answer in `client_of`, log the others."""
+        from dsl_fed.availability import MAX_CLIENT
+
+        queries = [Message(RecordDict({self.configrecord_key: ConfigRecord({"server-round": rnd})}), dst_node_id=node,
+                           message_type=QUERY_CLIENT_ID) for node in nodes]
+        replies = list(grid.send_and_receive(queries, timeout=self._timeout))
+        asked = {q.metadata.message_id: q.metadata.dst_node_id for q in queries}
+        answered: dict[int, str | int] = {}
+        for reply in replies:
+            node = asked.get(reply.metadata.reply_to_message_id)
+            if node is None or node in answered:
+                continue
+            answered[node] = _client_id_answer(reply, MAX_CLIENT)
+        for node in nodes:
+            answer = answered.get(node, "no answer")
+            if isinstance(answer, int):
+                self.client_of[node] = answer
+            else:
+                LOG.warning("%s round %d: node %d is offline this round: its client id is unknown (%s)", PROGRESS_MARK,
+                            rnd, node, answer)
 
     def _address(self, messages: list[Message], names: list[str], config: ConfigRecord, stats: RoundStats,
                  phase: int) -> list[Message]:
@@ -441,6 +514,8 @@ class SliceAggregation:
         # A fixed order makes the float sums, and so a resumed run, reproducible.
         valid.sort(key=lambda pair: (pair[1]["partition-id"], pair[0].metadata.src_node_id))
         if len(valid) < max(self.min_train_nodes, 1):
+            if stats.sampled == 0 and stats.online is not None:
+                return None, None  # too few online clients: `_sample_messages` said so
             LOG.warning(
                 "%s round %d: %d valid update(s), fewer than min_train_nodes=%d; the global model is unchanged",
                 PROGRESS_MARK, rnd, len(valid), self.min_train_nodes,
@@ -808,6 +883,7 @@ def make_strategy(
     client_dropout: float = 0.0,
     node_wait: float = 120.0,
     trainable: Callable[[Mapping[str, np.ndarray], int], tuple[str, bytes]] | None = None,
+    availability: Trace | None = None,
 ) -> SliceAggregation:
     """Build the configured strategy (``federated.strategy``, ``federated.dp``) around the server's full model.
 
@@ -856,6 +932,7 @@ def make_strategy(
         num_nodes=num_nodes,
         node_wait=node_wait,
         trainable=trainable,
+        availability=availability,
         **kwargs,
     )
 
@@ -889,6 +966,19 @@ def short_reason(reason: str | None) -> str:
         text = message
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return (lines[-1] if lines else "unknown error").removesuffix("'>")[:300]
+
+
+def _client_id_answer(reply: Message, limit: int) -> int | str:
+    """The client id a `QUERY_CLIENT_ID` reply carries, or why it carries none (the reply is untrusted)."""
+    if reply.has_error():
+        return f"it answered with an error: {short_reason(reply.error.reason)}"
+    try:
+        value = reply.content.config_records[IDENTITY][CLIENT_ID]
+    except Exception:  # noqa: BLE001 - anything unreadable is simply no id
+        return f"no {IDENTITY}/{CLIENT_ID} in its answer"
+    if type(value) is not int or not 0 <= value < limit:
+        return f"{CLIENT_ID} {str(value)[:40]!r} is not a whole number in [0, {limit})"
+    return value
 
 
 def _payload_bytes(msg: Message) -> int:
