@@ -180,3 +180,34 @@ def test_round_line_and_history_report_online_only_with_a_trace():
     assert _history_row(stats, {}, 1.0, 0.1)["clients_online"] == 5
     plain = RoundStats(round=3, phase=1, sampled=2, aggregated=2, updated=True)
     assert "online" not in progress_line(plain, {}, 4, 1.0) and "clients_online" not in _history_row(plain, {}, 1.0, 0.1)
+
+
+@pytest.mark.slow  # a federated run of the tiny model in-process: about 10-20 s on 2 cores
+def test_the_server_app_reads_the_trace_and_reports_online_clients_per_round(demo_manifest, tmp_path, caplog):
+    """`run_server` with real ClientApps: round 1 has clients 0 and 1 online, round 2 only client 2 (below
+    min_train_nodes): round 2 keeps round 1's model, and history.csv, the manifests and the round line say so."""
+    from flower_helpers import run_config, saved_weights, write_config
+
+    from dsl_fed.federated.checkpoint import RunDirectory
+    from dsl_fed.federated.server_app import run_server
+
+    (tmp_path / "trace.csv").write_text("client,online_from,online_to\n0,1,1\n1,1,1\n2,2,2\n")
+    config = write_config(tmp_path, demo_manifest, federated={"phase1_rounds": 2, "phase2_rounds": 0, "local_epochs": 1,
+                                                              "availability": "trace.csv"})
+    rc = run_config(config, server_eval=demo_manifest)
+    grid = InProcessGrid(rc, 3)
+    with caplog.at_level(logging.INFO, logger="flwr.dsl_fed"):
+        run_server(grid, rc, node_timeout=5)
+    run = RunDirectory(tmp_path / "runs" / "fed")
+    rows = run.read_history()
+    assert [(int(r["clients_online"]), int(r["clients_sampled"]), int(r["clients_aggregated"])) for r in rows] == \
+           [(2, 2, 2), (1, 0, 0)]
+    clients = [run.manifest(k)["extra"]["clients"] for k in (1, 2)]
+    assert [(c["online"], c["sampled"], c["aggregated"], c["updated"]) for c in clients] == \
+           [(2, 2, 2, True), (1, 0, 0, False)]
+    assert sorted(clients[0]["contributors"]) == [100, 101]
+    assert [m.metadata.dst_node_id for m in grid.sent if m.metadata.message_type == "query.client_id"] == [100, 101, 102]
+    assert "clients 2/2 of 2 online" in caplog.text and "clients 0/0 of 1 online - model unchanged" in caplog.text
+    first, second = saved_weights(run.round_dir(1)), saved_weights(run.round_dir(2))
+    for name, value in first.items():
+        np.testing.assert_array_equal(second[name], value, err_msg=name)
