@@ -47,6 +47,10 @@ class Trace:
         """The clients online in `server_round`, in id order."""
         return [c for c in sorted(self.intervals) if self.online(c, server_round)]
 
+    def first_round(self, client: int) -> int | None:
+        """The first round `client` is online in, None if it has no row."""
+        return min((start for start, _ in self.intervals.get(client, ())), default=None)
+
     @property
     def clients(self) -> list[int]:
         """Every client the trace has a row for."""
@@ -54,8 +58,11 @@ class Trace:
 
     def share(self, num_clients: int, rounds: int) -> float:
         """Mean share of `num_clients` clients (ids 0..n-1) online over rounds 1..`rounds`."""
-        online = sum(self.online(c, r) for c in range(num_clients) for r in range(1, rounds + 1))
-        return online / (num_clients * rounds)
+        online = np.zeros((num_clients, rounds), bool)
+        for client in range(num_clients):
+            for start, end in self.intervals.get(client, ()):
+                online[client, start - 1:end] = True
+        return float(online.mean())
 
     def check_clients(self, num_clients: int, what: str = "the federation") -> None:
         """Refuse ids outside 0..num_clients-1 (a simulation's partition ids), naming the first one and its row.

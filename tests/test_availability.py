@@ -123,3 +123,14 @@ def test_config_key_resolves_against_the_yaml_and_is_checked_before_anything_run
     assert warnings[0].endswith("5 of 8 clients have no row in " + cfg.federated.availability + " and are never online")
     assert check_availability(load_config(config, ["federated.availability="]), 3) == []
     assert Trace().online(0, 1) is False
+
+
+
+def test_a_client_online_only_after_the_last_round_is_warned_about(tmp_path):
+    trace = write(tmp_path, "client,online_from,online_to\n0,1,2\n1,9,12\n2,2,3\n")
+    config = tmp_path / "fed.yaml"
+    config.write_text(yaml.safe_dump({"data": {"manifest": "m.csv"},
+                                      "federated": {"availability": "trace.csv", "phase1_rounds": 4, "phase2_rounds": 4}}))
+    assert check_availability(load_config(config), 3) == [
+        f"federated.availability: 1 client(s) of {trace} are online in none of the run's 8 rounds (e.g. client 1)"]
+    assert check_availability(load_config(config, ["federated.phase2_rounds=5"]), 3) == []

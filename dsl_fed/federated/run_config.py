@@ -137,7 +137,7 @@ def check_availability(cfg: Config, num_clients: int | None) -> list[str]:
         return []
     absent = num_clients - len(trace.clients)
     rounds = cfg.federated.phase1_rounds + cfg.federated.phase2_rounds
-    never = [c for c in trace.clients if not any(trace.online(c, r) for r in range(1, rounds + 1))]
+    never = [c for c in trace.clients if trace.first_round(c) > rounds]
     warnings = []
     if absent:
         warnings.append(f"federated.availability: {absent} of {num_clients} clients have no row in {trace.source} and "
