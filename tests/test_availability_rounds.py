@@ -211,3 +211,21 @@ def test_the_server_app_reads_the_trace_and_reports_online_clients_per_round(dem
     first, second = saved_weights(run.round_dir(1)), saved_weights(run.round_dir(2))
     for name, value in first.items():
         np.testing.assert_array_equal(second[name], value, err_msg=name)
+
+
+def test_a_deployed_node_answers_with_its_persistent_id_and_a_broken_folder_with_an_error(tmp_path):
+    from dsl_fed.data.nodes import persistent_node_id
+    from dsl_fed.federated.protocol import NODE_FAILED
+
+    good, bad = tmp_path / "site", tmp_path / "broken"
+    good.mkdir()
+    bad.mkdir()
+    (bad / ".dsl_fed_node_id").write_text("not a number\n")
+    grid = InProcessGrid({}, 2, node_configs=[{"data-path": str(good)}, {"data-path": str(bad)}])
+    replies = grid.send_and_receive([Message(RecordDict(), dst_node_id=node, message_type=QUERY_CLIENT_ID)
+                                     for node in (100, 101)])
+    assert replies[0].content.config_records["identity"]["client-id"] == persistent_node_id(good)
+    assert replies[1].has_error() and replies[1].error.code == NODE_FAILED
+    assert "not a node id written by dsl_fed" in replies[1].error.reason
+    s = strategy(trace({persistent_node_id(good): [(1, 1)]}), min_train_nodes=1)
+    assert s._online_nodes(grid, 1, [100, 101]) == [100] and s.client_of == {100: persistent_node_id(good)}
