@@ -134,3 +134,15 @@ def test_a_client_online_only_after_the_last_round_is_warned_about(tmp_path):
     assert check_availability(load_config(config), 3) == [
         f"federated.availability: 1 client(s) of {trace} are online in none of the run's 8 rounds (e.g. client 1)"]
     assert check_availability(load_config(config, ["federated.phase2_rounds=5"]), 3) == []
+
+
+def test_simulate_refuses_a_bad_trace_in_one_line_before_flower_starts(demo_manifest, tmp_path, capsys):
+    from flower_helpers import write_config
+
+    write(tmp_path, "client,online_from,online_to\n0,1,2\n3,1,2\n")  # the demo corpus gives 3 shards: ids 0-2
+    config = write_config(tmp_path, demo_manifest, federated={"availability": "trace.csv"})
+    assert main(["simulate", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"dsl_fed simulate: error: {tmp_path / 'trace.csv'}:3: client 3 is not in the federation (client ids 0-2; 1 "
+                   "such client(s) in the file)\n")
+    assert not (tmp_path / "runs").exists()
