@@ -225,6 +225,8 @@ class SliceAggregation:
         self.availability = availability
         self.client_of: dict[int, int] = {}  # node id -> client id it answered (availability only)
         self._reported_absent: set[int] = set()  # nodes already logged as absent from the trace
+        self._reported_claims: set[tuple[int, int]] = set()  # (round, client id) claimed by several nodes, logged
+        self._asked_in: dict[int, int] = {}  # node -> last round it was asked its client id (at most once a round)
 
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600, **kwargs):
         """Flower's round loop; the reply timeout is kept for messages sent again within a round."""
@@ -339,11 +341,11 @@ class SliceAggregation:
         Flower's node ids are random; the trace names client ids (`node_identity.client_id`). A node not asked
         before gets a `QUERY_CLIENT_ID` message (the map is kept, so a node is asked once, and one that joins
         later when it first shows up). The answer is untrusted: one that is not a whole number in the id range,
-        an error or no answer leaves the node offline for the round (and it is asked again next round); an id
+        an error or no answer leaves the node offline for the round (it is asked again the next round); an id
         two connected nodes claim leaves both offline - which one holds that client's data is unknown.
         """
         stats = self.rounds.setdefault(rnd, RoundStats(round=rnd, phase=self.schedule.phase(rnd)))
-        unknown = [node for node in nodes if node not in self.client_of]
+        unknown = [node for node in nodes if node not in self.client_of and self._asked_in.get(node) != rnd]
         if unknown:
             self._ask_client_ids(rnd, grid, unknown)
         claims: dict[int, list[int]] = {}
@@ -353,6 +355,9 @@ class SliceAggregation:
         online = []
         for client, holders in sorted(claims.items()):
             if len(holders) > 1:
+                if (rnd, client) in self._reported_claims:  # said once per round (training and evaluation sample)
+                    continue
+                self._reported_claims.add((rnd, client))
                 LOG.warning("%s round %d: nodes %s all claim client id %d; none of them is sampled", PROGRESS_MARK,
                             rnd, ", ".join(map(str, holders)), client)
             elif self.availability.online(client, rnd):
@@ -370,6 +375,7 @@ class SliceAggregation:
         """Ask `nodes` their client ids; keep each valid answer in `client_of`, log the others."""
         from dsl_fed.availability import MAX_CLIENT
 
+        self._asked_in.update(dict.fromkeys(nodes, rnd))
         queries = [Message(RecordDict({self.configrecord_key: ConfigRecord({"server-round": rnd})}), dst_node_id=node,
                            message_type=QUERY_CLIENT_ID) for node in nodes]
         replies = list(grid.send_and_receive(queries, timeout=self._timeout))
