@@ -107,12 +107,14 @@ def read_trace(path: str | Path, num_clients: int | None = None) -> Trace:
             if not row or all(not cell.strip() for cell in row):
                 continue
             if len(row) != len(HEADER):
-                raise DslFedError(f"{path}:{line}: expected {len(HEADER)} values ({','.join(HEADER)}), found {len(row)}")
+                raise DslFedError(f"{path}:{line}: expected {len(HEADER)} values ({','.join(HEADER)}), "
+                                  f"found {len(row)}")
             client, start, end = (_whole(path, line, name, cell) for name, cell in zip(HEADER, row, strict=True))
             if client >= MAX_CLIENT:
                 raise DslFedError(f"{path}:{line}: client {client} is not a client id (ids are below {MAX_CLIENT})")
             if not 1 <= start <= MAX_ROUND:
-                raise DslFedError(f"{path}:{line}: online_from {start} must be a round in 1..{MAX_ROUND} (rounds count from 1)")
+                raise DslFedError(f"{path}:{line}: online_from {start} must be a round in 1..{MAX_ROUND} "
+                                  "(rounds count from 1)")
             if not start <= end <= MAX_ROUND:
                 raise DslFedError(f"{path}:{line}: online_to {end} must be in online_from..{MAX_ROUND} "
                                   f"(online_from is {start}; both rounds are inclusive)")
@@ -144,9 +146,9 @@ def diurnal_trace(num_clients: int, rounds: int, rounds_per_day: int = 24, onlin
     rounds), and every client is online at least once a day. Deterministic per seed (a public, non-private
     generator: the trace is a test fixture, not a secret).
     """
-    for name, value, low in (("num_clients", num_clients, 1), ("rounds", rounds, 1), ("rounds_per_day", rounds_per_day, 1)):
-        if not low <= value <= MAX_ROUND:
-            raise DslFedError(f"{name} must be in [{low}, {MAX_ROUND}], got {value}")
+    for name, value in (("num_clients", num_clients), ("rounds", rounds), ("rounds_per_day", rounds_per_day)):
+        if not 1 <= value <= MAX_ROUND:
+            raise DslFedError(f"{name} must be in [1, {MAX_ROUND}], got {value}")
     if not 0 < online_share <= 1:
         raise DslFedError(f"online share must be in (0, 1], got {online_share}")
     window = max(1, round(online_share * rounds_per_day))

@@ -367,7 +367,8 @@ class SliceAggregation:
         if absent:
             self._reported_absent.update(n for c in absent for n in claims[c])
             LOG.warning("%s round %d: %d client(s) have no row in the availability trace and are never online: %s",
-                        PROGRESS_MARK, rnd, len(absent), ", ".join(map(str, absent[:10])) + (" ..." if len(absent) > 10 else ""))
+                        PROGRESS_MARK, rnd, len(absent),
+                        ", ".join(map(str, absent[:10])) + (" ..." if len(absent) > 10 else ""))
         stats.online = len(online)
         return sorted(online)
 
