@@ -24,11 +24,12 @@ from pathlib import Path
 
 import numpy as np
 
+from dsl_fed.config import MAX_COUNT
 from dsl_fed.errors import DslFedError
 
 HEADER = ("client", "online_from", "online_to")
-MAX_ROUND = 100_000  # the config's bound on rounds: a larger round is a typo
-MAX_CLIENT = 10**9  # client ids are below this (`dsl_fed.data.nodes.NODE_ID_RANGE`)
+MAX_ROUND = MAX_COUNT  # the config's bound on rounds: a larger round is a typo
+MAX_CLIENT = 10**9  # client ids are below this (`dsl_fed.data.nodes.NODE_ID_RANGE`, a test keeps them equal)
 
 
 @dataclass(frozen=True)

@@ -57,6 +57,13 @@ def test_each_bad_input_is_one_line_naming_file_and_row(tmp_path, text, where, m
     assert str(info.value) == prefix + message
 
 
+def test_client_ids_share_the_range_of_deployed_node_ids():
+    from dsl_fed.availability import MAX_CLIENT
+    from dsl_fed.data.nodes import NODE_ID_RANGE
+
+    assert MAX_CLIENT == NODE_ID_RANGE
+
+
 def test_unreadable_traces_are_one_line(tmp_path):
     with pytest.raises(DslFedError, match=r"missing.csv: availability trace not found \(federated.availability\)$"):
         read_trace(tmp_path / "missing.csv")
