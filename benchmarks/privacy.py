@@ -1,8 +1,13 @@
-"""Privacy/utility curve: final devel UAR vs epsilon for a few noise multipliers, on the demo corpus.
+"""Privacy/utility curve: final devel UAR vs epsilon for a few noise multipliers (or epsilon targets).
 
-    python benchmarks/privacy.py [--rounds 5] [--noise 0.01,0.03,0.1,0.3,1] [--clip-norm 1.0] [section.key=value ...]
+    python benchmarks/privacy.py [--rounds 5] [--noise 0.01,0.03,0.1,0.3,1 | --epsilons 1,4,8] [--clip-norm 1.0]
+                                 [--config C] [--data DIR] [--out FILE.md] [section.key=value ...]
 
-The quickstart recipe (by default 3 clients of 2 speakers of the 10-speaker demo corpus) with
+By default the quickstart recipe (3 clients of 2 speakers of the 10-speaker demo corpus); at scale e.g.
+``--config configs/arousal.yaml --data DIR --epsilons 1,4,8 data.shards=0 federated.fraction_train=0.05`` on a
+speaker-rich corpus (``dsl_fed make-speech-data DIR --task arousal --speakers 3334 --clips 1``: 2,000 one-speaker
+clients, 100 per round). ``--epsilons`` sizes each run's noise multiplier for that epsilon after ``--rounds``
+releases (`dsl_fed.privacy.noise_for_epsilon`). Every run uses
 ``federated.dp.mode=client``, trained in-process (`simulations.inprocess`: the project's ClientApp with its
 clipping mod and the project's strategy with Flower's DP wrapper), plus the same run without DP. Epsilon is the
 RDP accountant's after the last round at ``federated.dp.delta`` (`dsl_fed.privacy`). Writes
@@ -27,13 +32,18 @@ sys.path.insert(0, str(REPO))  # simulations/ is a folder of the repo, not an in
 from simulations.inprocess import run  # noqa: E402
 from simulations.run_setting import RunSetting, run_setting  # noqa: E402
 
+from dsl_fed.privacy import noise_for_epsilon  # noqa: E402
+
 CONFIG = REPO / "configs" / "quickstart.yaml"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5, help="1 phase-1 round + the rest in phase 2")
-    parser.add_argument("--noise", default="0.01,0.03,0.1,0.3,1", help="noise multipliers")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--noise", default="0.01,0.03,0.1,0.3,1", help="noise multipliers")
+    group.add_argument("--epsilons", default=None, help="epsilon targets: each run's noise gives that epsilon")
+    parser.add_argument("--config", type=Path, default=CONFIG, help="YAML config (default: configs/quickstart.yaml)")
     parser.add_argument("--clip-norm", type=float, default=1.0)
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (one process each)")
     parser.add_argument("--data", type=Path, default=REPO / "demo_data")
@@ -47,32 +57,39 @@ def main(argv: list[str] | None = None) -> int:
         make_demo_corpus(args.data, progress=False)
     base = [f"data.manifest={manifest}", "federated.phase1_rounds=1", f"federated.phase2_rounds={args.rounds - 1}",
             "federated.fraction_evaluate=0", "output.name=privacy", *args.overrides]
-    setting = run_setting(CONFIG, base)
+    setting = run_setting(args.config, base)
+    if args.epsilons:
+        args.noise = ",".join(f"{noise_for_epsilon(float(e), args.rounds, setting.delta):.4g}" for e in args.epsilons.split(","))
     noise = [None, *(float(v) for v in args.noise.split(","))]  # None: the run without DP
     # A fresh process per run (a reused one keeps TensorFlow's state and slows down run by run); `--jobs` at a time.
     spawn = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(args.jobs, mp_context=spawn, max_tasks_per_child=1) as pool:
-        outcomes = dict(zip(noise, pool.map(run_one, noise, [base] * len(noise), [args.clip_norm] * len(noise))))
+        outcomes = dict(zip(noise, pool.map(run_one, noise, [base] * len(noise), [args.clip_norm] * len(noise),
+                                            [args.config] * len(noise))))
     for z, (eps, uar, seconds) in outcomes.items():
         print(f"noise {z}: epsilon {eps}, devel UAR {uar:.3f} ({seconds:.0f} s)", flush=True)
     write_results(args, setting, outcomes[None][1], [(z, *outcomes[z][:2]) for z in noise[1:]])
     return 0
 
 
-def run_one(z: float | None, base: list[str], clip_norm: float) -> tuple[float | None, float, float]:
+def run_one(z: float | None, base: list[str], clip_norm: float, config: Path = CONFIG) -> tuple[float | None, float, float]:
     """(epsilon, final devel UAR, seconds) of one run; z None: without DP."""
     dp = [] if z is None else ["federated.dp.mode=client", f"federated.dp.noise_multiplier={z}",
                                f"federated.dp.clip_norm={clip_norm}"]
-    outcome = run(CONFIG, [*base, *dp])
+    outcome = run(config, [*base, *dp])
     return outcome.epsilon, outcome.devel_uar, outcome.seconds
 
 
 def header(args: argparse.Namespace, setting: RunSetting) -> str:
     """The command and what it ran on; every number comes from `args` or from `setting`."""
-    command = " ".join(["python benchmarks/privacy.py", f"--rounds {args.rounds}", f"--noise {args.noise}",
-                        f"--clip-norm {args.clip_norm:g}", *args.overrides])
+    privacy = f"--epsilons {args.epsilons}" if args.epsilons else f"--noise {args.noise}"
+    config = args.config.resolve()
+    config = config.relative_to(REPO) if config.is_relative_to(REPO) else config
+    command = " ".join(["python benchmarks/privacy.py", f"--rounds {args.rounds}", privacy,
+                        f"--clip-norm {args.clip_norm:g}", *([f"--config {config}"] if args.config != CONFIG else []),
+                        *args.overrides])
     return (
-        f"`{command}`: quickstart recipe, {setting.corpus_speakers}-speaker corpus "
+        f"`{command}`: config `{config}`, {setting.corpus_speakers}-speaker corpus "
         f"`{args.data.name}`, {setting.clients_text()} ({setting.sampling_text()}), client-side {setting.clipping} "
         f"clipping at {args.clip_norm:g}, {args.rounds} rounds; epsilon at delta {setting.delta:g} (RDP accountant), "
         f"final devel UAR ({setting.devel_text()})."

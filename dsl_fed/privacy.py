@@ -72,6 +72,23 @@ def rounds_within_budget(noise_multiplier: float, delta: float, target_epsilon: 
     return low
 
 
+def noise_for_epsilon(target_epsilon: float, releases: int, delta: float, tolerance: float = 1e-3) -> float:
+    """The smallest noise multiplier (within `tolerance`, rounded up) whose epsilon after `releases` rounds is at most
+    `target_epsilon`: to compare runs at equal privacy rather than at equal noise."""
+    if target_epsilon <= 0 or releases < 1:
+        raise ValueError(f"need target_epsilon > 0 and releases >= 1, got {target_epsilon}, {releases}")
+    low, high = 0.0, 1.0
+    while epsilon(high, releases, delta) > target_epsilon:  # epsilon falls as the noise grows
+        low, high = high, high * 2
+    while high - low > tolerance:
+        mid = (low + high) / 2
+        if mid > 0 and epsilon(mid, releases, delta) <= target_epsilon:
+            high = mid
+        else:
+            low = mid
+    return high
+
+
 def describe(eps: float | None, delta: float) -> str:
     """Human form for logs and reports: ``ε 3.21 (δ 1e-05)`` or ``no DP guarantee``."""
     return NO_GUARANTEE if eps is None else f"ε {eps:.3g} (δ {delta:g})" if math.isfinite(eps) else f"ε inf (δ {delta:g})"

@@ -19,7 +19,13 @@ from dsl_fed.federated.clipping import clipping_mod
 from dsl_fed.federated.run_config import config_from_run_config
 from dsl_fed.federated.server_app import run_server, slice_names
 from dsl_fed.models import build_model
-from dsl_fed.privacy import RunPrivacy, describe, epsilon, rounds_within_budget
+from dsl_fed.privacy import RunPrivacy, describe, epsilon, noise_for_epsilon, rounds_within_budget
+
+
+@pytest.mark.parametrize("target, releases", [(1.0, 10), (4.0, 10), (8.0, 30), (8.0, 1)])
+def test_noise_for_epsilon_is_the_least_noise_within_the_target(target, releases):
+    z = noise_for_epsilon(target, releases, 1e-5)
+    assert epsilon(z, releases, 1e-5) <= target < epsilon(z - 2e-3, releases, 1e-5)
 
 
 def test_epsilon_is_what_dp_accounting_returns_and_grows_with_releases():

@@ -64,11 +64,15 @@ def test_run_setting_takes_classes_and_dp_settings_from_the_data_and_config(demo
 
 
 def test_privacy_header_is_rendered_from_the_setting():
-    args = argparse.Namespace(rounds=4, noise="0.1,1", clip_norm=0.5, overrides=["training.seed=3"],
-                              data=Path("/x/my_corpus"))
-    text = _privacy_module().header(args, FAKE)
+    module = _privacy_module()
+    args = argparse.Namespace(rounds=4, noise="0.1,1", epsilons=None, clip_norm=0.5, overrides=["training.seed=3"],
+                              data=Path("/x/my_corpus"), config=module.CONFIG)
+    text = module.header(args, FAKE)
     assert text.startswith("`python benchmarks/privacy.py --rounds 4 --noise 0.1,1 --clip-norm 0.5 training.seed=3`")
-    for part in ("13-speaker corpus `my_corpus`", "4 clients of 2-3 speakers (2 of 4 sampled per round)",
+    at_scale = module.header(argparse.Namespace(**{**vars(args), "epsilons": "1,8", "config": REPO / "configs" / "arousal.yaml"}), FAKE)
+    assert at_scale.startswith("`python benchmarks/privacy.py --rounds 4 --epsilons 1,8 --clip-norm 0.5 "
+                               "--config configs/arousal.yaml training.seed=3`: config `configs/arousal.yaml`")
+    for part in ("config `configs/quickstart.yaml`", "13-speaker corpus `my_corpus`", "4 clients of 2-3 speakers (2 of 4 sampled per round)",
                  "client-side adaptive clipping at 0.5", "4 rounds", "epsilon at delta 1e-07",
                  "(5 held-out devel speakers, 4 classes, chance 0.250)"):
         assert part in text
