@@ -350,6 +350,7 @@ def figure(plan: Plan, results: dict[tuple, RunResult]):
     left.set_xscale("log")
     left.set_xlabel(f"registered clients ({plan.fixed_per_round} per round)")
     left.set_ylabel("seconds per round")
+    left.set_ylim(bottom=0)
     rss = left.twinx()
     rss.plot(x, [r.peak_rss / 2**30 for r in reg], "^--", color="tab:red", label="peak RSS (GiB)")
     rss.set_ylabel("peak RSS of the process tree (GiB)")
@@ -364,6 +365,7 @@ def figure(plan: Plan, results: dict[tuple, RunResult]):
     right.plot(k, [r.round_seconds(2) for r in per], "s-", label="phase-2 round s")
     right.set_xlabel(f"sampled clients per round ({top:,} registered)")
     right.set_ylabel("seconds per round")
+    right.set_ylim(bottom=0)
     right.legend(fontsize=7)
     fig.tight_layout()
     return fig
