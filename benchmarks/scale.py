@@ -158,6 +158,9 @@ def measure(plan: Plan, corpus: Path | None, work: Path, command: str) -> tuple[
     m = plan.model_clients
     two = [*two, *plan.model_overrides]
     for cache in (True, False):
+        if cache and not plan.model_overrides and (m, plan.model_devel_speakers) == (k, plan.devel_speakers):
+            results[("model", cache)] = results[("cached", k)]  # the same run (the cache is on by default): reuse it
+            continue
         results[("model", cache)] = simulate(
             "model", m, m, plan.model_devel_speakers, [*two, f"training.embedding_cache={str(cache).lower()}"],
             f"model_cache_{cache}")

@@ -21,6 +21,7 @@ from dsl_fed.cli.federated import simulate
 from dsl_fed.export import read_export_manifest
 from dsl_fed.federated.checkpoint import RunDirectory
 from dsl_fed.federated.runtime import descendants, executable, free_port, terminate_tree
+from dsl_fed.ray_env import ray_environment
 
 pytestmark = pytest.mark.slow
 
@@ -114,6 +115,8 @@ def test_flwr_run_dot_on_the_quickstart_config_leaves_nothing_behind(demo_manife
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",  # inherited by the SuperLink `flwr run` starts
         "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),  # private ports: never reuse someone's SuperLink
         "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
+        # a private Ray on loopback, never a cluster some `ray start` on this machine registered in /tmp/ray
+        **ray_environment(None),
     }
     run_config = (f'data-manifest="{demo_manifest}" server-eval-manifest="{demo_manifest}" '
                   f'output-directory="{tmp_path / "runs"}" '
