@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import uuid
 
 import psutil
@@ -44,6 +45,10 @@ def nested():
                              env={**os.environ, "DSL_FED_TEST_PROBE": probe})
     inner_pid, grandchild_pid = map(int, outer.stdout.readline().split())
     grandchild = psutil.Process(grandchild_pid)
+    # `echo $!` can run before the forked shell has exec'd sleep, while its environment is briefly unreadable
+    deadline = time.monotonic() + 20
+    while grandchild.name() != "sleep" and time.monotonic() < deadline:
+        time.sleep(0.05)
     yield outer, inner_pid, grandchild
     for proc in psutil.process_iter():
         try:
