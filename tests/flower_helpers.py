@@ -61,6 +61,22 @@ def with_marker(marker: str) -> list[int]:
     return [pid for pid in found if pid != os.getpid()]
 
 
+def reap_marked(marker: str, wait: float = 30) -> list[int]:
+    """Wait up to `wait` s for every process carrying `marker` to end, SIGKILL the rest (never leak into other
+    runs, even when the test failed); returns the PIDs that were still alive."""
+    import contextlib
+    import time
+
+    deadline = time.monotonic() + wait
+    while with_marker(marker) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    left = with_marker(marker)
+    for pid in left:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return left
+
+
 def stop_group(proc: subprocess.Popen) -> None:
     """SIGTERM a process group started with ``start_new_session=True`` (e.g. ``ray start --block``, whose
     daemons stay in it), then SIGKILL what remains."""

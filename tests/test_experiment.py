@@ -1,15 +1,12 @@
 """`dsl_fed experiment`: grid parsing, like-for-like selection, the 2-cell run in both modes on a local Ray,
 resume (finished cells skipped, an interrupted cell reruns alone) and the Ray path on a test-started head."""
 
-import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from pathlib import Path
 
@@ -17,7 +14,7 @@ import pytest
 import yaml
 
 from conftest import tiny_settings
-from flower_helpers import stop_group, with_marker
+from flower_helpers import reap_marked, stop_group
 from dsl_fed.errors import DslFedError
 from dsl_fed.experiment import DEFAULT_GRID, Cell, best_round, parse_grid, run_experiment
 from dsl_fed.experiment.cells import MODES
@@ -211,13 +208,7 @@ def test_cells_run_on_an_existing_ray_head_and_nothing_is_left_behind(tmp_path, 
         assert (Path(temp_dir) / "ray_current_cluster").read_text().strip().endswith(f":{port}")  # our head, not /tmp/ray
     finally:
         stop_group(head)
-        deadline = time.monotonic() + 30
-        while with_marker(marker) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        left = with_marker(marker)
-        for pid in left:  # never leak into other runs, even when the assertion below fails
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        left = reap_marked(marker)
         shutil.rmtree(temp_dir, ignore_errors=True)
     assert left == [], f"Ray processes of this test survived the head: {left}"
 

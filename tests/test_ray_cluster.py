@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -24,7 +23,7 @@ import pytest
 from dsl_fed.errors import DslFedError
 from dsl_fed.federated.runtime import executable
 from dsl_fed.ray_env import check_ray_address, is_loopback, ray_environment
-from flower_helpers import stop_group, with_marker, write_config
+from flower_helpers import reap_marked, stop_group, write_config
 
 
 @pytest.mark.parametrize("bad", ["6379", "host:", ":6379", "host:port", "10.0.0.5:70000", "10.0.0.5:0"])
@@ -94,13 +93,7 @@ def test_clientapps_run_on_both_hosts_of_an_existing_cluster_and_nothing_is_left
     finally:
         for node in nodes:
             stop_group(node)
-        deadline = time.monotonic() + 30
-        while with_marker(marker) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        left = with_marker(marker)
-        for pid in left:  # never leak into other runs, even when an assertion above failed
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        left = reap_marked(marker)
         shutil.rmtree(temp_dir, ignore_errors=True)
     assert left == [], f"processes of this test survived: {left}"
 
