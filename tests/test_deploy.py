@@ -45,7 +45,7 @@ def marker():
 @pytest.fixture(scope="module")
 def deployed(demo_manifest, tmp_path_factory, marker):
     """`deploy_local` on the demo corpus, one long-lived ClientApp process per node: 3 nodes, 1 + 1 rounds of
-    the tiny model. (The fault test runs Flower's default per-message processes, and gets the same weights.)"""
+    the tiny model. (Flower's per-message ClientApp processes are the multi-host test's.)"""
     config = write_config(tmp_path_factory.mktemp("deploy"), demo_manifest, federated=FEDERATED)
     lines: list[str] = []
     run_dir = deploy_local(config, nodes=3, echo=lines.append, isolation="process")
@@ -177,7 +177,8 @@ def test_faults_server_killed_nodes_killed_and_restarted_unregistered_node_refus
 
     run = RunDirectory(tmp_path / "runs" / "fed")
     stopped_after_round_1(uninterrupted, run.path, load_config(config, overrides))
-    with guard() as run_marker, LoopbackFederation(tmp_path / "work", certs, [*folders, missing], env=run_marker) as fed:
+    with guard() as run_marker, LoopbackFederation(tmp_path / "work", certs, [*folders, missing], env=run_marker,
+                                                      isolation="process") as fed:
         fed.start_superlink()
         with ThreadPoolExecutor(4) as pool:
             list(pool.map(fed.register, range(4)))
