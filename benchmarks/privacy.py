@@ -118,7 +118,7 @@ def write_results(args: argparse.Namespace, setting: RunSetting, baseline: float
         "weaker privacy." if useful else
         "No noise multiplier here keeps devel UAR within 5 points of the run without DP."
     )
-    lines += ["", "![devel UAR vs epsilon](privacy.png)", ""]
+    lines += ["", f"![devel UAR vs epsilon]({args.out.with_suffix('.png').name})", ""]
     atomic_write(args.out, "\n".join(lines))
     save_figure(_figure(setting, baseline, rows), args.out.with_suffix(".png"))
     print("\n".join(lines))

@@ -93,3 +93,18 @@ def test_layout_table_matches_the_tree():
     assert folders - {p.split("/")[0] for p in listed} == set()
     packages = {f"dsl_fed/{p.name}/" for p in (REPO / "dsl_fed").iterdir() if (p / "__init__.py").is_file()}
     assert packages - set(listed) == set()
+
+
+def test_the_privacy_at_scale_bullet_quotes_its_results_file():
+    """Every devel UAR and epsilon of benchmarks/results/privacy_scale.md, and its verdict, as the README says."""
+    results = (REPO / "benchmarks" / "results" / "privacy_scale.md").read_text()
+    rows = re.findall(r"^\| (no DP|[\d.]+) \| (—|[\d.e+]+) \| ([\d.]+) \|$", results, flags=re.M)
+    assert len(rows) == 4
+    bullet = README[README.index("**At scale it is still not enough.**"):]
+    bullet = " ".join(bullet[:bullet.index("\n- ")].split())
+    baseline, *dp = rows
+    assert f"{baseline[2]} without DP" in bullet
+    assert f"{', '.join(uar for _, _, uar in dp[:-1])} and {dp[-1][2]} at ε {', '.join(e for _, e, _ in dp[:-1])} " \
+           f"and {dp[-1][1]}" in bullet
+    missed = "No noise multiplier here keeps devel UAR within 5 points" in results
+    assert ("is missed" in bullet) == missed
