@@ -3,18 +3,14 @@
 The benchmark's own measuring function on the tiny model (one local epoch, 3 timed calls), then its report.
 """
 
-import importlib.util
 import math
-import sys
 from pathlib import Path
 
 import pytest
+import benchmark_module
 
 REPO = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("on_device_benchmark", REPO / "benchmarks" / "on_device.py")
-bench = importlib.util.module_from_spec(_spec)
-sys.modules["on_device_benchmark"] = bench
-_spec.loader.exec_module(bench)
+bench = benchmark_module.load("on_device")
 
 
 @pytest.mark.slow

@@ -1,16 +1,12 @@
 """benchmarks/personalization.py: its table is computed from the run, and the README quotes the results file."""
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
+import benchmark_module
 
 REPO = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("personalization_benchmark", REPO / "benchmarks" / "personalization.py")
-bench = importlib.util.module_from_spec(_spec)
-sys.modules["personalization_benchmark"] = bench
-_spec.loader.exec_module(bench)
+bench = benchmark_module.load("personalization")
 
 
 def test_the_table_row_is_computed_from_the_run():

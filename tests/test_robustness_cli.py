@@ -8,7 +8,6 @@ The mechanisms behind them (staging, locking, the watchdog, the divergence guard
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import signal
 import stat
@@ -21,15 +20,13 @@ import numpy as np
 import psutil
 import pytest
 import yaml
+import benchmark_module
 
 from dsl_fed.errors import DslFedError
 from dsl_fed.io import atomic_write, run_lock, staged_run
 
 REPO = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("robustness_cli", REPO / "benchmarks" / "robustness_cli.py")
-probe = importlib.util.module_from_spec(_spec)
-sys.modules["robustness_cli"] = probe  # dataclasses look their module up while the file executes
-_spec.loader.exec_module(probe)
+probe = benchmark_module.load("robustness_cli")
 
 
 @pytest.fixture(scope="module")

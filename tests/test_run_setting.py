@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib.util
 import sys
 from pathlib import Path
 
+import benchmark_module
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -21,10 +21,7 @@ FAKE = RunSetting(corpus_speakers=13, client_speakers=(3, 2, 2, 2), devel_speake
 
 
 def _privacy_module():
-    spec = importlib.util.spec_from_file_location("privacy_benchmark", REPO / "benchmarks" / "privacy.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_module.load("privacy")
 
 
 def test_the_texts_say_the_counts():

@@ -1,16 +1,12 @@
 """benchmarks/scale.py measures real runs: its quick plan on a fresh corpus, and the README quotes its results file."""
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
+import benchmark_module
 
 REPO = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("scale_benchmark", REPO / "benchmarks" / "scale.py")
-bench = importlib.util.module_from_spec(_spec)
-sys.modules["scale_benchmark"] = bench
-_spec.loader.exec_module(bench)
+bench = benchmark_module.load("scale")
 
 
 @pytest.fixture(scope="module")
