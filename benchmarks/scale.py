@@ -14,8 +14,9 @@ and one phase-2 round:
 - K = 10 / 50 / 100 / 200 per round at N = 2,000,
 - K = N = 100 with two phase-1 rounds: round 2 finds every sampled client's embeddings in the run's cache
   (`dsl_fed simulate` keeps the cache per run, so only a round after a client's first one is cached),
-- DenseNet121 at 224 px (``model.backbone=densenet121 model.weights=null spectrogram.image_size=224``), two
-  phase-1 rounds of the same clients, with and without the embedding cache: round 2 compared.
+- DenseNet121 at 224 px (``model.backbone=densenet121 model.weights=null spectrogram.image_size=224``), 4 clients
+  of 10 training speakers each (``data.shards=4``), two phase-1 rounds of the same clients, with and without the
+  embedding cache: round 2 compared.
 
 A run's peak RSS is the largest sum of resident set sizes over the whole process tree of ``dsl_fed simulate``
 (the CLI, SuperLink, ServerApp, simulation, Ray and its ClientApp actors), sampled every 0.2 s; pages shared
@@ -56,16 +57,17 @@ class Plan:
     cached_per_round: int  # registered = sampled clients of the run whose second phase-1 round is cached
     devel_speakers: int
     model_clients: int  # DenseNet121 (or, --quick, the tiny model) rows: registered = sampled
+    model_speakers: int  # training speakers per client in those rows (data.shards groups them)
     model_devel_speakers: int
     model_overrides: tuple[str, ...]
     model_name: str
 
 
 FULL = Plan(registered=(10, 100, 1000, 2000), fixed_per_round=10, per_round=(10, 50, 100, 200), cached_per_round=100,
-            devel_speakers=60, model_clients=4, model_devel_speakers=4, model_overrides=tuple(DENSENET),
+            devel_speakers=60, model_clients=4, model_speakers=10, model_devel_speakers=4, model_overrides=tuple(DENSENET),
             model_name="DenseNet121 224 px")
 QUICK = Plan(registered=(3, 6), fixed_per_round=2, per_round=(2,), cached_per_round=2, devel_speakers=2,
-             model_clients=2, model_devel_speakers=2, model_overrides=(), model_name="tiny (quick)")
+             model_clients=2, model_speakers=1, model_devel_speakers=2, model_overrides=(), model_name="tiny (quick)")
 
 
 @dataclass
@@ -135,8 +137,11 @@ def measure(plan: Plan, corpus: Path | None, work: Path, command: str) -> tuple[
         raise SystemExit(f"{corpus}: {len(train)} training speakers, the plan needs {top}")
     results: dict[tuple, RunResult] = {}
 
-    def simulate(label: str, registered: int, per_round: int, devel: int, extra: list[str], name: str) -> RunResult:
-        manifest = sub_manifest(rows, corpus, work / "manifests" / f"n{registered}_d{devel}.csv", registered, devel)
+    def simulate(label: str, registered: int, per_round: int, devel: int, extra: list[str], name: str,
+                 speakers: int | None = None) -> RunResult:
+        """A run of `registered` clients; `speakers` training speakers among them (default one each)."""
+        speakers = speakers or registered
+        manifest = sub_manifest(rows, corpus, work / "manifests" / f"n{speakers}_d{devel}.csv", speakers, devel)
         result = simulate_run(label, manifest, registered, per_round, work / "runs", name, extra)
         print(f"{label}: {registered} registered, {per_round} per round: peak RSS {result.peak_rss / 2**20:.0f} MiB, "
               f"rounds {[round(result.round_seconds(k), 1) for k in range(1, len(result.rounds) + 1)]} s",
@@ -155,15 +160,15 @@ def measure(plan: Plan, corpus: Path | None, work: Path, command: str) -> tuple[
     k = plan.cached_per_round
     two = ["federated.phase1_rounds=2", "federated.phase2_rounds=0"]
     results[("cached", k)] = simulate("cached", k, k, plan.devel_speakers, two, f"cached_n{k}")
-    m = plan.model_clients
-    two = [*two, *plan.model_overrides]
+    m, grouped = plan.model_clients, plan.model_speakers > 1
+    two = [*two, *plan.model_overrides, *([f"data.shards={m}"] if grouped else [])]
     for cache in (True, False):
-        if cache and not plan.model_overrides and (m, plan.model_devel_speakers) == (k, plan.devel_speakers):
+        if cache and not plan.model_overrides and not grouped and (m, plan.model_devel_speakers) == (k, plan.devel_speakers):
             results[("model", cache)] = results[("cached", k)]  # the same run (the cache is on by default): reuse it
             continue
         results[("model", cache)] = simulate(
             "model", m, m, plan.model_devel_speakers, [*two, f"training.embedding_cache={str(cache).lower()}"],
-            f"model_cache_{cache}")
+            f"model_cache_{cache}", speakers=m * plan.model_speakers)
     run_info = {"command": command, "corpus": corpus, "rows": rows, "train_speakers": len(train),
                 "load_start": load_start, "load_end": os.getloadavg(), "minutes": (time.time() - started) / 60}
     return results, run_info
@@ -300,17 +305,21 @@ def render(plan: Plan, results: dict[tuple, RunResult], info: dict) -> str:
         "",
         "## Phase 1 with the embedding cache",
         "",
-        "| model | registered | sampled / round | phase-1 round | round s (Flower part) | round s (with server) | "
-        "peak RSS (tree) |",
-        "|---|---:|---:|---|---:|---:|---:|",
+        "| model | registered | sampled / round | training clips / client | phase-1 round | round s (Flower part) | "
+        "round s (with server) | peak RSS (tree) |",
+        "|---|---:|---:|---:|---|---:|---:|---:|",
     ]
-    for run, what, model in ((cached, "cached", "tiny"), (off, "no cache", plan.model_name), (on, "cached", plan.model_name)):
+    for run, what, model, speakers in ((cached, "cached", "tiny", 1), (off, "no cache", plan.model_name, plan.model_speakers),
+                                       (on, "cached", plan.model_name, plan.model_speakers)):
         for k in (1, 2):
             state = what if k == 2 or what == "no cache" else "cache empty"
-            lines.append(f"| {model} | {run.registered} | {run.per_round} | round {k}, {state} | "
+            lines.append(f"| {model} | {run.registered} | {run.per_round} | {per_speaker * speakers:.0f} | round {k}, {state} | "
                          f"{run.flower_seconds(k):.1f} | {run.round_seconds(k):.1f} | {mib(run.peak_rss)} |")
     lines += ["", "Round 1 of a run also starts the client actors and traces the model; round 2 of the same clients is "
-              "the steady state."]
+              "the steady state." + (f" The {plan.model_name} rows group {plan.model_speakers} training speakers into "
+                                     f"each client (`data.shards={plan.model_clients}`): the cache saves the backbone's "
+                                     "passes over every chunk, so what it saves grows with the audio a client holds."
+                                     if plan.model_speakers > 1 else "")]
     lines += ["", "## Verdicts", "", *verdicts(plan, results), "", "![seconds per round and peak RSS](scale.png)", ""]
     return "\n".join(lines)
 
