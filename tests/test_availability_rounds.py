@@ -83,7 +83,7 @@ def test_only_online_clients_train_and_each_round_records_online_sampled_and_con
                                                                      len(trained)), rnd
         assert sorted(stats.contributors) == [100 + p for p in trained]
     assert sorted(fleet.queried) == list(range(100, 108))  # every node asked once, in round 1
-    assert s.client_of == {100 + i: i for i in range(8)}
+    assert s.online_clients.client_of == {100 + i: i for i in range(8)}
     last = fleet.rounds[-1]
     np.testing.assert_allclose(result.arrays["head/bias"].numpy(), np.mean(last))  # the last round's online mean
     assert s.rounds[1].published(dp=False)["online"] == 4
@@ -228,4 +228,5 @@ def test_a_deployed_node_answers_with_its_persistent_id_and_a_broken_folder_with
     assert replies[1].has_error() and replies[1].error.code == NODE_FAILED
     assert "not a node id written by dsl_fed" in replies[1].error.reason
     s = strategy(trace({persistent_node_id(good): [(1, 1)]}), min_train_nodes=1)
-    assert s._online_nodes(grid, 1, [100, 101]) == [100] and s.client_of == {100: persistent_node_id(good)}
+    assert s.online_clients.online(grid, 1, [100, 101], timeout=60) == [100]
+    assert s.online_clients.client_of == {100: persistent_node_id(good)}

@@ -146,3 +146,13 @@ def _value(key: str, value: object, kind: str, minimum: int = 1) -> str | None:
 
 def _short(value: object) -> str:
     return repr(value)[:40]
+
+
+def short_reason(reason: str | None) -> str:
+    """The client's own error message out of the Ray traceback Flower wraps it in."""
+    text = (reason or "unknown error").strip()
+    _, found, message = text.rpartition("Message: ")
+    if found:
+        text = message
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return (lines[-1] if lines else "unknown error").removesuffix("'>")[:300]

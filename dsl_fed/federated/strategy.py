@@ -56,9 +56,10 @@ from dsl_fed.availability import Trace
 from dsl_fed.config import DpConfig, FederatedConfig
 from dsl_fed.errors import DslFedError
 from dsl_fed.federated.dp import DpMean
-from dsl_fed.federated.protocol import CLIENT_ID, IDENTITY, NEEDS_FULL_MODEL, NEEDS_TRAINABLE_MODEL, QUERY_CLIENT_ID
+from dsl_fed.federated.online_clients import OnlineClients
+from dsl_fed.federated.protocol import NEEDS_FULL_MODEL, NEEDS_TRAINABLE_MODEL
 from dsl_fed.federated.protocol import TRAINABLE_MODEL, TRAINABLE_SHA
-from dsl_fed.federated.replies import ARRAYS, METRICS, NORM_BIT, check_evaluate_reply, check_train_reply
+from dsl_fed.federated.replies import ARRAYS, METRICS, NORM_BIT, check_evaluate_reply, check_train_reply, short_reason
 from dsl_fed.federated.run_config import PROGRESS_MARK
 from dsl_fed.robustness import dropped_clients
 
@@ -222,11 +223,7 @@ class SliceAggregation:
         self._num_classes: int | None = None
         self.trainable = trainable
         self._litert_nodes: dict[int, str | None] = {}  # LiteRT node -> sha256 of the trainable model it holds
-        self.availability = availability
-        self.client_of: dict[int, int] = {}  # node id -> client id it answered (availability only)
-        self._reported_absent: set[int] = set()  # nodes already logged as absent from the trace
-        self._reported_claims: set[tuple[int, int]] = set()  # (round, client id) claimed by several nodes, logged
-        self._asked_in: dict[int, int] = {}  # node -> last round it was asked its client id (at most once a round)
+        self.online_clients = OnlineClients(availability, self.configrecord_key) if availability is not None else None
 
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600, **kwargs):
         """Flower's round loop; the reply timeout is kept for messages sent again within a round."""
@@ -296,8 +293,9 @@ class SliceAggregation:
             return []
         minimum = self.min_train_nodes if train else self.min_evaluate_nodes
         nodes = self._connected_nodes(grid, rnd, max(self.min_available_nodes, minimum), minimum, message_type)
-        if self.availability is not None:
-            nodes = self._online_nodes(grid, rnd, nodes)
+        if self.online_clients is not None:
+            nodes = self.online_clients.online(grid, rnd, nodes, self._timeout)
+            self.rounds.setdefault(rnd, RoundStats(round=rnd, phase=self.schedule.phase(rnd))).online = len(nodes)
             if len(nodes) < max(minimum, 1):
                 LOG.warning("%s round %d: %d node(s) online, fewer than the %d its %s needs; nobody is sampled%s",
                             PROGRESS_MARK, rnd, len(nodes), max(minimum, 1), message_type,
@@ -334,66 +332,6 @@ class SliceAggregation:
                 seen = len(nodes)
             time.sleep(1)
         return nodes
-
-    def _online_nodes(self, grid: Grid, rnd: int, nodes: list[int]) -> list[int]:
-        """The connected `nodes` whose client is online in round `rnd` of the availability trace.
-
-        Flower's node ids are random; the trace names client ids (`node_identity.client_id`). A node not asked
-        before gets a `QUERY_CLIENT_ID` message (the map is kept, so a node is asked once, and one that joins
-        later when it first shows up). The answer is untrusted: one that is not a whole number in the id range,
-        an error or no answer leaves the node offline for the round (it is asked again the next round); an id
-        two connected nodes claim leaves both offline - which one holds that client's data is unknown.
-        """
-        stats = self.rounds.setdefault(rnd, RoundStats(round=rnd, phase=self.schedule.phase(rnd)))
-        unknown = [node for node in nodes if node not in self.client_of and self._asked_in.get(node) != rnd]
-        if unknown:
-            self._ask_client_ids(rnd, grid, unknown)
-        claims: dict[int, list[int]] = {}
-        for node in nodes:
-            if node in self.client_of:
-                claims.setdefault(self.client_of[node], []).append(node)
-        online = []
-        for client, holders in sorted(claims.items()):
-            if len(holders) > 1:
-                if (rnd, client) in self._reported_claims:  # said once per round (training and evaluation sample)
-                    continue
-                self._reported_claims.add((rnd, client))
-                LOG.warning("%s round %d: nodes %s all claim client id %d; none of them is sampled", PROGRESS_MARK,
-                            rnd, ", ".join(map(str, holders)), client)
-            elif self.availability.online(client, rnd):
-                online.append(holders[0])
-        absent = sorted(c for c, holders in claims.items() if c not in self.availability.intervals
-                        and not any(n in self._reported_absent for n in holders))
-        if absent:
-            self._reported_absent.update(n for c in absent for n in claims[c])
-            LOG.warning("%s round %d: %d client(s) have no row in the availability trace and are never online: %s",
-                        PROGRESS_MARK, rnd, len(absent),
-                        ", ".join(map(str, absent[:10])) + (" ..." if len(absent) > 10 else ""))
-        stats.online = len(online)
-        return sorted(online)
-
-    def _ask_client_ids(self, rnd: int, grid: Grid, nodes: list[int]) -> None:
-        """Ask `nodes` their client ids; keep each valid answer in `client_of`, log the others."""
-        from dsl_fed.availability import MAX_CLIENT
-
-        self._asked_in.update(dict.fromkeys(nodes, rnd))
-        queries = [Message(RecordDict({self.configrecord_key: ConfigRecord({"server-round": rnd})}), dst_node_id=node,
-                           message_type=QUERY_CLIENT_ID) for node in nodes]
-        replies = list(grid.send_and_receive(queries, timeout=self._timeout))
-        asked = {q.metadata.message_id: q.metadata.dst_node_id for q in queries}
-        answered: dict[int, str | int] = {}
-        for reply in replies:
-            node = asked.get(reply.metadata.reply_to_message_id)
-            if node is None or node in answered:
-                continue
-            answered[node] = _client_id_answer(reply, MAX_CLIENT)
-        for node in nodes:
-            answer = answered.get(node, "no answer")
-            if isinstance(answer, int):
-                self.client_of[node] = answer
-            else:
-                LOG.warning("%s round %d: node %d is offline this round: its client id is unknown (%s)", PROGRESS_MARK,
-                            rnd, node, answer)
 
     def _address(self, messages: list[Message], names: list[str], config: ConfigRecord, stats: RoundStats,
                  phase: int) -> list[Message]:
@@ -908,7 +846,7 @@ def make_strategy(
         raise DslFedError(
             f"federated.trim_fraction: {fed.trim_fraction:g} of {sampled} clients per round trims nothing (a plain "
             f"mean); fedtrimmedavg needs at least {need} clients per round at this fraction"
-            if need else f"federated.trim_fraction: 0 trims nothing (a plain mean); use federated.strategy fedavg"
+            if need else "federated.trim_fraction: 0 trims nothing (a plain mean); use federated.strategy fedavg"
         )
     kwargs: dict = dict(
         fraction_train=fed.fraction_train,
@@ -963,29 +901,6 @@ def _step_each(model_arrays: Mapping[str, np.ndarray], aggregated: ArrayRecord,
         x = model_arrays[name].astype(np.float64)
         out[name] = Array(np.asarray(x + step(name, array.numpy().astype(np.float64) - x), np.float32))
     return ArrayRecord(out)
-
-
-def short_reason(reason: str | None) -> str:
-    """The client's own error message out of the Ray traceback Flower wraps it in."""
-    text = (reason or "unknown error").strip()
-    _, found, message = text.rpartition("Message: ")
-    if found:
-        text = message
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return (lines[-1] if lines else "unknown error").removesuffix("'>")[:300]
-
-
-def _client_id_answer(reply: Message, limit: int) -> int | str:
-    """The client id a `QUERY_CLIENT_ID` reply carries, or why it carries none (the reply is untrusted)."""
-    if reply.has_error():
-        return f"it answered with an error: {short_reason(reply.error.reason)}"
-    try:
-        value = reply.content.config_records[IDENTITY][CLIENT_ID]
-    except Exception:  # noqa: BLE001 - anything unreadable is simply no id
-        return f"no {IDENTITY}/{CLIENT_ID} in its answer"
-    if type(value) is not int or not 0 <= value < limit:
-        return f"{CLIENT_ID} {str(value)[:40]!r} is not a whole number in [0, {limit})"
-    return value
 
 
 def _payload_bytes(msg: Message) -> int:
