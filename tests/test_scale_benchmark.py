@@ -1,5 +1,6 @@
 """benchmarks/scale.py measures real runs: its quick plan on a fresh corpus, and the README quotes its results file."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -27,9 +28,9 @@ def test_a_run_is_measured_from_its_process_tree_and_its_history(corpus, tmp_pat
     assert [int(row["clients_sampled"]) for row in r.rounds] == [2, 2]  # fraction_train gives K
 
 
-def test_the_quick_plan_asks_for_every_run_and_the_report_is_computed_from_them(corpus, tmp_path, monkeypatch):
-    """`measure` with its runs replaced by results made from what each run was asked for (`simulate_run` itself
-    is the test above): which runs, on which manifests, and a report and verdicts from their numbers."""
+def stand_in_runs(monkeypatch) -> list[tuple]:
+    """Replace `simulate_run` (the test above) by results made from what each run is asked for; returns the list
+    of (label, registered, per round, embedding_cache, data.shards, training speakers in its manifest)."""
     asked = []
 
     def simulate_run(label, manifest, registered, per_round, runs, name, extra):
@@ -37,7 +38,7 @@ def test_the_quick_plan_asks_for_every_run_and_the_report_is_computed_from_them(
         phases = [1] * int(settings["federated.phase1_rounds"]) + [2] * int(settings["federated.phase2_rounds"])
         rows = bench.read_rows(manifest)
         asked.append((label, registered, per_round, settings.get("training.embedding_cache"),
-                      len({r["speaker"] for r in rows if r["partition"] == "train"})))
+                      settings.get("data.shards"), len({r["speaker"] for r in rows if r["partition"] == "train"})))
         cache_off = settings.get("training.embedding_cache") == "false"
         rounds = [{"phase": p, "clients_sampled": per_round, "seconds": registered + k * (1 + 9 * cache_off),
                    "server_seconds": 0.5, "bytes_up": 1000 * per_round, "bytes_down": 10} for k, p in enumerate(phases)]
@@ -45,10 +46,16 @@ def test_the_quick_plan_asks_for_every_run_and_the_report_is_computed_from_them(
                                peak_process_rss=60 * 2**20, processes=4, wall=30.0)
 
     monkeypatch.setattr(bench, "simulate_run", simulate_run)
+    return asked
+
+
+def test_the_quick_plan_asks_for_every_run_and_the_report_is_computed_from_them(corpus, tmp_path, monkeypatch):
+    """`measure` with stand-in runs: which runs, on which manifests, and a report and verdicts from their numbers."""
+    asked = stand_in_runs(monkeypatch)
     plan = bench.QUICK
     results, info = bench.measure(plan, corpus, tmp_path, command="python benchmarks/scale.py --quick")
-    assert sorted(asked) == [("cached", 2, 2, None, 2), ("model", 2, 2, "false", 2),
-                             ("registered", 3, 2, None, 3), ("registered", 6, 2, None, 6)]
+    assert sorted(asked, key=str) == [("cached", 2, 2, None, None, 2), ("model", 2, 2, "false", None, 2),
+                                      ("registered", 3, 2, None, None, 3), ("registered", 6, 2, None, None, 6)]
     assert set(results) == {("registered", 3), ("registered", 6), ("cached", 2), ("model", True), ("model", False)}
     assert results[("model", True)] is results[("cached", 2)]  # the same configuration: not run twice
     assert info["train_speakers"] >= max(plan.registered)
@@ -71,6 +78,17 @@ def test_the_quick_plan_asks_for_every_run_and_the_report_is_computed_from_them(
     fig = bench.figure(plan, results)
     fig.savefig(tmp_path / "scale.png")
     assert (tmp_path / "scale.png").stat().st_size > 0
+
+
+def test_model_rows_with_several_speakers_per_client_group_them_into_shards(corpus, tmp_path, monkeypatch):
+    asked = stand_in_runs(monkeypatch)
+    plan = dataclasses.replace(bench.QUICK, model_speakers=3)
+    results, info = bench.measure(plan, corpus, tmp_path, command="python benchmarks/scale.py --quick")
+    assert sorted(a for a in asked if a[0] == "model") == [("model", 2, 2, "false", "2", 6), ("model", 2, 2, "true", "2", 6)]
+    assert results[("model", True)] is not results[("cached", 2)]  # another configuration: run on its own
+    report = bench.render(plan, results, info)
+    assert "| tiny (quick) | 2 | 2 | 9 | round 2, cached |" in report  # 3 speakers x 3 clips
+    assert "rows group 3 training speakers into each client (`data.shards=2`)" in report
 
 
 def test_the_readme_quotes_the_results_file_exactly():
