@@ -697,28 +697,35 @@ class FakeTrainable:
 
 
 def test_phase2_combines_each_head_weight_over_all_replies_and_each_backbone_weight_over_those_that_carry_it():
-    s = strategy(schedule=PhaseSchedule(0, 1))
-    msgs = {m.metadata.dst_node_id: m for m in s.configure_train(1, ArrayRecord(), ConfigRecord(), FakeGrid())}
+    from dsl_fed.federated.protocol import NEEDS_TRAINABLE_MODEL, TRAINABLE_MODEL
+
     full = {"head/kernel": np.full((2, 2), 1.0), "head/bias": [1, 1], "top/kernel": [2, 2, 2]}
-    replies = [
-        reply(msgs[11], full, 1, partition=0),  # a Keras node: the whole phase-2 slice
-        reply(msgs[12], {"head/kernel": np.full((2, 2), 5.0), "head/bias": [5, 5]}, 3, partition=1),  # LiteRT: head
-        reply(msgs[13], {**full, "top/kernel": [6, 6, 6]}, 3, partition=2),
-    ]
-    result, _ = s.aggregate_train(1, replies)
+
+    def client(node, msg):
+        if node == 11:  # a Keras node: the whole phase-2 slice
+            return reply(msg, full, 1, partition=0)
+        if node == 12:  # a LiteRT node: asks for the trainable model, then trains the head alone
+            if TRAINABLE_MODEL not in msg.content["config"]:
+                return Message(Error(code=NEEDS_TRAINABLE_MODEL, reason="no such model"), reply_to=msg)
+            return reply(msg, {"head/kernel": np.full((2, 2), 5.0), "head/bias": [5, 5]}, 3, partition=1)
+        return reply(msg, {**full, "top/kernel": [6, 6, 6]}, 3, partition=2)
+
+    s = strategy(schedule=PhaseSchedule(0, 1), trainable=FakeTrainable())
+    result = s.start(grid=FakeGrid(client=client), initial_arrays=s.full_record(), num_rounds=1, timeout=7).arrays
     np.testing.assert_allclose(result["head/bias"].numpy(), [(1 + 15 + 3) / 7] * 2, rtol=1e-6)  # all three, by examples
     np.testing.assert_array_equal(result["top/kernel"].numpy(), [(2 + 18) / 4] * 3)  # nodes 11 and 13 only
     assert s.rounds[1].aggregated == 3 and s.rounds[1].head_only == 1 and s.rounds[1].num_examples == 7
 
 
-def test_phase2_replies_carrying_only_part_of_the_backbone_or_the_head_under_dp_are_rejected(caplog):
+def test_phase2_replies_with_part_of_the_backbone_the_head_alone_from_a_keras_node_or_under_dp_are_rejected(caplog):
     s = strategy(schedule=PhaseSchedule(0, 1))
     msgs = list(s.configure_train(1, ArrayRecord(), ConfigRecord(), FakeGrid()))
     head = {"head/kernel": np.ones((2, 2)), "head/bias": [1, 1]}
     with caplog.at_level(logging.WARNING):
         s.aggregate_train(1, [reply(msgs[0], {"head/kernel": np.ones((2, 2)), "top/kernel": [1, 1, 1]}, 1, 0),
-                              reply(msgs[1], head, 1, 1), reply(msgs[2], head, 1, 2)])
-    assert len(s.rounds[1].rejected) == 1 and "weights do not match" in s.rounds[1].rejected[0]
+                              reply(msgs[1], head, 1, 1), reply(msgs[2], {**head, "top/kernel": [1, 1, 1]}, 1, 2)])
+    assert len(s.rounds[1].rejected) == 2 and all("weights do not match" in r for r in s.rounds[1].rejected)
+    assert s.rounds[1].rejected[1].startswith(f"node {msgs[1].metadata.dst_node_id} ")  # Keras node, head alone
     dp = strategy(schedule=PhaseSchedule(0, 1), dp=DpConfig(mode="server", noise_multiplier=0.0), num_nodes=3)
     msgs = list(dp.configure_train(1, ArrayRecord(), ConfigRecord(), FakeGrid()))
     dp.aggregate_train(1, [reply(m, head, 1, i) for i, m in enumerate(msgs)])

@@ -443,7 +443,7 @@ class SliceAggregation:
                 LOG.warning("%s round %d: node %d failed and is left out: %s", PROGRESS_MARK, rnd, node, reason)
                 continue
             stats.bytes_up += _payload_bytes(msg)
-            sent = self._reply_names(msg.content, stats.phase)
+            sent = self._reply_names(msg.content, stats.phase, node)
             problem = self._check_update(msg.content, sent)
             if problem is None and any(self.node_of(m) == node for m, _ in valid):
                 problem = "a second reply in the same round"
@@ -492,11 +492,12 @@ class SliceAggregation:
         stats.train_metrics = {k: float(v) for k, v in metrics.items() if not isinstance(v, list)}
         return self.full_record(), metrics
 
-    def _reply_names(self, content: RecordDict, phase: int) -> list[str]:
-        """The weights a reply must carry: the phase's slice, or in phase 2 the head alone if that is what it
-        carries (a LiteRT node; never under DP, whose noise is sized for the whole slice)."""
+    def _reply_names(self, content: RecordDict, phase: int, node: int) -> list[str]:
+        """The weights a reply must carry: the phase's slice, or in phase 2 the head alone if that is what a
+        LiteRT node (one sent the trainable model) carries; never under DP, whose noise is sized for the whole
+        slice. A Keras node's head-only reply is refused: it would leave the backbone to the other nodes."""
         names = self.slice_names[phase]
-        if phase == 2 and self.dp is None:
+        if phase == 2 and self.dp is None and node in self._litert_nodes:
             try:
                 if set(content[ARRAYS].keys()) == set(self.slice_names[1]):
                     return list(self.slice_names[1])
