@@ -260,6 +260,10 @@ class SliceAggregation:
         stats.nodes = [m.metadata.dst_node_id for m in messages]
         return self._address(messages, names, config, stats, phase)
 
+    def _round_stats(self, rnd: int) -> RoundStats:
+        """Round `rnd`'s stats, made here if its training did not make them (e.g. evaluation after a resume)."""
+        return self.rounds.setdefault(rnd, RoundStats(round=rnd, phase=self.schedule.phase(rnd)))
+
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
@@ -270,7 +274,7 @@ class SliceAggregation:
         self._grid = grid
         self._evaluate_parts = ("devel", "test") if bool(config.get("evaluate-test", False)) else ("devel",)
         self._num_classes = len(config["classes"]) if isinstance(config.get("classes"), list) else None
-        stats = self.rounds.setdefault(rnd, RoundStats(round=rnd, phase=self.schedule.phase(rnd)))
+        stats = self._round_stats(rnd)
         messages = self._sample_messages(rnd, ArrayRecord(), config, grid, MessageType.EVALUATE)
         return self._address(messages, names, config, stats, self.schedule.phase(rnd))
 
@@ -295,7 +299,7 @@ class SliceAggregation:
         nodes = self._connected_nodes(grid, rnd, max(self.min_available_nodes, minimum), minimum, message_type)
         if self.online_clients is not None:
             nodes = self.online_clients.online(grid, rnd, nodes, self._timeout)
-            self.rounds.setdefault(rnd, RoundStats(round=rnd, phase=self.schedule.phase(rnd))).online = len(nodes)
+            self._round_stats(rnd).online = len(nodes)
             if len(nodes) < max(minimum, 1):
                 LOG.warning("%s round %d: %d node(s) online, fewer than the %d its %s needs; nobody is sampled%s",
                             PROGRESS_MARK, rnd, len(nodes), max(minimum, 1), message_type,
@@ -541,7 +545,7 @@ class SliceAggregation:
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Aggregate client-side evaluation over the clients that had held-out clips and sent a valid reply."""
         rnd = server_round + self.round_offset
-        stats = self.rounds.setdefault(rnd, RoundStats(round=rnd, phase=self.schedule.phase(rnd)))
+        stats = self._round_stats(rnd)
         valid: list[Message] = []
         for msg in self._with_full_model_resent(replies, stats):
             node = self.node_of(msg)
