@@ -3,7 +3,7 @@ float16 on the wire), central vs federated UAR on the demo corpus, and a real de
 
     python benchmarks/federated.py            # quickstart config, 10-speaker demo corpus (~5 min on 2 cores)
     python benchmarks/federated.py --quick    # 8 speakers, 1 + 1 rounds (~2 min)
-    python benchmarks/federated.py --only deployment federated.phase2_rounds=3   # that section alone, 1 + 3 rounds
+    python benchmarks/federated.py --only deployment federated.phase2_rounds=5   # that section alone, 1 + 5 rounds
 
 Three runs of ``configs/quickstart.yaml`` (or ``--config``) on a fresh demo corpus: central (`dsl_fed.central`),
 federated float32 and federated float16 (`dsl_fed simulate`, one client per shard: ``data.shards``). Both modes
@@ -57,7 +57,7 @@ def main() -> int:
     from dsl_fed.data.demo import make_demo_corpus
     from simulations.central_vs_federated import compare, markdown, run_federated
 
-    started = time.time()
+    started, load_before = time.time(), os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="dsl_fed_fed_bench_") as tmp:
         work = Path(tmp)
         speakers, clips = (8, 3) if args.quick else (10, 6)
@@ -69,14 +69,14 @@ def main() -> int:
         if args.only == "deployment":
             federated = run_federated(args.config, overrides + ["output.name=bench-federated"])
             deployed = run_deployments(args.config, overrides)
-            section = deployment_section(federated, deployed, header(args, speakers, clips, started))
+            section = deployment_section(federated, deployed, header(args, speakers, clips, started, load_before))
             report = replace_section(args.out.read_text() if args.out.is_file() else "# Federated benchmark", section)
         else:
             central, federated = compare(args.config, overrides)
             fp16 = run_federated(args.config, overrides + ["output.name=bench-fp16", "federated.transfer_dtype=float16"])
             deployed = run_deployments(args.config, overrides)
             report = "\n\n".join([
-                "# Federated benchmark\n\n" + header(args, speakers, clips, started),
+                "# Federated benchmark\n\n" + header(args, speakers, clips, started, load_before),
                 "## Central vs federated (same config and seed; best devel epoch vs best devel round)\n\n" + markdown([central, federated]),
                 "## Wall time vs local training (federated, float32)\n\n" + overhead_table(federated),
                 "## Bytes on the wire\n\n" + bytes_table(args.config, overrides, federated, fp16),
@@ -88,14 +88,19 @@ def main() -> int:
     return 0
 
 
-def header(args: argparse.Namespace, speakers: int, clips: int, started: float) -> str:
-    """Which command ran when, under what load, on which config and corpus."""
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+def header(args: argparse.Namespace, speakers: int, clips: int, started: float, load_before: float) -> str:
+    """Which command ran when, under what load, on which config and corpus.
+
+    The load before the run says whether something else was running (the run's own processes raise the load
+    during it, so the load at the end says little): above 2 the timings are not worth quoting.
+    """
+    quiet = "quiet machine" if load_before <= 2 else "busy machine: re-run before quoting the timings"
     flags = (" --quick" if args.quick else "") + (f" --only {args.only}" if args.only else "") + \
         "".join(f" {o}" for o in args.overrides)
     return (
-        f"`python benchmarks/federated.py{flags}` on {time.strftime('%Y-%m-%d %H:%M')}, "
-        f"{os.cpu_count()} CPUs, load average {load} (shared machine), {time.time() - started:.0f} s in total.\n"
+        f"`python benchmarks/federated.py{flags}` on {time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} CPUs, "
+        f"1-minute load average {load_before:.1f} before the run ({quiet}), {os.getloadavg()[0]:.1f} at its end, "
+        f"{time.time() - started:.0f} s in total.\n"
         f"Config `{args.config.relative_to(ROOT) if args.config.is_relative_to(ROOT) else args.config}` with "
         f"{'`federated.phase1_rounds=1 federated.phase2_rounds=1`, ' if args.quick else ''}"
         f"demo corpus {speakers} speakers x {clips} clips per class."
@@ -227,7 +232,10 @@ def deployment_table(simulated, deployed: dict[str, tuple[Path, float]]) -> str:
 
     def per_round(run_dir: Path) -> dict[str, float]:
         rows = RunDirectory(run_dir).read_history()
-        later = rows[1:] or rows  # round 1 also starts the client processes
+        # Round 1 also starts the client processes. In a deployment round r is published once round r + 1's
+        # exchange is out, so round 1's row holds two rounds of training and the last row only the last
+        # evaluation: the rows in between are one round each.
+        later = rows[1:-1] if len(rows) > 2 else rows[1:] or rows
         last = RunDirectory(run_dir).manifest(int(rows[-1]["round"]))["extra"]
         cfg = load_config(run_dir / "config.yaml")
         clients = int(rows[0]["clients_sampled"])
@@ -254,11 +262,13 @@ def deployment_table(simulated, deployed: dict[str, tuple[Path, float]]) -> str:
     deps = {isolation: per_round(run_dir) for isolation, (run_dir, _) in deployed.items()}
     rows += [(labels[isolation], deps[isolation], wall) for isolation, (_, wall) in deployed.items()]
     lines = ["SuperLink + SuperNodes as separate processes over TLS with node authentication; a steady-state round "
-             "(rounds 2+) split into local training and other client work (summed over clients, divided by how "
-             "many run at once), server scoring + publishing, and the rest: messages, evaluation messages, "
-             "process starts, polling.", "",
-             "| mode | evaluation | round 1 s | s / round (rounds 2+) | local training s | other client work s | "
-             "server s | rest s | bytes / round (rounds 2+) | devel UAR, last round | wall s |",
+             "(rounds 2 to the last but one) split into local training and other client work (summed over "
+             "clients, divided by how many run at once), server scoring + publishing (in a deployment it runs "
+             "while the nodes wait for or work on the next round, so it overlaps the other columns), and the "
+             "rest: messages, evaluation messages, process starts, polling. A deployment's round 1 column also "
+             "holds round 2's exchange (round r is published once round r + 1's exchange is out).", "",
+             "| mode | evaluation | round 1 s | s / round (steady) | local training s | other client work s | "
+             "server s | rest s | bytes / round (steady) | devel UAR, last round | wall s |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for label, row, wall in rows:
         lines.append(f"| {label} | {row['evaluation']} | {row['round1']:.1f} | {row['steady']:.1f} | "

@@ -23,6 +23,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from dsl_fed.config import Config, load_config
 from dsl_fed.data import load_chunks, read_manifest
 from dsl_fed.federated import client_app, keras_client
+from dsl_fed.federated.prompt_grid import ImmediateReplies
 from dsl_fed.federated.run_config import count_shards
 from dsl_fed.federated.server_app import slice_names
 from dsl_fed.federated.strategy import make_strategy
@@ -35,7 +36,7 @@ from dsl_fed.privacy import RunPrivacy, privacy_unit
 Tamper = Callable[[int, Message, Callable[[Message], Message]], Message]  # (partition, msg, honest) -> reply
 
 
-class InProcessGrid:
+class InProcessGrid(ImmediateReplies):
     """The part of Flower's Grid a strategy uses; node ``i + 1`` holds partition ``i``."""
 
     def __init__(self, config_path: Path, overrides: list[str], num_nodes: int, tamper: Tamper | None = None):

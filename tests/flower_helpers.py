@@ -18,6 +18,8 @@ import pytest
 import yaml
 from flwr.app import Context, Error, Message, RecordDict
 
+from dsl_fed.federated.prompt_grid import ImmediateReplies
+
 if TYPE_CHECKING:
     import numpy as np
 
@@ -133,7 +135,7 @@ def run_config(config_path: Path, resume: bool = False, overrides: str = "", ser
             "resume": resume, "server-eval-manifest": str(server_eval)}
 
 
-class InProcessGrid:
+class InProcessGrid(ImmediateReplies):
     """The part of `flwr.serverapp.Grid` that strategies use, backed by the real ClientApp in this process.
 
     Args:

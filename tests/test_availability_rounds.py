@@ -51,7 +51,7 @@ class Fleet(InProcessGrid):
             else:
                 content = RecordDict({"metrics": MetricRecord({"num-examples": 1, "devel-confusion": [1, 0, 0, 1]})})
             replies.append(Message(content, reply_to=msg))
-        if others and others[0].metadata.message_type == MessageType.TRAIN:
+        if any(m.metadata.message_type == MessageType.TRAIN for m in others):
             self.rounds.append(sorted(trained))
         return replies
 

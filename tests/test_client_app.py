@@ -158,6 +158,23 @@ def test_evaluate_returns_the_confusion_counts_of_the_nodes_own_devel_clips(setu
     assert metrics["num-examples"] == len(data.clips["devel"]) + len(data.clips["test"]) == 18
 
 
+def test_a_training_message_that_asks_to_evaluate_first_scores_the_model_it_brought_before_training(setup):
+    """In a deployment a round's evaluation rides in the next round's training message: the reply's evaluation
+    record equals what an evaluation message with the same model gets, and its update equals a plain one."""
+    from dsl_fed.federated.protocol import EVALUATE_FIRST, EVALUATION
+
+    rc, cfg, full = setup
+    classes = {"classes": ["falling", "flat", "rising"], "evaluate-test": True}
+    plain = train(message(full, **{"full-model": True}, **classes), node(rc, partition=0))
+    both = train(message(full, **{"full-model": True, EVALUATE_FIRST: True}, **classes), node(rc, partition=0))
+    alone = evaluate(message(full, kind="evaluate", **{"full-model": True}, **classes), node(rc, partition=0))
+    assert dict(both.content[EVALUATION]) == dict(alone.content["metrics"])
+    assert dict(both.content[EVALUATION])["num-examples"] == 18
+    assert EVALUATION not in plain.content
+    for name in plain.content["arrays"].keys():
+        np.testing.assert_array_equal(both.content["arrays"][name].numpy(), plain.content["arrays"][name].numpy())
+
+
 def test_a_label_outside_the_run_classes_fails_the_node_naming_label_and_node(setup):
     rc, _, full = setup
     msg = message(full, **{"full-model": True, "classes": ["falling", "rising"]})

@@ -136,8 +136,9 @@ def test_faults_server_killed_nodes_killed_and_restarted_unregistered_node_refus
     4. node 2 SIGKILLed while round 3 trains: the round completes with the others after Flower's heartbeat
        timeout, and the failure is recorded against the right node;
     5. node 2 restarted as soon as the SuperLink lists it offline: its update is aggregated in round 4;
-    6. node 0 stopped (SIGTERM) and started again at the same moment: it lost its state, so the round-3
-       evaluation's slice is not enough; it asks, gets the full model and scores its devel clips in round 3.
+    6. node 0 stopped (SIGTERM) and started again at the same moment: it lost its state, so the slice in its next
+       message (round 4's training, which scores round 3's model first) is not enough; it asks, gets the full
+       model, scores its devel clips for round 3 and trains round 4.
     """
     from dsl_fed.config import load_config
     from dsl_fed.deploy.certs import write_certificates
@@ -195,7 +196,7 @@ def test_faults_server_killed_nodes_killed_and_restarted_unregistered_node_refus
         fed.wait_for_nodes(4)
         lines.clear()
         second = submit(fed, resume=True, name="resumed")
-        wait_until(lambda: any("round 2/4" in line for line in lines), "round 2")
+        wait_until(lambda: re.search(r"Successfully started run (\d+)", "\n".join(lines)), "run id")
         run_id = re.search(r"Successfully started run (\d+)", "\n".join(lines)).group(1)
         # node 2 has taken round 3's training message: its second one of this run (rounds 2 and 3)
         wait_until(lambda: len(re.findall(rf"\[RUN {run_id}\b.*\n.*Receiving: train message", log("node_2"))) >= 2,
@@ -226,11 +227,11 @@ def test_faults_server_killed_nodes_killed_and_restarted_unregistered_node_refus
     assert extra[2]["clients"]["aggregated"] == 3 and extra[2]["clients"]["failed"] == [reason]  # rogue: never there
     assert extra[3]["clients"]["aggregated"] == 2
     assert sorted(line.split(":")[0] for line in extra[3]["clients"]["failed"]) == sorted([f"node {ids[2]}", f"node {ids[3]}"])
-    assert any(f"round 3: node {ids[0]} holds no model (restarted); sent it the full model" in line for line in lines)
+    assert any(f"round 4: node {ids[0]} holds no model (restarted); sent it the full model" in line for line in lines)
     assert extra[3]["evaluation"]["nodes"] == 2  # nodes 0 and 1 hold the devel speakers: node 0 scored in round 3
     assert extra[4]["clients"]["aggregated"] == 3 and ids[2] in extra[4]["clients"]["contributors"]
     assert extra[4]["never_contributed"] == [reason]
     ours = [line for line in logs["node_3"].splitlines() if "[dsl_fed]" in line]
-    assert ours and all(line.endswith(f"[dsl_fed] {reason}") for line in ours), ours
+    assert ours and [line for line in ours if not line.endswith(f"[dsl_fed] {reason}")] == []
     assert "Traceback" not in logs["node_3"]
     assert processes_with(MARKER, marker) == []

@@ -108,3 +108,18 @@ def test_the_privacy_at_scale_bullet_quotes_its_results_file():
            f"and {dp[-1][1]}" in bullet
     missed = "No noise multiplier here keeps devel UAR within 5 points" in results
     assert ("is missed" in bullet) == missed
+
+
+def test_the_deployment_timing_quotes_its_results_file():
+    """The README's deployment table and ratio are the ones benchmarks/results/federated.md computed."""
+    section = (REPO / "benchmarks" / "results" / "federated.md").read_text().split("## Real deployment vs simulation")[1]
+    ratio = re.search(r"process isolation\): ([\d.]+)x the simulation's time per round", section).group(1)
+    start = README.index("The same job as a real deployment")
+    text = README[start:README.index("**Robustness**", start)]
+    assert f"{ratio}x the simulation's" in " ".join(text.split())
+    def cells(lines, mode):
+        return [c.strip() for c in next(ln for ln in lines if ln.startswith(f"| {mode}")).strip().strip("|").split("|")]
+
+    for mode in ("simulation (Ray", "deployment, one ClientApp process per SuperNode", "deployment, a ClientApp"):
+        measured, quoted = cells(section.splitlines(), mode), cells(text.splitlines(), mode)
+        assert quoted[2:7] == measured[3:8], mode  # s / round, training, other client work, server, rest

@@ -216,7 +216,7 @@ def test_a_server_without_audio_scores_by_summing_the_nodes_confusion_counts(dem
                     overrides="data.classes=falling,flat,rising")
 
     def restart(index, msg, reply):
-        if index == 1 and msg.metadata.message_type == "evaluate" and msg.content["config"]["server-round"] == 1:
+        if index == 1 and msg.metadata.message_type == "train" and msg.content["config"]["server-round"] == 1:
             grid.contexts[101].state = RecordDict()
         return reply
 
@@ -248,8 +248,11 @@ def test_a_server_without_audio_scores_by_summing_the_nodes_confusion_counts(dem
     best = 1 if uars[1] >= uars[2] else 2
     assert run.best_round() == best and os.readlink(run.path / "best") == f"round_{best}"
     assert run.manifest(2)["extra"]["best_round"] == best
-    sent = [m for m in grid.sent if m.metadata.message_type == "evaluate"]
-    assert len(sent) == 4 and all(list(m.content["config"]["classes"]) == manifest.classes for m in sent)
+    # round 1's evaluation rides in round 2's training messages, round 2's goes out alone
+    sent = [m for m in grid.sent if m.metadata.message_type == "evaluate" or m.content["config"].get("evaluate-first")]
+    assert sorted((m.metadata.message_type, m.content["config"]["server-round"]) for m in sent) == [
+        ("evaluate", 2), ("evaluate", 2), ("train", 2), ("train", 2), ("train", 2)]  # 101's sent again in full
+    assert all(list(m.content["config"]["classes"]) == manifest.classes for m in sent)
 
 
 def test_best_counts_only_rounds_scored_on_the_full_devel_set():
@@ -272,9 +275,8 @@ def test_best_counts_only_rounds_scored_on_the_full_devel_set():
 
 @pytest.mark.slow  # a federated run of the tiny model in-process: 10-40 s on 2 cores
 def test_a_round_missing_an_evaluation_node_is_recorded_and_never_best(demo_manifest, tmp_path):
-    from flwr.app import Error
-
     from dsl_fed.deploy.split import split_corpus
+    from dsl_fed.federated.protocol import EVALUATION
 
     folders = split_corpus(demo_manifest, tmp_path / "nodes", nodes=2)
     rc = run_config(write_config(tmp_path, demo_manifest, data={"manifest": "/nonexistent/manifest.csv"},
@@ -282,8 +284,9 @@ def test_a_round_missing_an_evaluation_node_is_recorded_and_never_best(demo_mani
                     overrides="data.classes=falling,flat,rising")
 
     def lost_evaluation(index, msg, reply):
-        if index == 1 and msg.metadata.message_type == "evaluate" and msg.content["config"]["server-round"] == 2:
-            return Message(Error(code=0, reason="connection lost"), reply_to=msg)
+        """Node 101's round-2 evaluation (it rides in its round-3 training message) never reaches the server."""
+        if index == 1 and msg.metadata.message_type == "train" and msg.content["config"]["server-round"] == 3:
+            del reply.content[EVALUATION]
         return reply
 
     run_server(InProcessGrid(rc, 2, sabotage=lost_evaluation, node_configs=[{"data-path": str(f)} for f in folders]), rc)

@@ -13,6 +13,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRec
 from dsl_fed.config import FederatedConfig
 from dsl_fed.config import DpConfig
 from dsl_fed.errors import DslFedError
+from dsl_fed.federated.prompt_grid import ImmediateReplies
 from dsl_fed.federated.strategy import (
     STRATEGIES,
     PhaseSchedule,
@@ -37,7 +38,7 @@ def model() -> dict[str, np.ndarray]:
     }
 
 
-class FakeGrid:
+class FakeGrid(ImmediateReplies):
     """The part of `flwr.serverapp.Grid` that strategies use, answering with `client(node, message)`."""
 
     def __init__(self, nodes=(11, 12, 13), client=None):
@@ -296,6 +297,69 @@ def test_a_node_that_lost_its_model_gets_it_within_the_round_and_trains_and_eval
     full, head = (ArrayRecord({n: Array(model()[n]) for n in names}).count_bytes() for names in (model(), HEAD))
     assert stats.bytes_down == 3 * head + full + 3 * head + full  # train (3 slices + 1 model), then evaluate
     assert s._timeout == 7  # the re-sent messages wait as long as the round's
+
+
+def test_a_rounds_evaluation_rides_in_the_next_rounds_training_message_and_is_published_while_the_nodes_work():
+    """In a deployment (a Grid whose nodes answer in order) a node gets one message per round: training round
+    r + 1 asks it to score the model first (that is round r's evaluation); a node sampled only for evaluation
+    gets its evaluation message in the same exchange. Round r is published once the next exchange is out, with
+    round r's model and server state."""
+    from dsl_fed.federated.protocol import EVALUATE_FIRST, EVALUATION
+
+    scored = MetricRecord({"num-examples": 2, "devel-confusion": [1, 0, 0, 1]})
+
+    def client(node, msg):
+        if msg.metadata.message_type == "evaluate":
+            return Message(RecordDict({"metrics": scored}), reply_to=msg)
+        config = msg.content["config"]
+        names = HEAD if config["phase"] == 1 else HEAD + TOP
+        answer = reply(msg, {n: np.full(model()[n].shape, float(config["server-round"])) for n in names}, 1, node)
+        if config.get(EVALUATE_FIRST) and node != 12:  # node 12 sends no evaluation: its update still counts
+            answer.content[EVALUATION] = scored
+        return answer
+
+    grid = FakeGrid(nodes=(11, 12, 13, 14), client=client)
+    events = []
+    push = grid.push_messages
+
+    def kind(m):
+        config = m.content["config"]
+        return f"{m.metadata.message_type} {config['server-round']}{' + evaluate' if config.get(EVALUATE_FIRST) else ''}"
+
+    grid.push_messages = lambda messages: (events.append(sorted(kind(m) for m in messages)), push(messages))[1]
+    s = strategy(cls=SliceFedAdam, fraction_train=0.75, min_train_nodes=3, fraction_evaluate=1.0, min_evaluate_nodes=1)
+    states, after = {}, {}  # round -> its published state, the global model right after its aggregation
+    aggregate = s.aggregate_train
+
+    def aggregate_train(rnd, replies):
+        arrays, metrics = aggregate(rnd, replies)
+        after[rnd] = arrays["head/bias"].numpy().tolist()
+        return arrays, metrics
+
+    s.aggregate_train = aggregate_train
+
+    def evaluate_fn(rnd, arrays):
+        if rnd > 0:  # 0: the initial model
+            events.append(f"publish {rnd}: {arrays['head/bias'].numpy().tolist()}, {len(s.rounds[rnd].evaluated)}")
+            states[rnd] = s.state_after[rnd]
+
+    s.start(grid=grid, initial_arrays=s.full_record(), num_rounds=3, evaluate_fn=evaluate_fn)
+    sampled = {r: set(s.rounds[r].nodes) for r in (1, 2, 3)}
+    assert all(len(nodes) == 3 for nodes in sampled.values())
+    three = lambda what: [what] * 3  # noqa: E731
+    assert events == [three("train 1"),
+                      sorted(["evaluate 1"] + three("train 2 + evaluate")),  # one message per node
+                      sorted(["evaluate 2"] + three("train 3 + evaluate")),
+                      f"publish 1: {after[1]}, {4 - (12 in sampled[2])}",
+                      ["evaluate 3"] * 4,  # the last round's evaluation goes out alone
+                      f"publish 2: {after[2]}, {4 - (12 in sampled[3])}",
+                      f"publish 3: {after[3]}, 4"]
+    assert len({tuple(values) for values in after.values()}) == 3
+    assert [int(states[r]["steps/head/bias"]) for r in (1, 2, 3)] == [1, 2, 3]  # FedAdam's state after that round
+    assert s.state_after == {}
+    assert [s.rounds[r].aggregated for r in (1, 2, 3)] == [3, 3, 3]
+    slice_bytes = ArrayRecord({n: Array(model()[n]) for n in HEAD}).count_bytes()  # round 2: phase 1
+    assert s.rounds[2].bytes_down == 4 * slice_bytes  # 3 training messages (they also evaluate) + 1 evaluation
 
 
 def test_a_round_waits_for_min_available_nodes_only_for_node_wait_seconds(caplog):

@@ -63,7 +63,7 @@ from dsl_fed.robustness import perturb_client  # noqa: E402
 from dsl_fed.train import train_local  # noqa: E402
 from dsl_fed.federated.model_cache import client_model  # noqa: E402
 from dsl_fed.federated.node_identity import client_id, client_seed  # noqa: E402
-from dsl_fed.federated.protocol import NEEDS_FULL_MODEL  # noqa: E402
+from dsl_fed.federated.protocol import EVALUATE_FIRST, EVALUATION, NEEDS_FULL_MODEL  # noqa: E402
 from dsl_fed.federated.run_config import config_from_run_config  # noqa: E402
 
 MODEL_STATE_KEY = "dsl_fed-model"  # context.state entry holding the full model this node received
@@ -82,7 +82,8 @@ def handle(kind: str, msg: Message, context: Context, app_dir: Path | None) -> M
 
 
 def train(msg: Message, context: Context, app_dir: Path | None = None) -> Message:
-    """Train the requested phase on this node's shard; reply with the trained slice and metrics."""
+    """Train the requested phase on this node's shard; reply with the trained slice and metrics (and, when the
+    server asks with `EVALUATE_FIRST`, the received model's evaluation, scored before training)."""
     began = time.perf_counter()
     cfg = config_from_run_config(context.run_config, app_dir)
     limit_threads(cfg.federated.client_cpus)
@@ -98,6 +99,7 @@ def train(msg: Message, context: Context, app_dir: Path | None = None) -> Messag
 
     remember_full_model(msg, context)
     model = global_model(cfg, len(classes), msg, context, seed)
+    evaluation = score(cfg, data, config, lambda: model) if config.get(EVALUATE_FIRST) else None
     set_phase(model, phase, cfg.training.unfrozen_layers)
     names = trainable_weight_names(model)
     missing = sorted(set(names) - set(msg.content["arrays"].keys()))
@@ -123,27 +125,31 @@ def train(msg: Message, context: Context, app_dir: Path | None = None) -> Messag
         })
     dtype = str(config.get("transfer-dtype", "float32"))
     update = get_weights_by_name(model, names)
-    return Message(
-        RecordDict({
-            "arrays": ArrayRecord({n: Array(w.astype(dtype)) for n, w in update.items()}),
-            "metrics": MetricRecord(metrics),
-        }),
-        reply_to=msg,
-    )
+    content = RecordDict({
+        "arrays": ArrayRecord({n: Array(w.astype(dtype)) for n, w in update.items()}),
+        "metrics": MetricRecord(metrics),
+    })
+    if evaluation is not None:
+        content[EVALUATION] = MetricRecord(evaluation)
+    return Message(content, reply_to=msg)
 
 
 def evaluate(msg: Message, context: Context, app_dir: Path | None = None) -> Message:
-    """Score the global model on this node's own held-out clips; reply with confusion counts, never clips.
-
-    ``devel-confusion`` (and ``test-confusion`` when the server asks for ``evaluate-test``) are the flattened
-    class x class counts of clip-level predictions; ``num-examples`` is the number of clips scored (0: nothing
-    to score, and the model is still kept for later slice-only messages).
-    """
+    """Score the global model on this node's own held-out clips; reply with confusion counts, never clips."""
     cfg = config_from_run_config(context.run_config, app_dir)
     limit_threads(cfg.federated.client_cpus)
     remember_full_model(msg, context)
     config = msg.content["config"]
     data = local_data(cfg, context, config)
+    seed = client_seed(cfg.training.seed, int(config["server-round"]), client_id(context))
+    metrics = score(cfg, data, config, lambda: global_model(cfg, len(data.classes), msg, context, seed))
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+def score(cfg: Config, data: NodeData, config: Mapping[str, object], model_fn) -> dict[str, int | list[int]]:
+    """An evaluation reply's metrics: ``devel-confusion`` (and ``test-confusion`` when the server asks for
+    ``evaluate-test``), the flattened class x class counts of clip-level predictions, and ``num-examples``, the
+    clips scored (0: nothing to score). `model_fn` gives the model, built only if there is something to score."""
     parts = ("devel", "test") if bool(config.get("evaluate-test", False)) else ("devel",)
     k = len(data.classes)
     metrics: dict[str, int | list[int]] = {"num-examples": 0}
@@ -152,14 +158,12 @@ def evaluate(msg: Message, context: Context, app_dir: Path | None = None) -> Mes
         counts = np.zeros((k, k), dtype=np.int64)
         chunks = _chunks(cfg.data, data, part)
         if chunks is not None:
-            if model is None:
-                seed = client_seed(cfg.training.seed, int(config["server-round"]), client_id(context))
-                model = global_model(cfg, k, msg, context, seed)
+            model = model_fn() if model is None else model
             _, probs, labels, _ = predict_clips(model, chunks, batch_size=cfg.training.batch_size)
             counts = confusion(labels, probs.argmax(axis=1), k)
         metrics[f"{part}-confusion"] = [int(c) for c in counts.reshape(-1)]
         metrics["num-examples"] += int(counts.sum())
-    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+    return metrics
 
 
 # ----------------------------------------------------------------------------------------------- model

@@ -32,3 +32,12 @@ IDENTITY = "identity"
 """ConfigRecord of a `QUERY_CLIENT_ID` reply; its key `CLIENT_ID` holds `node_identity.client_id` (an int)."""
 
 CLIENT_ID = "client-id"
+
+EVALUATE_FIRST = "evaluate-first"
+"""Config key of a training message: score the global model it carries on the node's held-out clips before
+training, as an evaluation message would, and put the counts into the reply's `EVALUATION` record. The server
+asks so in a deployment, where a round's evaluation and the next round's training carry the same model: one
+message per node and round instead of two (each costs a SuperNode seconds of pulling and pushing)."""
+
+EVALUATION = "evaluation"
+"""MetricRecord of a training reply to an `EVALUATE_FIRST` message: exactly an evaluation reply's metrics."""

@@ -210,10 +210,11 @@ def _summed(replies: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return {part: counts for part, counts in sums.items() if counts.sum() > 0}
 
 
-def never_contributed(strategy: SliceAggregation) -> list[str]:
-    """Nodes asked to train at least once whose update was never aggregated, with their last failure."""
+def never_contributed(strategy: SliceAggregation, up_to: int | None = None) -> list[str]:
+    """Nodes asked to train at least once (in rounds up to `up_to`) whose update was never aggregated, with their
+    last failure."""
     asked, contributed, reasons = set(), set(), {}
-    for stats in strategy.rounds.values():
+    for stats in (s for s in strategy.rounds.values() if up_to is None or s.round <= up_to):
         asked.update(stats.nodes)
         contributed.update(stats.contributors)
         for line in stats.failed + stats.rejected:  # "node <id>...: <reason>"
@@ -222,9 +223,10 @@ def never_contributed(strategy: SliceAggregation) -> list[str]:
 
 
 class RoundPublisher:
-    """`evaluate_fn` for `Strategy.start`: score the merged global model and publish the round's outputs.
+    """`evaluate_fn` of `SliceAggregation.start`: score the merged global model and publish the round's outputs.
 
-    Flower calls it after the round's federated evaluation, so `federated` already holds the nodes' sums.
+    The strategy calls it once the round's federated evaluation is in, so `federated` already holds the nodes'
+    sums; the nodes may be training the next round already.
     """
 
     def __init__(self, cfg: Config, classes: list[str], model: keras.Model, strategy: SliceAggregation,
@@ -252,6 +254,7 @@ class RoundPublisher:
         flower_seconds = start - self._last  # messages out, local training, replies in, client evaluation
         rnd = server_round + self.strategy.round_offset
         stats = self.strategy.rounds[rnd]
+        state = self.strategy.state_after[rnd]  # the server's state after round rnd (the next may be under way)
         if server_round == 1 and not stats.updated and stats.failed and not stats.contributors:
             raise DslFedError(f"every client failed round {rnd}, so nothing was trained: {stats.failed[0]}")
         set_weights_by_name(self.model, {name: array.numpy() for name, array in arrays.items()})
@@ -268,15 +271,15 @@ class RoundPublisher:
             **scores,
             "best_round": best,
             "clients": stats.published(dp=self.privacy is not None),
-            "never_contributed": never_contributed(self.strategy),
+            "never_contributed": never_contributed(self.strategy, rnd),  # round rnd + 1 may be under way
             "bytes_up": stats.bytes_up,
             "bytes_down": stats.bytes_down,
             "seconds": flower_seconds,
         }
         if self.privacy is not None:
-            extra["privacy"] = self.privacy.report(self.strategy.dp_releases, stats.clip_norm)
+            extra["privacy"] = self.privacy.report(int(state["dp/releases"]), stats.clip_norm)
             extra["privacy"]["last_round"] = self.privacy.last_round(self.strategy.schedule.num_rounds)
-        self.run.write_round(rnd, lambda folder: self._write_model(folder, extra), self.strategy.state_arrays())
+        self.run.write_round(rnd, lambda folder: self._write_model(folder, extra), state)
         if best is not None and best != self.run.best_round():
             self.run.point_best(best)
         server_seconds = time.perf_counter() - start

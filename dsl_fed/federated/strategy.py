@@ -1,8 +1,9 @@
 """Partial aggregation by weight name on top of Flower's strategies, with the paper's two-phase schedule.
 
 Only the trainable slice travels after a node first receives the model: phase 1 the head, phase 2 the head plus
-the unfrozen top of the backbone. Flower's `Strategy.start` replaces its global arrays with whatever
-`aggregate_train` returns, so a strategy that aggregated just the slice would shrink the global model to it.
+the unfrozen top of the backbone. The round loop (`start`, Flower's with one exchange per round) replaces its
+global arrays with whatever `aggregate_train` returns, so a strategy that aggregated just the slice would
+shrink the global model to it.
 `SliceAggregation` therefore keeps the full model itself, sends the slice, checks every reply, lets the Flower
 strategy combine the slice updates (mean, median, trimmed mean, Krum, Bulyan, ...), merges the result back and
 returns the full model. Weights are addressed by name, never by list position.
@@ -49,6 +50,7 @@ from flwr.serverapp.strategy import (
     FedYogi,
     Krum,
     MultiKrum,
+    Result,
     Strategy,
 )
 
@@ -57,7 +59,8 @@ from dsl_fed.config import DpConfig, FederatedConfig
 from dsl_fed.errors import DslFedError
 from dsl_fed.federated.dp import DpMean
 from dsl_fed.federated.online_clients import OnlineClients
-from dsl_fed.federated.protocol import NEEDS_FULL_MODEL, NEEDS_TRAINABLE_MODEL
+from dsl_fed.federated.prompt_grid import exchange
+from dsl_fed.federated.protocol import EVALUATE_FIRST, EVALUATION, NEEDS_FULL_MODEL, NEEDS_TRAINABLE_MODEL
 from dsl_fed.federated.protocol import TRAINABLE_MODEL, TRAINABLE_SHA
 from dsl_fed.federated.replies import ARRAYS, METRICS, NORM_BIT, check_evaluate_reply, check_train_reply, short_reason
 from dsl_fed.federated.run_config import PROGRESS_MARK
@@ -207,6 +210,7 @@ class SliceAggregation:
         self.seed = seed
         self.client_dropout = client_dropout
         self.rounds: dict[int, RoundStats] = {}
+        self.state_after: dict[int, dict[str, np.ndarray]] = {}  # `state_arrays` after rounds not yet published
         self._nodes_with_model: set[int] = set()  # nodes known to hold the full model in their node state
         self.dp = dp if dp is not None and dp.enabled else None
         self._rule: Strategy = _SliceRule(self)
@@ -216,7 +220,7 @@ class SliceAggregation:
             self._rule = dp_wrapper(self._rule, self.dp, self.sample_size(num_nodes, self.fraction_train,
                                                                           self.min_train_nodes))
         self.node_wait = node_wait
-        self._sent: list[Message] = []  # this round's messages: a reply is matched to the node it was sent to
+        self._sent: list[Message] = []  # this exchange's messages: a reply is matched to the node it was sent to
         self._grid: Grid | None = None  # the round's Grid, to send the full model to nodes that lost it
         self._timeout = 3600.0  # how long `start` waits for replies
         self._evaluate_parts: tuple[str, ...] = ("devel",)  # what an evaluation reply must carry (its config says)
@@ -225,10 +229,110 @@ class SliceAggregation:
         self._litert_nodes: dict[int, str | None] = {}  # LiteRT node -> sha256 of the trainable model it holds
         self.online_clients = OnlineClients(availability, self.configrecord_key) if availability is not None else None
 
-    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600, **kwargs):
-        """Flower's round loop; the reply timeout is kept for messages sent again within a round."""
-        self._timeout = timeout
-        return super().start(grid, initial_arrays, num_rounds, timeout, **kwargs)
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600,
+              train_config: ConfigRecord | None = None, evaluate_config: ConfigRecord | None = None,
+              evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None) -> Result:
+        """Flower's round loop (train, evaluate on the nodes, `evaluate_fn`) with one message per node and round.
+
+        Round r's evaluation and round r+1's training carry the same global model, so on a Grid whose nodes answer
+        in order (`PromptGrid.in_order`: a deployment) they go out as one exchange, and a Keras node sampled for
+        both gets one training message that asks it to score the model first (`EVALUATE_FIRST`). Every message
+        costs a SuperNode seconds: it sleeps 3 s after any pull that finds nothing (Flower 1.42, so after each
+        reply while the server waits for the slowest node), pulls the content, polls for the reply every 0.5 s
+        and pushes it. Round r's `evaluate_fn` (scoring, checkpoint, publishing) runs right after the next exchange
+        goes out, while the nodes wait for it or work on it; the checkpoint keeps the server state as it was
+        after round r (`state_after`). Otherwise (the simulation, or no evaluation messages because the server
+        scores the model itself) the steps follow each other as in Flower's loop.
+        """
+        self._timeout = timeout  # also for messages sent again within a round
+        train_config = ConfigRecord() if train_config is None else train_config
+        evaluate_config = ConfigRecord() if evaluate_config is None else evaluate_config
+        result = Result()
+
+        def evaluated(rnd: int, arrays: ArrayRecord, replies: list[Message]) -> Callable[[], None]:
+            """Aggregate round `rnd`'s evaluation now (the server's model must still be that round's); returns its
+            publishing, `evaluate_fn`, to run later."""
+            if (metrics := self.aggregate_evaluate(rnd, replies)) is not None:
+                result.evaluate_metrics_clientapp[rnd] = metrics
+
+            def publish() -> None:
+                if evaluate_fn is not None and (scores := evaluate_fn(rnd, arrays)) is not None:
+                    result.evaluate_metrics_serverapp[rnd] = scores
+                self.state_after.pop(rnd + self.round_offset, None)
+            return publish
+
+        if evaluate_fn is not None and (scores := evaluate_fn(0, initial_arrays)) is not None:
+            result.evaluate_metrics_serverapp[0] = scores
+        together = getattr(grid, "in_order", False)
+        publish: Callable[[], None] | None = None  # a round whose evaluation is in and whose outputs are not out yet
+        arrays = initial_arrays
+        for rnd in range(1, num_rounds + 2):
+            self._sent = []
+            evaluate = list(self.configure_evaluate(rnd - 1, arrays, evaluate_config, grid)) if rnd > 1 else []
+            if rnd > 1 and not (together and evaluate and rnd <= num_rounds):
+                replies = exchange(grid, evaluate, timeout, publish)
+                publish, evaluate = None, []
+                evaluated(rnd - 1, arrays, replies)()
+            if rnd > num_rounds:
+                break
+            train = list(self.configure_train(rnd, arrays, train_config, grid))
+            combined = bool(evaluate)  # round rnd - 1's evaluation goes out with this round's training
+            if combined:
+                evaluate = self._fold_evaluation(evaluate, train, self._round_stats(rnd - 1 + self.round_offset))
+            replies = exchange(grid, evaluate + train, timeout, publish)
+            publish = None
+            if combined:
+                replies, evaluations = self._split_evaluations(replies, self._round_stats(rnd + self.round_offset))
+                publish = evaluated(rnd - 1, arrays, evaluations)
+            new_arrays, metrics = self.aggregate_train(rnd, replies)
+            self.state_after[rnd + self.round_offset] = self.state_arrays()  # its checkpoint's: written later
+            if new_arrays is not None:
+                result.arrays = arrays = new_arrays
+            if metrics is not None:
+                result.train_metrics_clientapp[rnd] = metrics
+        return result
+
+    def _fold_evaluation(self, evaluate: list[Message], train: list[Message], stats: RoundStats) -> list[Message]:
+        """The evaluation messages still to send once every Keras node sampled for training is asked to score
+        the model in its training message (`EVALUATE_FIRST`); `stats` (the evaluated round's) stops counting
+        the bytes of the messages dropped. A node whose evaluation message brings it the full model keeps both
+        (its training message then holds only the slice)."""
+        first_contact = {m.metadata.dst_node_id for m in evaluate if m.content[self.configrecord_key].get("full-model")}
+        training = {m.metadata.dst_node_id for m in train} - set(self._litert_nodes) - first_contact
+        folded: dict[int, RecordDict] = {}  # by id of the content the training messages share
+        for msg in train:
+            if msg.metadata.dst_node_id in training:
+                content = msg.content
+                if id(content) not in folded:
+                    config = ConfigRecord({**dict(content[self.configrecord_key]), EVALUATE_FIRST: True})
+                    folded[id(content)] = RecordDict({self.arrayrecord_key: content[self.arrayrecord_key],
+                                                      self.configrecord_key: config})
+                msg.content = folded[id(content)]
+        kept = []
+        for msg in evaluate:
+            if msg.metadata.dst_node_id in training:
+                stats.bytes_down -= _payload_bytes(msg)
+            else:
+                kept.append(msg)
+        return kept
+
+    def _split_evaluations(self, replies: list[Message], stats: RoundStats) -> tuple[list[Message], list[Message]]:
+        """(training replies, evaluation replies) of an exchange: nodes that asked for the full model get it first
+        (`_with_full_model_resent`), and an `EVALUATE_FIRST` reply gives both, its `EVALUATION` record becoming
+        an evaluation reply of the same node (no record: none; a bad one is refused by `aggregate_evaluate`)."""
+        train, evaluations = [], []
+        for reply in self._with_full_model_resent(replies, stats):
+            asked = self._asked(reply)
+            if asked is None or asked.metadata.message_type != MessageType.TRAIN:
+                evaluations.append(reply)
+                continue
+            train.append(reply)
+            if (EVALUATE_FIRST in asked.content[self.configrecord_key] and not reply.has_error()
+                    and EVALUATION in reply.content):
+                metrics = reply.content[EVALUATION]
+                del reply.content[EVALUATION]
+                evaluations.append(Message(RecordDict({METRICS: metrics}), reply_to=asked))
+        return train, evaluations
 
     # ------------------------------------------------------------------------------------------- sending
 
@@ -358,7 +462,7 @@ class SliceAggregation:
             msg.content, size = payloads[full]
             stats.bytes_down += size
             self._nodes_with_model.add(node)  # dropped again if the node's reply is an error
-        self._sent = messages
+        self._sent.extend(messages)
         return messages
 
     def _litert_content(self, node: int, config: ConfigRecord, phase: int) -> tuple[RecordDict, int]:
