@@ -96,7 +96,8 @@ def _prompt_content_pulls() -> None:
     """Make the deployment Grid ask for a reply's content every 0.05 s, at most every 0.2 s.
 
     A SuperNode hands the SuperLink a reply before its content, so the Grid's first try for the content mostly
-    comes too early; Flower's pull then waits 1 s, doubling up to 10 s. Flower's 2 hours stay the limit. Module state of the ServerApp's process: done once.
+    comes too early; Flower's pull then waits 1 s, doubling up to 10 s. Flower's 2 hours stay the limit.
+    Module state of the ServerApp's process: done once.
     """
     from flwr.superlink.grid import http_grid  # noqa: PLC0415 - Flower's deployment Grid
 
