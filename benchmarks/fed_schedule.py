@@ -31,8 +31,11 @@ CONFIG = ROOT / "configs" / "arousal.yaml"
 RESULTS = ROOT / "benchmarks" / "results" / "fed_schedule.md"
 SHORT = 10  # phase-2 rounds of the short reading
 
-# name -> overrides of configs/arousal.yaml; every one keeps the client optimiser, so central is unchanged.
+# name -> overrides of configs/arousal.yaml on top of FEDAVG; none touches `training.*`, so central is unchanged.
+FEDAVG = ("federated.local_update=train", "federated.strategy=fedavg", "federated.fraction_train=1.0")
 SCHEDULES: dict[str, tuple[str, ...]] = {
+    "fedsgd + fedadam 0.01, 8 of 36 (the preset)": ("federated.local_update=gradient", "federated.strategy=fedadam",
+                                                    "federated.fraction_train=0.23"),
     "fedavg, 2 local epochs": ("federated.local_epochs=2",),
     "fedavg, 1 local epoch": ("federated.local_epochs=1",),
     "fedavg, 4 local epochs": ("federated.local_epochs=4",),
@@ -97,7 +100,7 @@ def _run(work: Path, manifest_path: Path, rounds: int, name: str, seed: int) -> 
 
     overrides = [f"data.manifest={manifest_path}", "data.shards=0", f"training.seed={seed}",
                  f"federated.phase2_rounds={rounds}", "federated.fraction_evaluate=0", "federated.client_cpus=1",
-                 *SCHEDULES[name]]
+                 *FEDAVG, *SCHEDULES[name]]
     result = inprocess.run(CONFIG, overrides, score_rounds=("devel", "test"))
     atomic_write(_result_path(work, rounds, name, seed),
                       json.dumps({"overrides": overrides, "seconds": result.seconds, "rounds": result.per_round}))

@@ -43,6 +43,8 @@ import psutil
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
 CONFIG = REPO / "configs" / "arousal.yaml"
+# local training, as in the kept results (the preset's gradient updates skip the phase-1 embedding cache)
+FEDAVG = ["federated.local_update=train", "federated.strategy=fedavg", "federated.local_epochs=2"]
 DENSENET = ["model.backbone=densenet121", "model.weights=null", "spectrogram.image_size=224"]
 SAMPLE_SECONDS = 0.2
 
@@ -212,7 +214,7 @@ def simulate_run(label: str, manifest: Path, registered: int, per_round: int, ru
     fraction = min(1.0, (per_round + 0.5) / registered)  # Flower samples int(N * fraction) clients
     overrides = [f"data.manifest={manifest}", f"output.directory={runs}", f"output.name={name}", "data.shards=0",
                  f"federated.fraction_train={fraction:.6g}", f"federated.min_train_nodes={min(2, per_round)}",
-                 "federated.min_available_nodes=2", *extra]
+                 "federated.min_available_nodes=2", *FEDAVG, *extra]
     command = [sys.executable, "-m", "dsl_fed", "simulate", str(CONFIG), *overrides, "--overwrite"]
     log = runs / f"{name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)

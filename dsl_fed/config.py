@@ -235,10 +235,15 @@ class FederatedConfig:
     phase1_rounds: int = 10
     phase2_rounds: int = 10
     local_epochs: int = 1
+    # "gradient" (FedSGD): a node sends one plain SGD step of size 1 on its mean loss gradient over all its clips,
+    # so the server optimiser (fedadam, fedyogi) steps on the federation's mean gradient, as central Adam does
+    local_update: Literal["train", "gradient"] = "train"
     strategy: Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm", "fedmedian", "fedtrimmedavg", "krum",
                       "multikrum", "bulyan"] = "fedavg"
     proximal_mu: float = 0.01  # FedProx
     server_learning_rate: float = 0.01  # FedAdam / FedYogi eta
+    server_beta_2: float = 0.99  # FedAdam / FedYogi second-moment decay (Flower's default)
+    server_tau: float = 1e-3  # FedAdam / FedYogi tau, Adam's epsilon (Flower's default)
     server_momentum: float = 0.9  # FedAvgM (its server learning rate is 1)
     trim_fraction: float = 0.2  # FedTrimmedAvg: share of updates cut at each end, per coordinate
     num_malicious: int = 1  # Krum / MultiKrum / Bulyan: attackers to tolerate
@@ -263,6 +268,11 @@ class FederatedConfig:
         _require(1 <= self.local_epochs <= MAX_COUNT, "federated.local_epochs", f"must be in [1, {MAX_COUNT}], got {self.local_epochs}")
         _require(0 <= self.proximal_mu <= 1000, "federated.proximal_mu", f"must be in [0, 1000], got {self.proximal_mu}")
         _require(0 < self.server_learning_rate <= 100, "federated.server_learning_rate", "must be in (0, 100]")
+        _require(0 <= self.server_beta_2 < 1, "federated.server_beta_2", f"must be in [0, 1), got {self.server_beta_2}")
+        _require(0 < self.server_tau <= 1, "federated.server_tau", f"must be in (0, 1], got {self.server_tau}")
+        _require(self.local_update == "train" or self.strategy in ("fedadam", "fedyogi"), "federated.local_update",
+                 f"gradient sends raw gradient steps of size 1, which need a server optimiser (strategy fedadam or "
+                 f"fedyogi), not {self.strategy}")
         _require(0 < self.fraction_train <= 1, "federated.fraction_train", f"must be in (0, 1], got {self.fraction_train}")
         _require(0 <= self.fraction_evaluate <= 1, "federated.fraction_evaluate", f"must be in [0, 1], got {self.fraction_evaluate}")
         _require(1 <= self.min_train_nodes <= MAX_COUNT, "federated.min_train_nodes", f"must be in [1, {MAX_COUNT}], got {self.min_train_nodes}")
@@ -282,6 +292,8 @@ class FederatedConfig:
         _require(self.client_runtime == "keras" or self.litert_clients == 0, "federated.litert_clients",
                  "a share of LiteRT nodes goes with client_runtime keras (client_runtime litert runs every node on LiteRT)")
         if self.litert_share > 0:
+            _require(self.local_update == "train", "federated.local_update", "gradient does not work with LiteRT "
+                     "clients (their trainable .tflite takes optimiser steps, it does not return a gradient)")
             _require(not self.dp.enabled, "federated.dp.mode", "does not work with LiteRT clients yet (they reply with "
                      "the head alone in phase 2, which the clipping norm does not cover)")
             _require(self.strategy != "fedprox", "federated.strategy", "fedprox needs a proximal term in the "

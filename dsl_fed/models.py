@@ -82,6 +82,11 @@ class DslModel(keras.Model):
             self.train_function = None
         self._augmentation = augmentation
 
+    @property
+    def augmentation(self) -> SapAugment | None:
+        """The attached training-time augmentation policy (None: off)."""
+        return self._augmentation
+
     def restart_augmentation(self) -> None:
         """Start the augmentation stream at step 0 again, as on a freshly built model (same seed included)."""
         self._augmentation_steps.assign(0)

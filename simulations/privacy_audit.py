@@ -48,6 +48,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "arousal.yaml"
 MEMORISE = ["model.dropout=0", "training.learning_rate=0.01"]  # before the user's overrides, which win
+# every client trains local epochs every round, as in the kept results (the preset samples 8 gradient steps)
+FEDAVG = ["federated.local_update=train", "federated.strategy=fedavg", "federated.fraction_train=1.0"]
 DEVEL_IN_PROBE = 4  # speakers the probe federation keeps as its devel set (a run needs one)
 
 
@@ -135,7 +137,7 @@ def make_plan(args: argparse.Namespace) -> dict:
     noises = [noise_for_epsilon(float(e), args.rounds, args.delta) for e in args.epsilons.split(",") if e.strip()]
     base = [f"data.shards=0", "federated.phase1_rounds=1", f"federated.phase2_rounds={args.rounds - 1}",
             f"federated.local_epochs={args.local_epochs}", "federated.fraction_evaluate=0",
-            "output.name=privacy_audit", *MEMORISE, *args.overrides]
+            "output.name=privacy_audit", *FEDAVG, *MEMORISE, *args.overrides]
     settings = [None, *noises]
     cells = [(fed, noise) for noise in settings for fed in ("target", "shadow")] + [("probe", None), ("features", None)]
     return {"base": base, "corpus": str(corpus), "manifests": {k: str(v) for k, v in manifests.items()},

@@ -251,3 +251,35 @@ def test_a_deployed_node_reports_its_random_folder_id_and_a_simulated_node_its_s
     (tmp_path / NODE_ID_FILE).write_text("x")
     with pytest.raises(DslFedError, match=r"^node 7: .*not a node id"):
         client_id(deployed)
+
+
+def test_a_gradient_node_replies_with_one_step_on_its_mean_gradient_and_its_loss(demo_manifest, tmp_path):
+    """``local_update: gradient``: the reply is ``w - g`` over the node's own clips (the step `gradient_step` takes
+    with the node's seed), metrics without a local UAR."""
+    from dsl_fed.data import read_manifest
+    from dsl_fed.federated.keras_client import local_data, train_chunks
+    from dsl_fed.federated.node_identity import client_seed
+    from dsl_fed.gradient_step import gradient_step
+    from dsl_fed.models import build_model, get_weights_by_name, set_weights_by_name, weight_names
+
+    rc = run_config(write_config(tmp_path, demo_manifest, model={"dropout": 0.0},
+                                 federated={"local_update": "gradient", "strategy": "fedadam"}))
+    cfg = config_from_run_config(rc)
+    classes = read_manifest(cfg.data.manifest).classes
+    model = build_model(cfg, len(classes))
+    full = get_weights_by_name(model, weight_names(model))
+    ctx = node(rc, partition=1)
+    reply = train(message(full, **{"full-model": True, "server-round": 3}), ctx)
+    assert set(reply.content["metrics"].keys()) == {"num-examples", "train-loss", "train-seconds", "work-seconds",
+                                                    "partition-id"}
+    chunks = train_chunks(cfg, local_data(cfg, ctx, {}), 1)
+    assert reply.content["metrics"]["num-examples"] == len(chunks)
+    reference = build_model(cfg, len(classes))
+    set_weights_by_name(reference, full)
+    loss = gradient_step(reference, chunks, cfg, 1, client_seed(cfg.training.seed, 3, 1))
+    assert reply.content["metrics"]["train-loss"] == pytest.approx(loss, rel=1e-5)
+    expected = get_weights_by_name(reference, HEAD)
+    for name in HEAD:
+        sent = reply.content["arrays"][name].numpy()
+        np.testing.assert_allclose(sent, expected[name], atol=1e-6, err_msg=name)
+    assert not np.allclose(reply.content["arrays"]["hidden/kernel"].numpy(), full["hidden/kernel"])

@@ -230,9 +230,9 @@ def test_make_strategy_maps_the_config():
     s = make_strategy(fed, model(), {1: HEAD, 2: HEAD + TOP}, num_nodes=3)
     [m, *_] = s.configure_train(1, ArrayRecord(), ConfigRecord(), FakeGrid())
     assert m.content["config"]["proximal-mu"] == 0.5 and s.min_available_nodes == 3
-    adam = make_strategy(FederatedConfig(strategy="fedadam", server_learning_rate=0.02), model(), {1: HEAD, 2: HEAD},
-                         num_nodes=3)
-    assert isinstance(adam, SliceFedAdam) and adam.eta == 0.02
+    adam = make_strategy(FederatedConfig(strategy="fedadam", server_learning_rate=0.02, server_beta_2=0.999,
+                                         server_tau=1e-7), model(), {1: HEAD, 2: HEAD}, num_nodes=3)
+    assert isinstance(adam, SliceFedAdam) and (adam.eta, adam.beta_2, adam.tau) == (0.02, 0.999, 1e-7)
 
 
 def test_client_metrics_are_weighted_means_with_summed_seconds():

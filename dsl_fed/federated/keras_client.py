@@ -6,7 +6,8 @@ loads TensorFlow (see there for how messages reach it and how a node's failure b
 A node is told by the server which phase to train (``config["phase"]``). It receives the full model the first
 time it is addressed (kept in ``context.state``, i.e. on the node; a simulated node keeps only its weights'
 sha256 there and the simulation process one copy of the arrays, `remember_full_model`) and afterwards only the
-phase's trainable slice, which it loads on top. It trains that slice with `dsl_fed.train.train_local` on its own chunks and
+phase's trainable slice, which it loads on top. It trains that slice with `dsl_fed.train.train_local` on its own chunks
+(``federated.local_update: gradient``: one step on its mean gradient, `dsl_fed.gradient_step`) and
 replies with exactly those weights (an ArrayRecord keyed by weight name) and scalar metrics (under
 ``federated.dp`` only the example count and its id). Audio, spectrograms and any other weights never leave the
 node. A node that gets a slice but holds no model (its SuperNode restarted) replies with a `NEEDS_FULL_MODEL`
@@ -60,6 +61,7 @@ from dsl_fed.models import get_weights_by_name, set_phase, set_weights_by_name  
 from dsl_fed.models import trainable_weight_names, weight_names  # noqa: E402
 from dsl_fed.predict import predict_clips  # noqa: E402
 from dsl_fed.robustness import perturb_client  # noqa: E402
+from dsl_fed.gradient_step import gradient_step  # noqa: E402
 from dsl_fed.train import train_local  # noqa: E402
 from dsl_fed.federated.model_cache import client_model  # noqa: E402
 from dsl_fed.federated.node_identity import client_id, client_seed  # noqa: E402
@@ -109,18 +111,22 @@ def train(msg: Message, context: Context, app_dir: Path | None = None) -> Messag
     anchor = get_weights_by_name(model, names)
     cache = node_cache(cfg, context)
     start = time.perf_counter()
-    with proximal_term(model, anchor, float(config.get("proximal-mu", 0.0))):
-        result = train_local(model, chunks, None, cfg, phase, epochs=cfg.federated.local_epochs, verbose=0, seed=seed,
-                             cache=cache)
+    if cfg.federated.local_update == "gradient":
+        loss = gradient_step(model, chunks, cfg, phase, seed)
+    else:
+        with proximal_term(model, anchor, float(config.get("proximal-mu", 0.0))):
+            loss = train_local(model, chunks, None, cfg, phase, epochs=cfg.federated.local_epochs, verbose=0,
+                               seed=seed, cache=cache).loss
     seconds = time.perf_counter() - start
-    metrics: dict[str, int | float] = {"num-examples": int(result.num_examples), "partition-id": partition}
+    metrics: dict[str, int | float] = {"num-examples": len(chunks), "partition-id": partition}
     if "dp-clipping" not in config:  # under DP the node reports nothing the noise does not cover
-        _, probs, labels, _ = (predict_clips_on_embeddings(model, chunks, cfg, phase, cache)
-                               or predict_clips(model, chunks, batch_size=cfg.training.batch_size))
+        metrics["train-loss"] = float(loss)  # a gradient step's: the received model's loss on the node's clips
+        if cfg.federated.local_update == "train":  # a single small step: not worth another pass over the clips
+            _, probs, labels, _ = (predict_clips_on_embeddings(model, chunks, cfg, phase, cache)
+                                   or predict_clips(model, chunks, batch_size=cfg.training.batch_size))
+            metrics["train-uar"] = float(uar(labels, probs.argmax(axis=1)))
         metrics.update({
-            "train-loss": float(result.loss),
-            "train-uar": float(uar(labels, probs.argmax(axis=1))),
-            "train-seconds": float(seconds),  # train_local alone
+            "train-seconds": float(seconds),  # the local update alone
             "work-seconds": float(time.perf_counter() - began),  # + model build, loading, local UAR
         })
     dtype = str(config.get("transfer-dtype", "float32"))

@@ -967,7 +967,7 @@ def make_strategy(
     if fed.strategy == "fedprox":
         kwargs["proximal_mu"] = fed.proximal_mu
     elif fed.strategy in ("fedadam", "fedyogi"):
-        kwargs["eta"] = fed.server_learning_rate
+        kwargs.update(eta=fed.server_learning_rate, beta_2=fed.server_beta_2, tau=fed.server_tau)
     elif fed.strategy == "fedavgm":
         kwargs["server_momentum"] = fed.server_momentum
     elif fed.strategy == "fedtrimmedavg":
