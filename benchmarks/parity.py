@@ -55,7 +55,7 @@ def main() -> int:
     cells = read_cells(out / "results.csv")
     cfg = load_config(CONFIG, overrides)
     scores = {key: score_run(run_dir, cfg, manifest) for key, run_dir in cells.items()}
-    report, figure = render(scores, manifest, train_speakers, grouped, args, started)
+    report, figure = render(scores, manifest, train_speakers, grouped, args, started, schedule(cfg.federated))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(report)
     figure.savefig(args.out.with_suffix(".png"), dpi=120, bbox_inches="tight")
@@ -125,7 +125,17 @@ def pooled_bootstrap(runs: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarr
             for mode, seeds in runs.items()}
 
 
-def render(scores, manifest, train_speakers: int, grouped: int, args, started: float):
+def schedule(fed) -> str:
+    """The federated recipe of the config, in words, for the report's header."""
+    update = ("one gradient step per sampled client" if fed.local_update == "gradient"
+              else f"{fed.local_epochs} local epoch{'s' if fed.local_epochs != 1 else ''} per sampled client")
+    server = fed.strategy + (f" (eta {fed.server_learning_rate:g}, beta_2 {fed.server_beta_2:g}, tau {fed.server_tau:g})"
+                             if fed.strategy in ("fedadam", "fedyogi") else "")
+    return (f"federated {fed.phase1_rounds} + {fed.phase2_rounds} rounds, {server}, {update}, "
+            f"fraction_train {fed.fraction_train:g}")
+
+
+def render(scores, manifest, train_speakers: int, grouped: int, args, started: float, recipe: str):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -142,7 +152,8 @@ def render(scores, manifest, train_speakers: int, grouped: int, args, started: f
         f"on {time.strftime('%Y-%m-%d %H:%M')} ({time.time() - started:.0f} s, finished cells reused; load average "
         f"{load}). Corpus: eSpeak NG arousal, {len(manifest.speakers('train'))} / {len(manifest.speakers('devel'))} / "
         f"{len(manifest.speakers('test'))} train / devel / test speakers, {len(manifest.clips)} clips, {classes} classes "
-        f"(chance {1 / classes:.3f}). Config `configs/arousal.yaml`; seeds {', '.join(map(str, seeds))}. Central at its "
+        f"(chance {1 / classes:.3f}). Config `configs/arousal.yaml` ({recipe}); seeds {', '.join(map(str, seeds))}. "
+        "Central at its "
         "best devel epoch, federated at its best devel round; both re-scored here on every devel and test clip. "
         f"UAR = mean over seeds; 95 % CI and the gap's CI from a two-stage bootstrap ({BOOT} resamples of speakers, "
         "then their clips, the same resamples for every seed and mode). Parity: pooled gap >= "

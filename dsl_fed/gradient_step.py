@@ -25,7 +25,8 @@ def gradient_step(model: DslModel, chunks: ChunkSet, cfg: Config, phase: int, se
 
     The loss is training's: class-weighted cross-entropy (``training.class_balance``) with dropout and, if
     configured, SapAugment, in batches of ``training.batch_size`` summed so that the result does not depend on
-    the batch size (up to dropout and augmentation draws). Returns the mean loss.
+    the batch size (up to dropout and augmentation draws). Phase 1 runs the frozen backbone here too (no
+    embedding cache: a node passes over its clips once per round either way). Returns the mean loss.
     """
     from dsl_fed.train import compile_for_phase  # sets the phase and attaches the augmentation policy
 
