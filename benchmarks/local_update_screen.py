@@ -108,8 +108,11 @@ def run(images: Path, mode: str, settings: dict, seed: int) -> dict:
     """One run in a fresh process (its own TensorFlow, one thread): the best devel evaluation and its test UAR."""
     import tensorflow as tf
 
-    tf.config.threading.set_intra_op_parallelism_threads(1)
-    tf.config.threading.set_inter_op_parallelism_threads(1)
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(1)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+    except RuntimeError:  # TensorFlow already running in this process (a test calls `run` directly): keep its threads
+        pass
     sys.path.insert(0, str(ROOT))
     from dsl_fed.class_balance import class_weights
     from dsl_fed.config import load_config
