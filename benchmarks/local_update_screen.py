@@ -142,7 +142,7 @@ def run(images: Path, mode: str, settings: dict, seed: int) -> dict:
             out[part] = uar(np.array([data[f"{part}_y"][clips == c][0] for c in ids]), np.array(predicted))
         return out
 
-    opt = _Optimisers(classifier)
+    opt = _Optimisers(classifier, lr)
 
     def local_epochs(x, y, w, epochs, client_sgd):
         for _ in range(epochs):
@@ -150,7 +150,7 @@ def run(images: Path, mode: str, settings: dict, seed: int) -> dict:
             for i in range(0, len(x), batch):
                 b = order[i:i + batch]
                 grads = opt.gradient(x[b], y[b], w[b])
-                opt.sgd(grads, client_sgd) if client_sgd else opt.adam(grads, lr)
+                opt.sgd(grads, client_sgd) if client_sgd else opt.adam(grads)
 
     curve = []
     if mode == "central":
@@ -169,7 +169,7 @@ def run(images: Path, mode: str, settings: dict, seed: int) -> dict:
             y = data["train_y"][speakers == s]
             clients.append((data["train_x"][speakers == s], y, weights_of(y)))
         counts = np.array([len(c[1]) for c in clients], float)
-        server = _ServerAdam(settings.get("eta", 0.01))
+        server = _Adam(settings.get("eta", 0.01))  # FedAdam: Adam on the mean update
         for phase, rounds in ((1, 1), (2, settings["rounds"])):
             set_phase(model, phase, cfg.training.unfrozen_layers)
             opt.phase()
@@ -202,10 +202,11 @@ def run(images: Path, mode: str, settings: dict, seed: int) -> dict:
 
 class _Optimisers:
     """Gradient of the class-weighted loss on a batch of images, and Adam / plain SGD steps on the classifier's
-    trainable weights (Keras' Adam update, restarted by `start`: the Keras client restarts its optimiser)."""
+    trainable weights (Adam restarted by `start`: the Keras client restarts its optimiser)."""
 
-    def __init__(self, classifier):
+    def __init__(self, classifier, lr: float):
         self.classifier = classifier
+        self._adam = _Adam(lr)
 
     def phase(self) -> None:
         """After `set_phase`: trace the gradient of the phase's trainable weights and start the optimiser."""
@@ -226,23 +227,14 @@ class _Optimisers:
         self.start()
 
     def start(self) -> None:
-        self.m = [np.zeros(v.shape, np.float32) for v in self.variables]
-        self.v = [np.zeros(v.shape, np.float32) for v in self.variables]
-        self.t = 0
+        self._adam.start()
 
     def gradient(self, x, y, w):
         return self._gradient(x, y.astype(np.int32), w)
 
-    def adam(self, grads, lr, b1=0.9, b2=0.999, eps=1e-7) -> None:
-        self.t += 1
-        a = lr * np.sqrt(1 - b2 ** self.t) / (1 - b1 ** self.t)
-        for var, g, m, v in zip(self.variables, grads, self.m, self.v):
-            g = g.numpy()
-            m *= b1
-            m += (1 - b1) * g
-            v *= b2
-            v += (1 - b2) * g * g
-            var.assign(var.numpy() - a * m / (np.sqrt(v) + eps))
+    def adam(self, grads) -> None:
+        for var, step in zip(self.variables, self._adam.step([g.numpy() for g in grads])):
+            var.assign(var.numpy() - step)
 
     def sgd(self, grads, lr) -> None:
         for var, g in zip(self.variables, grads):
@@ -256,29 +248,31 @@ class _Optimisers:
             var.assign(value)
 
 
-class _ServerAdam:
-    """FedAdam's step on the mean update, bias-corrected, with central Adam's beta_2 and epsilon (the preset)."""
+class _Adam:
+    """Keras' bias-corrected Adam update with central's beta_2 and epsilon, as the step along `direction`: the
+    clients' optimiser (on gradients) and the server's FedAdam (on the mean update, as `SliceFedAdam`)."""
 
-    def __init__(self, eta: float, b1: float = 0.9, b2: float = 0.999, tau: float = 1e-7):
-        self.eta, self.b1, self.b2, self.tau = eta, b1, b2, tau
+    def __init__(self, lr: float, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-7):
+        self.lr, self.b1, self.b2, self.eps = lr, b1, b2, eps
+        self.start()
 
     def start(self) -> None:
         self.m = self.v = None
         self.t = 0
 
-    def step(self, delta: list[np.ndarray]) -> list[np.ndarray]:
+    def step(self, direction: list[np.ndarray]) -> list[np.ndarray]:
         if self.m is None:
-            self.m = [np.zeros_like(d) for d in delta]
-            self.v = [np.zeros_like(d) for d in delta]
+            self.m = [np.zeros_like(d) for d in direction]
+            self.v = [np.zeros_like(d) for d in direction]
         self.t += 1
-        a = self.eta * np.sqrt(1 - self.b2 ** self.t) / (1 - self.b1 ** self.t)
+        a = self.lr * np.sqrt(1 - self.b2 ** self.t) / (1 - self.b1 ** self.t)
         out = []
-        for m, v, d in zip(self.m, self.v, delta):
+        for m, v, d in zip(self.m, self.v, direction):
             m *= self.b1
             m += (1 - self.b1) * d
             v *= self.b2
             v += (1 - self.b2) * d * d
-            out.append(a * m / (np.sqrt(v) + self.tau))
+            out.append(a * m / (np.sqrt(v) + self.eps))
         return out
 
 
